@@ -1,0 +1,2 @@
+//! The twinhead worker: one process per accelerator that trains an Ettin
+//! model (encoder or decoder) on its slice of every global batch.
