@@ -1,1 +1,28 @@
-//! Proto
+//! The twinhead.v1 API and the one schema of twinhead's configs.
+//!
+//! A config file is parsed once, here, into the proto messages that every
+//! other part carries: the CLI parses TOML into a [`v1::RunSpec`], the
+//! coordinator validates the same message with the same rules, and workers
+//! receive it in their assignments. Nobody re-parses TOML downstream.
+//!
+//! # Layout
+//! - [`v1`]: generated messages, clients and servers (`proto/twinhead/v1`).
+//! - [`config`]: TOML files (`configs/models`, `configs/runs`) and
+//!   `--set key=value` overrides into proto messages.
+//! - [`validate`]: the rules a run spec must satisfy, with errors that name
+//!   the offending key.
+
+pub mod config;
+pub mod validate;
+
+/// Generated code for package `twinhead.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("twinhead.v1");
+
+    /// Encoded file descriptors, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("twinhead_v1_descriptor");
+}
+
+pub use validate::{SpecError, num_steps, validate_run_spec};

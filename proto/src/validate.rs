@@ -1,0 +1,319 @@
+//! The rules a run spec must satisfy. The CLI checks them before sending a
+//! spec and the coordinator checks them again on arrival (a client may send
+//! any message), so both report the same key and the same words.
+
+use crate::v1::{LrShape, ModelSpec, Objective, PhaseSpec, RunSpec};
+
+/// The shortest sequence a phase may train on.
+pub const MIN_SEQ_LEN: u32 = 16;
+
+/// What is wrong with a spec: the key path and the rule it breaks.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct SpecError {
+    pub key: String,
+    pub message: String,
+}
+
+fn fail<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, SpecError> {
+    Err(SpecError {
+        key: key.into(),
+        message: message.into(),
+    })
+}
+
+fn positive(key: &str, value: f64) -> Result<(), SpecError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        fail(key, format!("must be a positive number, got {value}"))
+    }
+}
+
+fn in_unit_interval(key: &str, value: f64) -> Result<(), SpecError> {
+    if (0.0..1.0).contains(&value) {
+        Ok(())
+    } else {
+        fail(key, format!("must be in [0, 1), got {value}"))
+    }
+}
+
+/// Steps in phase `phase`: whole global batches that fit its token budget.
+pub fn num_steps(spec: &RunSpec, phase: &PhaseSpec) -> u64 {
+    let per_step = u64::from(spec.global_batch) * u64::from(phase.seq_len);
+    phase.tokens.checked_div(per_step).unwrap_or(0)
+}
+
+/// Checks a model shape.
+pub fn validate_model(m: &ModelSpec) -> Result<(), SpecError> {
+    let counts = [
+        ("vocab_size", m.vocab_size),
+        ("hidden_size", m.hidden_size),
+        ("num_layers", m.num_layers),
+        ("num_heads", m.num_heads),
+        ("intermediate_size", m.intermediate_size),
+        ("max_position_embeddings", m.max_position_embeddings),
+        ("local_attention", m.local_attention),
+        ("global_attn_every_n_layers", m.global_attn_every_n_layers),
+    ];
+    for (key, value) in counts {
+        if value == 0 {
+            return fail(key, "must be at least 1");
+        }
+    }
+    if m.hidden_size % m.num_heads != 0 {
+        return fail(
+            "num_heads",
+            format!(
+                "must divide hidden_size {} evenly, got {}",
+                m.hidden_size, m.num_heads
+            ),
+        );
+    }
+    if (m.hidden_size / m.num_heads) % 2 != 0 {
+        return fail(
+            "num_heads",
+            "the head dimension must be even for rotary embeddings",
+        );
+    }
+    if m.local_attention % 2 != 0 {
+        return fail(
+            "local_attention",
+            format!(
+                "must be even (half on each side), got {}",
+                m.local_attention
+            ),
+        );
+    }
+    positive("global_rope_theta", m.global_rope_theta)?;
+    positive("local_rope_theta", m.local_rope_theta)?;
+    positive("norm_eps", m.norm_eps)?;
+    positive("initializer_range", m.initializer_range)?;
+    in_unit_interval("attention_dropout", m.attention_dropout)?;
+    in_unit_interval("embedding_dropout", m.embedding_dropout)?;
+    in_unit_interval("mlp_dropout", m.mlp_dropout)?;
+    for (key, id) in [
+        ("pad_token_id", m.pad_token_id),
+        ("cls_token_id", m.cls_token_id),
+        ("sep_token_id", m.sep_token_id),
+        ("mask_token_id", m.mask_token_id),
+    ] {
+        if id >= m.vocab_size {
+            return fail(
+                key,
+                format!("must be below vocab_size {}, got {id}", m.vocab_size),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks a whole run spec; the first broken rule is reported.
+pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
+    if spec.name.trim().is_empty() {
+        return fail("name", "must not be empty");
+    }
+    if !spec
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return fail(
+            "name",
+            format!(
+                "may hold letters, digits, '-', '_' and '.', got {:?}",
+                spec.name
+            ),
+        );
+    }
+    let Some(model) = spec.model.as_ref() else {
+        return fail("model", "is required");
+    };
+    validate_model(model).map_err(|e| SpecError {
+        key: format!("model.{}", e.key),
+        message: e.message,
+    })?;
+    let objective = Objective::try_from(spec.objective).unwrap_or(Objective::Unspecified);
+    if objective == Objective::Unspecified {
+        return fail("objective", "must be one of mlm, clm, mntp");
+    }
+    if spec.dataset.trim().is_empty() {
+        return fail(
+            "dataset",
+            "must name the dataset's URL (the folder holding manifest.json)",
+        );
+    }
+    if spec.world_size == 0 {
+        return fail("world_size", "must be at least 1");
+    }
+    if spec.global_batch == 0 {
+        return fail("global_batch", "must be at least 1");
+    }
+    if spec.global_batch % spec.world_size != 0 {
+        return fail(
+            "world_size",
+            format!(
+                "must divide global_batch {} evenly, got {}",
+                spec.global_batch, spec.world_size
+            ),
+        );
+    }
+    if spec.min_world_size > spec.world_size {
+        return fail(
+            "min_world_size",
+            format!(
+                "must not exceed world_size {}, got {}",
+                spec.world_size, spec.min_world_size
+            ),
+        );
+    }
+    let per_rank = spec.global_batch / spec.world_size;
+    if spec.micro_batch > per_rank {
+        return fail(
+            "micro_batch",
+            format!(
+                "must not exceed the per-rank batch {per_rank} (global_batch / world_size), got {}",
+                spec.micro_batch
+            ),
+        );
+    }
+    let Some(optimizer) = spec.optimizer.as_ref() else {
+        return fail("optimizer", "is required");
+    };
+    if !matches!(optimizer.name.as_str(), "stable_adamw" | "adamw") {
+        return fail(
+            "optimizer.name",
+            format!("must be stable_adamw or adamw, got {:?}", optimizer.name),
+        );
+    }
+    positive("optimizer.peak_lr", optimizer.peak_lr)?;
+    in_unit_interval("optimizer.beta1", optimizer.beta1)?;
+    in_unit_interval("optimizer.beta2", optimizer.beta2)?;
+    positive("optimizer.eps", optimizer.eps)?;
+    if !(optimizer.weight_decay.is_finite() && optimizer.weight_decay >= 0.0) {
+        return fail(
+            "optimizer.weight_decay",
+            format!("must be zero or positive, got {}", optimizer.weight_decay),
+        );
+    }
+    if !(optimizer.grad_clip.is_finite() && optimizer.grad_clip >= 0.0) {
+        return fail(
+            "optimizer.grad_clip",
+            format!(
+                "must be zero (off) or positive, got {}",
+                optimizer.grad_clip
+            ),
+        );
+    }
+    let Some(checkpoint) = spec.checkpoint.as_ref() else {
+        return fail("checkpoint", "is required");
+    };
+    if checkpoint.root.trim().is_empty() {
+        return fail("checkpoint.root", "must name where checkpoints are written");
+    }
+    if spec.phases.is_empty() {
+        return fail(
+            "phases",
+            "at least one phase is required ([[phases]] with name, tokens, seq_len)",
+        );
+    }
+    for (i, phase) in spec.phases.iter().enumerate() {
+        validate_phase(spec, model, objective, i, phase)?;
+    }
+    for (i, phase) in spec.phases.iter().enumerate() {
+        if spec.phases[..i].iter().any(|p| p.name == phase.name) {
+            return fail(
+                format!("phases[{i}].name"),
+                format!("{:?} is used by an earlier phase", phase.name),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn validate_phase(
+    spec: &RunSpec,
+    model: &ModelSpec,
+    objective: Objective,
+    i: usize,
+    phase: &PhaseSpec,
+) -> Result<(), SpecError> {
+    let key = |field: &str| format!("phases[{i}].{field}");
+    if phase.name.trim().is_empty() {
+        return fail(key("name"), "must not be empty");
+    }
+    if phase.tokens == 0 {
+        return fail(key("tokens"), "must be a positive token budget");
+    }
+    if phase.seq_len < MIN_SEQ_LEN || phase.seq_len > model.max_position_embeddings {
+        return fail(
+            key("seq_len"),
+            format!(
+                "must be between {MIN_SEQ_LEN} and the model's max_position_embeddings {}, got {}",
+                model.max_position_embeddings, phase.seq_len
+            ),
+        );
+    }
+    if num_steps(spec, phase) == 0 {
+        return fail(
+            key("tokens"),
+            format!(
+                "budget {} is less than one global batch ({} sequences x {} tokens)",
+                phase.tokens, spec.global_batch, phase.seq_len
+            ),
+        );
+    }
+    match objective {
+        Objective::Mlm | Objective::Mntp => {
+            if !(phase.mask_ratio > 0.0 && phase.mask_ratio < 1.0) {
+                return fail(
+                    key("mask_ratio"),
+                    format!(
+                        "must be in (0, 1) for masked objectives, got {}",
+                        phase.mask_ratio
+                    ),
+                );
+            }
+        }
+        _ => {
+            if phase.mask_ratio != 0.0 {
+                return fail(
+                    key("mask_ratio"),
+                    "applies to mlm and mntp only; remove it for clm",
+                );
+            }
+        }
+    }
+    positive(&key("global_rope_theta"), phase.global_rope_theta)?;
+    positive(&key("local_rope_theta"), phase.local_rope_theta)?;
+    let Some(lr) = phase.lr.as_ref() else {
+        return fail(key("lr"), "is required");
+    };
+    if LrShape::try_from(lr.shape).unwrap_or(LrShape::Unspecified) == LrShape::Unspecified {
+        return fail(
+            key("lr.shape"),
+            "must be one of constant, linear, one_minus_sqrt, cosine",
+        );
+    }
+    for (field, factor) in [
+        ("lr.start_factor", lr.start_factor),
+        ("lr.end_factor", lr.end_factor),
+    ] {
+        if !(factor.is_finite() && factor >= 0.0) {
+            return fail(
+                key(field),
+                format!("must be zero or positive, got {factor}"),
+            );
+        }
+    }
+    if lr.warmup_tokens.saturating_add(lr.decay_tokens) > phase.tokens {
+        return fail(
+            key("lr.warmup_tokens"),
+            format!(
+                "warmup ({}) plus decay ({}) exceed the phase's {} tokens",
+                lr.warmup_tokens, lr.decay_tokens, phase.tokens
+            ),
+        );
+    }
+    Ok(())
+}
