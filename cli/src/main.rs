@@ -1,1 +1,255 @@
-fn main() {}
+//! `twinhead`: the one binary. Thin: parses arguments and hands off to the
+//! crates that do the work, prints tables for people and JSON for scripts,
+//! and turns every error into one line and a non-zero exit.
+
+mod client;
+mod output;
+mod runs;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "twinhead",
+    version,
+    about = "Train paired encoder and decoder transformers with the Ettin recipe"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the coordinator is and how to authenticate to it.
+#[derive(Args, Clone)]
+pub struct Connection {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "TWINHEAD_COORDINATOR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub coordinator: String,
+    /// Bearer token sent with every call.
+    #[arg(long, env = "TWINHEAD_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator: the gRPC server that users and workers talk to.
+    Coordinator(CoordinatorArgs),
+    /// Submit a run from a recipe file.
+    Submit {
+        /// Run recipe (e.g. configs/runs/ettin-encoder-17m.toml).
+        file: PathBuf,
+        /// Override any key of the recipe, e.g. --set world_size=2 --set phases[0].tokens=1M.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Check the recipe and print the resolved spec without submitting.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List runs.
+    Runs {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show one run: state, phases, attempts, checkpoints.
+    Status {
+        run: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Follow a run live until it ends (exit status 0 only if it completed).
+    Watch {
+        run: String,
+        /// One JSON event per line instead of progress bars.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Cancel a run; its workers are released.
+    Cancel {
+        run: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Address to listen on for gRPC.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// SQLite database holding all durable state (created if missing).
+    #[arg(long, default_value = "twinhead.db")]
+    db: PathBuf,
+    /// Token users must present (RunService).
+    #[arg(long, env = "TWINHEAD_USER_TOKEN", hide_env_values = true)]
+    user_token: Option<String>,
+    /// Token workers must present (WorkerService).
+    #[arg(long, env = "TWINHEAD_WORKER_TOKEN", hide_env_values = true)]
+    worker_token: Option<String>,
+    /// How often workers heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_interval_ms: u64,
+    /// Silence after which a worker is declared dead, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    lease_timeout_ms: u64,
+}
+
+/// A panic is a bug, but the user still gets one line, not a backtrace; a
+/// closed stdout (`twinhead runs | head`) ends the program quietly.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") {
+            std::process::exit(141);
+        }
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error: {}{place}; please report it",
+            message.replace('\n', " ")
+        );
+    }));
+}
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with success; usage errors exit 2.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TWINHEAD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", output::one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Coordinator(args) => coordinator(args).await,
+        Command::Submit {
+            file,
+            overrides,
+            dry_run,
+            json,
+            connection,
+        } => runs::submit(&connection, &file, &overrides, dry_run, json).await,
+        Command::Runs { json, connection } => runs::list(&connection, json).await,
+        Command::Status {
+            run,
+            json,
+            connection,
+        } => runs::status(&connection, &run, json).await,
+        Command::Watch {
+            run,
+            json,
+            connection,
+        } => runs::watch(&connection, &run, json).await,
+        Command::Cancel {
+            run,
+            reason,
+            json,
+            connection,
+        } => runs::cancel(&connection, &run, &reason, json).await,
+    }
+}
+
+async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    if args.heartbeat_interval_ms == 0 || args.lease_timeout_ms <= args.heartbeat_interval_ms {
+        anyhow::bail!(
+            "--lease-timeout-ms ({}) must be longer than --heartbeat-interval-ms ({}), which must be positive",
+            args.lease_timeout_ms,
+            args.heartbeat_interval_ms
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr().context("listener address")?;
+    let config = twinhead_coordinator::ServerConfig {
+        db: args.db.clone(),
+        user_token: args.user_token.filter(|t| !t.is_empty()),
+        worker_token: args.worker_token.filter(|t| !t.is_empty()),
+        leases: twinhead_coordinator::LeaseSettings {
+            heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+            lease_timeout: Duration::from_millis(args.lease_timeout_ms),
+        },
+    };
+    tracing::info!(%address, db = %args.db.display(), "coordinator listening");
+    twinhead_coordinator::serve(config, listener, shutdown_signal()).await?;
+    tracing::info!("coordinator stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

@@ -1,1 +1,241 @@
-//! Coordinator
+//! The twinhead coordinator: users submit and watch runs, workers register,
+//! form worlds, meet at a rendezvous and report progress, checkpoints and
+//! failures. Every change is committed to a durable store before the call
+//! that made it is answered, so the coordinator can be killed and restarted
+//! at any moment.
+//!
+//! # Layout
+//! - [`scheduler`]: pure decisions (which workers form which world).
+//! - `state`: the in-memory state and every operation on it.
+//! - [`store`]: the durable store trait and its SQLite implementation.
+//! - `service`: the tonic services, translating calls and errors.
+//! - [`server`]: wiring: listener, auth, health, reflection, lease reaper.
+//!
+//! Run lifecycle: `pending → running(phase i) → completed`, or `failed`
+//! (too many world failures) or `cancelled`. A world is one incarnation of a
+//! run on a set of workers; when a member dies the world ends and a new one
+//! is formed from the last committed checkpoint.
+
+pub mod scheduler;
+pub mod server;
+mod service;
+mod state;
+pub mod store;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, watch};
+use twinhead_proto::v1::{Assignment, RunEvent};
+
+pub use server::{ServeError, ServerConfig, serve};
+use state::{Effects, State};
+use store::{Store, StoreError};
+
+/// A failed coordinator operation, mapped onto one gRPC status each.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            Error::NotFound(m) => tonic::Status::not_found(m),
+            Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            Error::Store(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+/// Lease timing for workers.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseSettings {
+    /// How often workers are told to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a worker is declared dead.
+    pub lease_timeout: Duration,
+}
+
+impl Default for LeaseSettings {
+    /// Heartbeat every second; a worker silent for 5 s is dead, so a dead
+    /// worker is found within about 5.5 s (well inside 10 s).
+    fn default() -> Self {
+        LeaseSettings {
+            heartbeat_interval: Duration::from_secs(1),
+            lease_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The longest a long-polling call waits before answering.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// The coordinator's state, its store, and the channels that tell
+/// watchers and long-polling workers about changes.
+pub struct Coordinator {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    events: broadcast::Sender<Arc<RunEvent>>,
+    version: watch::Sender<u64>,
+    leases: LeaseSettings,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Coordinator {
+    /// Loads state from `store`; live workers get a fresh lease.
+    pub fn open(
+        store: Arc<dyn Store>,
+        leases: LeaseSettings,
+    ) -> Result<Arc<Coordinator>, StoreError> {
+        let snapshot = store.load()?;
+        let state = State::load(snapshot, Instant::now());
+        let (events, _) = broadcast::channel(4096);
+        let (version, _) = watch::channel(0);
+        Ok(Arc::new(Coordinator {
+            state: Mutex::new(state),
+            store,
+            events,
+            version,
+            leases,
+        }))
+    }
+
+    pub fn leases(&self) -> LeaseSettings {
+        self.leases
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves state that was valid before
+        // the panicking operation's first mutation at worst; keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads state without changing it.
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// Applies one operation: mutate under the lock, queue its writes in
+    /// order, then wait for them to commit before publishing its events.
+    pub(crate) async fn apply<R>(
+        &self,
+        f: impl FnOnce(&mut State, i64, &mut Effects) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let now = now_ms();
+        let (result, events, committed) = {
+            let mut state = self.lock();
+            let mut effects = Effects::default();
+            let result = f(&mut state, now, &mut effects)?;
+            let (writes, events) = state.finish(effects, now);
+            let committed = (!writes.is_empty()).then(|| self.store.submit(writes));
+            (result, events, committed)
+        };
+        if let Some(committed) = committed {
+            committed
+                .await
+                .map_err(|_| Error::Store("the store's writer has stopped".into()))?
+                .map_err(Error::Store)?;
+        }
+        for event in events {
+            let _ = self.events.send(Arc::new(event));
+        }
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(result)
+    }
+
+    /// Declares workers with expired leases dead; run by the lease reaper.
+    pub async fn expire_leases(&self) -> Result<(), Error> {
+        let timeout = self.leases.lease_timeout;
+        self.apply(|state, now_ms, fx| {
+            state.expire_leases(Instant::now(), timeout, now_ms, fx);
+            Ok(())
+        })
+        .await
+    }
+
+    /// The worker's assignment, waiting up to `wait` for one whose id
+    /// differs from `known`.
+    pub async fn wait_for_assignment(
+        &self,
+        worker_id: &str,
+        known: &str,
+        wait: Duration,
+    ) -> Result<Option<Assignment>, Error> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let mut changes = self.version.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if let Some(a) = self.read(|s| s.assignment(worker_id))?
+                && a.assignment_id != known
+            {
+                return Ok(Some(a));
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Publishes (rank 0) or fetches the world's rendezvous token, waiting
+    /// up to `wait` for it to appear.
+    pub async fn rendezvous(
+        &self,
+        worker_id: &str,
+        world_id: &str,
+        publish: Vec<u8>,
+        wait: Duration,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        if !publish.is_empty() {
+            return self
+                .apply(|s, _, fx| s.rendezvous(worker_id, world_id, publish, fx))
+                .await;
+        }
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let mut changes = self.version.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let token = {
+                let mut effects = Effects::default();
+                self.lock()
+                    .rendezvous(worker_id, world_id, Vec::new(), &mut effects)?
+            };
+            if token.is_some() {
+                return Ok(token);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Run events as they are committed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<RunEvent>> {
+        self.events.subscribe()
+    }
+}

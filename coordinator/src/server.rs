@@ -1,0 +1,149 @@
+//! Wiring: the gRPC server with bearer-token auth, health and reflection
+//! services, and the lease reaper, all stopped by one shutdown future.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+use twinhead_proto::v1::FILE_DESCRIPTOR_SET;
+use twinhead_proto::v1::run_service_server::RunServiceServer;
+use twinhead_proto::v1::worker_service_server::WorkerServiceServer;
+
+use crate::service::Services;
+use crate::store::{SqliteStore, StoreError};
+use crate::{Coordinator, LeaseSettings};
+
+/// How a coordinator is started.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// SQLite database file, created if missing.
+    pub db: PathBuf,
+    /// Bearer token for RunService calls; none: open.
+    pub user_token: Option<String>,
+    /// Bearer token for WorkerService calls; none: open.
+    pub worker_token: Option<String>,
+    pub leases: LeaseSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// Accepts calls that carry `authorization: Bearer <token>`.
+#[derive(Clone)]
+struct BearerAuth {
+    token: Option<Arc<str>>,
+    api: &'static str,
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = self.token.as_deref() else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated(format!(
+                "wrong token for the {} API",
+                self.api
+            ))),
+            None => Err(Status::unauthenticated(format!(
+                "the {} API needs a bearer token (set TWINHEAD_TOKEN or pass --token)",
+                self.api
+            ))),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = Arc::new(SqliteStore::open(&config.db)?);
+    let coordinator = Coordinator::open(store, config.leases)?;
+    serve_coordinator(coordinator, config, listener, shutdown).await
+}
+
+/// [`serve`] for an already opened coordinator.
+pub async fn serve_coordinator(
+    coordinator: Arc<Coordinator>,
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let services = Services {
+        coordinator: coordinator.clone(),
+    };
+    let user_auth = BearerAuth {
+        token: config.user_token.map(Arc::from),
+        api: "run",
+    };
+    let worker_auth = BearerAuth {
+        token: config.worker_token.map(Arc::from),
+        api: "worker",
+    };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RunServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<WorkerServiceServer<Services>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let reaper = tokio::spawn(reap_leases(coordinator.clone()));
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(RunServiceServer::with_interceptor(
+            services.clone(),
+            user_auth,
+        ))
+        .add_service(WorkerServiceServer::with_interceptor(services, worker_auth))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    reaper.abort();
+    result.map_err(ServeError::from)
+}
+
+/// Checks leases a few times per timeout, so a dead worker is found within
+/// the timeout plus a fraction of it.
+async fn reap_leases(coordinator: Arc<Coordinator>) {
+    let leases = coordinator.leases();
+    let tick = (leases.lease_timeout / 8)
+        .min(leases.heartbeat_interval)
+        .max(Duration::from_millis(20));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Err(e) = coordinator.expire_leases().await {
+            tracing::error!(error = %e, "lease check failed");
+        }
+    }
+}

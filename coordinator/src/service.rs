@@ -1,0 +1,296 @@
+//! The tonic services: translate requests into coordinator operations and
+//! errors into gRPC statuses. No decisions are made here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+use twinhead_proto::v1::run_service_server::RunService;
+use twinhead_proto::v1::worker_service_server::WorkerService;
+use twinhead_proto::v1::{
+    CancelRunRequest, GetAssignmentRequest, GetAssignmentResponse, GetRunRequest, HeartbeatRequest,
+    HeartbeatResponse, ListRunsRequest, ListRunsResponse, RegisterRequest, RegisterResponse,
+    RendezvousRequest, RendezvousResponse, ReportCheckpointRequest, ReportFailureRequest,
+    ReportProgressRequest, Run, RunEvent, RunEventKind, RunState, SubmitRunRequest,
+    SubmitRunResponse, WatchRunRequest, WorkerAck, WorkerAction,
+};
+
+use crate::Coordinator;
+
+/// Both services share one coordinator.
+#[derive(Clone)]
+pub struct Services {
+    pub coordinator: Arc<Coordinator>,
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.trim().is_empty() {
+        Err(Status::invalid_argument(format!("{field}: is required")))
+    } else {
+        Ok(())
+    }
+}
+
+fn ack((action, reason): (WorkerAction, String)) -> Response<WorkerAck> {
+    Response::new(WorkerAck {
+        action: action as i32,
+        reason,
+    })
+}
+
+fn is_final(run: &Run) -> bool {
+    matches!(
+        RunState::try_from(run.state),
+        Ok(RunState::Completed | RunState::Failed | RunState::Cancelled)
+    )
+}
+
+#[tonic::async_trait]
+impl RunService for Services {
+    #[instrument(skip_all)]
+    async fn submit_run(
+        &self,
+        request: Request<SubmitRunRequest>,
+    ) -> Result<Response<SubmitRunResponse>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let run_id = self
+            .coordinator
+            .apply(|s, now, fx| s.submit(spec, now, fx))
+            .await?;
+        tracing::info!(run = %run_id, "run submitted");
+        Ok(Response::new(SubmitRunResponse { run_id }))
+    }
+
+    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        let id = request.into_inner().run_id;
+        required("run_id", &id)?;
+        let run = self.coordinator.read(|s| s.run(&id).cloned())?;
+        Ok(Response::new(run))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let states = request.into_inner().states;
+        let runs = self.coordinator.read(|s| s.list_runs(&states));
+        Ok(Response::new(ListRunsResponse { runs }))
+    }
+
+    type WatchRunStream = ReceiverStream<Result<RunEvent, Status>>;
+
+    async fn watch_run(
+        &self,
+        request: Request<WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let id = request.into_inner().run_id;
+        required("run_id", &id)?;
+        // Subscribe before the snapshot so no change falls between them.
+        let mut events = self.coordinator.subscribe();
+        let snapshot = self.coordinator.read(|s| s.run(&id).cloned())?;
+        let (tx, rx) = mpsc::channel(64);
+        let coordinator = self.coordinator.clone();
+        tokio::spawn(async move {
+            let done = is_final(&snapshot);
+            let first = RunEvent {
+                kind: RunEventKind::Snapshot as i32,
+                run: Some(snapshot),
+                message: String::new(),
+            };
+            if tx.send(Ok(first)).await.is_err() || done {
+                return;
+            }
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) if event.run.as_ref().is_some_and(|r| r.id == id) => (*event).clone(),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind: start again from the current state.
+                        let Ok(run) = coordinator.read(|s| s.run(&id).cloned()) else {
+                            return;
+                        };
+                        RunEvent {
+                            kind: RunEventKind::Snapshot as i32,
+                            run: Some(run),
+                            message: "some events were skipped".into(),
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let done = event.run.as_ref().is_some_and(is_final);
+                if tx.send(Ok(event)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    #[instrument(skip_all)]
+    async fn cancel_run(
+        &self,
+        request: Request<CancelRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        let CancelRunRequest { run_id, reason } = request.into_inner();
+        required("run_id", &run_id)?;
+        let run = self
+            .coordinator
+            .apply(|s, now, fx| s.cancel(&run_id, &reason, now, fx))
+            .await?;
+        tracing::info!(run = %run_id, "run cancelled");
+        Ok(Response::new(run))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Services {
+    #[instrument(skip_all)]
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let RegisterRequest {
+            hostname,
+            device,
+            pid,
+        } = request.into_inner();
+        let worker_id = self
+            .coordinator
+            .apply(|s, now, fx| Ok(s.register(hostname, device, pid, Instant::now(), now, fx)))
+            .await?;
+        tracing::info!(worker = %worker_id, "worker registered");
+        let leases = self.coordinator.leases();
+        Ok(Response::new(RegisterResponse {
+            worker_id,
+            heartbeat_interval_ms: leases.heartbeat_interval.as_millis() as u64,
+            lease_timeout_ms: leases.lease_timeout.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let HeartbeatRequest {
+            worker_id,
+            world_id,
+        } = request.into_inner();
+        required("worker_id", &worker_id)?;
+        // Heartbeats only renew an in-memory lease: a restarted coordinator
+        // gives every live worker a fresh lease, so nothing is persisted.
+        let (action, reason) =
+            self.coordinator
+                .lock()
+                .heartbeat(&worker_id, &world_id, Instant::now())?;
+        Ok(Response::new(HeartbeatResponse {
+            action: action as i32,
+            reason,
+        }))
+    }
+
+    async fn get_assignment(
+        &self,
+        request: Request<GetAssignmentRequest>,
+    ) -> Result<Response<GetAssignmentResponse>, Status> {
+        let GetAssignmentRequest {
+            worker_id,
+            known_assignment_id,
+            wait_ms,
+        } = request.into_inner();
+        required("worker_id", &worker_id)?;
+        let assignment = self
+            .coordinator
+            .wait_for_assignment(
+                &worker_id,
+                &known_assignment_id,
+                Duration::from_millis(wait_ms),
+            )
+            .await?;
+        Ok(Response::new(GetAssignmentResponse { assignment }))
+    }
+
+    async fn rendezvous(
+        &self,
+        request: Request<RendezvousRequest>,
+    ) -> Result<Response<RendezvousResponse>, Status> {
+        let RendezvousRequest {
+            worker_id,
+            world_id,
+            publish,
+            wait_ms,
+        } = request.into_inner();
+        required("worker_id", &worker_id)?;
+        required("world_id", &world_id)?;
+        let token = self
+            .coordinator
+            .rendezvous(
+                &worker_id,
+                &world_id,
+                publish,
+                Duration::from_millis(wait_ms),
+            )
+            .await?;
+        Ok(Response::new(RendezvousResponse {
+            ready: token.is_some(),
+            token: token.unwrap_or_default(),
+        }))
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<ReportProgressRequest>,
+    ) -> Result<Response<WorkerAck>, Status> {
+        let report = request.into_inner();
+        required("worker_id", &report.worker_id)?;
+        required("world_id", &report.world_id)?;
+        let result = self
+            .coordinator
+            .apply(|s, now, fx| s.progress(&report, now, fx))
+            .await?;
+        Ok(ack(result))
+    }
+
+    #[instrument(skip_all)]
+    async fn report_checkpoint(
+        &self,
+        request: Request<ReportCheckpointRequest>,
+    ) -> Result<Response<WorkerAck>, Status> {
+        let ReportCheckpointRequest {
+            worker_id,
+            world_id,
+            checkpoint,
+        } = request.into_inner();
+        required("worker_id", &worker_id)?;
+        required("world_id", &world_id)?;
+        let result = self
+            .coordinator
+            .apply(|s, now, fx| s.checkpoint(&worker_id, &world_id, checkpoint, now, fx))
+            .await?;
+        Ok(ack(result))
+    }
+
+    #[instrument(skip_all)]
+    async fn report_failure(
+        &self,
+        request: Request<ReportFailureRequest>,
+    ) -> Result<Response<WorkerAck>, Status> {
+        let ReportFailureRequest {
+            worker_id,
+            world_id,
+            message,
+        } = request.into_inner();
+        required("worker_id", &worker_id)?;
+        required("world_id", &world_id)?;
+        let result = self
+            .coordinator
+            .apply(|s, now, fx| s.failure(&worker_id, &world_id, &message, now, fx))
+            .await?;
+        Ok(ack(result))
+    }
+}

@@ -1,0 +1,800 @@
+//! The coordinator's state and every change to it.
+//!
+//! Each operation validates first and mutates second, recording in
+//! [`Effects`] what must be persisted and which run events to publish; the
+//! caller ([`crate::Coordinator`]) commits the writes before it answers.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use twinhead_proto::v1::{
+    Assignment, Attempt, Checkpoint, PhaseProgress, ReportProgressRequest, Run, RunEvent,
+    RunEventKind, RunSpec, RunState, WorkerAction,
+};
+use twinhead_proto::{num_steps, validate_run_spec};
+
+use crate::Error;
+use crate::scheduler::{self, WaitingRun};
+use crate::store::{ProgressRow, Snapshot, WorkerRow, WorkerStatus, Write};
+
+/// The longest rendezvous token a world may publish.
+pub const MAX_RENDEZVOUS_TOKEN: usize = 4096;
+
+pub(crate) struct RunEntry {
+    pub seq: u64,
+    pub run: Run,
+}
+
+pub(crate) struct WorkerEntry {
+    pub row: WorkerRow,
+    pub last_seen: Instant,
+    /// (world id, rank) while the worker belongs to a live world.
+    pub world: Option<(String, u32)>,
+}
+
+/// What an operation changed: rows to write and events to publish.
+#[derive(Default)]
+pub(crate) struct Effects {
+    dirty_runs: BTreeSet<String>,
+    writes: Vec<Write>,
+    events: Vec<(String, RunEventKind, String)>,
+}
+
+impl Effects {
+    fn run(&mut self, run_id: &str) {
+        self.dirty_runs.insert(run_id.to_string());
+    }
+
+    fn event(&mut self, run_id: &str, kind: RunEventKind, message: impl Into<String>) {
+        self.dirty_runs.insert(run_id.to_string());
+        self.events.push((run_id.to_string(), kind, message.into()));
+    }
+}
+
+pub(crate) struct State {
+    runs: HashMap<String, RunEntry>,
+    workers: HashMap<String, WorkerEntry>,
+    /// Every world ever formed, to its run.
+    worlds: HashMap<String, String>,
+    next_run: u64,
+    next_worker: u64,
+    next_world: u64,
+}
+
+fn active(run: &Run) -> Option<&Attempt> {
+    run.attempts.last().filter(|a| a.ended_ms == 0)
+}
+
+fn active_mut(run: &mut Run) -> Option<&mut Attempt> {
+    run.attempts.last_mut().filter(|a| a.ended_ms == 0)
+}
+
+fn is_terminal(run: &Run) -> bool {
+    matches!(
+        RunState::try_from(run.state),
+        Ok(RunState::Completed | RunState::Failed | RunState::Cancelled)
+    )
+}
+
+fn state_name(state: i32) -> &'static str {
+    match RunState::try_from(state) {
+        Ok(RunState::Pending) => "pending",
+        Ok(RunState::Running) => "running",
+        Ok(RunState::Completed) => "completed",
+        Ok(RunState::Failed) => "failed",
+        Ok(RunState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+impl State {
+    /// Rebuilds state from the store. Live workers get a fresh lease: while
+    /// the coordinator was down they could not renew theirs.
+    pub fn load(snapshot: Snapshot, now: Instant) -> State {
+        let counter = |name: &str| {
+            snapshot
+                .counters
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(1, |(_, v)| *v)
+        };
+        let mut state = State {
+            runs: HashMap::new(),
+            workers: HashMap::new(),
+            worlds: HashMap::new(),
+            next_run: counter("next_run"),
+            next_worker: counter("next_worker"),
+            next_world: counter("next_world"),
+        };
+        for row in snapshot.workers {
+            state.workers.insert(
+                row.id.clone(),
+                WorkerEntry {
+                    row,
+                    last_seen: now,
+                    world: None,
+                },
+            );
+        }
+        for (seq, run) in snapshot.runs {
+            for attempt in &run.attempts {
+                state
+                    .worlds
+                    .insert(attempt.world_id.clone(), run.id.clone());
+            }
+            if let Some(attempt) = active(&run) {
+                for (rank, worker) in attempt.workers.iter().enumerate() {
+                    if let Some(entry) = state.workers.get_mut(worker) {
+                        entry.world = Some((attempt.world_id.clone(), rank as u32));
+                    }
+                }
+            }
+            state.runs.insert(run.id.clone(), RunEntry { seq, run });
+        }
+        state
+    }
+
+    /// Turns effects into store writes and run events, stamping changed runs.
+    pub fn finish(&mut self, effects: Effects, now_ms: i64) -> (Vec<Write>, Vec<RunEvent>) {
+        let mut writes = effects.writes;
+        for id in &effects.dirty_runs {
+            if let Some(entry) = self.runs.get_mut(id) {
+                entry.run.updated_ms = now_ms;
+                writes.push(Write::Run {
+                    seq: entry.seq,
+                    run: entry.run.clone(),
+                });
+            }
+        }
+        let events = effects
+            .events
+            .into_iter()
+            .filter_map(|(id, kind, message)| {
+                self.runs.get(&id).map(|entry| RunEvent {
+                    kind: kind as i32,
+                    run: Some(entry.run.clone()),
+                    message,
+                })
+            })
+            .collect();
+        (writes, events)
+    }
+
+    fn take_counter(&mut self, name: &'static str, fx: &mut Effects) -> u64 {
+        let slot = match name {
+            "next_run" => &mut self.next_run,
+            "next_worker" => &mut self.next_worker,
+            _ => &mut self.next_world,
+        };
+        let value = *slot;
+        *slot += 1;
+        fx.writes.push(Write::Counter { name, value: *slot });
+        value
+    }
+
+    // ------------------------------------------------------------- runs
+
+    pub fn run(&self, id: &str) -> Result<&Run, Error> {
+        self.runs
+            .get(id)
+            .map(|e| &e.run)
+            .ok_or_else(|| Error::NotFound(format!("no run {id:?}")))
+    }
+
+    /// Runs in submission order, optionally only some states.
+    pub fn list_runs(&self, states: &[i32]) -> Vec<Run> {
+        let mut entries: Vec<&RunEntry> = self
+            .runs
+            .values()
+            .filter(|e| states.is_empty() || states.contains(&e.run.state))
+            .collect();
+        entries.sort_by_key(|e| e.seq);
+        entries.into_iter().map(|e| e.run.clone()).collect()
+    }
+
+    pub fn submit(
+        &mut self,
+        spec: RunSpec,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> Result<String, Error> {
+        validate_run_spec(&spec).map_err(|e| Error::InvalidArgument(format!("spec.{e}")))?;
+        let seq = self.take_counter("next_run", fx);
+        let id = format!("run-{seq:06}");
+        let phases = spec
+            .phases
+            .iter()
+            .map(|p| PhaseProgress {
+                name: p.name.clone(),
+                token_budget: p.tokens,
+                num_steps: num_steps(&spec, p),
+                ..Default::default()
+            })
+            .collect();
+        let run = Run {
+            id: id.clone(),
+            spec: Some(spec),
+            state: RunState::Pending as i32,
+            phase_index: 0,
+            phases,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            ..Default::default()
+        };
+        self.runs.insert(id.clone(), RunEntry { seq, run });
+        fx.event(&id, RunEventKind::StateChanged, "submitted");
+        self.form_worlds(now_ms, fx);
+        Ok(id)
+    }
+
+    pub fn cancel(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> Result<Run, Error> {
+        let run = self.run(id)?;
+        if is_terminal(run) {
+            return Err(Error::FailedPrecondition(format!(
+                "run {id} is already {}",
+                state_name(run.state)
+            )));
+        }
+        let reason = if reason.trim().is_empty() {
+            "cancelled by user".to_string()
+        } else {
+            format!("cancelled by user: {}", reason.trim())
+        };
+        self.end_world(id, &reason, false, now_ms, fx);
+        if let Some(entry) = self.runs.get_mut(id) {
+            entry.run.state = RunState::Cancelled as i32;
+            entry.run.message = reason.clone();
+        }
+        fx.event(id, RunEventKind::StateChanged, reason);
+        self.form_worlds(now_ms, fx);
+        self.run(id).cloned()
+    }
+
+    // ---------------------------------------------------------- workers
+
+    pub fn register(
+        &mut self,
+        hostname: String,
+        device: String,
+        pid: u32,
+        now: Instant,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> String {
+        let seq = self.take_counter("next_worker", fx);
+        let id = format!("w-{seq:06}");
+        let row = WorkerRow {
+            id: id.clone(),
+            seq,
+            hostname,
+            device,
+            pid,
+            registered_ms: now_ms,
+            status: WorkerStatus::Alive,
+            dead_reason: String::new(),
+        };
+        fx.writes.push(Write::Worker(row.clone()));
+        self.workers.insert(
+            id.clone(),
+            WorkerEntry {
+                row,
+                last_seen: now,
+                world: None,
+            },
+        );
+        self.form_worlds(now_ms, fx);
+        id
+    }
+
+    fn live_worker(&self, id: &str) -> Result<&WorkerEntry, Error> {
+        match self.workers.get(id) {
+            None => Err(Error::NotFound(format!(
+                "worker {id:?} is not registered; register again"
+            ))),
+            Some(w) if w.row.status == WorkerStatus::Dead => Err(Error::NotFound(format!(
+                "worker {id} was declared dead ({}); register again",
+                w.row.dead_reason
+            ))),
+            Some(w) => Ok(w),
+        }
+    }
+
+    /// Why `world_id` is no longer the worker's world.
+    fn left_world_reason(&self, world_id: &str) -> String {
+        self.worlds
+            .get(world_id)
+            .and_then(|run_id| self.runs.get(run_id))
+            .and_then(|e| e.run.attempts.iter().find(|a| a.world_id == world_id))
+            .map(|a| {
+                if a.end_reason.is_empty() {
+                    format!("not a member of world {world_id}")
+                } else {
+                    format!("world {world_id} ended: {}", a.end_reason)
+                }
+            })
+            .unwrap_or_else(|| format!("no world {world_id:?}"))
+    }
+
+    /// The worker's standing in `world_id`: its rank, or why it has none.
+    fn membership(&self, worker_id: &str, world_id: &str) -> Result<Result<u32, String>, Error> {
+        let worker = self.live_worker(worker_id)?;
+        Ok(match &worker.world {
+            Some((w, rank)) if w == world_id => Ok(*rank),
+            _ => Err(self.left_world_reason(world_id)),
+        })
+    }
+
+    /// Renews the lease; tells a worker whose world has ended to abort.
+    pub fn heartbeat(
+        &mut self,
+        worker_id: &str,
+        world_id: &str,
+        now: Instant,
+    ) -> Result<(WorkerAction, String), Error> {
+        self.live_worker(worker_id)?;
+        if let Some(w) = self.workers.get_mut(worker_id) {
+            w.last_seen = now;
+        }
+        if world_id.is_empty() {
+            return Ok((WorkerAction::Continue, String::new()));
+        }
+        Ok(match self.membership(worker_id, world_id)? {
+            Ok(_) => (WorkerAction::Continue, String::new()),
+            Err(reason) => (WorkerAction::Abort, reason),
+        })
+    }
+
+    /// Declares workers whose lease ran out dead and tears down their worlds.
+    pub fn expire_leases(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) {
+        let mut expired: Vec<(u64, String)> = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.row.status == WorkerStatus::Alive && now.duration_since(w.last_seen) > timeout
+            })
+            .map(|w| (w.row.seq, w.row.id.clone()))
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        expired.sort();
+        for (_, id) in expired {
+            let Some(worker) = self.workers.get_mut(&id) else {
+                continue;
+            };
+            let silent = now.duration_since(worker.last_seen).as_secs_f64();
+            worker.row.status = WorkerStatus::Dead;
+            worker.row.dead_reason = format!("no heartbeat for {silent:.1}s");
+            fx.writes.push(Write::Worker(worker.row.clone()));
+            tracing::warn!(worker = %id, silent_s = silent, "worker declared dead");
+            if let Some((world_id, rank)) = worker.world.clone()
+                && let Some(run_id) = self.worlds.get(&world_id).cloned()
+            {
+                let reason =
+                    format!("worker {id} (rank {rank}) sent no heartbeat for {silent:.1}s");
+                self.end_world(&run_id, &reason, true, now_ms, fx);
+            }
+        }
+        self.form_worlds(now_ms, fx);
+    }
+
+    /// Ends the run's live world, if any, freeing its members.
+    fn end_world(
+        &mut self,
+        run_id: &str,
+        reason: &str,
+        failed: bool,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) {
+        let Some(entry) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let Some(attempt) = active_mut(&mut entry.run) else {
+            return;
+        };
+        attempt.ended_ms = now_ms;
+        attempt.end_reason = reason.to_string();
+        attempt.failed = failed;
+        let world_id = attempt.world_id.clone();
+        let members = attempt.workers.clone();
+        for member in members {
+            if let Some(w) = self.workers.get_mut(&member)
+                && w.world.as_ref().is_some_and(|(id, _)| *id == world_id)
+            {
+                w.world = None;
+            }
+        }
+        fx.event(
+            run_id,
+            RunEventKind::WorldEnded,
+            format!("world {world_id} ended: {reason}"),
+        );
+        if !failed {
+            return;
+        }
+        let run = &mut entry.run;
+        let failures = run.attempts.iter().filter(|a| a.failed).count();
+        let allowed = run.spec.as_ref().map_or(0, |s| s.max_restarts) as usize;
+        if failures > allowed && !is_terminal(run) {
+            run.state = RunState::Failed as i32;
+            run.message = format!(
+                "{failures} worlds failed, more than max_restarts {allowed}; last: {reason}"
+            );
+            let message = run.message.clone();
+            fx.event(run_id, RunEventKind::StateChanged, message);
+        }
+    }
+
+    /// Forms worlds for runs that wait, out of free live workers.
+    fn form_worlds(&mut self, now_ms: i64, fx: &mut Effects) {
+        let mut free: Vec<(u64, String)> = self
+            .workers
+            .values()
+            .filter(|w| w.row.status == WorkerStatus::Alive && w.world.is_none())
+            .map(|w| (w.row.seq, w.row.id.clone()))
+            .collect();
+        if free.is_empty() {
+            return;
+        }
+        free.sort();
+        let free: Vec<String> = free.into_iter().map(|(_, id)| id).collect();
+        let mut waiting: Vec<(u64, WaitingRun)> = self
+            .runs
+            .values()
+            .filter(|e| !is_terminal(&e.run) && active(&e.run).is_none())
+            .filter_map(|e| {
+                let spec = e.run.spec.as_ref()?;
+                Some((
+                    e.seq,
+                    WaitingRun {
+                        run_id: e.run.id.clone(),
+                        world_size: spec.world_size,
+                        min_world_size: spec.min_world_size,
+                        global_batch: spec.global_batch,
+                        started: !e.run.attempts.is_empty(),
+                    },
+                ))
+            })
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        waiting.sort_by_key(|(seq, _)| *seq);
+        let waiting: Vec<WaitingRun> = waiting.into_iter().map(|(_, w)| w).collect();
+        for (run_id, members) in scheduler::plan_worlds(&waiting, &free) {
+            let number = self.take_counter("next_world", fx);
+            let world_id = format!("world-{number:06}");
+            for (rank, member) in members.iter().enumerate() {
+                if let Some(w) = self.workers.get_mut(member) {
+                    w.world = Some((world_id.clone(), rank as u32));
+                }
+            }
+            self.worlds.insert(world_id.clone(), run_id.clone());
+            let Some(entry) = self.runs.get_mut(&run_id) else {
+                continue;
+            };
+            let run = &mut entry.run;
+            let start_checkpoint = run.checkpoints.last().cloned();
+            let from = start_checkpoint
+                .as_ref()
+                .map(|c| format!("from checkpoint phase {} step {}", c.phase_index, c.step))
+                .unwrap_or_else(|| "from initial weights".to_string());
+            run.attempts.push(Attempt {
+                world_id: world_id.clone(),
+                workers: members.clone(),
+                phase_index: run.phase_index,
+                start_checkpoint,
+                started_ms: now_ms,
+                ..Default::default()
+            });
+            let message = format!(
+                "world {world_id} formed with {} ranks ({}) {from}",
+                members.len(),
+                members.join(", ")
+            );
+            if run.state == RunState::Pending as i32 {
+                run.state = RunState::Running as i32;
+                if let Some(p) = run.phases.get_mut(run.phase_index as usize)
+                    && p.started_ms == 0
+                {
+                    p.started_ms = now_ms;
+                }
+                fx.event(&run_id, RunEventKind::StateChanged, "running");
+            }
+            tracing::info!(run = %run_id, world = %world_id, ranks = members.len(), "world formed");
+            fx.event(&run_id, RunEventKind::WorldFormed, message);
+        }
+    }
+
+    // ------------------------------------------------------ assignments
+
+    /// The worker's current assignment, if it belongs to a live world.
+    pub fn assignment(&self, worker_id: &str) -> Result<Option<Assignment>, Error> {
+        let worker = self.live_worker(worker_id)?;
+        let Some((world_id, rank)) = &worker.world else {
+            return Ok(None);
+        };
+        let Some(run) = self
+            .worlds
+            .get(world_id)
+            .and_then(|id| self.runs.get(id))
+            .map(|e| &e.run)
+        else {
+            return Ok(None);
+        };
+        let (Some(spec), Some(attempt)) = (run.spec.as_ref(), active(run)) else {
+            return Ok(None);
+        };
+        let Some(phase) = spec.phases.get(run.phase_index as usize) else {
+            return Ok(None);
+        };
+        let steps = num_steps(spec, phase);
+        let checkpoint = run.checkpoints.last();
+        let (first_step, phase_start) = match checkpoint {
+            Some(c) if c.phase_index == run.phase_index => (c.step, false),
+            Some(_) => (0, true),
+            None => (0, false),
+        };
+        Ok(Some(Assignment {
+            assignment_id: format!("{world_id}/phase-{}", run.phase_index),
+            run_id: run.id.clone(),
+            world_id: world_id.clone(),
+            rank: *rank,
+            world_size: attempt.workers.len() as u32,
+            spec: Some(spec.clone()),
+            phase_index: run.phase_index,
+            first_step,
+            last_step: steps.saturating_sub(1),
+            num_steps: steps,
+            start_checkpoint: checkpoint.cloned(),
+            phase_start,
+        }))
+    }
+
+    /// Rank 0 publishes the world's bootstrap token; others read it.
+    /// Returns the token once there is one.
+    pub fn rendezvous(
+        &mut self,
+        worker_id: &str,
+        world_id: &str,
+        publish: Vec<u8>,
+        fx: &mut Effects,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let rank = self
+            .membership(worker_id, world_id)?
+            .map_err(Error::FailedPrecondition)?;
+        let run_id = self.worlds.get(world_id).cloned().unwrap_or_default();
+        let attempt = self
+            .runs
+            .get_mut(&run_id)
+            .and_then(|e| active_mut(&mut e.run))
+            .ok_or_else(|| Error::FailedPrecondition(format!("world {world_id} is not live")))?;
+        if publish.is_empty() {
+            return Ok(
+                (!attempt.rendezvous_token.is_empty()).then(|| attempt.rendezvous_token.clone())
+            );
+        }
+        if rank != 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "only rank 0 publishes the rendezvous token of world {world_id}; {worker_id} is rank {rank}"
+            )));
+        }
+        if publish.len() > MAX_RENDEZVOUS_TOKEN {
+            return Err(Error::InvalidArgument(format!(
+                "publish: token of {} bytes is longer than {MAX_RENDEZVOUS_TOKEN}",
+                publish.len()
+            )));
+        }
+        if !attempt.rendezvous_token.is_empty() && attempt.rendezvous_token != publish {
+            return Err(Error::FailedPrecondition(format!(
+                "world {world_id} already has a different rendezvous token"
+            )));
+        }
+        attempt.rendezvous_token = publish.clone();
+        fx.run(&run_id);
+        Ok(Some(publish))
+    }
+
+    // ---------------------------------------------------------- reports
+
+    /// Records a progress report; rank 0's become the run's progress.
+    pub fn progress(
+        &mut self,
+        req: &ReportProgressRequest,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> Result<(WorkerAction, String), Error> {
+        let rank = match self.membership(&req.worker_id, &req.world_id)? {
+            Ok(rank) => rank,
+            Err(reason) => return Ok((WorkerAction::Abort, reason)),
+        };
+        let run_id = self.worlds.get(&req.world_id).cloned().unwrap_or_default();
+        let run = self.run(&run_id)?;
+        if req.phase_index != run.phase_index {
+            return Err(Error::FailedPrecondition(format!(
+                "run {run_id} is in phase {}, the report is for phase {}",
+                run.phase_index, req.phase_index
+            )));
+        }
+        let budget = run
+            .phases
+            .get(run.phase_index as usize)
+            .map_or(0, |p| p.num_steps);
+        if req.step > budget {
+            return Err(Error::InvalidArgument(format!(
+                "step: {} is past the phase's {budget} steps",
+                req.step
+            )));
+        }
+        if rank != 0 {
+            return Ok((WorkerAction::Continue, String::new()));
+        }
+        if let Some(entry) = self.runs.get_mut(&run_id)
+            && let Some(p) = entry.run.phases.get_mut(req.phase_index as usize)
+        {
+            p.steps_done = req.step;
+            p.tokens_done = req.tokens;
+            p.loss = req.loss;
+            p.tokens_per_sec = req.tokens_per_sec;
+            p.lr = req.lr;
+            p.grad_norm = req.grad_norm;
+            p.mfu = req.mfu;
+        }
+        fx.writes.push(Write::Progress(ProgressRow {
+            run_id: run_id.clone(),
+            world_id: req.world_id.clone(),
+            phase_index: req.phase_index,
+            step: req.step,
+            tokens: req.tokens,
+            loss: req.loss,
+            tokens_per_sec: req.tokens_per_sec,
+            lr: req.lr,
+            grad_norm: req.grad_norm,
+            mfu: req.mfu,
+            time_ms: now_ms,
+        }));
+        fx.event(
+            &run_id,
+            RunEventKind::Progress,
+            format!("step {} loss {:.4}", req.step, req.loss),
+        );
+        Ok((WorkerAction::Continue, String::new()))
+    }
+
+    /// Records a committed checkpoint; the one that ends a phase moves the
+    /// run to the next phase, or completes it.
+    pub fn checkpoint(
+        &mut self,
+        worker_id: &str,
+        world_id: &str,
+        checkpoint: Option<Checkpoint>,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> Result<(WorkerAction, String), Error> {
+        let mut checkpoint =
+            checkpoint.ok_or_else(|| Error::InvalidArgument("checkpoint: is required".into()))?;
+        if checkpoint.url.trim().is_empty() {
+            return Err(Error::InvalidArgument(
+                "checkpoint.url: must not be empty".into(),
+            ));
+        }
+        if let Err(reason) = self.membership(worker_id, world_id)? {
+            return Ok((WorkerAction::Abort, reason));
+        }
+        let run_id = self.worlds.get(world_id).cloned().unwrap_or_default();
+        let run = self.run(&run_id)?;
+        if checkpoint.phase_index != run.phase_index {
+            return Err(Error::FailedPrecondition(format!(
+                "run {run_id} is in phase {}, the checkpoint is for phase {}",
+                run.phase_index, checkpoint.phase_index
+            )));
+        }
+        let phases = run.phases.len();
+        let budget = run
+            .phases
+            .get(run.phase_index as usize)
+            .map_or(0, |p| p.num_steps);
+        if checkpoint.step > budget {
+            return Err(Error::InvalidArgument(format!(
+                "checkpoint.step: {} is past the phase's {budget} steps",
+                checkpoint.step
+            )));
+        }
+        if let Some(last) = run
+            .checkpoints
+            .last()
+            .filter(|c| c.phase_index == checkpoint.phase_index)
+        {
+            if last.step == checkpoint.step && last.url == checkpoint.url {
+                return Ok((WorkerAction::Continue, String::new()));
+            }
+            if last.step >= checkpoint.step {
+                return Err(Error::FailedPrecondition(format!(
+                    "checkpoint.step: {} is not after the last committed step {}",
+                    checkpoint.step, last.step
+                )));
+            }
+        }
+        checkpoint.world_id = world_id.to_string();
+        checkpoint.committed_ms = now_ms;
+        let phase = checkpoint.phase_index as usize;
+        let step = checkpoint.step;
+        let message = format!("checkpoint phase {phase} step {step}: {}", checkpoint.url);
+        let Some(entry) = self.runs.get_mut(&run_id) else {
+            return Err(Error::NotFound(run_id));
+        };
+        let run = &mut entry.run;
+        if let Some(p) = run.phases.get_mut(phase) {
+            p.steps_done = p.steps_done.max(step);
+            p.tokens_done = p.tokens_done.max(checkpoint.tokens);
+        }
+        run.checkpoints.push(checkpoint);
+        fx.event(&run_id, RunEventKind::Checkpoint, message);
+        if step < budget {
+            return Ok((WorkerAction::Continue, String::new()));
+        }
+        if let Some(p) = run.phases.get_mut(phase) {
+            p.finished_ms = now_ms;
+        }
+        if phase + 1 < phases {
+            run.phase_index += 1;
+            if let Some(p) = run.phases.get_mut(phase + 1) {
+                p.started_ms = now_ms;
+            }
+            let name = run
+                .phases
+                .get(phase + 1)
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+            fx.event(
+                &run_id,
+                RunEventKind::PhaseStarted,
+                format!("phase {} ({name}) started", phase + 1),
+            );
+            return Ok((WorkerAction::Continue, String::new()));
+        }
+        run.state = RunState::Completed as i32;
+        fx.event(&run_id, RunEventKind::StateChanged, "completed");
+        self.end_world(&run_id, "run completed", false, now_ms, fx);
+        self.form_worlds(now_ms, fx);
+        Ok((WorkerAction::Continue, String::new()))
+    }
+
+    /// A rank reports that it cannot go on: its world is torn down and
+    /// re-formed from the last committed checkpoint.
+    pub fn failure(
+        &mut self,
+        worker_id: &str,
+        world_id: &str,
+        message: &str,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> Result<(WorkerAction, String), Error> {
+        let rank = match self.membership(worker_id, world_id)? {
+            Ok(rank) => rank,
+            Err(reason) => return Ok((WorkerAction::Abort, reason)),
+        };
+        let run_id = self.worlds.get(world_id).cloned().unwrap_or_default();
+        let reason = format!(
+            "worker {worker_id} (rank {rank}) failed: {}",
+            message.trim()
+        );
+        tracing::warn!(run = %run_id, world = %world_id, %reason, "world failed");
+        self.end_world(&run_id, &reason, true, now_ms, fx);
+        self.form_worlds(now_ms, fx);
+        Ok((WorkerAction::Abort, reason))
+    }
+}
