@@ -118,7 +118,11 @@ mod tests {
         for free in 0..7 {
             for size in 1..5 {
                 for min in 0..=size {
-                    for batch in [size, size * 2, 6, 12] {
+                    // Only valid specs: world_size divides the batch.
+                    for batch in [size, size * 2, 6, 12]
+                        .into_iter()
+                        .filter(|b| b % size == 0)
+                    {
                         for started in [false, true] {
                             let waiting =
                                 [run("x", size, min, batch, started), run("y", 2, 1, 4, true)];

@@ -116,7 +116,9 @@ pub async fn serve_coordinator(
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    let reaper = tokio::spawn(reap_leases(coordinator.clone()));
+    // Aborted on drop, so a server future that is itself dropped (cancelled)
+    // leaves no reaper writing behind it.
+    let _reaper = AbortOnDrop(tokio::spawn(reap_leases(coordinator.clone())));
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
@@ -127,8 +129,15 @@ pub async fn serve_coordinator(
         .add_service(WorkerServiceServer::with_interceptor(services, worker_auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
-    reaper.abort();
     result.map_err(ServeError::from)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Checks leases a few times per timeout, so a dead worker is found within

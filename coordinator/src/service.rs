@@ -123,7 +123,14 @@ impl RunService for Services {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                let done = event.run.as_ref().is_some_and(is_final);
+                // Events of one change all carry its final snapshot; the
+                // state change that ends a run is the last of them.
+                let done = event.kind != RunEventKind::Progress as i32
+                    && matches!(
+                        RunEventKind::try_from(event.kind),
+                        Ok(RunEventKind::StateChanged | RunEventKind::Snapshot)
+                    )
+                    && event.run.as_ref().is_some_and(is_final);
                 if tx.send(Ok(event)).await.is_err() || done {
                     return;
                 }

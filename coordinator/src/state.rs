@@ -766,9 +766,11 @@ impl State {
             );
             return Ok((WorkerAction::Continue, String::new()));
         }
-        run.state = RunState::Completed as i32;
-        fx.event(&run_id, RunEventKind::StateChanged, "completed");
         self.end_world(&run_id, "run completed", false, now_ms, fx);
+        if let Some(entry) = self.runs.get_mut(&run_id) {
+            entry.run.state = RunState::Completed as i32;
+        }
+        fx.event(&run_id, RunEventKind::StateChanged, "completed");
         self.form_worlds(now_ms, fx);
         Ok((WorkerAction::Continue, String::new()))
     }

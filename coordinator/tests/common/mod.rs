@@ -1,0 +1,302 @@
+//! A real coordinator on a loopback port with a SQLite file in a temporary
+//! directory, and real tonic clients talking to it.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use twinhead_coordinator::{LeaseSettings, ServeError, ServerConfig};
+use twinhead_proto::v1::run_service_client::RunServiceClient;
+use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
+use twinhead_proto::v1::{
+    Assignment, Checkpoint, GetAssignmentRequest, HeartbeatRequest, RegisterRequest,
+    ReportCheckpointRequest, ReportProgressRequest, RunSpec, WorkerAck,
+};
+
+pub struct Coordinator {
+    pub addr: SocketAddr,
+    pub db: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+pub fn fast_leases() -> LeaseSettings {
+    LeaseSettings {
+        heartbeat_interval: Duration::from_millis(50),
+        lease_timeout: Duration::from_millis(400),
+    }
+}
+
+impl Coordinator {
+    pub async fn start(db: &Path) -> Coordinator {
+        Self::start_with(ServerConfig {
+            db: db.to_path_buf(),
+            user_token: None,
+            worker_token: None,
+            leases: LeaseSettings::default(),
+        })
+        .await
+    }
+
+    pub async fn start_with(config: ServerConfig) -> Coordinator {
+        Self::start_on("127.0.0.1:0".parse().expect("addr"), config).await
+    }
+
+    /// Starts on a given address: a restarted coordinator keeps its address
+    /// so that clients reconnect to it.
+    pub async fn start_on(addr: SocketAddr, config: ServerConfig) -> Coordinator {
+        let mut attempts = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e) if attempts < 100 => {
+                    attempts += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind {addr}: {e}"),
+            }
+        };
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let db = config.db.clone();
+        let handle = tokio::spawn(twinhead_coordinator::serve(config, listener, async {
+            let _ = rx.await;
+        }));
+        Coordinator {
+            addr,
+            db,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn channel(&self) -> Channel {
+        let endpoint = Channel::from_shared(self.url()).expect("url");
+        for _ in 0..100 {
+            if let Ok(channel) = endpoint.connect().await {
+                return channel;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("coordinator at {} never accepted a connection", self.url());
+    }
+
+    pub async fn runs(&self) -> RunServiceClient<Channel> {
+        RunServiceClient::new(self.channel().await)
+    }
+
+    pub async fn workers(&self) -> WorkerServiceClient<Channel> {
+        WorkerServiceClient::new(self.channel().await)
+    }
+
+    pub async fn runs_with_token(
+        &self,
+        token: Option<&str>,
+    ) -> RunServiceClient<InterceptedService<Channel, Bearer>> {
+        RunServiceClient::with_interceptor(self.channel().await, Bearer(token.map(str::to_string)))
+    }
+
+    pub async fn workers_with_token(
+        &self,
+        token: Option<&str>,
+    ) -> WorkerServiceClient<InterceptedService<Channel, Bearer>> {
+        WorkerServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer(token.map(str::to_string)),
+        )
+    }
+
+    /// Stops the server and surfaces any error it ended with.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let result = tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("coordinator stops within 10 s")
+                .expect("server task");
+            result.expect("server ended cleanly");
+        }
+    }
+
+    /// Kills the server task without a graceful shutdown.
+    pub async fn abort(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            let value = format!("Bearer {token}").parse().expect("ascii token");
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// A small valid run: tiny model, 2 ranks, global batch 4, two phases of
+/// 3 and 2 steps.
+pub fn tiny_spec(name: &str) -> RunSpec {
+    spec_with(name, &[])
+}
+
+pub fn spec_with(name: &str, overrides: &[&str]) -> RunSpec {
+    let text = format!(
+        r#"
+name = "{name}"
+model = "tiny"
+objective = "mlm"
+dataset = "file:///tmp/dataset"
+world_size = 2
+global_batch = 4
+[optimizer]
+peak_lr = 1e-3
+[checkpoint]
+root = "file:///tmp/ckpt"
+[[phases]]
+name = "pretrain"
+tokens = 192
+seq_len = 16
+mask_ratio = 0.3
+[[phases]]
+name = "decay"
+tokens = 256
+seq_len = 32
+mask_ratio = 0.15
+"#
+    );
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    twinhead_proto::config::parse_run("test.toml", &text, &overrides, Path::new("."))
+        .expect("valid spec")
+}
+
+/// A simulated worker: a real gRPC client speaking the worker protocol.
+pub struct SimWorker {
+    pub id: String,
+    pub client: WorkerServiceClient<Channel>,
+    pub assignment: Option<Assignment>,
+}
+
+impl SimWorker {
+    pub async fn register(coordinator: &Coordinator, name: &str) -> SimWorker {
+        let mut client = coordinator.workers().await;
+        let id = client
+            .register(RegisterRequest {
+                hostname: name.into(),
+                device: "cpu".into(),
+                pid: std::process::id(),
+            })
+            .await
+            .expect("register")
+            .into_inner()
+            .worker_id;
+        SimWorker {
+            id,
+            client,
+            assignment: None,
+        }
+    }
+
+    /// Waits for an assignment different from the current one.
+    pub async fn next_assignment(&mut self) -> Assignment {
+        let known = self
+            .assignment
+            .as_ref()
+            .map(|a| a.assignment_id.clone())
+            .unwrap_or_default();
+        let reply = self
+            .client
+            .get_assignment(GetAssignmentRequest {
+                worker_id: self.id.clone(),
+                known_assignment_id: known,
+                wait_ms: 10_000,
+            })
+            .await
+            .expect("get assignment")
+            .into_inner();
+        let assignment = reply.assignment.expect("an assignment within 10 s");
+        self.assignment = Some(assignment.clone());
+        assignment
+    }
+
+    pub fn world(&self) -> String {
+        self.assignment
+            .as_ref()
+            .map(|a| a.world_id.clone())
+            .unwrap_or_default()
+    }
+
+    pub async fn heartbeat(&mut self) -> Result<(i32, String), tonic::Status> {
+        let world_id = self.world();
+        self.client
+            .heartbeat(HeartbeatRequest {
+                worker_id: self.id.clone(),
+                world_id,
+            })
+            .await
+            .map(|r| {
+                let r = r.into_inner();
+                (r.action, r.reason)
+            })
+    }
+
+    pub async fn progress(&mut self, step: u64, loss: f64) -> WorkerAck {
+        let a = self.assignment.clone().expect("assigned");
+        self.client
+            .report_progress(ReportProgressRequest {
+                worker_id: self.id.clone(),
+                world_id: a.world_id,
+                phase_index: a.phase_index,
+                step,
+                tokens: step * 1000,
+                loss,
+                tokens_per_sec: 1234.0,
+                lr: 1e-3,
+                grad_norm: 1.0,
+                mfu: 0.1,
+            })
+            .await
+            .expect("progress")
+            .into_inner()
+    }
+
+    pub async fn checkpoint(&mut self, step: u64) -> Result<WorkerAck, tonic::Status> {
+        let a = self.assignment.clone().expect("assigned");
+        self.client
+            .report_checkpoint(ReportCheckpointRequest {
+                worker_id: self.id.clone(),
+                world_id: a.world_id.clone(),
+                checkpoint: Some(Checkpoint {
+                    phase_index: a.phase_index,
+                    step,
+                    tokens: step * 1000,
+                    url: format!("file:///tmp/ckpt/{}/p{}/s{step}", a.run_id, a.phase_index),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
