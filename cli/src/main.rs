@@ -6,6 +6,7 @@ mod client;
 mod output;
 mod runs;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,6 +159,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -226,6 +228,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             lease_timeout: Duration::from_millis(args.lease_timeout_ms),
         },
     };
+    // On stdout, so scripts that start it on port 0 can read the address.
+    println!("twinhead coordinator listening on http://{address}");
     tracing::info!(%address, db = %args.db.display(), "coordinator listening");
     twinhead_coordinator::serve(config, listener, shutdown_signal()).await?;
     tracing::info!("coordinator stopped");

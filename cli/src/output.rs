@@ -369,7 +369,7 @@ pub fn spec_json(spec: &RunSpec) -> Value {
             "keep_last": checkpoint.keep_last,
         },
         "phases": spec.phases.iter().map(|p| {
-            let lr = p.lr.clone().unwrap_or_default();
+            let lr = p.lr.unwrap_or_default();
             json!({
                 "name": p.name,
                 "dataset_phase": p.dataset_phase,

@@ -40,7 +40,7 @@ pub fn world_size_for(run: &WaitingRun, free: usize) -> Option<u32> {
     };
     (min..=wanted)
         .rev()
-        .find(|&n| n as usize <= free && n > 0 && run.global_batch % n == 0)
+        .find(|&n| n as usize <= free && n > 0 && run.global_batch.is_multiple_of(n))
 }
 
 /// Assigns free workers to waiting runs: `(run_id, workers by rank)`.

@@ -142,7 +142,7 @@ impl State {
                 entry.run.updated_ms = now_ms;
                 writes.push(Write::Run {
                     seq: entry.seq,
-                    run: entry.run.clone(),
+                    run: Box::new(entry.run.clone()),
                 });
             }
         }

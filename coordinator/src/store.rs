@@ -88,7 +88,7 @@ pub enum Write {
     /// The run's whole record (spec, state, progress, attempts, checkpoints).
     Run {
         seq: u64,
-        run: Run,
+        run: Box<Run>,
     },
     Worker(WorkerRow),
     Progress(ProgressRow),
@@ -436,7 +436,7 @@ mod tests {
             let a = store.submit(vec![
                 Write::Run {
                     seq: 1,
-                    run: first.clone(),
+                    run: Box::new(first.clone()),
                 },
                 Write::Worker(worker("w-1", 1)),
             ]);
@@ -445,7 +445,10 @@ mod tests {
             dead.status = WorkerStatus::Dead;
             dead.dead_reason = "gone".into();
             let b = store.submit(vec![
-                Write::Run { seq: 1, run: first },
+                Write::Run {
+                    seq: 1,
+                    run: Box::new(first),
+                },
                 Write::Worker(dead),
                 Write::Counter {
                     name: "next_run",

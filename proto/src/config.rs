@@ -683,7 +683,7 @@ mod tests {
     #[test]
     fn unknown_model_lists_the_choices() {
         let err = load_model("ettin-2b", Path::new("."))
-            .unwrap_err()
+            .expect_err("must fail")
             .to_string();
         assert!(
             err.contains("ettin-2b") && err.contains("ettin-17m"),
@@ -770,7 +770,7 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
     #[test]
     fn unknown_key_is_named_with_its_path() {
         let text = TINY.replace("seq_len = 256", "seq_len = 256\nsequence_length = 3");
-        let err = parse(&text, &[]).unwrap_err().to_string();
+        let err = parse(&text, &[]).expect_err("must fail").to_string();
         assert!(err.starts_with("run.toml: phases[1]"), "{err}");
         assert!(
             err.contains("sequence_length") && err.contains("seq_len"),
@@ -781,7 +781,7 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
     #[test]
     fn negative_budget_is_rejected_by_key() {
         let err = parse(TINY, &["phases[0].tokens=-5"])
-            .unwrap_err()
+            .expect_err("must fail")
             .to_string();
         assert!(
             err.contains("phases[0].tokens") && err.contains("negative"),
@@ -792,19 +792,21 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
     #[test]
     fn override_errors_say_which_override() {
         let err = parse(TINY, &["phases[7].seq_len=1"])
-            .unwrap_err()
+            .expect_err("must fail")
             .to_string();
         assert!(
             err.contains("--set phases[7].seq_len=1") && err.contains("only 2"),
             "{err}"
         );
-        let err = parse(TINY, &["no_equals_sign"]).unwrap_err().to_string();
+        let err = parse(TINY, &["no_equals_sign"])
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("key=value"), "{err}");
     }
 
     #[test]
     fn syntax_errors_carry_line_and_column() {
-        let err = parse("name = \"x\"\nworld_size = = 2\n", &[]).unwrap_err();
+        let err = parse("name = \"x\"\nworld_size = = 2\n", &[]).expect_err("must fail");
         match err {
             ConfigError::Syntax { line, .. } => assert_eq!(line, 2),
             other => panic!("expected a syntax error, got {other}"),
@@ -823,7 +825,7 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
             ("phases[0].mask_ratio=1.5", "phases[0].mask_ratio"),
         ];
         for (set, key) in cases {
-            let err = parse(TINY, &[set]).unwrap_err().to_string();
+            let err = parse(TINY, &[set]).expect_err("must fail").to_string();
             assert!(err.contains(&format!("run.toml: {key}:")), "{set}: {err}");
         }
         let no_phases = TINY
@@ -831,7 +833,7 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
             .next()
             .unwrap_or_default()
             .to_string();
-        let err = parse(&no_phases, &[]).unwrap_err().to_string();
+        let err = parse(&no_phases, &[]).expect_err("must fail").to_string();
         assert!(err.contains("run.toml: phases:"), "{err}");
     }
 }

@@ -61,7 +61,7 @@ pub fn validate_model(m: &ModelSpec) -> Result<(), SpecError> {
             return fail(key, "must be at least 1");
         }
     }
-    if m.hidden_size % m.num_heads != 0 {
+    if !m.hidden_size.is_multiple_of(m.num_heads) {
         return fail(
             "num_heads",
             format!(
@@ -70,13 +70,13 @@ pub fn validate_model(m: &ModelSpec) -> Result<(), SpecError> {
             ),
         );
     }
-    if (m.hidden_size / m.num_heads) % 2 != 0 {
+    if !(m.hidden_size / m.num_heads).is_multiple_of(2) {
         return fail(
             "num_heads",
             "the head dimension must be even for rotary embeddings",
         );
     }
-    if m.local_attention % 2 != 0 {
+    if !m.local_attention.is_multiple_of(2) {
         return fail(
             "local_attention",
             format!(
@@ -149,7 +149,7 @@ pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
     if spec.global_batch == 0 {
         return fail("global_batch", "must be at least 1");
     }
-    if spec.global_batch % spec.world_size != 0 {
+    if !spec.global_batch.is_multiple_of(spec.world_size) {
         return fail(
             "world_size",
             format!(
