@@ -310,15 +310,13 @@ fn split_segments<T>(buf: &mut [T], n: usize, chunk: usize) -> Vec<Vec<Option<&m
     out
 }
 
-/// The sender half of an operation: writes the header, then every chunk it
-/// is handed, in order, handing each back when written.
+/// The sender half of an operation: writes every chunk it is handed, in
+/// order, handing each back when written.
 fn send_loop<'a, T: Pod>(
     mut out: &TcpStream,
-    header: [u8; OP_HEADER_LEN],
     rx: mpsc::Receiver<Chunk<'a, T>>,
     back: mpsc::Sender<Chunk<'a, T>>,
 ) -> io::Result<()> {
-    out.write_all(&header)?;
     for (seg, k, data) in rx {
         out.write_all(bytemuck::cast_slice(&*data))?;
         // The reducing thread may be done with this chunk already.
@@ -875,14 +873,19 @@ impl CpuRingEngine {
         let lost =
             || CollectiveError::Backend(format!("rank {rank}: internal: sender thread stopped"));
         let mut slots = split_segments(buf, n, chunk_elems);
-        let inv_n = n as f32;
+        let n_f32 = n as f32;
+        // The header goes out before anything can fail, so that a neighbour
+        // that disagrees about the call reads it and reports the mismatch.
+        (&*right)
+            .write_all(&header.encode())
+            .map_err(|e| net_err(rank, rrank, op, timeout, e))?;
 
         thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<Chunk<'_, f32>>();
             let (back_tx, back_rx) = mpsc::channel::<Chunk<'_, f32>>();
             let failure = &failure;
             let sender = s.spawn(move || {
-                if let Err(e) = send_loop(right, header.encode(), rx, back_tx) {
+                if let Err(e) = send_loop(right, rx, back_tx) {
                     failure.record(net_err(rank, rrank, op, timeout, e));
                 }
             });
@@ -910,11 +913,11 @@ impl CpuRingEngine {
                             .map_err(net)?;
                         if last {
                             for (d, x) in dst.iter_mut().zip(incoming.iter()) {
-                                *d = (*x + *d) / inv_n;
+                                *d = (*x + *d) / n_f32;
                             }
                         } else {
                             for (d, x) in dst.iter_mut().zip(incoming.iter()) {
-                                *d = *x + *d;
+                                *d += *x; // x: partial sum of the ranks before this one
                             }
                         }
                         // Sent in the next reduce-scatter step, or (the
@@ -972,12 +975,15 @@ impl CpuRingEngine {
             || CollectiveError::Backend(format!("rank {rank}: internal: sender thread stopped"));
 
         let chunks: Vec<&mut [u8]> = buf.chunks_mut(chunk).collect();
+        (&*right)
+            .write_all(&header.encode())
+            .map_err(|e| net_err(rank, rrank, op, timeout, e))?;
         thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<Chunk<'_, u8>>();
             let (back_tx, _back_rx) = mpsc::channel::<Chunk<'_, u8>>();
             let failure = &failure;
             let sender = s.spawn(move || {
-                if let Err(e) = send_loop(right, header.encode(), rx, back_tx) {
+                if let Err(e) = send_loop(right, rx, back_tx) {
                     failure.record(net_err(rank, rrank, op, timeout, e));
                 }
             });
