@@ -97,6 +97,9 @@ pub struct RingConfig {
     pub connect_timeout: Duration,
     /// Pipelining granularity.
     pub chunk_bytes: usize,
+    /// `SO_SNDBUF`/`SO_RCVBUF` of the data sockets; `None` keeps the OS
+    /// default (and its autotuning).
+    pub socket_buffer_bytes: Option<usize>,
 }
 
 impl Default for RingConfig {
@@ -107,6 +110,7 @@ impl Default for RingConfig {
             op_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(120),
             chunk_bytes: 512 * 1024,
+            socket_buffer_bytes: None,
         }
     }
 }
@@ -740,6 +744,11 @@ impl CpuRingEngine {
             |e: io::Error| CollectiveError::Rendezvous(format!("rank {rank}: socket options: {e}"));
         let timeout = Some(cfg.op_timeout.max(Duration::from_millis(1)));
         for s in [&left, &right] {
+            if let Some(bytes) = cfg.socket_buffer_bytes {
+                let sock = socket2::SockRef::from(s);
+                sock.set_send_buffer_size(bytes).map_err(setup)?;
+                sock.set_recv_buffer_size(bytes).map_err(setup)?;
+            }
             s.set_nodelay(true).map_err(setup)?;
             s.set_read_timeout(timeout).map_err(setup)?;
             s.set_write_timeout(timeout).map_err(setup)?;
