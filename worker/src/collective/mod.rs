@@ -54,6 +54,14 @@ pub enum CollectiveError {
         op: &'static str,
         secs: f64,
     },
+    /// A device-side collective did not complete in time (NCCL does not say
+    /// which peer is missing).
+    #[error("rank {rank}: {op} did not complete within {secs:.1} s")]
+    DeviceTimeout {
+        rank: usize,
+        op: &'static str,
+        secs: f64,
+    },
     /// Any other socket error.
     #[error("rank {rank}: i/o error with rank {peer} during {op}: {source}")]
     Io {

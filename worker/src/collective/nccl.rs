@@ -274,9 +274,8 @@ impl NcclEngine {
                 }
             }
             if Instant::now() > deadline {
-                let e = CollectiveError::Timeout {
+                let e = CollectiveError::DeviceTimeout {
                     rank: self.rank,
-                    peer: self.rank,
                     op,
                     secs: self.timeout.as_secs_f64(),
                 };
