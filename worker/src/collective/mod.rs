@@ -12,6 +12,31 @@
 //! * `NcclEngine` (cargo feature `cuda`): NCCL through `cudarc`, on device
 //!   buffers; its rendezvous token is the 128-byte NCCL unique id.
 //!
+//! # Use
+//!
+//! ```no_run
+//! use twinhead_worker::collective::{Collective, CpuRingEngine, RingConfig};
+//! # fn publish(_: &[u8]) {}
+//! # fn fetch() -> Vec<u8> { Vec::new() }
+//! # fn main() -> Result<(), twinhead_worker::collective::CollectiveError> {
+//! # let (rank, world, fingerprint) = (0usize, 2usize, 0u64);
+//! let cfg = RingConfig::default();
+//! let mut c: Box<dyn Collective> = if rank == 0 {
+//!     let host = CpuRingEngine::host(world, cfg)?;
+//!     publish(host.token()); // WorkerService.Rendezvous
+//!     Box::new(host.accept()?)
+//! } else {
+//!     Box::new(CpuRingEngine::connect(&fetch(), rank, world, cfg)?)
+//! };
+//! c.check_fingerprint(fingerprint)?; // same gradient layout everywhere
+//! let abort = c.abort_handle(); // give to the heartbeat thread
+//! let mut grads = vec![0.0f32; 1000]; // all gradients, flattened in module order
+//! c.all_reduce_mean(&mut grads)?;
+//! # drop(abort);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Every blocking call has a deadline, and [`AbortHandle::abort`] (from any
 //! thread) makes a blocked call on this rank return
 //! [`CollectiveError::Aborted`] at once; the other ranks see their
