@@ -30,7 +30,12 @@ pub struct StableAdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    /// Peak LR of the schedule; weight decay is scaled by `lr_t / max_lr`.
+    /// Weight decay is scaled by `lr_t / max_lr`. optimi defaults it to the
+    /// LR the optimizer was built with, which in Ettin's yamls is the LR at
+    /// the start of the phase: peak × [`LrSchedule::start_factor`] (so
+    /// 0.5 × peak in the decay phase, whose yaml `lr` is halved).
+    ///
+    /// [`LrSchedule::start_factor`]: crate::schedule::LrSchedule::start_factor
     pub max_lr: f64,
     /// Clip the global gradient norm to this value (off by default).
     pub max_grad_norm: Option<f64>,

@@ -109,6 +109,16 @@ impl LrSchedule {
         self.total_tokens
     }
 
+    /// The factor reached at the end of warmup (the optimizer's `max_lr`
+    /// is peak × this, see `StableAdamWConfig::max_lr`).
+    pub fn start_factor(&self) -> f64 {
+        self.start_factor
+    }
+
+    pub fn end_factor(&self) -> f64 {
+        self.end_factor
+    }
+
     /// The factor of the peak LR after `tokens` tokens of the phase
     /// (clamped to the end factor past the end of the phase).
     pub fn factor(&self, tokens: u64) -> f64 {
