@@ -53,7 +53,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use ring::{CpuRingEngine, RingConfig, RingHost};
+pub use ring::{CpuRingEngine, RingConfig, RingHost, RingPeer};
 
 #[cfg(feature = "cuda")]
 pub use nccl::NcclEngine;

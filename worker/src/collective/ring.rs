@@ -664,21 +664,49 @@ impl CpuRingEngine {
 
     /// Ranks 1..world: joins the world announced by `token` (from rank 0's
     /// [`RingHost::token`]). Blocks until the ring is connected, at most
-    /// `cfg.connect_timeout`.
+    /// `cfg.connect_timeout`. [`CpuRingEngine::peer`] does the same with an
+    /// abort handle available while it waits.
     pub fn connect(token: &[u8], rank: usize, world: usize, cfg: RingConfig) -> Result<Self> {
+        Self::peer(rank, world, cfg)?.join(token)
+    }
+
+    /// Ranks 1..world: prepares to join; see [`RingPeer::join`].
+    pub fn peer(rank: usize, world: usize, cfg: RingConfig) -> Result<RingPeer> {
         check_world(rank, world)?;
         if rank == 0 {
             return Err(CollectiveError::InvalidArgument(
                 "rank 0 hosts the world: use CpuRingEngine::host".into(),
             ));
         }
+        Ok(RingPeer {
+            rank,
+            world,
+            cfg,
+            shared: Shared::new(rank),
+        })
+    }
+
+    fn join_world(
+        token: &[u8],
+        rank: usize,
+        world: usize,
+        cfg: RingConfig,
+        shared: Arc<Shared>,
+    ) -> Result<Self> {
         let (nonce, host_addr) = decode_token(token)?;
         let deadline = Instant::now() + cfg.connect_timeout;
-        let shared = Shared::new(rank);
         let data = TcpListener::bind((cfg.bind_ip, 0)).map_err(|e| {
             CollectiveError::Rendezvous(format!("rank {rank}: cannot bind on {}: {e}", cfg.bind_ip))
         })?;
         let mut ctrl = connect_before(host_addr, deadline, &shared, "rank 0")?;
+        // Lets abort() interrupt the wait for rank 0's answer.
+        if let Ok(clone) = ctrl.try_clone() {
+            shared
+                .sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(clone);
+        }
         let advertise = match cfg.advertise_ip {
             Some(ip) => ip,
             None if cfg.bind_ip.is_unspecified() => ctrl
@@ -726,6 +754,11 @@ impl CpuRingEngine {
             CollectiveError::Rendezvous(format!("rank 0 sent a bad address {text:?}: {e}"))
         })?;
         drop(ctrl);
+        shared
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
 
         let right = connect_data(right_addr, &nonce, rank, world, deadline, &shared)?;
         let left = accept_data(&data, &nonce, rank, world, deadline, &shared)?;
@@ -1027,6 +1060,47 @@ impl CpuRingEngine {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// A rank other than 0 about to join a world (see [`CpuRingEngine::peer`]).
+pub struct RingPeer {
+    rank: usize,
+    world: usize,
+    cfg: RingConfig,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RingPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingPeer")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .finish()
+    }
+}
+
+impl RingPeer {
+    /// Aborts [`RingPeer::join`] (and the engine it returns) from another
+    /// thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle::new(self.shared.clone())
+    }
+
+    /// Joins the world announced by `token` (rank 0's [`RingHost::token`]);
+    /// blocks until the ring is connected, at most `connect_timeout`.
+    pub fn join(self, token: &[u8]) -> Result<CpuRingEngine> {
+        let RingPeer {
+            rank,
+            world,
+            cfg,
+            shared,
+        } = self;
+        let res = CpuRingEngine::join_world(token, rank, world, cfg, shared.clone());
+        if res.is_err() && shared.is_aborted() {
+            return Err(CollectiveError::Aborted { rank });
+        }
+        res
     }
 }
 
@@ -1368,6 +1442,24 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn abort_interrupts_a_join() {
+        let cfg = quick();
+        // A host that never accepts: the peer waits for its answer.
+        let host = CpuRingEngine::host(2, cfg.clone()).expect("host");
+        let peer = CpuRingEngine::peer(1, 2, cfg).expect("peer");
+        let h = peer.abort_handle();
+        let token = host.token().to_vec();
+        let t = thread::spawn(move || peer.join(&token));
+        thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        h.abort();
+        let err = t.join().expect("join").expect_err("aborted");
+        assert!(matches!(err, CollectiveError::Aborted { rank: 1 }), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        drop(host);
     }
 
     #[test]
