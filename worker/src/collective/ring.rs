@@ -896,7 +896,7 @@ impl CpuRingEngine {
         Ok(())
     }
 
-    /// Ring all-reduce (mean) of `buf`; `kind` only labels the call.
+    /// Ring all-reduce (mean) of `buf`; `op` names the call in errors.
     fn ring_all_reduce(
         &mut self,
         buf: &mut [f32],
