@@ -3,4 +3,5 @@
 
 pub mod collective;
 pub mod optim;
+pub mod runtime;
 pub mod schedule;

@@ -1,0 +1,702 @@
+//! The worker process's life with the coordinator: register, renew the
+//! lease, long-poll for assignments, meet the world's other ranks through
+//! the rendezvous, hand each assignment to the trainer, and relay what the
+//! trainer reports. Training runs on its own thread; this side is async.
+//!
+//! ```text
+//!   register ──► heartbeat task (lease; ABORT interrupts the collective)
+//!      │
+//!      └─► GetAssignment (long poll) ──► new world? rendezvous → collective
+//!                 ▲                              │
+//!                 └──── phase done / aborted ◄── trainer thread ──► progress,
+//!                                                                  checkpoints
+//! ```
+//!
+//! A coordinator that restarts is waited for: calls are retried while it is
+//! unreachable, and its restart keeps this worker's id and lease. A worker
+//! that was declared dead registers again under a new id.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
+use twinhead_proto::v1::{
+    Assignment, Checkpoint, GetAssignmentRequest, HeartbeatRequest, RegisterRequest,
+    RendezvousRequest, ReportCheckpointRequest, ReportFailureRequest, ReportProgressRequest,
+    WorkerAction,
+};
+
+use crate::collective::{
+    AbortHandle, Collective, CollectiveError, CpuRingEngine, RingConfig, SingleProcess,
+};
+
+/// How a worker reaches the coordinator and its peers.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Coordinator URL, e.g. `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// Bearer token for the worker API.
+    pub token: Option<String>,
+    /// "cpu" or "cuda:N".
+    pub device: String,
+    pub hostname: String,
+    /// Addresses and timeouts of the CPU collective.
+    pub ring: RingConfig,
+    /// Stop after the first run this worker trains ends (tests, demos).
+    pub exit_when_idle: bool,
+}
+
+/// Why a worker stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid coordinator URL {url:?}: {message}")]
+    Url { url: String, message: String },
+    #[error("the coordinator refused this worker: {0}")]
+    Refused(String),
+    #[error("the trainer thread panicked: {0}")]
+    TrainerPanicked(String),
+}
+
+/// How a phase ended on this rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PhaseEnd {
+    /// The assignment's last step is trained (and, on rank 0, its
+    /// checkpoint committed and reported).
+    Finished,
+    /// The coordinator or a peer ended the world.
+    Aborted(String),
+}
+
+/// A training failure; the world is reported failed and re-formed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("collective: {0}")]
+    Collective(#[from] CollectiveError),
+    #[error("aborted: {0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The training side of a worker. It runs on a thread of its own and talks
+/// to the coordinator only through the [`Link`].
+pub trait Trainer: Send + 'static {
+    /// Trains steps `first_step..=last_step` of the assignment's phase with
+    /// the world's collective. Returns when the last step is done, when
+    /// [`Link::aborted`] says so, or with an error.
+    fn train(
+        &mut self,
+        assignment: &Assignment,
+        collective: &mut dyn Collective,
+        link: &Link,
+    ) -> Result<PhaseEnd, TrainError>;
+}
+
+/// A progress report from the trainer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub tokens_per_sec: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub mfu: f64,
+}
+
+enum LinkMessage {
+    Progress(Progress),
+    Checkpoint(Checkpoint, oneshot::Sender<Result<(), TrainError>>),
+}
+
+/// The trainer's line to the coordinator, usable from a plain thread.
+pub struct Link {
+    messages: mpsc::UnboundedSender<LinkMessage>,
+    abort: Arc<AbortState>,
+}
+
+impl Link {
+    /// Why the world ended, once it has.
+    pub fn aborted(&self) -> Option<String> {
+        self.abort.reason()
+    }
+
+    /// Sends a progress report without waiting for it.
+    pub fn progress(&self, progress: Progress) {
+        let _ = self.messages.send(LinkMessage::Progress(progress));
+    }
+
+    /// Reports a committed checkpoint and waits until the coordinator has
+    /// recorded it (retrying while the coordinator is unreachable).
+    pub fn checkpoint(&self, checkpoint: Checkpoint) -> Result<(), TrainError> {
+        let (done, answer) = oneshot::channel();
+        self.messages
+            .send(LinkMessage::Checkpoint(checkpoint, done))
+            .map_err(|_| TrainError::Failed("the worker's coordinator link has closed".into()))?;
+        answer
+            .blocking_recv()
+            .map_err(|_| TrainError::Failed("the worker's coordinator link has closed".into()))?
+    }
+}
+
+/// The abort flag shared by the heartbeat task, the link and the collective.
+#[derive(Default)]
+struct AbortState {
+    aborted: AtomicBool,
+    reason: Mutex<Option<String>>,
+    /// The live world and the handle that interrupts its collective.
+    world: Mutex<Option<(String, Option<AbortHandle>)>>,
+}
+
+impl AbortState {
+    fn reason(&self) -> Option<String> {
+        if !self.aborted.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            lock(&self.reason)
+                .clone()
+                .unwrap_or_else(|| "aborted".into()),
+        )
+    }
+
+    fn world(&self) -> String {
+        lock(&self.world)
+            .as_ref()
+            .map(|(w, _)| w.clone())
+            .unwrap_or_default()
+    }
+
+    /// Enters a new world: clears the flag.
+    fn enter(&self, world_id: &str) {
+        *lock(&self.world) = Some((world_id.to_string(), None));
+        *lock(&self.reason) = None;
+        self.aborted.store(false, Ordering::Release);
+    }
+
+    fn set_handle(&self, handle: AbortHandle) {
+        if let Some((_, slot)) = lock(&self.world).as_mut() {
+            *slot = Some(handle.clone());
+        }
+        if self.aborted.load(Ordering::Acquire) {
+            handle.abort();
+        }
+    }
+
+    fn leave(&self) {
+        *lock(&self.world) = None;
+    }
+
+    /// Ends `world_id` (if it is the live one): flag, reason, and interrupt
+    /// whatever collective call is blocked.
+    fn abort(&self, world_id: &str, reason: &str) {
+        let world = lock(&self.world);
+        let Some((live, handle)) = world.as_ref() else {
+            return;
+        };
+        if live != world_id {
+            return;
+        }
+        let mut slot = lock(&self.reason);
+        if slot.is_none() {
+            *slot = Some(reason.to_string());
+        }
+        self.aborted.store(true, Ordering::Release);
+        if let Some(handle) = handle {
+            handle.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Whether a failed call should be retried: the coordinator is restarting
+/// or the network hiccuped.
+fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Internal
+    )
+}
+
+const RETRY: Duration = Duration::from_millis(250);
+
+/// Runs a worker until `shutdown` resolves (or, with `exit_when_idle`, until
+/// its run has ended).
+pub async fn run_worker(
+    config: WorkerConfig,
+    trainer: Box<dyn Trainer>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    let bearer = match config.token.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| WorkerError::Url {
+                    url: config.coordinator.clone(),
+                    message: "the token holds characters that cannot be sent in a header".into(),
+                })?,
+        ),
+        None => None,
+    };
+    let endpoint = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| WorkerError::Url {
+            url: config.coordinator.clone(),
+            message: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5));
+    // Lazy: the coordinator may not be up yet; calls retry until it is.
+    let client: Client =
+        WorkerServiceClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer));
+    let stop = Arc::new(AtomicBool::new(false));
+    let abort = Arc::new(AbortState::default());
+    {
+        let (stop, abort) = (stop.clone(), abort.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.store(true, Ordering::Release);
+            let world = abort.world();
+            abort.abort(&world, "worker shutting down");
+        });
+    }
+    let mut trainer = Some(trainer);
+    while !stop.load(Ordering::Acquire) {
+        let session =
+            Session::register(&config, client.clone(), abort.clone(), stop.clone()).await?;
+        let Some(session) = session else { break };
+        match session.serve(&mut trainer).await? {
+            SessionEnd::Stopped => break,
+            SessionEnd::Forgotten => {
+                tracing::warn!("the coordinator no longer knows this worker; registering again");
+            }
+        }
+    }
+    Ok(())
+}
+
+enum SessionEnd {
+    Stopped,
+    /// The coordinator declared this worker dead or lost it: register again.
+    Forgotten,
+}
+
+/// One registration of this worker with the coordinator.
+struct Session<'a> {
+    config: &'a WorkerConfig,
+    client: Client,
+    worker_id: String,
+    abort: Arc<AbortState>,
+    stop: Arc<AtomicBool>,
+    forgotten: Arc<AtomicBool>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+impl<'a> Session<'a> {
+    async fn register(
+        config: &'a WorkerConfig,
+        mut client: Client,
+        abort: Arc<AbortState>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Option<Session<'a>>, WorkerError> {
+        let request = RegisterRequest {
+            hostname: config.hostname.clone(),
+            device: config.device.clone(),
+            pid: std::process::id(),
+        };
+        let mut waited = false;
+        let reply = loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            match client.register(request.clone()).await {
+                Ok(reply) => break reply.into_inner(),
+                Err(s) if transient(&s) => {
+                    if !waited {
+                        tracing::info!(coordinator = %config.coordinator, "waiting for the coordinator");
+                        waited = true;
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(s) => return Err(WorkerError::Refused(s.message().to_string())),
+            }
+        };
+        let worker_id = reply.worker_id;
+        tracing::info!(worker = %worker_id, "registered");
+        let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(10));
+        let forgotten = Arc::new(AtomicBool::new(false));
+        let heartbeat = tokio::spawn(heartbeat(
+            client.clone(),
+            worker_id.clone(),
+            interval,
+            abort.clone(),
+            forgotten.clone(),
+        ));
+        Ok(Some(Session {
+            config,
+            client,
+            worker_id,
+            abort,
+            stop,
+            forgotten,
+            heartbeat,
+        }))
+    }
+
+    fn ended(&self) -> Option<SessionEnd> {
+        if self.stop.load(Ordering::Acquire) {
+            Some(SessionEnd::Stopped)
+        } else if self.forgotten.load(Ordering::Acquire) {
+            Some(SessionEnd::Forgotten)
+        } else {
+            None
+        }
+    }
+
+    async fn serve(
+        self,
+        trainer: &mut Option<Box<dyn Trainer>>,
+    ) -> Result<SessionEnd, WorkerError> {
+        let mut known = String::new();
+        let mut world: Option<(String, Box<dyn Collective>)> = None;
+        let mut trained_any = false;
+        loop {
+            if let Some(end) = self.ended() {
+                return Ok(end);
+            }
+            let assignment = match self.next_assignment(&known).await {
+                Ok(Some(a)) => a,
+                Ok(None) => {
+                    if world.is_some() && self.abort.reason().is_some() {
+                        // The world ended between phases (run completed,
+                        // cancelled, or a peer died): let its collective go.
+                        world = None;
+                        self.abort.leave();
+                        known.clear();
+                    }
+                    if self.config.exit_when_idle && trained_any && world.is_none() {
+                        return Ok(SessionEnd::Stopped);
+                    }
+                    continue;
+                }
+                Err(end) => return Ok(end),
+            };
+            known = assignment.assignment_id.clone();
+            if world
+                .as_ref()
+                .is_none_or(|(id, _)| *id != assignment.world_id)
+            {
+                world = None;
+                self.abort.enter(&assignment.world_id);
+                match self.join_world(&assignment).await {
+                    Ok(collective) => world = Some((assignment.world_id.clone(), collective)),
+                    Err(e) => {
+                        self.fail(
+                            &assignment.world_id,
+                            &format!("joining world {}: {e}", assignment.world_id),
+                        )
+                        .await;
+                        self.abort.leave();
+                        continue;
+                    }
+                }
+            }
+            let Some((world_id, collective)) = world.take() else {
+                continue;
+            };
+            let Some(owned) = trainer.take() else {
+                return Err(WorkerError::TrainerPanicked("the trainer was lost".into()));
+            };
+            tracing::info!(run = %assignment.run_id, world = %world_id, rank = assignment.rank, phase = assignment.phase_index, first = assignment.first_step, last = assignment.last_step, "training");
+            trained_any = true;
+            let (outcome, owned, collective) =
+                self.train(owned, collective, assignment.clone()).await?;
+            *trainer = Some(owned);
+            match outcome {
+                Ok(PhaseEnd::Finished) => {
+                    world = Some((world_id, collective));
+                }
+                Ok(PhaseEnd::Aborted(reason)) | Err(TrainError::Aborted(reason)) => {
+                    tracing::warn!(world = %world_id, %reason, "world ended");
+                    self.abort.leave();
+                }
+                Err(e) => {
+                    tracing::error!(world = %world_id, error = %e, "training failed");
+                    // The coordinator ends the world and tells the peers.
+                    self.fail(&world_id, &e.to_string()).await;
+                    self.abort.leave();
+                }
+            }
+            if world.is_none() {
+                known.clear();
+            }
+        }
+    }
+
+    async fn next_assignment(&self, known: &str) -> Result<Option<Assignment>, SessionEnd> {
+        let mut client = self.client.clone();
+        let request = GetAssignmentRequest {
+            worker_id: self.worker_id.clone(),
+            known_assignment_id: known.to_string(),
+            wait_ms: 10_000,
+        };
+        match client.get_assignment(request).await {
+            Ok(reply) => Ok(reply.into_inner().assignment),
+            Err(s) if s.code() == Code::NotFound => Err(SessionEnd::Forgotten),
+            Err(s) => {
+                if transient(&s) {
+                    tracing::debug!(error = %s.message(), "coordinator unreachable; retrying");
+                } else {
+                    tracing::warn!(error = %s.message(), "assignment request failed; retrying");
+                }
+                tokio::time::sleep(RETRY).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Builds the world's collective: rank 0 listens and publishes its
+    /// token, the others fetch it and connect.
+    async fn join_world(&self, a: &Assignment) -> Result<Box<dyn Collective>, String> {
+        let (rank, size) = (a.rank as usize, a.world_size as usize);
+        if size == 1 {
+            return Ok(Box::new(SingleProcess::new()));
+        }
+        let ring = self.config.ring.clone();
+        if rank == 0 {
+            let host = CpuRingEngine::host(size, ring).map_err(|e| e.to_string())?;
+            self.abort.set_handle(host.abort_handle());
+            self.rendezvous(&a.world_id, host.token().to_vec()).await?;
+            let engine = tokio::task::spawn_blocking(move || host.accept())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            self.abort.set_handle(engine.abort_handle());
+            return Ok(Box::new(engine));
+        }
+        let token = self.rendezvous(&a.world_id, Vec::new()).await?;
+        let peer = CpuRingEngine::peer(rank, size, ring).map_err(|e| e.to_string())?;
+        self.abort.set_handle(peer.abort_handle());
+        let engine = tokio::task::spawn_blocking(move || peer.join(&token))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.abort.set_handle(engine.abort_handle());
+        Ok(Box::new(engine))
+    }
+
+    /// Publishes (non-empty `publish`) or waits for the world's token.
+    async fn rendezvous(&self, world_id: &str, publish: Vec<u8>) -> Result<Vec<u8>, String> {
+        let mut client = self.client.clone();
+        loop {
+            if let Some(reason) = self.abort.reason() {
+                return Err(reason);
+            }
+            let request = RendezvousRequest {
+                worker_id: self.worker_id.clone(),
+                world_id: world_id.to_string(),
+                publish: publish.clone(),
+                wait_ms: 2_000,
+            };
+            match client.rendezvous(request).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    if reply.ready {
+                        return Ok(reply.token);
+                    }
+                }
+                Err(s) if transient(&s) => tokio::time::sleep(RETRY).await,
+                Err(s) => return Err(s.message().to_string()),
+            }
+        }
+    }
+
+    /// Runs the trainer on a blocking thread while relaying its reports.
+    async fn train(
+        &self,
+        mut trainer: Box<dyn Trainer>,
+        mut collective: Box<dyn Collective>,
+        assignment: Assignment,
+    ) -> Result<
+        (
+            Result<PhaseEnd, TrainError>,
+            Box<dyn Trainer>,
+            Box<dyn Collective>,
+        ),
+        WorkerError,
+    > {
+        let (messages, mut inbox) = mpsc::unbounded_channel();
+        let link = Link {
+            messages,
+            abort: self.abort.clone(),
+        };
+        let job = assignment.clone();
+        let mut thread = tokio::task::spawn_blocking(move || {
+            let outcome = trainer.train(&job, collective.as_mut(), &link);
+            (outcome, trainer, collective)
+        });
+        loop {
+            tokio::select! {
+                finished = &mut thread => {
+                    // Relay what the trainer sent just before it returned.
+                    while let Ok(message) = inbox.try_recv() {
+                        self.relay(&assignment, message).await;
+                    }
+                    return finished.map_err(|e| WorkerError::TrainerPanicked(e.to_string()));
+                }
+                Some(message) = inbox.recv() => self.relay(&assignment, message).await,
+            }
+        }
+    }
+
+    async fn relay(&self, a: &Assignment, message: LinkMessage) {
+        let mut client = self.client.clone();
+        match message {
+            LinkMessage::Progress(p) => {
+                let request = ReportProgressRequest {
+                    worker_id: self.worker_id.clone(),
+                    world_id: a.world_id.clone(),
+                    phase_index: a.phase_index,
+                    step: p.step,
+                    tokens: p.tokens,
+                    loss: p.loss,
+                    tokens_per_sec: p.tokens_per_sec,
+                    lr: p.lr,
+                    grad_norm: p.grad_norm,
+                    mfu: p.mfu,
+                };
+                // Progress is best effort: a coordinator that is restarting
+                // misses a point of the curve, not a checkpoint.
+                match client.report_progress(request).await {
+                    Ok(ack) => {
+                        let ack = ack.into_inner();
+                        if ack.action == WorkerAction::Abort as i32 {
+                            self.abort.abort(&a.world_id, &ack.reason);
+                        }
+                    }
+                    Err(s) => tracing::debug!(error = %s.message(), "progress report lost"),
+                }
+            }
+            LinkMessage::Checkpoint(checkpoint, done) => {
+                let result = self.report_checkpoint(a, checkpoint).await;
+                let _ = done.send(result);
+            }
+        }
+    }
+
+    async fn report_checkpoint(
+        &self,
+        a: &Assignment,
+        checkpoint: Checkpoint,
+    ) -> Result<(), TrainError> {
+        let mut client = self.client.clone();
+        loop {
+            let request = ReportCheckpointRequest {
+                worker_id: self.worker_id.clone(),
+                world_id: a.world_id.clone(),
+                checkpoint: Some(checkpoint.clone()),
+            };
+            match client.report_checkpoint(request).await {
+                Ok(ack) => {
+                    let ack = ack.into_inner();
+                    if ack.action == WorkerAction::Abort as i32 {
+                        self.abort.abort(&a.world_id, &ack.reason);
+                        return Err(TrainError::Aborted(ack.reason));
+                    }
+                    return Ok(());
+                }
+                Err(s) if transient(&s) => {
+                    if let Some(reason) = self.abort.reason() {
+                        return Err(TrainError::Aborted(reason));
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(s) => {
+                    return Err(TrainError::Failed(format!(
+                        "checkpoint report refused: {}",
+                        s.message()
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn fail(&self, world_id: &str, message: &str) {
+        let mut client = self.client.clone();
+        let request = ReportFailureRequest {
+            worker_id: self.worker_id.clone(),
+            world_id: world_id.to_string(),
+            message: message.to_string(),
+        };
+        if let Err(s) = client.report_failure(request).await {
+            tracing::warn!(error = %s.message(), "could not report the failure; the lease will end the world");
+        }
+    }
+}
+
+/// Renews the lease; an ABORT for the live world interrupts training.
+async fn heartbeat(
+    mut client: Client,
+    worker_id: String,
+    interval: Duration,
+    abort: Arc<AbortState>,
+    forgotten: Arc<AtomicBool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let world_id = abort.world();
+        let request = HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            world_id: world_id.clone(),
+        };
+        match client.heartbeat(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                if reply.action == WorkerAction::Abort as i32 {
+                    abort.abort(&world_id, &reply.reason);
+                }
+            }
+            Err(s) if s.code() == Code::NotFound => {
+                tracing::warn!(reason = %s.message(), "lease lost");
+                abort.abort(&world_id, s.message());
+                forgotten.store(true, Ordering::Release);
+                return;
+            }
+            Err(s) => tracing::debug!(error = %s.message(), "heartbeat failed"),
+        }
+    }
+}
