@@ -24,3 +24,10 @@ pub mod objectives;
 pub type CpuBackend = burn::backend::NdArray<f32>;
 /// [`CpuBackend`] with autodiff, for training on CPU.
 pub type CpuAutodiff = burn::backend::Autodiff<CpuBackend>;
+
+/// Burn's CUDA backend (feature `cuda`).
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda<f32>;
+/// [`CudaBackend`] with autodiff, for training on a GPU.
+#[cfg(feature = "cuda")]
+pub type CudaAutodiff = burn::backend::Autodiff<CudaBackend>;

@@ -7,6 +7,22 @@
 //!   rotary tables (host side).
 //! - [`modernbert`]: the modules (attention, GeGLU MLP, layers, head) and
 //!   [`ModernBert`] itself.
+//!
+//! # Decisions
+//! - **Packed rows.** No token attends across a document boundary
+//!   (block-diagonal mask combined with the causal / sliding mask) and
+//!   RoPE positions restart at 0 in every document, as ModernBERT's
+//!   unpadded varlen training does; a packed row computes exactly what its
+//!   documents compute alone (tested against transformers).
+//! - **Decoder window.** A causal local layer sees `i - w ..= i` with
+//!   `w = local_attention / 2` (65 keys for Ettin's 128), which is what
+//!   Ettin's FlashAttention training did; transformers' decoder sees one
+//!   key fewer (see [`crate::hf`]).
+//! - **Masks** are additive f32 tensors `[batch, 1, seq, seq]` built on the
+//!   host once per forward (memory grows with seq²: fine at 1K, heavy at
+//!   8K; a fused varlen kernel is the long-context answer).
+//! - **Sparse prediction.** Objectives run the head only at the positions
+//!   that predict (see [`crate::objectives`]).
 
 pub mod config;
 pub mod modernbert;

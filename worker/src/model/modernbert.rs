@@ -381,10 +381,12 @@ pub struct ModernBert<B: Backend> {
 }
 
 impl<B: Backend> ModernBert<B> {
-    /// A freshly initialised model: truncated normal at ±2σ with
-    /// σ = `initializer_range` for embeddings and in-projections and
-    /// σ/√(2·layers) for out-projections (attention `Wo`, MLP `Wo`, head
-    /// dense, as transformers does); norms 1, output bias 0. `seed` fixes
+    /// A freshly initialised model, as Ettin's training code
+    /// (`full_megatron`) does it: truncated normal at ±2σ with
+    /// σ = `initializer_range` for embeddings and in-projections (`Wqkv`,
+    /// `Wi`, head dense) and σ/√(2·layers) for out-projections (attention
+    /// `Wo`, MLP `Wo`); norms 1, output bias 0. (transformers' `_init_weights`
+    /// differs only in using the out σ for the head dense.) `seed` fixes
     /// every value, whatever the backend.
     pub fn new(config: &ModelConfig, flavour: Flavour, seed: u64, device: &B::Device) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -415,7 +417,7 @@ impl<B: Backend> ModernBert<B> {
                 },
             })
             .collect();
-        let head_dense = linear(&mut rng, h, h, std_out, device);
+        let head_dense = linear(&mut rng, h, h, std_in, device);
         Self {
             tok_embeddings,
             emb_norm: layer_norm(config, device),
