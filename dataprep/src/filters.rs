@@ -2,6 +2,7 @@
 //! dedup key.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use unicode_normalization::UnicodeNormalization;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
@@ -29,6 +30,26 @@ pub fn dedup_key(text: &str) -> u128 {
     }
     xxh3_128(canon.as_bytes())
 }
+
+/// Hasher for keys that are already hashes (n-gram keys): passes them on.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
 
 /// Why a document was dropped by a filter; the string is the counter name in
 /// reports and the manifest.
@@ -137,7 +158,7 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
         if words.len() < n {
             continue;
         }
-        let mut counts: HashMap<u64, (usize, usize)> = HashMap::new();
+        let mut counts: KeyMap<(usize, usize)> = KeyMap::default();
         for i in 0..=words.len() - n {
             let e = counts.entry(ngram_key(i, n)).or_insert((0, i));
             e.0 += 1;
@@ -158,7 +179,7 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
         if words.len() < n {
             continue;
         }
-        let mut seen: HashMap<u64, usize> = HashMap::new();
+        let mut seen: KeyMap<usize> = KeyMap::default();
         let mut covered = vec![false; words.len()];
         for i in 0..=words.len() - n {
             let k = ngram_key(i, n);

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 
 use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::config::{Format, OnError, SourceConfig};
@@ -102,46 +103,49 @@ pub fn read_input(loc: &Location, rel: &str, src: &SourceConfig, on_error: OnErr
 }
 
 fn read_lines<R: Read>(r: R, name: &str, rel: &str, src: &SourceConfig, on_error: OnError, out: &mut ReadOutput) -> Result<()> {
+    // Decompress sequentially, then parse the lines in parallel (in order).
     let mut reader = BufReader::with_capacity(1 << 16, r);
-    let mut buf = Vec::new();
+    let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut line_no = 0u64;
+    let mut broken = None;
     loop {
-        buf.clear();
+        let mut buf = Vec::new();
         match reader.read_until(b'\n', &mut buf) {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
-                let msg = format!("truncated or corrupt stream after line {line_no}: {e}");
-                return out.unreadable(src, on_error, name, msg);
+                broken = Some(format!("truncated or corrupt stream after line {line_no}: {e}"));
+                break;
             }
         }
         line_no += 1;
-        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        lines.push((line_no, buf));
+    }
+    let parsed: Vec<std::result::Result<RawDoc, (&'static str, String)>> = lines
+        .par_iter()
+        .map(|(no, buf)| {
+            let line = buf.strip_suffix(b"\n").unwrap_or(buf);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let text = std::str::from_utf8(line).map_err(|e| ("invalid_utf8", e.to_string()))?;
+            let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ("malformed_json", e.to_string()))?;
+            let (text, id) = extract(&value, src).map_err(|f| ("missing_text", format!("no text at field {f:?}")))?;
+            Ok(RawDoc { id: id.unwrap_or_else(|| format!("{rel}:{no}")), text })
+        })
+        .collect();
+    for ((no, _), p) in lines.iter().zip(parsed) {
         out.records += 1;
-        let text = match std::str::from_utf8(line) {
-            Ok(t) => t,
-            Err(e) => {
-                out.reject(name, Some(line_no), "invalid_utf8", e.to_string());
-                continue;
-            }
-        };
-        let value: serde_json::Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                out.reject(name, Some(line_no), "malformed_json", e.to_string());
-                continue;
-            }
-        };
-        match extract(&value, src) {
-            Ok((text, id)) => out.docs.push(RawDoc { id: id.unwrap_or_else(|| format!("{rel}:{line_no}")), text }),
-            Err(field) => out.reject(name, Some(line_no), "missing_text", format!("no text at field {field:?}")),
+        match p {
+            Ok(d) => out.docs.push(d),
+            Err((reason, message)) => out.reject(name, Some(*no), reason, message),
         }
     }
-    Ok(())
+    match broken {
+        Some(msg) => out.unreadable(src, on_error, name, msg),
+        None => Ok(()),
+    }
 }
 
 fn lookup<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
