@@ -1,5 +1,5 @@
 //! Build a dataset without the CLI and print the report as JSON:
-//!     cargo run -p twinhead-dataprep --example build_dataset -- configs/data/sample.toml ./twinhead-data/sample 2
+//!     cargo run -p twinhead-dataprep --example build_dataset -- configs/data/sample.toml file://./twinhead-data 2
 //! Then `verify` and `stats` run on the result.
 
 use std::path::Path;
@@ -29,7 +29,7 @@ impl ProgressSink for Stages {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let config = args.get(1).map_or("configs/data/sample.toml", String::as_str);
-    let out = args.get(2).map_or("twinhead-data/sample", String::as_str);
+    let out = args.get(2).map_or("file://./twinhead-data", String::as_str);
     let threads: usize = args.get(3).map_or(Ok(2), |t| t.parse())?;
     let report = twinhead_dataprep::build(Path::new(config), out, threads, &Stages(Mutex::new(None)))?;
     let mut summary = serde_json::to_value(&report)?;
@@ -49,9 +49,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    let v = twinhead_dataprep::verify(out)?;
+    let v = twinhead_dataprep::verify(&report.url)?;
     eprintln!("verify: ok={} files={} problems={:?}", v.ok, v.files_checked, v.problems);
-    let s = twinhead_dataprep::stats(out)?;
+    let s = twinhead_dataprep::stats(&report.url)?;
     eprintln!("{}", serde_json::to_string(&s.phases)?);
     Ok(())
 }

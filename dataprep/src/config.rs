@@ -336,7 +336,7 @@ fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<Data
         return Err(bad("output.rows_per_shard", "must be > 0".into()));
     }
     let rows_per_row_group = raw.output.rows_per_row_group.unwrap_or(rows_per_shard);
-    if rows_per_row_group == 0 || rows_per_shard % rows_per_row_group != 0 {
+    if rows_per_row_group == 0 || !rows_per_shard.is_multiple_of(rows_per_row_group) {
         return Err(bad(
             "output.rows_per_row_group",
             format!("{rows_per_row_group} must be > 0 and divide rows_per_shard ({rows_per_shard})"),

@@ -70,7 +70,8 @@ impl ProgressSink for NoProgress {}
 /// What [`build`] did.
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildReport {
-    /// Output location.
+    /// The dataset's location, `<out_url>/<name>`: give it to [`verify`],
+    /// [`stats`] and run specs (its `manifest.json`).
     pub url: String,
     /// The location already held this dataset; nothing was done.
     pub up_to_date: bool,
@@ -112,8 +113,9 @@ fn json<T: Serialize>(out: &Location, rel: &str, v: &T) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-/// Build the dataset described by `config_path` into `out_url` with
-/// `threads` worker threads. A location that already holds this dataset
+/// Build the dataset described by `config_path` into `<out_url>/<name>`
+/// (`name` from the config, default the file stem) with `threads` worker
+/// threads. A location that already holds this dataset
 /// (same config sha256) is left as it is; an interrupted build resumes,
 /// skipping every file whose completion marker matches this config.
 pub fn build(config_path: &Path, out_url: &str, threads: usize, progress: &dyn ProgressSink) -> Result<BuildReport> {
@@ -124,13 +126,14 @@ pub fn build(config_path: &Path, out_url: &str, threads: usize, progress: &dyn P
 /// [`build`] from an already loaded config.
 pub fn build_config(cfg: &DatasetConfig, out_url: &str, threads: usize, progress: &dyn ProgressSink) -> Result<BuildReport> {
     let t0 = Instant::now();
-    let out = Location::open(out_url, true)?;
+    let dataset_url = format!("{}/{}", out_url.trim_end_matches('/'), cfg.name);
+    let out = Location::open(out_url, true)?.child(&cfg.name);
     if let Some(m) = read_manifest(&out)? {
         if m.config_sha256 != cfg.sha256 {
-            return Err(Error::OtherDataset { location: out_url.to_string(), existing: m.config_sha256, this: cfg.sha256.clone() });
+            return Err(Error::OtherDataset { location: dataset_url, existing: m.config_sha256, this: cfg.sha256.clone() });
         }
         return Ok(BuildReport {
-            url: out_url.to_string(),
+            url: dataset_url,
             up_to_date: true,
             files_written: 0,
             files_skipped: 0,
@@ -145,7 +148,7 @@ pub fn build_config(cfg: &DatasetConfig, out_url: &str, threads: usize, progress
     let seconds = t0.elapsed().as_secs_f64();
     let read: u64 = manifest.sources.iter().map(|s| s.read).sum();
     Ok(BuildReport {
-        url: out_url.to_string(),
+        url: dataset_url,
         up_to_date: false,
         files_written: written.written,
         files_skipped: written.skipped,
@@ -330,7 +333,8 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
 }
 
-/// Re-hash every file the manifest lists (tokenizer, parts, shards) and
+/// Re-hash every file the manifest of the dataset at `url` (the folder
+/// holding `manifest.json`, i.e. [`BuildReport::url`]) lists (tokenizer, parts, shards) and
 /// check shard row counts.
 pub fn verify(url: &str) -> Result<VerifyReport> {
     let out = Location::open(url, false)?;
@@ -424,7 +428,7 @@ pub struct Stats {
     pub phases: Vec<PhaseLine>,
 }
 
-/// Summarize a dataset from its manifest, reading shards for per-row counts.
+/// Summarize the dataset at `url` (the folder holding `manifest.json`) from its manifest, reading shards for per-row counts.
 pub fn stats(url: &str) -> Result<Stats> {
     let out = Location::open(url, false)?;
     let m = read_manifest(&out)?.ok_or_else(|| Error::Corrupt { location: out.name(manifest::MANIFEST), message: "no manifest: not a complete dataset".into() })?;

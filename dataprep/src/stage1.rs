@@ -145,13 +145,20 @@ fn merge_read(c: &mut Counters, r: ReadOutput) {
     }
 }
 
-struct PartScan {
-    docs: Vec<CleanDoc>,
-    read: ReadOutput,
-    dropped: BTreeMap<String, u64>,
+/// What scanning one part produced (before the source-wide dedup).
+#[derive(Debug, Default)]
+pub struct PartScan {
+    /// Documents that passed the filters, in input order.
+    pub docs: Vec<CleanDoc>,
+    /// Reading counters and issues (its `docs` are moved into `docs`).
+    pub read: ReadOutput,
+    /// Drops by filter.
+    pub dropped: BTreeMap<String, u64>,
 }
 
-fn scan_part(loc: &Location, part: &PartPlan, src: &SourceConfig, on_error: OnError) -> Result<PartScan> {
+/// Scan one part: read its inputs, normalize, filter. An independent task:
+/// a remote worker can run it and send back the [`PartScan`].
+pub fn scan_part(loc: &Location, part: &PartPlan, src: &SourceConfig, on_error: OnError) -> Result<PartScan> {
     let mut read = ReadOutput::default();
     for f in &part.files {
         read::read_input(loc, f, src, on_error, &mut read)?;
@@ -195,11 +202,19 @@ pub fn scan(src: &SourceConfig, on_error: OnError, progress: &dyn ProgressSink) 
         })
         .collect();
     progress.finish(&format!("scan {}", src.name));
+    let scans: Vec<PartScan> = scans.into_iter().collect::<Result<_>>()?;
+    Ok(merge(src, loc, parts, scans, counters))
+}
+
+/// Merge part scans in part order: exact dedup across the whole source (the
+/// first occurrence in input order wins) and the `max_docs` / `max_chars`
+/// caps. Sequential and cheap; it makes the result independent of how the
+/// parts were scheduled.
+pub fn merge(src: &SourceConfig, loc: Location, parts: Vec<PartPlan>, scans: Vec<PartScan>, mut counters: Counters) -> Scanned {
     let mut seen: HashSet<u128> = HashSet::new();
     let (mut kept_docs, mut kept_chars) = (0u64, 0u64);
     let mut out_parts = Vec::with_capacity(parts.len());
     for (plan, scan) in parts.into_iter().zip(scans) {
-        let scan = scan?;
         merge_read(&mut counters, scan.read);
         for (k, v) in scan.dropped {
             *counters.dropped.entry(k).or_insert(0) += v;
@@ -222,7 +237,7 @@ pub fn scan(src: &SourceConfig, on_error: OnError, progress: &dyn ProgressSink) 
         }
         out_parts.push((plan, kept));
     }
-    Ok(Scanned { parts: out_parts, loc: Some(loc), stats: counters })
+    Scanned { parts: out_parts, loc: Some(loc), stats: counters }
 }
 
 /// sha256 hex of bytes.

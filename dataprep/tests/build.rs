@@ -22,9 +22,9 @@ fn one_and_two_threads_give_identical_bytes() {
     for (k, v) in &ta {
         assert!(tb[k] == *v, "{k} differs between 1 and 2 threads");
     }
-    assert!(ta.contains_key("manifest.json"));
-    assert!(ta.contains_key("tokenizer.json"));
-    assert!(ta.keys().any(|k| k.starts_with("phases/short/shard-")));
+    assert!(ta.contains_key("fixture/manifest.json"));
+    assert!(ta.contains_key("fixture/tokenizer.json"));
+    assert!(ta.keys().any(|k| k.starts_with("fixture/phases/short/shard-")));
 
     let m = &ra.manifest;
     assert_eq!(m.tokenizer.cls_id, 1);
@@ -45,9 +45,10 @@ fn one_and_two_threads_give_identical_bytes() {
         assert_eq!(s.read, s.kept + out, "{}", s.name);
     }
 
-    let v = verify(a.to_str().unwrap()).unwrap();
+    assert_eq!(ra.url, format!("{}/fixture", a.display()));
+    let v = verify(&ra.url).unwrap();
     assert!(v.ok, "{:?}", v.problems);
-    let s = stats(a.to_str().unwrap()).unwrap();
+    let s = stats(&ra.url).unwrap();
     assert_eq!(s.phases.len(), 2);
     assert!(s.phases[0].mean_docs_per_row >= 1.0);
 }
@@ -58,13 +59,14 @@ fn weights_budget_and_packing() {
     let cfg = common::fixture_config(dir.path(), "");
     let out = dir.path().join("out");
     let r = build(&cfg, out.to_str().unwrap(), 2, &NoProgress).unwrap();
+    let ds = out.join("fixture");
     let m = &r.manifest;
 
     // Stage-1 documents by source, for the containment check.
     let mut docs: HashMap<u16, Vec<Vec<u32>>> = HashMap::new();
     for s in &m.sources {
         for p in &s.parts {
-            let bytes = std::fs::read(out.join(&p.path)).unwrap();
+            let bytes = std::fs::read(ds.join(&p.path)).unwrap();
             let d = formats::read_docs(&p.path, bytes).unwrap();
             assert!(d.iter().all(|d| d.ids.first() == Some(&1) && d.ids.last() == Some(&2)));
             docs.entry(s.index).or_default().extend(d.into_iter().map(|d| d.ids));
@@ -82,7 +84,7 @@ fn weights_budget_and_packing() {
         }
         let mut rows = 0u64;
         for sh in &p.shards {
-            let bytes = std::fs::read(out.join(&sh.path)).unwrap();
+            let bytes = std::fs::read(ds.join(&sh.path)).unwrap();
             let groups = formats::row_groups(&sh.path, bytes.clone()).unwrap();
             assert!(groups.iter().all(|g| *g <= 16));
             let shard_rows = formats::read_rows(&sh.path, bytes).unwrap();
@@ -148,6 +150,7 @@ fn interrupted_build_resumes_without_redoing_finished_files() {
 
     let out = dir.path().join("out");
     build(&cfg, out.to_str().unwrap(), 2, &NoProgress).unwrap();
+    let ds = out.join("fixture");
     // Simulate a crash: the manifest was never written, one stage-1 part of
     // `web` (and the source's completion record) and one shard are missing.
     for rel in [
@@ -158,10 +161,10 @@ fn interrupted_build_resumes_without_redoing_finished_files() {
         "phases/short/shard-00002.parquet",
         "phases/short/shard-00002.done.json",
     ] {
-        std::fs::remove_file(out.join(rel)).unwrap();
+        std::fs::remove_file(ds.join(rel)).unwrap();
     }
     // Files left with a marker are not rewritten: make one recognisable.
-    let kept = out.join("phases/long/shard-00000.parquet");
+    let kept = ds.join("phases/long/shard-00000.parquet");
     let mtime = std::fs::metadata(&kept).unwrap().modified().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
 
@@ -180,13 +183,14 @@ fn verify_reports_tampered_and_missing_shards() {
     let cfg = common::fixture_config(dir.path(), "");
     let out = dir.path().join("out");
     build(&cfg, out.to_str().unwrap(), 2, &NoProgress).unwrap();
-    let shard = out.join("phases/short/shard-00000.parquet");
+    let ds = out.join("fixture");
+    let shard = ds.join("phases/short/shard-00000.parquet");
     let mut bytes = std::fs::read(&shard).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&shard, bytes).unwrap();
-    std::fs::remove_file(out.join("phases/long/shard-00000.parquet")).unwrap();
-    let v = verify(out.to_str().unwrap()).unwrap();
+    std::fs::remove_file(ds.join("phases/long/shard-00000.parquet")).unwrap();
+    let v = verify(ds.to_str().unwrap()).unwrap();
     assert!(!v.ok);
     let kinds: Vec<(&str, &str)> = v.problems.iter().map(|p| (p.path.as_str(), p.kind.as_str())).collect();
     assert!(kinds.contains(&("phases/short/shard-00000.parquet", "sha256_mismatch")), "{kinds:?}");
