@@ -196,3 +196,29 @@ fn verify_reports_tampered_and_missing_shards() {
     assert!(kinds.contains(&("phases/short/shard-00000.parquet", "sha256_mismatch")), "{kinds:?}");
     assert!(kinds.contains(&("phases/long/shard-00000.parquet", "missing")), "{kinds:?}");
 }
+
+#[test]
+fn tokenizer_by_path_gives_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::fixture_config(dir.path(), "");
+    let trained = build(&cfg, dir.path().join("a").to_str().unwrap(), 2, &NoProgress).unwrap();
+    let tok_path = dir.path().join("a/fixture/tokenizer.json");
+
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "train = { vocab_size = 512, min_frequency = 2 }",
+        &format!("path = {:?}", tok_path.to_str().unwrap()),
+    );
+    let cfg_b = dir.path().join("by-path.toml");
+    std::fs::write(&cfg_b, text).unwrap();
+    let loaded = build(&cfg_b, dir.path().join("b").to_str().unwrap(), 2, &NoProgress).unwrap();
+    let (a, b) = (&trained.manifest, &loaded.manifest);
+    assert!(!b.tokenizer.trained);
+    assert_eq!(a.tokenizer.sha256, b.tokenizer.sha256);
+    assert_eq!((b.tokenizer.cls_id, b.tokenizer.sep_id), (1, 2));
+    for (x, y) in a.sources.iter().zip(&b.sources) {
+        assert_eq!(x.tokens, y.tokens);
+        assert_eq!(x.parts, y.parts, "same tokenizer, same stage-1 bytes");
+    }
+    // The tokenizer travels with the dataset.
+    assert_eq!(std::fs::read(dir.path().join("b/fixture/tokenizer.json")).unwrap(), std::fs::read(&tok_path).unwrap());
+}
