@@ -222,3 +222,38 @@ fn tokenizer_by_path_gives_the_same_tokens() {
     // The tokenizer travels with the dataset.
     assert_eq!(std::fs::read(dir.path().join("b/fixture/tokenizer.json")).unwrap(), std::fs::read(&tok_path).unwrap());
 }
+
+#[test]
+fn failing_input_stops_the_build_without_a_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl.gz");
+    std::fs::write(&bad, b"\x1f\x8b\x08\x00not really gzip").unwrap();
+    let extra = format!(
+        "\n[[sources]]\nname = \"broken\"\ninput = {:?}\nformat = \"jsonl.gz\"\n",
+        bad.to_str().unwrap()
+    );
+    let cfg = common::fixture_config(dir.path(), &extra);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("on_error = \"skip\"", "on_error = \"fail\"");
+    std::fs::write(&cfg, text).unwrap();
+    let out = dir.path().join("out");
+    let e = build(&cfg, out.to_str().unwrap(), 2, &NoProgress).unwrap_err();
+    assert!(matches!(e, Error::Input { .. }), "{e}");
+    assert!(e.to_string().contains("bad.jsonl.gz"), "{e}");
+    assert!(!out.join("fixture/manifest.json").exists());
+}
+
+/// The real sample (needs `dataprep/fetch-sample.sh` first):
+/// `cargo test -p twinhead-dataprep -- --ignored`.
+#[test]
+#[ignore = "needs the corpora fetched by dataprep/fetch-sample.sh"]
+fn sample_builds_and_verifies() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let r = build(&root.join("configs/data/sample.toml"), dir.path().to_str().unwrap(), 2, &NoProgress).unwrap();
+    let m = &r.manifest;
+    assert_eq!(m.sources.len(), 5);
+    assert_eq!(m.tokenizer.vocab_size, 4096);
+    assert!(m.sources.iter().all(|s| s.tokens > 100_000), "every source contributes");
+    assert_eq!(m.phases.iter().map(|p| p.seq_len).collect::<Vec<_>>(), [128, 512, 512]);
+    assert!(verify(&r.url).unwrap().ok);
+}
