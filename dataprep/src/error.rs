@@ -65,6 +65,9 @@ pub enum Error {
     /// Sampling could not meet a phase's budget.
     #[error("phase {phase:?}: {message}")]
     Phase { phase: String, message: String },
+    /// The progress sink asked to stop; a rerun resumes.
+    #[error("build cancelled; finished files are kept and a rerun resumes")]
+    Cancelled,
     /// The worker thread pool could not be built.
     #[error("thread pool: {0}")]
     ThreadPool(String),

@@ -60,6 +60,11 @@ pub trait ProgressSink: Sync {
     fn inc(&self, _n: u64) {}
     /// The stage ended.
     fn finish(&self, _stage: &str) {}
+    /// Polled before each task (part, shard): `true` stops the build with
+    /// [`Error::Cancelled`]; finished files stay and a rerun resumes.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A sink that ignores everything.

@@ -196,6 +196,9 @@ pub fn scan(src: &SourceConfig, on_error: OnError, progress: &dyn ProgressSink) 
     let scans: Vec<Result<PartScan>> = parts
         .par_iter()
         .map(|p| {
+            if progress.cancelled() {
+                return Err(crate::error::Error::Cancelled);
+            }
             let r = scan_part(&loc, p, src, on_error);
             progress.inc(1);
             r
@@ -302,6 +305,9 @@ pub fn write_parts(
             let path = part_path(&src.name, plan.index);
             let kept = docs.len() as u64;
             let chars: u64 = docs.iter().map(|d| d.text.chars().count() as u64).sum();
+            if progress.cancelled() {
+                return Err(crate::error::Error::Cancelled);
+            }
             if let Some(m) = read_marker(out, &path, config_sha)? {
                 progress.inc(1);
                 return Ok((m, false, kept, chars));

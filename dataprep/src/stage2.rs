@@ -229,6 +229,9 @@ pub fn run_phase(
         .enumerate()
         .map(|(i, chunk)| {
             let path = shard_path(&phase.name, i);
+            if progress.cancelled() {
+                return Err(Error::Cancelled);
+            }
             if let Some(m) = read_marker(out, &path, &cfg.sha256)? {
                 progress.inc(1);
                 return Ok((m.file, false));

@@ -6,7 +6,24 @@ mod common;
 
 use std::collections::HashMap;
 
-use twinhead_dataprep::{build, formats, stats, verify, Error, NoProgress};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use twinhead_dataprep::{build, formats, stats, verify, Error, NoProgress, ProgressSink};
+
+/// Asks to stop once `after` units of work are done.
+struct StopAfter {
+    done: AtomicU64,
+    after: u64,
+}
+
+impl ProgressSink for StopAfter {
+    fn inc(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::SeqCst);
+    }
+    fn cancelled(&self) -> bool {
+        self.done.load(Ordering::SeqCst) >= self.after
+    }
+}
 
 #[test]
 fn one_and_two_threads_give_identical_bytes() {
@@ -256,4 +273,29 @@ fn sample_builds_and_verifies() {
     assert!(m.sources.iter().all(|s| s.tokens > 100_000), "every source contributes");
     assert_eq!(m.phases.iter().map(|p| p.seq_len).collect::<Vec<_>>(), [128, 512, 512]);
     assert!(verify(&r.url).unwrap().ok);
+}
+
+#[test]
+fn cancelled_build_leaves_no_manifest_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::fixture_config(dir.path(), "");
+    let reference = dir.path().join("ref");
+    build(&cfg, reference.to_str().unwrap(), 2, &NoProgress).unwrap();
+    let want = common::tree(&reference);
+
+    let out = dir.path().join("out");
+    // Scans (9 parts), tokenizer (1), tokenize (9 parts), then shards: stop
+    // inside the first phase's shards; the second try skips stage 1 (done)
+    // and stops again after 12 more shards (found or written).
+    for after in [22, 12] {
+        let stop = StopAfter { done: AtomicU64::new(0), after };
+        match build(&cfg, out.to_str().unwrap(), 2, &stop) {
+            Err(Error::Cancelled) => {}
+            r => panic!("expected a cancelled build, got {:?}", r.map(|r| r.files_written)),
+        }
+        assert!(!out.join("fixture/manifest.json").exists());
+    }
+    let resumed = build(&cfg, out.to_str().unwrap(), 1, &NoProgress).unwrap();
+    assert!(resumed.files_skipped > 0, "finished files were reused");
+    assert_eq!(common::tree(&out), want, "a resumed build equals an uninterrupted one");
 }
