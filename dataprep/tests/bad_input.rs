@@ -238,3 +238,29 @@ fn sample_config_parses() {
     assert_eq!(cfg.sources.len(), 5);
     assert_eq!(cfg.phases.len(), 3);
 }
+
+#[test]
+fn dedup_across_files_keeps_the_first_in_input_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.jsonl"),
+        "{\"id\": \"a1\", \"text\": \"The Same  Text\"}\n{\"id\": \"a2\", \"text\": \"only in a\"}\n{\"id\": \"a3\", \"text\": \"the same text\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.jsonl"),
+        "{\"id\": \"b1\", \"text\": \"THE SAME TEXT\\n\"}\n{\"id\": \"b2\", \"text\": \"only in b\"}\n{\"id\": \"b3\", \"text\": \"only in a\"}\n",
+    )
+    .unwrap();
+    let input = format!("{}/*.jsonl", dir.path().display());
+    let cfg = config(dir.path(), &input, "jsonl", "id_field = \"id\"\nmax_docs = 2", "fail");
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let s = pool.install(|| scan(&cfg)).unwrap();
+        let ids: Vec<Vec<String>> = s.parts.iter().map(|(_, d)| d.iter().map(|d| d.id.clone()).collect()).collect();
+        // a1 wins over a3 and b1; b3 repeats a2; max_docs = 2 drops b2.
+        assert_eq!(ids, [vec!["a1".to_string(), "a2".to_string()], vec![]]);
+        assert_eq!(s.stats.dropped.get("duplicate"), Some(&3));
+        assert_eq!(s.stats.dropped.get("over_limit"), Some(&1));
+    }
+}
