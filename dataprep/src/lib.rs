@@ -137,6 +137,16 @@ pub fn build_config(cfg: &DatasetConfig, out_url: &str, threads: usize, progress
         if m.config_sha256 != cfg.sha256 {
             return Err(Error::OtherDataset { location: dataset_url, existing: m.config_sha256, this: cfg.sha256.clone() });
         }
+        if let TokenizerSpec::Path { path, .. } = &cfg.tokenizer
+            && let Ok(bytes) = std::fs::read(path)
+            && stage1::sha256(&bytes) != m.tokenizer.sha256
+        {
+            return Err(Error::Tokenizer(format!(
+                "{dataset_url} was built with another version of {} (sha256 {}); build into another location",
+                path.display(),
+                m.tokenizer.sha256
+            )));
+        }
         return Ok(BuildReport {
             url: dataset_url,
             up_to_date: true,
@@ -256,13 +266,17 @@ fn build_inner(cfg: &DatasetConfig, out: &Location, progress: &dyn ProgressSink)
         out.put(manifest::TOKENIZER, tok_bytes.clone())?;
     }
 
+    // Markers of parts and shards carry this key: a changed config or a
+    // changed tokenizer file never reuses a stale file.
+    let build_key = format!("{}+{}", cfg.sha256, tok_sha);
+
     // Stage 1 writes.
     let mut sources = Vec::with_capacity(cfg.sources.len());
     for (i, src) in cfg.sources.iter().enumerate() {
         let stats = match (done[i].take(), scans[i].take()) {
             (Some(stats), _) => stats,
             (None, Some(scanned)) => {
-                let stats = stage1::write_parts(out, src, i as u16, scanned, &tok, &cfg.sha256, progress, &mut written)?;
+                let stats = stage1::write_parts(out, src, i as u16, scanned, &tok, &build_key, progress, &mut written)?;
                 let rec = SourceDone { config_sha256: cfg.sha256.clone(), tokenizer_sha256: tok_sha.clone(), stats };
                 let path = stage1::source_stats_path(&src.name);
                 out.put(&path, json(out, &path, &rec)?)?;
@@ -287,7 +301,7 @@ fn build_inner(cfg: &DatasetConfig, out: &Location, progress: &dyn ProgressSink)
     let views: Vec<&[Vec<u32>]> = loaded.iter().map(Vec::as_slice).collect();
     let mut phases: Vec<PhaseStats> = Vec::with_capacity(cfg.phases.len());
     for phase in &cfg.phases {
-        let ps = stage2::run_phase(out, cfg, phase, &sources, &views, progress, &mut written)?;
+        let ps = stage2::run_phase(out, cfg, &build_key, phase, &sources, &views, progress, &mut written)?;
         for d in &ps.draws {
             if d.full_epochs > 0 {
                 notes.push(format!(

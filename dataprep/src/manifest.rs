@@ -148,7 +148,7 @@ pub struct Manifest {
 /// Marker written after a file (or a stage) completed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marker {
-    /// Config the file was built from.
+    /// Build key the file was made under: `<config sha256>+<tokenizer sha256>`.
     pub config_sha256: String,
     /// The file.
     pub file: FileEntry,

@@ -154,9 +154,13 @@ pub fn load_source(out: &Location, stats: &SourceStats) -> Result<Vec<Vec<u32>>>
 }
 
 /// Build one phase.
+/// `key` is the build key recorded in shard markers (config and tokenizer
+/// hashes): shards with another key are rewritten.
+#[allow(clippy::too_many_arguments)]
 pub fn run_phase(
     out: &Location,
     cfg: &DatasetConfig,
+    key: &str,
     phase: &PhaseConfig,
     sources: &[SourceStats],
     docs: &[&[Vec<u32>]],
@@ -232,13 +236,13 @@ pub fn run_phase(
             if progress.cancelled() {
                 return Err(Error::Cancelled);
             }
-            if let Some(m) = read_marker(out, &path, &cfg.sha256)? {
+            if let Some(m) = read_marker(out, &path, key)? {
                 progress.inc(1);
                 return Ok((m.file, false));
             }
             let bytes = formats::write_rows(&out.name(&path), chunk, per_group)?;
             let tokens = chunk.len() as u64 * u64::from(phase.seq_len);
-            let m = put_with_marker(out, &path, bytes, chunk.len() as u64, tokens, &cfg.sha256)?;
+            let m = put_with_marker(out, &path, bytes, chunk.len() as u64, tokens, key)?;
             progress.inc(1);
             Ok((m.file, true))
         })

@@ -299,3 +299,33 @@ fn cancelled_build_leaves_no_manifest_and_resumes() {
     assert!(resumed.files_skipped > 0, "finished files were reused");
     assert_eq!(common::tree(&out), want, "a resumed build equals an uninterrupted one");
 }
+
+#[test]
+fn a_changed_tokenizer_file_is_never_mixed_with_old_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::fixture_config(dir.path(), "");
+    build(&cfg, dir.path().join("a").to_str().unwrap(), 2, &NoProgress).unwrap();
+    let tok_path = dir.path().join("tok.json");
+    std::fs::copy(dir.path().join("a/fixture/tokenizer.json"), &tok_path).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "train = { vocab_size = 512, min_frequency = 2 }",
+        &format!("path = {:?}", tok_path.to_str().unwrap()),
+    );
+    let cfg_b = dir.path().join("by-path.toml");
+    std::fs::write(&cfg_b, text).unwrap();
+    let out = dir.path().join("b");
+    let stop = StopAfter { done: AtomicU64::new(0), after: 12 };
+    assert!(matches!(build(&cfg_b, out.to_str().unwrap(), 2, &stop), Err(Error::Cancelled)));
+    // Same config, different tokenizer bytes: nothing from the first try is reused.
+    let mut bytes = std::fs::read(&tok_path).unwrap();
+    bytes.push(b'\n');
+    std::fs::write(&tok_path, &bytes).unwrap();
+    let r = build(&cfg_b, out.to_str().unwrap(), 2, &NoProgress).unwrap();
+    assert_eq!(r.files_skipped, 0);
+    assert!(verify(&r.url).unwrap().ok);
+    // And a complete dataset is not silently kept for another tokenizer file.
+    bytes.push(b'\n');
+    std::fs::write(&tok_path, &bytes).unwrap();
+    let e = build(&cfg_b, out.to_str().unwrap(), 2, &NoProgress).unwrap_err();
+    assert!(e.to_string().contains("another version"), "{e}");
+}
