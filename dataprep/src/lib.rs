@@ -1,2 +1,634 @@
 //! twinhead dataprep: public corpora in, filtered, tokenized, mixed and
 //! packed parquet shards out, byte-for-byte reproducible from a config.
+//!
+//! Entry points for the CLI (`twinhead dataset build|verify|stats`):
+//! [`build`], [`verify`] and [`stats`]. They are synchronous and CPU-bound;
+//! from async code call them inside `tokio::task::spawn_blocking`. Their
+//! reports derive `serde::Serialize` for `--json`.
+//!
+//! # Layout
+//! - [`config`]: `configs/data/*.toml`, raw shape then validated types.
+//! - [`store`]: object storage (local, `file://`, cloud with feature `cloud`).
+//! - [`read`]: jsonl / jsonl.gz / jsonl.zst / parquet / text readers.
+//! - [`filters`]: normalization, quality filters, dedup key.
+//! - [`tokenizer`]: load `tokenizer.json` or train a byte-level BPE.
+//! - [`stage1`]: per source and input file: scan, dedup, tokenize, write parts.
+//! - [`stage2`]: per phase: split, draw, mix, pack, shuffle, write shards.
+//! - [`formats`]: parquet layouts of parts and shards.
+//! - [`manifest`]: `manifest.json` and completion markers.
+//! - [`rng`]: the seeded generator behind every shuffle.
+//!
+//! On storage (see DESIGN.md): `tokenizer.json`, `sources/<s>/part-NNNNN.parquet`,
+//! `phases/<p>/shard-NNNNN.parquet`, each with a `.done.json` marker, and
+//! `manifest.json` written last.
+
+pub mod config;
+pub mod error;
+pub mod filters;
+pub mod formats;
+pub mod manifest;
+pub mod read;
+pub mod rng;
+pub mod stage1;
+pub mod stage2;
+pub mod store;
+pub mod tokenizer;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+pub use config::DatasetConfig;
+pub use error::{Error, Result};
+pub use manifest::Manifest;
+
+use config::TokenizerSpec;
+use manifest::{FileEntry, PhaseStats, SourceStats, TokenizerInfo};
+use stage1::{Scanned, Written};
+use store::Location;
+use tokenizer::Tok;
+
+/// Receives progress from a running build; implement it with `indicatif`
+/// bars in the CLI. Methods are called from worker threads.
+pub trait ProgressSink: Sync {
+    /// A stage with `total` units (parts, shards) begins.
+    fn start(&self, _stage: &str, _total: u64) {}
+    /// `n` more units done.
+    fn inc(&self, _n: u64) {}
+    /// The stage ended.
+    fn finish(&self, _stage: &str) {}
+    /// Polled before each task (part, shard): `true` stops the build with
+    /// [`Error::Cancelled`]; finished files stay and a rerun resumes.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// A sink that ignores everything.
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {}
+
+/// What [`build`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    /// The dataset's location, `<out_url>/<name>`: give it to [`verify`],
+    /// [`stats`] and run specs (its `manifest.json`).
+    pub url: String,
+    /// The location already held this dataset; nothing was done.
+    pub up_to_date: bool,
+    /// Files written by this run (parts and shards).
+    pub files_written: u64,
+    /// Files found complete from an earlier, interrupted run.
+    pub files_skipped: u64,
+    /// Wall time in seconds (not in the manifest).
+    pub seconds: f64,
+    /// Input records read per second (0 when up to date).
+    pub docs_per_second: f64,
+    /// Notable facts: repeated or subsampled sources, skipped inputs.
+    pub notes: Vec<String>,
+    /// The manifest written (or found).
+    pub manifest: Manifest,
+}
+
+fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("dataprep-{i}"))
+        .build()
+        .map_err(|e| Error::ThreadPool(e.to_string()))
+}
+
+fn read_manifest(out: &Location) -> Result<Option<Manifest>> {
+    match out.get_opt(manifest::MANIFEST)? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Corrupt {
+                location: out.name(manifest::MANIFEST),
+                message: format!("not a twinhead manifest: {e}"),
+            }),
+    }
+}
+
+fn json<T: Serialize>(out: &Location, rel: &str, v: &T) -> Result<Vec<u8>> {
+    let mut b = serde_json::to_vec_pretty(v).map_err(|e| Error::Corrupt {
+        location: out.name(rel),
+        message: e.to_string(),
+    })?;
+    b.push(b'\n');
+    Ok(b)
+}
+
+/// Build the dataset described by `config_path` into `<out_url>/<name>`
+/// (`name` from the config, default the file stem) with `threads` worker
+/// threads. A location that already holds this dataset
+/// (same config sha256) is left as it is; an interrupted build resumes,
+/// skipping every file whose completion marker matches this config.
+pub fn build(
+    config_path: &Path,
+    out_url: &str,
+    threads: usize,
+    progress: &dyn ProgressSink,
+) -> Result<BuildReport> {
+    let cfg = DatasetConfig::load(config_path)?;
+    build_config(&cfg, out_url, threads, progress)
+}
+
+/// [`build`] from an already loaded config.
+pub fn build_config(
+    cfg: &DatasetConfig,
+    out_url: &str,
+    threads: usize,
+    progress: &dyn ProgressSink,
+) -> Result<BuildReport> {
+    let t0 = Instant::now();
+    let dataset_url = format!("{}/{}", out_url.trim_end_matches('/'), cfg.name);
+    let out = Location::open(out_url, true)?.child(&cfg.name);
+    if let Some(m) = read_manifest(&out)? {
+        if m.config_sha256 != cfg.sha256 {
+            return Err(Error::OtherDataset {
+                location: dataset_url,
+                existing: m.config_sha256,
+                this: cfg.sha256.clone(),
+            });
+        }
+        if let TokenizerSpec::Path { path, .. } = &cfg.tokenizer
+            && let Ok(bytes) = std::fs::read(path)
+            && stage1::sha256(&bytes) != m.tokenizer.sha256
+        {
+            return Err(Error::Tokenizer(format!(
+                "{dataset_url} was built with another version of {} (sha256 {}); build into another location",
+                path.display(),
+                m.tokenizer.sha256
+            )));
+        }
+        return Ok(BuildReport {
+            url: dataset_url,
+            up_to_date: true,
+            files_written: 0,
+            files_skipped: 0,
+            seconds: t0.elapsed().as_secs_f64(),
+            docs_per_second: 0.0,
+            notes: vec!["dataset already complete with this config; nothing to do".into()],
+            manifest: m,
+        });
+    }
+    let pool = thread_pool(threads)?;
+    let (manifest, written, notes) = pool.install(|| build_inner(cfg, &out, progress))?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let read: u64 = manifest.sources.iter().map(|s| s.read).sum();
+    Ok(BuildReport {
+        url: dataset_url,
+        up_to_date: false,
+        files_written: written.written,
+        files_skipped: written.skipped,
+        seconds,
+        docs_per_second: read as f64 / seconds.max(1e-9),
+        notes,
+        manifest,
+    })
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SourceDone {
+    config_sha256: String,
+    tokenizer_sha256: String,
+    stats: SourceStats,
+}
+
+fn build_inner(
+    cfg: &DatasetConfig,
+    out: &Location,
+    progress: &dyn ProgressSink,
+) -> Result<(Manifest, Written, Vec<String>)> {
+    let mut written = Written::default();
+    let mut notes = Vec::new();
+
+    // Tokenizer: given by path, or already trained by an earlier run?
+    let tok_marker = "tokenizer.done.json";
+    let mut tok_bytes: Option<Vec<u8>> = match &cfg.tokenizer {
+        TokenizerSpec::Path { path, .. } => {
+            let p = path.to_string_lossy();
+            let bytes = if p.contains("://") {
+                let spec = store::split_input(&p);
+                let loc = Location::open(&spec.base, false)?;
+                loc.get(spec.pattern.as_deref().unwrap_or_default())?
+            } else {
+                std::fs::read(path)
+                    .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?
+            };
+            Some(bytes)
+        }
+        TokenizerSpec::Train { .. } => {
+            match (out.get_opt(tok_marker)?, out.get_opt(manifest::TOKENIZER)?) {
+                (Some(m), Some(t))
+                    if serde_json::from_slice::<stage1::MarkerLite>(&m).is_ok_and(|m| {
+                        m.config_sha256 == cfg.sha256 && m.sha256 == stage1::sha256(&t)
+                    }) =>
+                {
+                    Some(t)
+                }
+                _ => None,
+            }
+        }
+    };
+
+    // Which sources are complete already?
+    let mut done: Vec<Option<SourceStats>> = Vec::with_capacity(cfg.sources.len());
+    for src in &cfg.sources {
+        let rec = match (
+            &tok_bytes,
+            out.get_opt(&stage1::source_stats_path(&src.name))?,
+        ) {
+            (Some(t), Some(b)) => serde_json::from_slice::<SourceDone>(&b)
+                .ok()
+                .filter(|d| {
+                    d.config_sha256 == cfg.sha256 && d.tokenizer_sha256 == stage1::sha256(t)
+                })
+                .map(|d| d.stats),
+            _ => None,
+        };
+        done.push(rec);
+    }
+
+    // Scan what is not complete (every source when the tokenizer must be trained).
+    let mut scans: Vec<Option<Scanned>> = Vec::with_capacity(cfg.sources.len());
+    for (i, src) in cfg.sources.iter().enumerate() {
+        if done[i].is_some() && tok_bytes.is_some() {
+            scans.push(None);
+        } else {
+            scans.push(Some(stage1::scan(src, cfg.on_error, progress)?));
+        }
+    }
+
+    let trained = matches!(cfg.tokenizer, TokenizerSpec::Train { .. });
+    if tok_bytes.is_none() {
+        let TokenizerSpec::Train {
+            vocab_size,
+            min_frequency,
+            max_chars,
+        } = cfg.tokenizer
+        else {
+            return Err(Error::Tokenizer("internal: no tokenizer".into()));
+        };
+        progress.start("train tokenizer", 1);
+        let mut budget = max_chars;
+        let mut texts: Vec<&str> = Vec::new();
+        'outer: for s in scans.iter().flatten() {
+            for (_, docs) in &s.parts {
+                for d in docs {
+                    if budget == 0 {
+                        break 'outer;
+                    }
+                    budget = budget.saturating_sub(d.text.len() as u64);
+                    texts.push(&d.text);
+                }
+            }
+        }
+        let bytes = tokenizer::train_bpe(texts.into_iter(), vocab_size, min_frequency)?;
+        out.put(manifest::TOKENIZER, bytes.clone())?;
+        let m = stage1::MarkerLite {
+            config_sha256: cfg.sha256.clone(),
+            sha256: stage1::sha256(&bytes),
+        };
+        out.put(tok_marker, json(out, tok_marker, &m)?)?;
+        progress.inc(1);
+        progress.finish("train tokenizer");
+        tok_bytes = Some(bytes);
+    }
+    let tok_bytes = tok_bytes.unwrap_or_default();
+    let (cls, sep) = match &cfg.tokenizer {
+        TokenizerSpec::Path {
+            cls_token,
+            sep_token,
+            ..
+        } => (cls_token.as_str(), sep_token.as_str()),
+        TokenizerSpec::Train { .. } => ("[CLS]", "[SEP]"),
+    };
+    let tok = Tok::from_bytes(&tok_bytes, cls, sep)?;
+    let tok_sha = stage1::sha256(&tok_bytes);
+    if !trained && out.get_opt(manifest::TOKENIZER)?.as_deref() != Some(&tok_bytes[..]) {
+        out.put(manifest::TOKENIZER, tok_bytes.clone())?;
+    }
+
+    // Markers of parts and shards carry this key: a changed config or a
+    // changed tokenizer file never reuses a stale file.
+    let build_key = format!("{}+{}", cfg.sha256, tok_sha);
+
+    // Stage 1 writes.
+    let mut sources = Vec::with_capacity(cfg.sources.len());
+    for (i, src) in cfg.sources.iter().enumerate() {
+        let stats = match (done[i].take(), scans[i].take()) {
+            (Some(stats), _) => stats,
+            (None, Some(scanned)) => {
+                let stats = stage1::write_parts(
+                    out,
+                    src,
+                    i as u16,
+                    scanned,
+                    &tok,
+                    &build_key,
+                    progress,
+                    &mut written,
+                )?;
+                let rec = SourceDone {
+                    config_sha256: cfg.sha256.clone(),
+                    tokenizer_sha256: tok_sha.clone(),
+                    stats,
+                };
+                let path = stage1::source_stats_path(&src.name);
+                out.put(&path, json(out, &path, &rec)?)?;
+                rec.stats
+            }
+            (None, None) => {
+                return Err(Error::Corrupt {
+                    location: src.name.clone(),
+                    message: "internal: source not scanned".into(),
+                });
+            }
+        };
+        if let Some(n) = stats.rejected.get("unreadable_input") {
+            notes.push(format!(
+                "source {}: {n} unreadable input(s) skipped (on_error = \"skip\")",
+                src.name
+            ));
+        }
+        sources.push(stats);
+    }
+
+    // Stage 2: load each needed source once, then build phases in order.
+    let needed: Vec<bool> = (0..cfg.sources.len())
+        .map(|s| cfg.phases.iter().any(|p| p.weights[s] > 0.0))
+        .collect();
+    let loaded: Vec<Result<Vec<Vec<u32>>>> = sources
+        .par_iter()
+        .zip(needed.par_iter())
+        .map(|(s, need)| {
+            if *need {
+                stage2::load_source(out, s)
+            } else {
+                Ok(Vec::new())
+            }
+        })
+        .collect();
+    let loaded: Vec<Vec<Vec<u32>>> = loaded.into_iter().collect::<Result<_>>()?;
+    let views: Vec<&[Vec<u32>]> = loaded.iter().map(Vec::as_slice).collect();
+    let mut phases: Vec<PhaseStats> = Vec::with_capacity(cfg.phases.len());
+    for phase in &cfg.phases {
+        let ps = stage2::run_phase(
+            out,
+            cfg,
+            &build_key,
+            phase,
+            &sources,
+            &views,
+            progress,
+            &mut written,
+        )?;
+        for d in &ps.draws {
+            if d.full_epochs > 0 {
+                notes.push(format!(
+                    "phase {}: source {} repeated {} whole epoch(s){} to reach {} tokens ({} available)",
+                    ps.name, d.source, d.full_epochs, if d.subsampled { " plus a seeded subsample" } else { "" }, d.target_tokens, d.available_tokens
+                ));
+            }
+        }
+        phases.push(ps);
+    }
+
+    let manifest = Manifest {
+        format_version: manifest::FORMAT_VERSION,
+        program: "twinhead-dataprep".into(),
+        program_version: env!("CARGO_PKG_VERSION").into(),
+        name: cfg.name.clone(),
+        config: cfg.text.clone(),
+        config_sha256: cfg.sha256.clone(),
+        tokenizer: TokenizerInfo {
+            path: manifest::TOKENIZER.into(),
+            sha256: tok_sha,
+            vocab_size: tok.vocab_size,
+            cls_id: tok.cls,
+            sep_id: tok.sep,
+            trained,
+        },
+        sources,
+        phases,
+    };
+    out.put(
+        manifest::MANIFEST,
+        json(out, manifest::MANIFEST, &manifest)?,
+    )?;
+    Ok((manifest, written, notes))
+}
+
+/// One difference found by [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// File, relative to the dataset.
+    pub path: String,
+    /// `missing`, `sha256_mismatch`, `rows_mismatch`, `unreadable`.
+    pub kind: String,
+    /// Details.
+    pub detail: String,
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Dataset location.
+    pub url: String,
+    /// No problem found.
+    pub ok: bool,
+    /// Files checked.
+    pub files_checked: u64,
+    /// Differences from the manifest.
+    pub problems: Vec<Problem>,
+}
+
+/// Re-hash every file the manifest of the dataset at `url` (the folder
+/// holding `manifest.json`, i.e. [`BuildReport::url`]) lists (tokenizer, parts, shards) and
+/// check shard row counts.
+pub fn verify(url: &str) -> Result<VerifyReport> {
+    let out = Location::open(url, false)?;
+    let m = read_manifest(&out)?.ok_or_else(|| Error::Corrupt {
+        location: out.name(manifest::MANIFEST),
+        message: "no manifest: not a complete dataset".into(),
+    })?;
+    let mut files: Vec<(FileEntry, bool)> = vec![(
+        FileEntry {
+            path: m.tokenizer.path.clone(),
+            rows: 0,
+            sha256: m.tokenizer.sha256.clone(),
+        },
+        false,
+    )];
+    files.extend(
+        m.sources
+            .iter()
+            .flat_map(|s| s.parts.iter().cloned().map(|f| (f, false))),
+    );
+    files.extend(
+        m.phases
+            .iter()
+            .flat_map(|p| p.shards.iter().cloned().map(|f| (f, true))),
+    );
+    let problems: Vec<Vec<Problem>> = files
+        .par_iter()
+        .map(|(f, is_shard)| {
+            let mut ps = Vec::new();
+            let p = |kind: &str, detail: String| Problem {
+                path: f.path.clone(),
+                kind: kind.into(),
+                detail,
+            };
+            match out.get_opt(&f.path) {
+                Ok(None) => ps.push(p("missing", "listed in the manifest, not found".into())),
+                Err(e) => ps.push(p("unreadable", e.to_string())),
+                Ok(Some(bytes)) => {
+                    let sha = stage1::sha256(&bytes);
+                    if sha != f.sha256 {
+                        ps.push(p(
+                            "sha256_mismatch",
+                            format!("manifest {} file {sha}", f.sha256),
+                        ));
+                    }
+                    if *is_shard {
+                        match formats::row_groups(&out.name(&f.path), bytes) {
+                            Ok(g) if g.iter().sum::<i64>() as u64 != f.rows => {
+                                ps.push(p(
+                                    "rows_mismatch",
+                                    format!("manifest {} file {}", f.rows, g.iter().sum::<i64>()),
+                                ));
+                            }
+                            Ok(_) => {}
+                            Err(e) => ps.push(p("unreadable", e.to_string())),
+                        }
+                    }
+                }
+            }
+            ps
+        })
+        .collect();
+    let problems: Vec<Problem> = problems.into_iter().flatten().collect();
+    Ok(VerifyReport {
+        url: url.to_string(),
+        ok: problems.is_empty(),
+        files_checked: files.len() as u64,
+        problems,
+    })
+}
+
+/// Per-source line of [`Stats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceLine {
+    /// Name.
+    pub name: String,
+    /// Records read.
+    pub read: u64,
+    /// Rejected records, all reasons.
+    pub rejected: u64,
+    /// Dropped documents, all reasons.
+    pub dropped: u64,
+    /// Kept documents.
+    pub kept: u64,
+    /// Kept tokens.
+    pub tokens: u64,
+    /// Mean tokens per kept document.
+    pub mean_doc_tokens: f64,
+    /// Drops by reason.
+    pub dropped_by: BTreeMap<String, u64>,
+}
+
+/// Per-phase line of [`Stats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseLine {
+    /// Name.
+    pub name: String,
+    /// Tokens per row.
+    pub seq_len: u32,
+    /// Rows.
+    pub sequences: u64,
+    /// Tokens.
+    pub tokens: u64,
+    /// Shards.
+    pub shards: u64,
+    /// Share of tokens per source, 0..1.
+    pub share: BTreeMap<String, f64>,
+    /// Mean documents (pieces) per row, counted from the shards.
+    pub mean_docs_per_row: f64,
+}
+
+/// Summary of a built dataset.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Dataset name.
+    pub name: String,
+    /// Config sha256.
+    pub config_sha256: String,
+    /// Tokenizer vocabulary size.
+    pub vocab_size: u32,
+    /// Sources.
+    pub sources: Vec<SourceLine>,
+    /// Phases.
+    pub phases: Vec<PhaseLine>,
+}
+
+/// Summarize the dataset at `url` (the folder holding `manifest.json`) from its manifest, reading shards for per-row counts.
+pub fn stats(url: &str) -> Result<Stats> {
+    let out = Location::open(url, false)?;
+    let m = read_manifest(&out)?.ok_or_else(|| Error::Corrupt {
+        location: out.name(manifest::MANIFEST),
+        message: "no manifest: not a complete dataset".into(),
+    })?;
+    let sources = m
+        .sources
+        .iter()
+        .map(|s| SourceLine {
+            name: s.name.clone(),
+            read: s.read,
+            rejected: s.rejected.values().sum(),
+            dropped: s.dropped.values().sum(),
+            kept: s.kept,
+            tokens: s.tokens,
+            mean_doc_tokens: s.tokens as f64 / s.kept.max(1) as f64,
+            dropped_by: s.dropped.clone(),
+        })
+        .collect();
+    let mut phases = Vec::new();
+    for p in &m.phases {
+        let docs: Vec<Result<u64>> = p
+            .shards
+            .par_iter()
+            .map(|f| {
+                let rows = formats::read_rows(&out.name(&f.path), out.get(&f.path)?)?;
+                Ok(rows.iter().map(|r| r.doc_lens.len() as u64).sum())
+            })
+            .collect();
+        let docs: u64 = docs.into_iter().sum::<Result<u64>>()?;
+        let share = p
+            .tokens_per_source
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as f64 / p.tokens.max(1) as f64))
+            .collect();
+        phases.push(PhaseLine {
+            name: p.name.clone(),
+            seq_len: p.seq_len,
+            sequences: p.sequences,
+            tokens: p.tokens,
+            shards: p.shards.len() as u64,
+            share,
+            mean_docs_per_row: docs as f64 / p.sequences.max(1) as f64,
+        });
+    }
+    Ok(Stats {
+        name: m.name.clone(),
+        config_sha256: m.config_sha256.clone(),
+        vocab_size: m.tokenizer.vocab_size,
+        sources,
+        phases,
+    })
+}

@@ -1,0 +1,77 @@
+//! The crate's error type: every message says what went wrong and where
+//! (file, key, line or object path).
+
+use std::path::PathBuf;
+
+/// Errors of dataset building, verification and statistics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for the schema (names the key path).
+    #[error("{path}: {key}: {message}")]
+    ConfigParse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// The config parsed but a value is not allowed.
+    #[error("{path}: {key}: {message}")]
+    ConfigInvalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// A storage URL could not be parsed or has no backend in this build.
+    #[error("bad storage url {url:?}: {message}")]
+    Url { url: String, message: String },
+    /// Object storage failed (read, write, list).
+    #[error("storage error at {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// A whole input could not be read and `on_error = "fail"`.
+    #[error("source {source_name:?}: input {input}: {message}")]
+    Input {
+        source_name: String,
+        input: String,
+        message: String,
+    },
+    /// The tokenizer could not be loaded, trained or applied.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A parquet file could not be written or read back.
+    #[error("parquet {location}: {message}")]
+    Parquet { location: String, message: String },
+    /// The output location already holds a dataset built from another config.
+    #[error(
+        "{location} already holds a dataset built from another config (sha256 {existing}, this config {this}); choose another output"
+    )]
+    OtherDataset {
+        location: String,
+        existing: String,
+        this: String,
+    },
+    /// A manifest or marker file is not what this program writes.
+    #[error("{location}: {message}")]
+    Corrupt { location: String, message: String },
+    /// Sampling could not meet a phase's budget.
+    #[error("phase {phase:?}: {message}")]
+    Phase { phase: String, message: String },
+    /// The progress sink asked to stop; a rerun resumes.
+    #[error("build cancelled; finished files are kept and a rerun resumes")]
+    Cancelled,
+    /// The worker thread pool could not be built.
+    #[error("thread pool: {0}")]
+    ThreadPool(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

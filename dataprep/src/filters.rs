@@ -1,0 +1,358 @@
+//! Normalization, quality filters (length, Gopher-style heuristics) and the
+//! dedup key.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use unicode_normalization::UnicodeNormalization;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+
+use crate::config::Filters;
+
+/// NFC, then drop control characters except `\n` and `\t` (`\r\n` and `\r`
+/// become `\n`).
+pub fn normalize(text: &str) -> String {
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    text.nfc()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect()
+}
+
+/// Dedup key of a normalized document: 128-bit hash of its lowercased
+/// words joined by single spaces (so whitespace and case do not matter).
+pub fn dedup_key(text: &str) -> u128 {
+    let mut canon = String::with_capacity(text.len());
+    for (i, w) in text.split_whitespace().enumerate() {
+        if i > 0 {
+            canon.push(' ');
+        }
+        for c in w.chars() {
+            canon.extend(c.to_lowercase());
+        }
+    }
+    xxh3_128(canon.as_bytes())
+}
+
+/// Hasher for keys that are already hashes (n-gram keys): passes them on.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
+
+/// Why a document was dropped by a filter; the string is the counter name in
+/// reports and the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Drop {
+    Empty,
+    MinChars,
+    MaxChars,
+    MeanWordLength,
+    SymbolRatio,
+    DigitRatio,
+    RepeatedLines,
+    TopNgram,
+    DuplicateNgram,
+}
+
+impl Drop {
+    /// Counter name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::Empty => "empty",
+            Drop::MinChars => "min_chars",
+            Drop::MaxChars => "max_chars",
+            Drop::MeanWordLength => "mean_word_length",
+            Drop::SymbolRatio => "symbol_ratio",
+            Drop::DigitRatio => "digit_ratio",
+            Drop::RepeatedLines => "repeated_lines",
+            Drop::TopNgram => "top_ngram",
+            Drop::DuplicateNgram => "duplicate_ngram",
+        }
+    }
+}
+
+fn is_plain_punct(c: char) -> bool {
+    matches!(
+        c,
+        '.' | ','
+            | ';'
+            | ':'
+            | '!'
+            | '?'
+            | '\''
+            | '"'
+            | '('
+            | ')'
+            | '-'
+            | '\u{2019}'
+            | '\u{2018}'
+            | '\u{201c}'
+            | '\u{201d}'
+            | '\u{2014}'
+            | '\u{2013}'
+    )
+}
+
+/// Apply the filters to a normalized document; the first failing rule, in
+/// the order of [`Drop`], names the drop.
+pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
+    if text.trim().is_empty() {
+        return Err(Drop::Empty);
+    }
+    let chars = text.chars().count() as u64;
+    if f.min_chars.is_some_and(|m| chars < m) {
+        return Err(Drop::MinChars);
+    }
+    if f.max_chars.is_some_and(|m| chars > m) {
+        return Err(Drop::MaxChars);
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let word_chars: Vec<usize> = words.iter().map(|w| w.chars().count()).collect();
+    let total_word_chars: usize = word_chars.iter().sum();
+    if let Some([lo, hi]) = f.mean_word_length {
+        let mean = total_word_chars as f64 / words.len().max(1) as f64;
+        if mean < lo || mean > hi {
+            return Err(Drop::MeanWordLength);
+        }
+    }
+    if f.max_symbol_ratio.is_some() || f.max_digit_ratio.is_some() {
+        let (mut non_space, mut symbols, mut digits) = (0usize, 0usize, 0usize);
+        for c in text.chars() {
+            if c.is_whitespace() {
+                continue;
+            }
+            non_space += 1;
+            if c.is_numeric() {
+                digits += 1;
+            } else if !c.is_alphabetic() && !is_plain_punct(c) {
+                symbols += 1;
+            }
+        }
+        let n = non_space.max(1) as f64;
+        if f.max_symbol_ratio.is_some_and(|m| symbols as f64 / n > m) {
+            return Err(Drop::SymbolRatio);
+        }
+        if f.max_digit_ratio.is_some_and(|m| digits as f64 / n > m) {
+            return Err(Drop::DigitRatio);
+        }
+    }
+    if let Some(m) = f.max_repeated_lines {
+        let mut seen = HashSet::new();
+        let (mut lines, mut repeated) = (0usize, 0usize);
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            lines += 1;
+            if !seen.insert(line) {
+                repeated += 1;
+            }
+        }
+        if lines > 0 && repeated as f64 / lines as f64 > m {
+            return Err(Drop::RepeatedLines);
+        }
+    }
+    if total_word_chars == 0 {
+        return Ok(());
+    }
+    let hashes: Vec<u64> = words.iter().map(|w| xxh3_64(w.as_bytes())).collect();
+    let ngram_key = |i: usize, n: usize| -> u64 {
+        // Combine word hashes of [i, i+n) into one key.
+        hashes[i..i + n]
+            .iter()
+            .fold(0x9E37_79B9_7F4A_7C15u64, |acc, h| {
+                (acc.rotate_left(5) ^ h).wrapping_mul(0x0100_0000_01B3)
+            })
+    };
+    for rule in &f.top_ngrams {
+        let n = rule.n;
+        if words.len() < n {
+            continue;
+        }
+        let mut counts: KeyMap<(usize, usize)> = KeyMap::default();
+        for i in 0..=words.len() - n {
+            let e = counts.entry(ngram_key(i, n)).or_insert((0, i));
+            e.0 += 1;
+        }
+        // Characters in the most frequent n-gram (ties: more characters).
+        let best = counts
+            .values()
+            .map(|&(count, first)| count * word_chars[first..first + n].iter().sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        let best_count = counts.values().map(|c| c.0).max().unwrap_or(0);
+        if best_count > 1 && best as f64 / total_word_chars as f64 > rule.max_fraction {
+            return Err(Drop::TopNgram);
+        }
+    }
+    for rule in &f.duplicate_ngrams {
+        let n = rule.n;
+        if words.len() < n {
+            continue;
+        }
+        let mut seen: KeyMap<usize> = KeyMap::default();
+        let mut covered = vec![false; words.len()];
+        for i in 0..=words.len() - n {
+            let k = ngram_key(i, n);
+            match seen.get(&k) {
+                Some(&first) => {
+                    for flag in &mut covered[first..first + n] {
+                        *flag = true;
+                    }
+                    for flag in &mut covered[i..i + n] {
+                        *flag = true;
+                    }
+                }
+                None => {
+                    seen.insert(k, i);
+                }
+            }
+        }
+        let dup_chars: usize = covered
+            .iter()
+            .zip(&word_chars)
+            .filter(|(c, _)| **c)
+            .map(|(_, n)| n)
+            .sum();
+        if dup_chars as f64 / total_word_chars as f64 > rule.max_fraction {
+            return Err(Drop::DuplicateNgram);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NgramRule;
+
+    #[test]
+    fn normalize_nfc_and_controls() {
+        let s = "Cafe\u{301}\u{0007} ok\r\nnext\tline\u{0000}";
+        assert_eq!(normalize(s), "Caf\u{e9} ok\nnext\tline");
+    }
+
+    #[test]
+    fn dedup_key_ignores_case_and_spacing() {
+        assert_eq!(dedup_key("Hello   World\n"), dedup_key("hello world"));
+        assert_ne!(dedup_key("hello world"), dedup_key("hello worlds"));
+    }
+
+    fn f() -> Filters {
+        Filters::default()
+    }
+
+    #[test]
+    fn empty_is_dropped() {
+        assert_eq!(check(&f(), "  \n\t"), Err(Drop::Empty));
+    }
+
+    #[test]
+    fn min_and_max_chars() {
+        let fl = Filters {
+            min_chars: Some(5),
+            max_chars: Some(10),
+            ..f()
+        };
+        assert_eq!(check(&fl, "abcd"), Err(Drop::MinChars));
+        assert_eq!(check(&fl, "abcdefghijk"), Err(Drop::MaxChars));
+        assert_eq!(check(&fl, "abcde"), Ok(()));
+        // Characters, not bytes.
+        assert_eq!(check(&fl, "ééééé"), Ok(()));
+    }
+
+    #[test]
+    fn mean_word_length() {
+        let fl = Filters {
+            mean_word_length: Some([3.0, 10.0]),
+            ..f()
+        };
+        assert_eq!(check(&fl, "a b c d e f"), Err(Drop::MeanWordLength));
+        assert_eq!(
+            check(
+                &fl,
+                "supercalifragilisticexpialidocious antidisestablishment"
+            ),
+            Err(Drop::MeanWordLength)
+        );
+        assert_eq!(check(&fl, "the quick brown fox jumps"), Ok(()));
+    }
+
+    #[test]
+    fn symbol_and_digit_ratio() {
+        let fl = Filters {
+            max_symbol_ratio: Some(0.1),
+            max_digit_ratio: Some(0.2),
+            ..f()
+        };
+        assert_eq!(check(&fl, "#### $$$$ @@@@ words"), Err(Drop::SymbolRatio));
+        assert_eq!(check(&fl, "call 555 123 4567 now"), Err(Drop::DigitRatio));
+        assert_eq!(check(&fl, "Plain prose, with punctuation: fine!"), Ok(()));
+    }
+
+    #[test]
+    fn repeated_lines() {
+        let fl = Filters {
+            max_repeated_lines: Some(0.3),
+            ..f()
+        };
+        assert_eq!(
+            check(&fl, "buy now\nbuy now\nbuy now\nreal line"),
+            Err(Drop::RepeatedLines)
+        );
+        assert_eq!(check(&fl, "one\ntwo\nthree\none"), Ok(()));
+    }
+
+    #[test]
+    fn top_ngram() {
+        let fl = Filters {
+            top_ngrams: vec![NgramRule {
+                n: 2,
+                max_fraction: 0.2,
+            }],
+            ..f()
+        };
+        assert_eq!(
+            check(&fl, "click here click here click here click here to win"),
+            Err(Drop::TopNgram)
+        );
+        assert_eq!(
+            check(
+                &fl,
+                "the whale swam far beyond the horizon of the sea today"
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn duplicate_ngram() {
+        let fl = Filters {
+            duplicate_ngrams: vec![NgramRule {
+                n: 5,
+                max_fraction: 0.15,
+            }],
+            ..f()
+        };
+        let spam = "this sentence is repeated here. this sentence is repeated here. and more";
+        assert_eq!(check(&fl, spam), Err(Drop::DuplicateNgram));
+        assert_eq!(
+            check(
+                &fl,
+                "every word in this sentence is different from all other words used"
+            ),
+            Ok(())
+        );
+    }
+}

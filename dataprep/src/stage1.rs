@@ -1,0 +1,434 @@
+//! Stage 1, per source: plan parts (one per input file, or a run of text
+//! files), scan each part in parallel (read → normalize → filter), dedup
+//! across the whole source in input order, then tokenize and write each part
+//! as `sources/<source>/part-NNNNN.parquet`.
+//!
+//! Scanning and writing a part are independent tasks; only the dedup merge
+//! between them is sequential, so a remote worker can run either half and
+//! the bytes are the same whatever the number of threads.
+
+use std::collections::{BTreeMap, HashSet};
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::ProgressSink;
+use crate::config::{Format, OnError, SourceConfig};
+use crate::error::Result;
+use crate::filters;
+use crate::formats::{self, Doc};
+use crate::manifest::{FileEntry, Marker, SourceStats};
+use crate::read::{self, Issue, ReadOutput};
+use crate::store::{self, Location};
+use crate::tokenizer::Tok;
+
+/// A document that passed the filters.
+#[derive(Debug, Clone)]
+pub struct CleanDoc {
+    /// Id.
+    pub id: String,
+    /// Normalized text.
+    pub text: String,
+    /// Dedup key.
+    pub key: u128,
+}
+
+/// Inputs of one part.
+#[derive(Debug, Clone)]
+pub struct PartPlan {
+    /// Part number (NNNNN).
+    pub index: usize,
+    /// Input objects, relative to the source's location.
+    pub files: Vec<String>,
+}
+
+/// Result of scanning a whole source.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// Kept documents per part, after dedup and caps.
+    pub parts: Vec<(PartPlan, Vec<CleanDoc>)>,
+    /// Input location.
+    pub loc: Option<Location>,
+    /// Counters so far (no tokens, no parts).
+    pub stats: Counters,
+}
+
+/// Counters of a source before tokenization.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// Input files.
+    pub files: u64,
+    /// Records read.
+    pub read: u64,
+    /// Rejections by reason.
+    pub rejected: BTreeMap<String, u64>,
+    /// Drops by filter.
+    pub dropped: BTreeMap<String, u64>,
+    /// Issues.
+    pub issues: Vec<Issue>,
+}
+
+/// Path of part `i` of `source`.
+pub fn part_path(source: &str, i: usize) -> String {
+    format!("sources/{source}/part-{i:05}.parquet")
+}
+
+fn marker_path(path: &str) -> String {
+    format!("{}.done.json", path.trim_end_matches(".parquet"))
+}
+
+/// Path of the source's completion record.
+pub fn source_stats_path(source: &str) -> String {
+    format!("sources/{source}/_source.json")
+}
+
+/// List a source's inputs and group them into parts.
+pub fn plan(
+    src: &SourceConfig,
+    on_error: OnError,
+    counters: &mut Counters,
+) -> Result<(Option<Location>, Vec<PartPlan>)> {
+    let (loc, files) = match store::list_input(&src.input) {
+        Ok((loc, files)) if !files.is_empty() => (loc, files),
+        other => {
+            let why = match other {
+                Ok(_) => "matches no file".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let mut out = ReadOutput::default();
+            let r = read_unreadable(src, on_error, &why, &mut out);
+            merge_read(counters, out);
+            r?;
+            return Ok((None, Vec::new()));
+        }
+    };
+    let mut names: Vec<String> = files
+        .into_iter()
+        .map(|l| l.rel)
+        .filter(|rel| {
+            src.format != Format::Text
+                || src.extensions.is_empty()
+                || src
+                    .extensions
+                    .iter()
+                    .any(|e| rel.rsplit_once('.').is_some_and(|(_, x)| x == e))
+        })
+        .collect();
+    if let Some(m) = src.max_files {
+        names.truncate(usize::try_from(m).unwrap_or(usize::MAX));
+    }
+    counters.files = names.len() as u64;
+    let per = if src.format == Format::Text {
+        src.files_per_part
+    } else {
+        1
+    };
+    let parts = names
+        .chunks(per.max(1))
+        .enumerate()
+        .map(|(index, c)| PartPlan {
+            index,
+            files: c.to_vec(),
+        })
+        .collect();
+    Ok((Some(loc), parts))
+}
+
+fn read_unreadable(
+    src: &SourceConfig,
+    on_error: OnError,
+    why: &str,
+    out: &mut ReadOutput,
+) -> Result<()> {
+    if on_error == OnError::Fail {
+        return Err(crate::error::Error::Input {
+            source_name: src.name.clone(),
+            input: src.input.clone(),
+            message: why.to_string(),
+        });
+    }
+    *out.rejected.entry("unreadable_input".into()).or_insert(0) += 1;
+    out.issues.push(Issue {
+        input: src.input.clone(),
+        line: None,
+        reason: "unreadable_input".into(),
+        message: why.to_string(),
+    });
+    Ok(())
+}
+
+fn merge_read(c: &mut Counters, r: ReadOutput) {
+    c.read += r.records;
+    for (k, v) in r.rejected {
+        *c.rejected.entry(k).or_insert(0) += v;
+    }
+    for i in r.issues {
+        if c.issues.len() < read::MAX_ISSUES {
+            c.issues.push(i);
+        }
+    }
+}
+
+/// What scanning one part produced (before the source-wide dedup).
+#[derive(Debug, Default)]
+pub struct PartScan {
+    /// Documents that passed the filters, in input order.
+    pub docs: Vec<CleanDoc>,
+    /// Reading counters and issues (its `docs` are moved into `docs`).
+    pub read: ReadOutput,
+    /// Drops by filter.
+    pub dropped: BTreeMap<String, u64>,
+}
+
+/// Scan one part: read its inputs, normalize, filter. An independent task:
+/// a remote worker can run it and send back the [`PartScan`].
+pub fn scan_part(
+    loc: &Location,
+    part: &PartPlan,
+    src: &SourceConfig,
+    on_error: OnError,
+) -> Result<PartScan> {
+    let mut read = ReadOutput::default();
+    for f in &part.files {
+        read::read_input(loc, f, src, on_error, &mut read)?;
+    }
+    let raw = std::mem::take(&mut read.docs);
+    let judged: Vec<std::result::Result<CleanDoc, filters::Drop>> = raw
+        .into_par_iter()
+        .map(|d| {
+            let text = filters::normalize(&d.text);
+            filters::check(&src.filters, &text)?;
+            let key = filters::dedup_key(&text);
+            Ok(CleanDoc {
+                id: d.id,
+                text,
+                key,
+            })
+        })
+        .collect();
+    let mut dropped = BTreeMap::new();
+    let mut docs = Vec::with_capacity(judged.len());
+    for j in judged {
+        match j {
+            Ok(d) => docs.push(d),
+            Err(why) => *dropped.entry(why.name().to_string()).or_insert(0) += 1,
+        }
+    }
+    Ok(PartScan {
+        docs,
+        read,
+        dropped,
+    })
+}
+
+/// Scan every part of a source in parallel, then dedup and cap in input
+/// order (the first occurrence wins).
+pub fn scan(src: &SourceConfig, on_error: OnError, progress: &dyn ProgressSink) -> Result<Scanned> {
+    let mut counters = Counters::default();
+    let (loc, parts) = plan(src, on_error, &mut counters)?;
+    let Some(loc) = loc else {
+        return Ok(Scanned {
+            parts: Vec::new(),
+            loc: None,
+            stats: counters,
+        });
+    };
+    progress.start(&format!("scan {}", src.name), parts.len() as u64);
+    let scans: Vec<Result<PartScan>> = parts
+        .par_iter()
+        .map(|p| {
+            if progress.cancelled() {
+                return Err(crate::error::Error::Cancelled);
+            }
+            let r = scan_part(&loc, p, src, on_error);
+            progress.inc(1);
+            r
+        })
+        .collect();
+    progress.finish(&format!("scan {}", src.name));
+    let scans: Vec<PartScan> = scans.into_iter().collect::<Result<_>>()?;
+    Ok(merge(src, loc, parts, scans, counters))
+}
+
+/// Merge part scans in part order: exact dedup across the whole source (the
+/// first occurrence in input order wins) and the `max_docs` / `max_chars`
+/// caps. Sequential and cheap; it makes the result independent of how the
+/// parts were scheduled.
+pub fn merge(
+    src: &SourceConfig,
+    loc: Location,
+    parts: Vec<PartPlan>,
+    scans: Vec<PartScan>,
+    mut counters: Counters,
+) -> Scanned {
+    let mut seen: HashSet<u128> = HashSet::new();
+    let (mut kept_docs, mut kept_chars) = (0u64, 0u64);
+    let mut out_parts = Vec::with_capacity(parts.len());
+    for (plan, scan) in parts.into_iter().zip(scans) {
+        merge_read(&mut counters, scan.read);
+        for (k, v) in scan.dropped {
+            *counters.dropped.entry(k).or_insert(0) += v;
+        }
+        let mut kept = Vec::new();
+        for d in scan.docs {
+            if !seen.insert(d.key) {
+                *counters.dropped.entry("duplicate".into()).or_insert(0) += 1;
+                continue;
+            }
+            let chars = d.text.chars().count() as u64;
+            let over = src.max_docs.is_some_and(|m| kept_docs >= m)
+                || src.max_chars.is_some_and(|m| kept_chars >= m);
+            if over {
+                *counters.dropped.entry("over_limit".into()).or_insert(0) += 1;
+                continue;
+            }
+            kept_docs += 1;
+            kept_chars += chars;
+            kept.push(d);
+        }
+        out_parts.push((plan, kept));
+    }
+    Scanned {
+        parts: out_parts,
+        loc: Some(loc),
+        stats: counters,
+    }
+}
+
+/// sha256 hex of bytes.
+pub fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Read a marker; `None` when absent, unreadable or from another config.
+pub fn read_marker(out: &Location, path: &str, config_sha: &str) -> Result<Option<Marker>> {
+    let Some(bytes) = out.get_opt(&marker_path(path))? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<Marker>(&bytes) {
+        Ok(m) if m.config_sha256 == config_sha && m.file.path == path => Ok(Some(m)),
+        _ => Ok(None),
+    }
+}
+
+/// Write a file, then its marker.
+pub fn put_with_marker(
+    out: &Location,
+    path: &str,
+    bytes: Vec<u8>,
+    rows: u64,
+    tokens: u64,
+    config_sha: &str,
+) -> Result<Marker> {
+    let marker = Marker {
+        config_sha256: config_sha.to_string(),
+        file: FileEntry {
+            path: path.to_string(),
+            rows,
+            sha256: sha256(&bytes),
+        },
+        tokens,
+    };
+    out.put(path, bytes)?;
+    let json = serde_json::to_vec_pretty(&marker).map_err(|e| crate::error::Error::Corrupt {
+        location: out.name(path),
+        message: e.to_string(),
+    })?;
+    out.put(&marker_path(path), json)?;
+    Ok(marker)
+}
+
+/// Counts of files written and skipped (already complete).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    /// Files written by this run.
+    pub written: u64,
+    /// Files found complete and left as they were.
+    pub skipped: u64,
+}
+
+/// Tokenize and write every part of a scanned source (parts already
+/// complete are skipped), returning its statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn write_parts(
+    out: &Location,
+    src: &SourceConfig,
+    index: u16,
+    scanned: Scanned,
+    tok: &Tok,
+    config_sha: &str,
+    progress: &dyn ProgressSink,
+    written: &mut Written,
+) -> Result<SourceStats> {
+    progress.start(
+        &format!("tokenize {}", src.name),
+        scanned.parts.len() as u64,
+    );
+    let results: Vec<Result<(Marker, bool, u64, u64)>> = scanned
+        .parts
+        .par_iter()
+        .map(|(plan, docs)| {
+            let path = part_path(&src.name, plan.index);
+            let kept = docs.len() as u64;
+            let chars: u64 = docs.iter().map(|d| d.text.chars().count() as u64).sum();
+            if progress.cancelled() {
+                return Err(crate::error::Error::Cancelled);
+            }
+            if let Some(m) = read_marker(out, &path, config_sha)? {
+                progress.inc(1);
+                return Ok((m, false, kept, chars));
+            }
+            let encoded: Vec<Result<Doc>> = docs
+                .par_iter()
+                .map(|d| {
+                    Ok(Doc {
+                        id: d.id.clone(),
+                        ids: tok.encode_doc(&d.text)?,
+                    })
+                })
+                .collect();
+            let encoded: Vec<Doc> = encoded.into_iter().collect::<Result<_>>()?;
+            let tokens: u64 = encoded.iter().map(|d| d.ids.len() as u64).sum();
+            let bytes = formats::write_docs(&out.name(&path), &encoded)?;
+            let m = put_with_marker(out, &path, bytes, kept, tokens, config_sha)?;
+            progress.inc(1);
+            Ok((m, true, kept, chars))
+        })
+        .collect();
+    progress.finish(&format!("tokenize {}", src.name));
+    let mut stats = SourceStats {
+        name: src.name.clone(),
+        index,
+        files: scanned.stats.files,
+        read: scanned.stats.read,
+        rejected: scanned.stats.rejected,
+        dropped: scanned.stats.dropped,
+        kept: 0,
+        chars: 0,
+        tokens: 0,
+        parts: Vec::new(),
+        issues: scanned.stats.issues,
+    };
+    for r in results {
+        let (m, wrote, kept, chars) = r?;
+        if wrote {
+            written.written += 1;
+        } else {
+            written.skipped += 1;
+        }
+        stats.kept += kept;
+        stats.chars += chars;
+        stats.tokens += m.tokens;
+        stats.parts.push(m.file);
+    }
+    Ok(stats)
+}
+
+/// Completion record of a single file without row counts (the tokenizer).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MarkerLite {
+    /// Config it was built from.
+    pub config_sha256: String,
+    /// sha256 of the file.
+    pub sha256: String,
+}
