@@ -438,7 +438,7 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<ModernBert<B>,
         config.hidden_size,
         config.intermediate_size,
     );
-    let mut model = ModernBert::<B>::new(&config, flavour, 0, device);
+    let mut model = ModernBert::<B>::zeroed(&config, flavour, device);
 
     let emb = t.take("model.embeddings.tok_embeddings.weight", &[v, h])?;
     if t.map.contains_key("decoder.weight") {

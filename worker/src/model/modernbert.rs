@@ -133,6 +133,22 @@ fn trunc_normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
     out
 }
 
+/// Where initial weight values come from: seeded truncated normal, or
+/// zeros for a model whose weights are about to be loaded.
+enum Filler {
+    TruncNormal(Box<ChaCha8Rng>),
+    Zeros,
+}
+
+impl Filler {
+    fn values(&mut self, n: usize, std: f64) -> Vec<f32> {
+        match self {
+            Filler::TruncNormal(rng) => trunc_normal(rng, n, std),
+            Filler::Zeros => vec![0.0; n],
+        }
+    }
+}
+
 fn param2<B: Backend>(
     values: Vec<f32>,
     shape: [usize; 2],
@@ -144,14 +160,14 @@ fn param2<B: Backend>(
 /// A bias-free linear layer `d_in → d_out` with truncated-normal weights.
 /// Burn stores the weight as `[d_in, d_out]` (PyTorch's transpose).
 fn linear<B: Backend>(
-    rng: &mut ChaCha8Rng,
+    fill: &mut Filler,
     d_in: usize,
     d_out: usize,
     std: f64,
     device: &B::Device,
 ) -> Linear<B> {
     Linear {
-        weight: param2(trunc_normal(rng, d_in * d_out, std), [d_in, d_out], device),
+        weight: param2(fill.values(d_in * d_out, std), [d_in, d_out], device),
         bias: None,
     }
 }
@@ -389,7 +405,17 @@ impl<B: Backend> ModernBert<B> {
     /// differs only in using the out σ for the head dense.) `seed` fixes
     /// every value, whatever the backend.
     pub fn new(config: &ModelConfig, flavour: Flavour, seed: u64, device: &B::Device) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let fill = Filler::TruncNormal(Box::new(ChaCha8Rng::seed_from_u64(seed)));
+        Self::build(config, flavour, fill, device)
+    }
+
+    /// A model with zero weights (norms 1), cheap to build, for loading a
+    /// checkpoint into.
+    pub(crate) fn zeroed(config: &ModelConfig, flavour: Flavour, device: &B::Device) -> Self {
+        Self::build(config, flavour, Filler::Zeros, device)
+    }
+
+    fn build(config: &ModelConfig, flavour: Flavour, mut fill: Filler, device: &B::Device) -> Self {
         let (v, h, i) = (
             config.vocab_size,
             config.hidden_size,
@@ -397,13 +423,13 @@ impl<B: Backend> ModernBert<B> {
         );
         let std_in = config.initializer_range;
         let std_out = std_in / (2.0 * config.num_layers as f64).sqrt();
-        let tok_embeddings = param2(trunc_normal(&mut rng, v * h, std_in), [v, h], device);
+        let tok_embeddings = param2(fill.values(v * h, std_in), [v, h], device);
         let layers = (0..config.num_layers)
             .map(|l| Layer {
                 attn_norm: (l > 0).then(|| layer_norm(config, device)),
                 attn: Attention {
-                    wqkv: linear(&mut rng, h, 3 * h, std_in, device),
-                    wo: linear(&mut rng, h, h, std_out, device),
+                    wqkv: linear(&mut fill, h, 3 * h, std_in, device),
+                    wo: linear(&mut fill, h, h, std_out, device),
                     attn_drop: DropoutConfig::new(config.attention_dropout).init(),
                     out_drop: DropoutConfig::new(config.attention_dropout).init(),
                     num_heads: config.num_heads,
@@ -411,13 +437,13 @@ impl<B: Backend> ModernBert<B> {
                 },
                 mlp_norm: layer_norm(config, device),
                 mlp: Mlp {
-                    wi: linear(&mut rng, h, 2 * i, std_in, device),
-                    wo: linear(&mut rng, i, h, std_out, device),
+                    wi: linear(&mut fill, h, 2 * i, std_in, device),
+                    wo: linear(&mut fill, i, h, std_out, device),
                     drop: DropoutConfig::new(config.mlp_dropout).init(),
                 },
             })
             .collect();
-        let head_dense = linear(&mut rng, h, h, std_in, device);
+        let head_dense = linear(&mut fill, h, h, std_in, device);
         Self {
             tok_embeddings,
             emb_norm: layer_norm(config, device),
