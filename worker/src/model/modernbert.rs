@@ -224,21 +224,23 @@ impl<B: Backend> AttentionInputs<B> {
 }
 
 /// Rotate-half RoPE: `x * cos + rotate_half(x) * sin`, where
-/// `rotate_half([x1, x2]) = [-x2, x1]` over the two halves of the head.
+/// `rotate_half([x1, x2]) = [-x2, x1]` over the two halves of the head,
+/// computed as `x * cos + [x2, x1] * signed_sin` with the sign-folded
+/// table of [`super::packing::rope_tables`].
 ///
 /// # Shapes
 /// - `x`: `[batch, heads, seq, head_dim]`
-/// - `cos`, `sin`: `[batch, 1, seq, head_dim]` (broadcast over heads)
+/// - `cos`, `signed_sin`: `[batch, 1, seq, head_dim]` (broadcast over heads)
 pub fn apply_rope<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,
-    sin: &Tensor<B, 4>,
+    signed_sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     let half = x.dims()[3] / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+    let swapped = Tensor::cat(vec![x2, x1], 3);
+    x * cos.clone() + swapped * signed_sin.clone()
 }
 
 /// Multi-head self-attention with a fused, bias-free `Wqkv`.
@@ -268,19 +270,19 @@ impl<B: Backend> Attention<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, h] = x.dims();
         let hd = h / self.num_heads;
-        let qkv = self.wqkv.forward(x).reshape([b, s, 3, self.num_heads, hd]);
-        let part = |i: usize| {
-            qkv.clone()
-                .narrow(2, i, 1)
-                .reshape([b, s, self.num_heads, hd])
-                .swap_dims(1, 2)
-        };
-        let (q, k, v) = (part(0), part(1), part(2));
-        (
-            apply_rope(q, rope.0, rope.1),
-            apply_rope(k, rope.0, rope.1),
-            v,
-        )
+        let nh = self.num_heads;
+        // [b, s, 3h] -> [b, 3·heads, s, head_dim]: q heads, then k, then v.
+        let qkv = self
+            .wqkv
+            .forward(x)
+            .reshape([b, s, 3 * nh, hd])
+            .swap_dims(1, 2);
+        // One rotary pass over q and k together.
+        let qk = apply_rope(qkv.clone().narrow(1, 0, 2 * nh), rope.0, rope.1);
+        let q = qk.clone().narrow(1, 0, nh);
+        let k = qk.narrow(1, nh, nh);
+        let v = qkv.narrow(1, 2 * nh, nh);
+        (q, k, v)
     }
 
     /// Scaled dot-product attention over given keys and values, then `Wo`.
@@ -589,7 +591,7 @@ mod tests {
             &d,
         );
         let sin = Tensor::<B, 4>::from_data(
-            TensorData::new(vec![a.sin(), b.sin(), a.sin(), b.sin()], [1, 1, 1, 4]),
+            TensorData::new(vec![-a.sin(), -b.sin(), a.sin(), b.sin()], [1, 1, 1, 4]),
             &d,
         );
         let y: Vec<f32> = apply_rope(x, &cos, &sin).into_data().to_vec().expect("f32");
