@@ -438,7 +438,7 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<ModernBert<B>,
         config.hidden_size,
         config.intermediate_size,
     );
-    let mut model = ModernBert::<B>::new(&config, flavour, 0, device);
+    let mut model = ModernBert::<B>::zeroed(&config, flavour, device);
 
     let emb = t.take("model.embeddings.tok_embeddings.weight", &[v, h])?;
     if t.map.contains_key("decoder.weight") {
@@ -661,4 +661,85 @@ pub fn save<B: Backend>(model: &ModernBert<B>, dir: &Path) -> Result<(), HfError
         })?;
     std::fs::write(&cfg_path, text + "\n").map_err(io(cfg_path.clone()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(tag: &str, value: &serde_json::Value) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("twinhead-hfcfg-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("config.json"), value.to_string()).expect("write");
+        dir
+    }
+
+    /// transformers 4.5x configs (as on the Hub for Ettin) carry the legacy
+    /// θ keys and may lack `layer_types` and `mask_token_id`.
+    #[test]
+    fn legacy_v4_config_is_read() {
+        let dir = write_config(
+            "legacy",
+            &json!({
+                "model_type": "modernbert-decoder",
+                "vocab_size": 50368, "hidden_size": 256, "num_hidden_layers": 7,
+                "num_attention_heads": 4, "intermediate_size": 384,
+                "global_rope_theta": 160000.0, "local_rope_theta": 10000.0,
+                "local_attention": 128, "global_attn_every_n_layers": 3,
+                "pad_token_id": 50283, "cls_token_id": 50281, "sep_token_id": 50282,
+                "hidden_activation": "gelu", "some_future_key": [1, 2]
+            }),
+        );
+        let (c, flavour) = read_config(&dir).expect("config");
+        assert_eq!(flavour, Flavour::Decoder);
+        assert_eq!(
+            (c.global_rope_theta, c.local_rope_theta),
+            (160_000.0, 10_000.0)
+        );
+        assert_eq!(c.mask_token_id, 50284);
+        assert_eq!(
+            c.num_params(),
+            ModelConfig::builtin("ettin-17m").expect("17m").num_params()
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn v5_rope_parameters_win_and_unsupported_options_are_named() {
+        let mut v = json!({
+            "model_type": "modernbert",
+            "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 48,
+            "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2,
+            "global_rope_theta": 1.0,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 80000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}
+            }
+        });
+        let dir = write_config("v5", &v);
+        let (c, _) = read_config(&dir).expect("config");
+        assert_eq!(
+            (c.global_rope_theta, c.local_rope_theta),
+            (80_000.0, 5_000.0)
+        );
+        v["rope_parameters"]["sliding_attention"]["rope_type"] = json!("yarn");
+        let dir = write_config("v5", &v);
+        let err = read_config(&dir).expect_err("yarn").to_string();
+        assert!(
+            err.contains("rope_parameters.sliding_attention.rope_type"),
+            "{err}"
+        );
+        v["rope_parameters"]["sliding_attention"]["rope_type"] = json!("default");
+        v["norm_bias"] = json!(true);
+        let dir = write_config("v5", &v);
+        let err = read_config(&dir).expect_err("bias").to_string();
+        assert!(err.contains("norm_bias"), "{err}");
+        v["norm_bias"] = json!(false);
+        v["hidden_size"] = json!("wide");
+        let dir = write_config("v5", &v);
+        let err = read_config(&dir).expect_err("type").to_string();
+        assert!(err.contains("hidden_size"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+    }
 }

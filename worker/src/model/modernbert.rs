@@ -133,6 +133,22 @@ fn trunc_normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
     out
 }
 
+/// Where initial weight values come from: seeded truncated normal, or
+/// zeros for a model whose weights are about to be loaded.
+enum Filler {
+    TruncNormal(Box<ChaCha8Rng>),
+    Zeros,
+}
+
+impl Filler {
+    fn values(&mut self, n: usize, std: f64) -> Vec<f32> {
+        match self {
+            Filler::TruncNormal(rng) => trunc_normal(rng, n, std),
+            Filler::Zeros => vec![0.0; n],
+        }
+    }
+}
+
 fn param2<B: Backend>(
     values: Vec<f32>,
     shape: [usize; 2],
@@ -144,14 +160,14 @@ fn param2<B: Backend>(
 /// A bias-free linear layer `d_in → d_out` with truncated-normal weights.
 /// Burn stores the weight as `[d_in, d_out]` (PyTorch's transpose).
 fn linear<B: Backend>(
-    rng: &mut ChaCha8Rng,
+    fill: &mut Filler,
     d_in: usize,
     d_out: usize,
     std: f64,
     device: &B::Device,
 ) -> Linear<B> {
     Linear {
-        weight: param2(trunc_normal(rng, d_in * d_out, std), [d_in, d_out], device),
+        weight: param2(fill.values(d_in * d_out, std), [d_in, d_out], device),
         bias: None,
     }
 }
@@ -208,21 +224,23 @@ impl<B: Backend> AttentionInputs<B> {
 }
 
 /// Rotate-half RoPE: `x * cos + rotate_half(x) * sin`, where
-/// `rotate_half([x1, x2]) = [-x2, x1]` over the two halves of the head.
+/// `rotate_half([x1, x2]) = [-x2, x1]` over the two halves of the head,
+/// computed as `x * cos + [x2, x1] * signed_sin` with the sign-folded
+/// table of [`super::packing::rope_tables`].
 ///
 /// # Shapes
 /// - `x`: `[batch, heads, seq, head_dim]`
-/// - `cos`, `sin`: `[batch, 1, seq, head_dim]` (broadcast over heads)
+/// - `cos`, `signed_sin`: `[batch, 1, seq, head_dim]` (broadcast over heads)
 pub fn apply_rope<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,
-    sin: &Tensor<B, 4>,
+    signed_sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     let half = x.dims()[3] / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+    let swapped = Tensor::cat(vec![x2, x1], 3);
+    x * cos.clone() + swapped * signed_sin.clone()
 }
 
 /// Multi-head self-attention with a fused, bias-free `Wqkv`.
@@ -252,19 +270,19 @@ impl<B: Backend> Attention<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, h] = x.dims();
         let hd = h / self.num_heads;
-        let qkv = self.wqkv.forward(x).reshape([b, s, 3, self.num_heads, hd]);
-        let part = |i: usize| {
-            qkv.clone()
-                .narrow(2, i, 1)
-                .reshape([b, s, self.num_heads, hd])
-                .swap_dims(1, 2)
-        };
-        let (q, k, v) = (part(0), part(1), part(2));
-        (
-            apply_rope(q, rope.0, rope.1),
-            apply_rope(k, rope.0, rope.1),
-            v,
-        )
+        let nh = self.num_heads;
+        // [b, s, 3h] -> [b, 3·heads, s, head_dim]: q heads, then k, then v.
+        let qkv = self
+            .wqkv
+            .forward(x)
+            .reshape([b, s, 3 * nh, hd])
+            .swap_dims(1, 2);
+        // One rotary pass over q and k together.
+        let qk = apply_rope(qkv.clone().narrow(1, 0, 2 * nh), rope.0, rope.1);
+        let q = qk.clone().narrow(1, 0, nh);
+        let k = qk.narrow(1, nh, nh);
+        let v = qkv.narrow(1, 2 * nh, nh);
+        (q, k, v)
     }
 
     /// Scaled dot-product attention over given keys and values, then `Wo`.
@@ -389,7 +407,17 @@ impl<B: Backend> ModernBert<B> {
     /// differs only in using the out σ for the head dense.) `seed` fixes
     /// every value, whatever the backend.
     pub fn new(config: &ModelConfig, flavour: Flavour, seed: u64, device: &B::Device) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let fill = Filler::TruncNormal(Box::new(ChaCha8Rng::seed_from_u64(seed)));
+        Self::build(config, flavour, fill, device)
+    }
+
+    /// A model with zero weights (norms 1), cheap to build, for loading a
+    /// checkpoint into.
+    pub(crate) fn zeroed(config: &ModelConfig, flavour: Flavour, device: &B::Device) -> Self {
+        Self::build(config, flavour, Filler::Zeros, device)
+    }
+
+    fn build(config: &ModelConfig, flavour: Flavour, mut fill: Filler, device: &B::Device) -> Self {
         let (v, h, i) = (
             config.vocab_size,
             config.hidden_size,
@@ -397,13 +425,13 @@ impl<B: Backend> ModernBert<B> {
         );
         let std_in = config.initializer_range;
         let std_out = std_in / (2.0 * config.num_layers as f64).sqrt();
-        let tok_embeddings = param2(trunc_normal(&mut rng, v * h, std_in), [v, h], device);
+        let tok_embeddings = param2(fill.values(v * h, std_in), [v, h], device);
         let layers = (0..config.num_layers)
             .map(|l| Layer {
                 attn_norm: (l > 0).then(|| layer_norm(config, device)),
                 attn: Attention {
-                    wqkv: linear(&mut rng, h, 3 * h, std_in, device),
-                    wo: linear(&mut rng, h, h, std_out, device),
+                    wqkv: linear(&mut fill, h, 3 * h, std_in, device),
+                    wo: linear(&mut fill, h, h, std_out, device),
                     attn_drop: DropoutConfig::new(config.attention_dropout).init(),
                     out_drop: DropoutConfig::new(config.attention_dropout).init(),
                     num_heads: config.num_heads,
@@ -411,13 +439,13 @@ impl<B: Backend> ModernBert<B> {
                 },
                 mlp_norm: layer_norm(config, device),
                 mlp: Mlp {
-                    wi: linear(&mut rng, h, 2 * i, std_in, device),
-                    wo: linear(&mut rng, i, h, std_out, device),
+                    wi: linear(&mut fill, h, 2 * i, std_in, device),
+                    wo: linear(&mut fill, i, h, std_out, device),
                     drop: DropoutConfig::new(config.mlp_dropout).init(),
                 },
             })
             .collect();
-        let head_dense = linear(&mut rng, h, h, std_in, device);
+        let head_dense = linear(&mut fill, h, h, std_in, device);
         Self {
             tok_embeddings,
             emb_norm: layer_norm(config, device),
@@ -563,7 +591,7 @@ mod tests {
             &d,
         );
         let sin = Tensor::<B, 4>::from_data(
-            TensorData::new(vec![a.sin(), b.sin(), a.sin(), b.sin()], [1, 1, 1, 4]),
+            TensorData::new(vec![-a.sin(), -b.sin(), a.sin(), b.sin()], [1, 1, 1, 4]),
             &d,
         );
         let y: Vec<f32> = apply_rope(x, &cos, &sin).into_data().to_vec().expect("f32");

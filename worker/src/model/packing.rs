@@ -118,7 +118,8 @@ impl PackedLayout {
         out
     }
 
-    /// Rotary tables `(cos, sin)`, each `[batch * seq_len * head_dim]`, in
+    /// Rotary tables `(cos, signed sin)` (see [`rope_tables`]), each
+    /// `[batch * seq_len * head_dim]`, in
     /// the rotate-half layout: frequency `k` fills columns `k` and
     /// `k + head_dim / 2`.
     pub fn rope(&self, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
@@ -126,9 +127,12 @@ impl PackedLayout {
     }
 }
 
-/// Rotary tables for arbitrary positions: `(cos, sin)`, each
+/// Rotary tables for arbitrary positions: `(cos, signed sin)`, each
 /// `[positions.len() * head_dim]`, rotate-half layout. Frequencies are
-/// `theta^(-2k/head_dim)`, computed in f32 as transformers does.
+/// `theta^(-2k/head_dim)`, computed in f32 as transformers does. The sin
+/// table is sign-folded for rotate-half (`−sin` in the first half of each
+/// head, `+sin` in the second), so that `rotate_half(x) · sin` becomes
+/// `[x2, x1] · signed_sin` without a negation pass.
 pub fn rope_tables(positions: &[u32], head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
@@ -137,11 +141,11 @@ pub fn rope_tables(positions: &[u32], head_dim: usize, theta: f64) -> (Vec<f32>,
     let mut cos = Vec::with_capacity(positions.len() * head_dim);
     let mut sin = Vec::with_capacity(positions.len() * head_dim);
     for &p in positions {
-        for _half in 0..2 {
+        for sign in [-1.0f32, 1.0] {
             for f in &inv_freq {
                 let angle = p as f32 * f;
                 cos.push(angle.cos());
-                sin.push(angle.sin());
+                sin.push(sign * angle.sin());
             }
         }
     }
@@ -202,6 +206,8 @@ mod tests {
         for (a, b) in cos[4..8].iter().zip(expect) {
             assert!((a - b).abs() < 1e-6);
         }
-        assert!((sin[5] - 0.03f32.sin()).abs() < 1e-6);
+        // sin is sign-folded: −sin in the first half, +sin in the second.
+        assert!((sin[5] + 0.03f32.sin()).abs() < 1e-6);
+        assert!((sin[7] - 0.03f32.sin()).abs() < 1e-6);
     }
 }
