@@ -1,17 +1,18 @@
 //! Object storage for the worker's data loader and checkpoints: local paths,
 //! `file://` URLs and (with the crate's `cloud` feature) `s3://`, `gs://`,
-//! `az://`, `http(s)://`, behind one small synchronous API.
+//! `az://`, behind one small synchronous API.
 //!
-//! Every call blocks on a private single-threaded tokio runtime owned by the
-//! [`Location`], so the loader's prefetch thread and the checkpoint writer
-//! thread never need an async executor. Do not call these methods from
-//! inside an async task; use `spawn_blocking`. `put` is atomic on every
+//! Every call blocks on one process-wide, never-dropped tokio runtime (one
+//! I/O thread), so the loader's prefetch thread and the checkpoint writer
+//! thread need no async executor of their own, and a [`Location`] can be
+//! created and dropped anywhere. Do not call its methods from inside an
+//! async task (blocking there panics); use `spawn_blocking` or a thread. `put` is atomic on every
 //! backend (local files are written under a temporary name and renamed), so
 //! a reader never sees a half-written file.
 
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -36,10 +37,25 @@ pub enum StoreError {
     },
 }
 
+/// The runtime every [`Location`] blocks on.
+fn runtime() -> Result<&'static tokio::runtime::Runtime, StoreError> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("twinhead-store-io")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| StoreError::Runtime(e.clone()))
+}
+
 /// A folder-like location in some object store.
 #[derive(Clone)]
 pub struct Location {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: &'static tokio::runtime::Runtime,
     store: Arc<dyn ObjectStore>,
     prefix: ObjPath,
     display: String,
@@ -66,10 +82,7 @@ impl Location {
     /// With `create`, a missing local folder is created (cloud stores have
     /// no folders to create).
     pub fn open(url: &str, create: bool) -> Result<Self, StoreError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Runtime(e.to_string()))?;
+        let rt = runtime()?;
         let url_err = |message: String| StoreError::Url {
             url: url.to_string(),
             message,
@@ -92,7 +105,7 @@ impl Location {
             let store = LocalFileSystem::new();
             let prefix = ObjPath::from_absolute_path(&dir).map_err(|e| url_err(e.to_string()))?;
             return Ok(Self {
-                rt: Arc::new(rt),
+                rt,
                 store: Arc::new(store),
                 prefix,
                 display: dir.display().to_string(),
@@ -105,7 +118,7 @@ impl Location {
             ))
         })?;
         Ok(Self {
-            rt: Arc::new(rt),
+            rt,
             store: Arc::from(store),
             prefix,
             display: trimmed.to_string(),
@@ -115,7 +128,7 @@ impl Location {
     /// The location `rel` below this one (a `/`-separated relative path).
     pub fn child(&self, rel: &str) -> Location {
         Location {
-            rt: self.rt.clone(),
+            rt: self.rt,
             store: self.store.clone(),
             prefix: self.full(rel),
             display: self.name(rel),

@@ -228,6 +228,18 @@ pub struct ReaderOptions {
     pub verify_sha256: bool,
 }
 
+/// What a [`PhaseReader`] has fetched so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Shard footers read.
+    pub shards_opened: u64,
+    /// Row groups fetched and decoded.
+    pub groups_decoded: u64,
+    /// Bytes fetched from storage (footers, column chunks, whole shards
+    /// when verifying).
+    pub bytes_fetched: u64,
+}
+
 /// Reads rows of one phase of a dataset. Synchronous: run it on a thread
 /// of its own (see [`Prefetcher`]).
 pub struct PhaseReader {
@@ -238,6 +250,7 @@ pub struct PhaseReader {
     options: ReaderOptions,
     open: Option<OpenShard>,
     group: Option<DecodedGroup>,
+    stats: ReaderStats,
 }
 
 impl std::fmt::Debug for PhaseReader {
@@ -314,12 +327,18 @@ impl PhaseReader {
             options,
             open: None,
             group: None,
+            stats: ReaderStats::default(),
         })
     }
 
     /// The phase as the manifest describes it.
     pub fn phase(&self) -> &ManifestPhase {
         &self.phase
+    }
+
+    /// What has been fetched so far.
+    pub fn stats(&self) -> ReaderStats {
+        self.stats
     }
 
     /// Rows in one epoch of the phase.
@@ -340,6 +359,8 @@ impl PhaseReader {
             let entry = &self.phase.shards[shard];
             let sha = self.options.verify_sha256.then_some(entry.sha256.as_str());
             let opened = OpenShard::open(&self.root, shard, &entry.path, sha)?;
+            self.stats.shards_opened += 1;
+            self.stats.bytes_fetched += opened.bytes_fetched;
             if opened.rows() != entry.rows {
                 return Err(LoaderError::ShardRows {
                     actual: opened.rows(),
@@ -359,7 +380,10 @@ impl PhaseReader {
             .is_some_and(|g| g.shard == shard && g.group == group);
         if !cached {
             self.group = None;
-            self.group = Some(open.read_group(&self.root, group, self.seq_len())?);
+            let (decoded, fetched) = open.read_group(&self.root, group, self.seq_len())?;
+            self.stats.groups_decoded += 1;
+            self.stats.bytes_fetched += fetched;
+            self.group = Some(decoded);
         }
         self.group
             .as_ref()

@@ -78,6 +78,8 @@ pub(super) struct OpenShard {
     pub group_starts: Vec<u64>,
     /// The whole file, kept when it was fetched to verify its hash.
     whole: Option<Bytes>,
+    /// Bytes fetched to open it.
+    pub bytes_fetched: u64,
 }
 
 /// The decoded rows of one row group.
@@ -186,6 +188,7 @@ impl OpenShard {
             metadata,
             reader_meta,
             group_starts,
+            bytes_fetched: whole.as_ref().map_or(8 + meta_len, |b| b.len() as u64),
             whole,
         })
     }
@@ -201,13 +204,13 @@ impl OpenShard {
     }
 
     /// Fetches and decodes row group `group`, checking every row against
-    /// `seq_len`.
+    /// `seq_len`; also returns the bytes fetched.
     pub fn read_group(
         &self,
         root: &Location,
         group: usize,
         seq_len: usize,
-    ) -> Result<DecodedGroup, LoaderError> {
+    ) -> Result<(DecodedGroup, u64), LoaderError> {
         let name = &self.name;
         let schema = self.metadata.file_metadata().schema_descr();
         let roots = schema.root_schema().get_fields();
@@ -219,6 +222,7 @@ impl OpenShard {
                 .ok_or_else(|| perr(name, format!("no column `{column}`")))?;
             root_indices.push(index);
         }
+        let mut fetched = 0;
         let reader = match &self.whole {
             Some(bytes) => RangeBytes {
                 file_len: self.file_len,
@@ -247,6 +251,7 @@ impl OpenShard {
                 if lo >= hi || hi > self.file_len {
                     return Err(perr(name, format!("bad column chunk range {lo}..{hi}")));
                 }
+                fetched = hi - lo;
                 RangeBytes {
                     file_len: self.file_len,
                     start: lo,
@@ -309,7 +314,7 @@ impl OpenShard {
                 ),
             ));
         }
-        Ok(out)
+        Ok((out, fetched))
     }
 }
 

@@ -245,6 +245,34 @@ fn seeking_to_a_step_equals_iterating_to_it() -> TestResult {
 }
 
 #[test]
+fn seeking_reads_only_the_row_groups_it_needs() -> TestResult {
+    // 10 shards of 40 rows in row groups of 8.
+    let f = fixture(400, 16, 40, 8)?;
+    let plan = BatchPlan::new(8, 2, 1, 0)?;
+    let mut reader = open(&f)?;
+    // Step 37: rows 296..304, rank 1 takes 300..304: shard 7, group 2.
+    let batch = reader.batch(&plan, 37)?;
+    assert_eq!(batch.rows, 300..304);
+    let stats = reader.stats();
+    assert_eq!((stats.shards_opened, stats.groups_decoded), (1, 1));
+    let shard_len =
+        std::fs::metadata(f.dir.path().join("phases/pretrain/shard-00007.parquet"))?.len();
+    assert!(
+        stats.bytes_fetched < shard_len,
+        "{} of {shard_len}",
+        stats.bytes_fetched
+    );
+    // The next step of the same row group is served from the cache.
+    reader.batch(&plan, 38)?;
+    assert_eq!(reader.stats().groups_decoded, 2, "step 38 is in group 3");
+    let mut again = open(&f)?;
+    again.read_rows(300..302)?;
+    again.read_rows(302..304)?;
+    assert_eq!(again.stats().groups_decoded, 1);
+    Ok(())
+}
+
+#[test]
 fn rows_past_the_phase_wrap_into_another_epoch() -> TestResult {
     let f = fixture(10, 4, 4, 3)?;
     let mut reader = open(&f)?;
