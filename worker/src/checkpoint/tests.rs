@@ -202,6 +202,11 @@ fn latest_committed_skips_an_uncommitted_newer_folder() -> TestResult {
     // A partially written folder with only the weights.
     let partial = root.child(&checkpoint_dir("run-1", 0, "pretrain", 40));
     partial.put(MODEL_FILE, b"half".to_vec())?;
+    // Other folders of the run (the data-order logs) are not checkpoints.
+    root.put(
+        "run-1/data-order/0-pretrain/w/rank-00000.attempt.json",
+        b"{}".to_vec(),
+    )?;
     // A later phase wins over a higher step of an earlier one.
     let mut next = snapshot(2, false);
     next.info.phase_index = 1;

@@ -397,3 +397,82 @@ fn verified_reads_return_the_same_rows() -> TestResult {
     assert_eq!(a.read_rows(5..29)?, b.read_rows(5..29)?);
     Ok(())
 }
+
+/// The flow the training loop follows: prefetch, log every step, write a
+/// checkpoint, crash, resume from the newest committed checkpoint with
+/// another world size, and verify the phase's data order at the end.
+#[test]
+fn a_resumed_run_with_another_world_size_consumes_every_row_once() -> TestResult {
+    use crate::checkpoint::{
+        self, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, OptimizerState,
+    };
+    use order::DataOrderLog;
+
+    let f = fixture(120, 4, 25, 5)?;
+    let ckpt = tempfile::tempdir()?;
+    let ckpt_url = format!("file://{}", ckpt.path().display());
+    let b = 8u64;
+    let steps = f.rows / b; // 15
+    let run = |world: &str, n: u32, first: u64, crash_at: u64, every: u64| -> TestResult {
+        let writer = CheckpointWriter::spawn(&ckpt_url, 1)?;
+        for r in 0..n {
+            let plan = BatchPlan::new(b, n, r, 3)?;
+            let mut log =
+                DataOrderLog::open(&ckpt_url, "run", 0, "pretrain", world, r, n, first, 1)?;
+            let loader = Prefetcher::spawn(open(&f)?, plan, first..steps, 2)?;
+            for batch in loader {
+                let batch = batch?;
+                if batch.step == crash_at {
+                    break; // the process dies before finishing this step
+                }
+                log.record(batch.step, batch.rows.clone())?;
+                let done = batch.step + 1;
+                if r == 0 && (done % every == 0 || done == steps) {
+                    log.flush()?;
+                    let snapshot = CheckpointSnapshot {
+                        info: CheckpointInfo {
+                            run_id: "run".into(),
+                            phase_index: 0,
+                            phase_name: "pretrain".into(),
+                            step: done,
+                            tokens: done * b * 4,
+                            rng: vec![1, done],
+                            data_cursor: plan.cursor_after(done),
+                            world_size: n,
+                            spec_name: "tiny".into(),
+                            attempt: world.into(),
+                            phase_end: done == steps,
+                        },
+                        model: vec![("w".into(), vec![1], vec![done as f32])],
+                        optimizer: OptimizerState {
+                            step: done,
+                            tensors: Vec::new(),
+                        },
+                    };
+                    writer.write_async(snapshot)?.wait()?;
+                }
+            }
+        }
+        writer.wait()?;
+        Ok(())
+    };
+    // World a: 4 ranks, checkpoints every 4 steps, dies in step 10 (after
+    // logging steps 8 and 9, whose updates are lost).
+    run("world-a", 4, 0, 10, 4)?;
+    let resume = checkpoint::latest_committed(&ckpt_url, "run")?.ok_or("no checkpoint")?;
+    assert_eq!(resume.step, 8);
+    let loaded = checkpoint::load(&resume.url)?;
+    assert_eq!(loaded.state.info.data_cursor, 64);
+    // World b: 3 ranks, resumes from step 8 and finishes.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    run("world-b", 3, loaded.state.info.step, u64::MAX, 4)?;
+    let report = order::verify_run(&ckpt_url, "run", 0, "pretrain", steps, b)?;
+    assert!(report.is_ok(), "{report:?}");
+    // keep_last = 1 kept the newest non-final checkpoint and the phase end.
+    let kept: Vec<u64> = checkpoint::committed(&ckpt_url, "run")?
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(kept, vec![12, 15]);
+    Ok(())
+}
