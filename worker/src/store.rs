@@ -89,6 +89,11 @@ impl Location {
         };
         let trimmed = url.trim_end_matches('/');
         if let Some(dir) = local_dir(trimmed) {
+            let scheme = if trimmed.starts_with("file://") {
+                "file://"
+            } else {
+                ""
+            };
             let dir = if dir.is_absolute() {
                 dir
             } else {
@@ -108,7 +113,7 @@ impl Location {
                 rt,
                 store: Arc::new(store),
                 prefix,
-                display: dir.display().to_string(),
+                display: format!("{scheme}{}", dir.display()),
             });
         }
         let parsed = url::Url::parse(trimmed).map_err(|e| url_err(e.to_string()))?;
@@ -136,7 +141,7 @@ impl Location {
     }
 
     /// How to name this location in messages and to pass it on as a URL
-    /// (an absolute path for local stores).
+    /// (local stores: an absolute path, with `file://` if opened so).
     pub fn url(&self) -> &str {
         &self.display
     }
@@ -291,6 +296,10 @@ mod tests {
     fn put_get_list_delete_on_local_paths() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let root = Location::open(&format!("file://{}", dir.path().display()), false)?;
+        assert_eq!(
+            root.child("x/y").url(),
+            format!("file://{}/x/y", dir.path().display())
+        );
         root.put("a/b/one.txt", b"one".to_vec())?;
         root.put("a/c/two.txt", b"two".to_vec())?;
         assert_eq!(&root.get("a/b/one.txt")?[..], b"one");

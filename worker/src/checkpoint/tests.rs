@@ -332,3 +332,34 @@ fn optimizer_state_restores_into_stable_adamw() -> TestResult {
     assert_eq!(restored.state(), opt.state());
     Ok(())
 }
+
+#[test]
+fn an_interrupted_write_is_never_returned() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let url = root_url(&dir);
+    let writer = CheckpointWriter::spawn(&url, 0)?;
+    writer.write_async(snapshot(10, false))?.wait()?;
+    // Make the write of step 20 fail after the weights: a folder sits where
+    // state.json goes.
+    let step20 = dir.path().join("run-1/0-pretrain/step-0000020");
+    std::fs::create_dir_all(step20.join("state.json/blocker"))?;
+    let handle = writer.write_async(snapshot(20, false))?;
+    let err = handle
+        .wait()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("state.json"), "{err}");
+    assert!(step20.join("model.safetensors").exists());
+    assert!(!step20.join("COMMITTED").exists());
+    assert_eq!(latest_committed(&url, "run-1")?.map(|c| c.step), Some(10));
+    let (loaded, skipped) = load_latest_valid(&url, "run-1")?;
+    assert_eq!(loaded.map(|l| l.state.info.step), Some(10));
+    assert!(skipped.is_empty());
+    assert!(matches!(
+        load(&format!("{url}/run-1/0-pretrain/step-0000020")),
+        Err(CheckpointError::NotCommitted { .. })
+    ));
+    writer.wait()?;
+    Ok(())
+}

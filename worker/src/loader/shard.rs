@@ -212,6 +212,9 @@ impl OpenShard {
         seq_len: usize,
     ) -> Result<(DecodedGroup, u64), LoaderError> {
         let name = &self.name;
+        if group + 1 >= self.group_starts.len() {
+            return Err(perr(name, format!("no row group {group}")));
+        }
         let schema = self.metadata.file_metadata().schema_descr();
         let roots = schema.root_schema().get_fields();
         let mut root_indices = Vec::new();
