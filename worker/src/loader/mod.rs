@@ -454,6 +454,15 @@ impl Prefetcher {
         steps: Range<u64>,
         depth: usize,
     ) -> Result<Self, LoaderError> {
+        let needed = plan.cursor_after(steps.end);
+        if needed > reader.sequences() {
+            tracing::warn!(
+                phase = %reader.phase().name,
+                rows = reader.sequences(),
+                needed,
+                "the steps need more rows than the phase holds: wrapping around for another epoch"
+            );
+        }
         let (tx, rx) = sync_channel(depth.max(1));
         let range = steps.clone();
         let handle = std::thread::Builder::new()
