@@ -117,11 +117,14 @@ impl Location {
             });
         }
         let parsed = url::Url::parse(trimmed).map_err(|e| url_err(e.to_string()))?;
-        let (store, prefix) = object_store::parse_url(&parsed).map_err(|e| {
-            url_err(format!(
-                "{e} (cloud stores need twinhead-worker's `cloud` feature)"
-            ))
-        })?;
+        // Credentials and options come from the environment (AWS_*, GOOGLE_*,
+        // AZURE_* variables; unknown variables are ignored).
+        let (store, prefix) =
+            object_store::parse_url_opts(&parsed, std::env::vars()).map_err(|e| {
+                url_err(format!(
+                    "{e} (cloud stores need twinhead-worker's `cloud` feature)"
+                ))
+            })?;
         Ok(Self {
             rt,
             store: Arc::from(store),
