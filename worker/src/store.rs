@@ -319,4 +319,17 @@ mod tests {
         assert!(root.list_dirs("nowhere")?.is_empty());
         Ok(())
     }
+
+    #[cfg(not(feature = "cloud"))]
+    #[test]
+    fn cloud_urls_name_the_missing_feature() {
+        let err = Location::open("s3://bucket/data", false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("s3://bucket/data") && err.contains("`cloud` feature"),
+            "{err}"
+        );
+    }
 }
