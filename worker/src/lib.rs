@@ -10,6 +10,9 @@
 //! - [`collective`]: all-reduce and friends: single process, CPU ring over
 //!   TCP, NCCL (feature `cuda`).
 //! - [`optim`], [`schedule`]: StableAdamW on flat buffers; token-driven LR laws.
+//! - [`loader`]: a phase's rows for each rank and step, prefetched; the
+//!   data-order log.
+//! - [`checkpoint`], [`store`]: checkpoints on object storage.
 //! - [`runtime`]: the worker's life with the coordinator.
 //!
 //! # Backends
@@ -19,14 +22,17 @@
 //! build and CPU training is only for tests and laptops here, so the
 //! backend with the cheaper build and the longer track record wins.
 
+pub mod checkpoint;
 pub mod collective;
 pub mod hf;
 pub mod infer;
+pub mod loader;
 pub mod model;
 pub mod objectives;
 pub mod optim;
 pub mod runtime;
 pub mod schedule;
+pub mod store;
 
 /// The CPU backend used by tests and CPU training.
 pub type CpuBackend = burn::backend::NdArray<f32>;

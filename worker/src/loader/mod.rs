@@ -1,0 +1,540 @@
+//! The data loader: global batches of a phase's packed rows, sliced per
+//! rank, read straight from dataprep's parquet shards.
+//!
+//! # Data order
+//!
+//! A phase's rows are numbered in shard order (shard 0's rows, then shard
+//! 1's, …). Global batch `g` of size `B` holds rows `[g·B, (g+1)·B)`; rank
+//! `r` of `N` takes rows `[g·B + r·B/N, g·B + (r+1)·B/N)` (integer
+//! division, so an uneven split still covers every row once), cut into
+//! micro-batches of `micro_batch` rows (the last may be smaller). The global
+//! order does not depend on `N`, so a run resumed with another world size
+//! sees the same global batches.
+//!
+//! Row numbers past the end of the phase wrap around: logical row `L` is
+//! physical row `L mod sequences` (another epoch over the same order). The
+//! logical numbers are what [`Batch::rows`] reports and what the data-order
+//! log records, so a wrapped run still consumes each *logical* row once.
+//! The coordinator's `num_steps = tokens / (B × seq_len)` normally fits in
+//! one epoch.
+//!
+//! Reaching a step is O(1) in the number of steps before it: the shard and
+//! the row within it come from the manifest's cumulative row counts, and
+//! only the row groups holding the wanted rows are fetched (the current
+//! shard's footer and one decoded row group are cached). [`Prefetcher`]
+//! reads a few steps ahead on its own thread.
+//!
+//! # Layout
+//!
+//! * `manifest` — the tolerant reader of dataprep's `manifest.json`.
+//! * `shard` — footer and row-group reads of one shard.
+//! * `order` — the data-order log and its verifier.
+
+pub mod manifest;
+pub mod order;
+mod shard;
+
+use std::ops::Range;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+pub use manifest::{MANIFEST, Manifest, ManifestPhase, ManifestShard};
+pub use shard::sha256_hex;
+use shard::{DecodedGroup, OpenShard};
+
+use crate::store::{Location, StoreError};
+
+/// Errors of the loader and the data-order log, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "dataset {location} has no manifest.json (a dataset without a manifest does not exist)"
+    )]
+    MissingManifest { location: String },
+    #[error("bad manifest {location}: {message}")]
+    Manifest { location: String, message: String },
+    #[error("{location} has no phase `{phase}` (phases: {available:?})")]
+    MissingPhase {
+        location: String,
+        phase: String,
+        available: Vec<String>,
+    },
+    #[error("phase `{phase}` of {location} has seq_len {manifest}, the run spec says {spec}")]
+    SeqLen {
+        location: String,
+        phase: String,
+        manifest: u32,
+        spec: u32,
+    },
+    #[error("phase `{phase}` of {location}: {message}")]
+    Phase {
+        location: String,
+        phase: String,
+        message: String,
+    },
+    #[error("shard {location} has sha256 {actual}, the manifest says {expected}")]
+    ShardHash {
+        location: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("shard {location} has {actual} rows, the manifest says {expected}")]
+    ShardRows {
+        location: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("cannot read shard {location}: {message}")]
+    Parquet { location: String, message: String },
+    #[error("row {row} of {location} has {got} tokens, expected seq_len {expected}")]
+    RowLength {
+        location: String,
+        row: u64,
+        expected: usize,
+        got: usize,
+    },
+    #[error("row {row} of {location}: doc_lens sum to {sum}, not seq_len {seq_len}")]
+    DocLens {
+        location: String,
+        row: u64,
+        sum: u64,
+        seq_len: usize,
+    },
+    #[error("bad batch plan: {0}")]
+    Plan(String),
+    #[error("the prefetch thread stopped before step {step}")]
+    PrefetchStopped { step: u64 },
+    #[error("bad data-order log {location}: {message}")]
+    OrderLog { location: String, message: String },
+}
+
+/// How a step's global batch is split across ranks and micro-batches.
+/// Pure arithmetic; see the module docs for the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPlan {
+    global_batch: u64,
+    world_size: u32,
+    rank: u32,
+    micro_batch: u64,
+}
+
+impl BatchPlan {
+    /// `global_batch` rows per step split across `world_size` ranks; this
+    /// is `rank`; `micro_batch` rows per forward pass (0: all at once).
+    pub fn new(
+        global_batch: u64,
+        world_size: u32,
+        rank: u32,
+        micro_batch: u64,
+    ) -> Result<Self, LoaderError> {
+        if world_size == 0 || rank >= world_size {
+            return Err(LoaderError::Plan(format!(
+                "rank {rank} is not in a world of {world_size}"
+            )));
+        }
+        if global_batch < u64::from(world_size) {
+            return Err(LoaderError::Plan(format!(
+                "global batch {global_batch} has fewer rows than the {world_size} ranks"
+            )));
+        }
+        Ok(Self {
+            global_batch,
+            world_size,
+            rank,
+            micro_batch,
+        })
+    }
+
+    pub fn global_batch(&self) -> u64 {
+        self.global_batch
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// Logical rows of global batch `step`.
+    pub fn global_rows(&self, step: u64) -> Range<u64> {
+        step * self.global_batch..(step + 1) * self.global_batch
+    }
+
+    /// Logical rows this rank takes from global batch `step`.
+    pub fn rank_rows(&self, step: u64) -> Range<u64> {
+        let base = step * self.global_batch;
+        let n = u64::from(self.world_size);
+        let r = u64::from(self.rank);
+        base + r * self.global_batch / n..base + (r + 1) * self.global_batch / n
+    }
+
+    /// This rank's rows of `step`, cut into micro-batches.
+    pub fn micro_ranges(&self, step: u64) -> Vec<Range<u64>> {
+        let rows = self.rank_rows(step);
+        let size = if self.micro_batch == 0 {
+            rows.end - rows.start
+        } else {
+            self.micro_batch
+        };
+        let mut out = Vec::new();
+        let mut start = rows.start;
+        while start < rows.end {
+            let end = (start + size).min(rows.end);
+            out.push(start..end);
+            start = end;
+        }
+        out
+    }
+
+    /// Rows consumed by the whole world once `steps` steps are done (the
+    /// checkpoint's data cursor).
+    pub fn cursor_after(&self, steps: u64) -> u64 {
+        steps * self.global_batch
+    }
+}
+
+/// One forward pass worth of rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MicroBatch {
+    /// Logical phase rows held (see the module docs on wrap-around).
+    pub rows: Range<u64>,
+    /// `rows.len() × seq_len` token ids, row-major.
+    pub input_ids: Vec<u32>,
+    /// Per row, the lengths of the documents packed in it (summing to
+    /// seq_len).
+    pub doc_lens: Vec<Vec<u32>>,
+}
+
+/// This rank's share of one global batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Global step (batch index) within the phase.
+    pub step: u64,
+    /// Logical phase rows this rank holds, for the data-order log.
+    pub rows: Range<u64>,
+    pub seq_len: usize,
+    pub micro_batches: Vec<MicroBatch>,
+}
+
+/// Options of [`PhaseReader::open`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaderOptions {
+    /// Fetch every shard whole and check its sha256 against the manifest
+    /// before using it (costs a full read per shard).
+    pub verify_sha256: bool,
+}
+
+/// What a [`PhaseReader`] has fetched so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Shard footers read.
+    pub shards_opened: u64,
+    /// Row groups fetched and decoded.
+    pub groups_decoded: u64,
+    /// Bytes fetched from storage (footers, column chunks, whole shards
+    /// when verifying).
+    pub bytes_fetched: u64,
+}
+
+/// Reads rows of one phase of a dataset. Synchronous: run it on a thread
+/// of its own (see [`Prefetcher`]).
+pub struct PhaseReader {
+    root: Location,
+    phase: ManifestPhase,
+    /// First logical row of every shard, and the phase's row count last.
+    shard_starts: Vec<u64>,
+    options: ReaderOptions,
+    open: Option<OpenShard>,
+    group: Option<DecodedGroup>,
+    stats: ReaderStats,
+}
+
+impl std::fmt::Debug for PhaseReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhaseReader")
+            .field("root", &self.root)
+            .field("phase", &self.phase.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PhaseReader {
+    /// Opens phase `phase` of the dataset at `dataset_url` (a local path,
+    /// `file://` or cloud URL of the folder holding `manifest.json`),
+    /// checking that its rows are `seq_len` tokens long.
+    pub fn open(
+        dataset_url: &str,
+        phase: &str,
+        seq_len: u32,
+        options: ReaderOptions,
+    ) -> Result<Self, LoaderError> {
+        let root = Location::open(dataset_url, false)?;
+        let manifest_name = root.name(MANIFEST);
+        let bytes = root
+            .get_opt(MANIFEST)?
+            .ok_or_else(|| LoaderError::MissingManifest {
+                location: root.url().to_string(),
+            })?;
+        let manifest = Manifest::parse(&manifest_name, &bytes)?;
+        let found = manifest.phase(&manifest_name, phase)?.clone();
+        Self::from_manifest_phase(root, found, seq_len, options)
+    }
+
+    fn from_manifest_phase(
+        root: Location,
+        phase: ManifestPhase,
+        seq_len: u32,
+        options: ReaderOptions,
+    ) -> Result<Self, LoaderError> {
+        let location = root.name(MANIFEST);
+        let bad = |message: String| LoaderError::Phase {
+            location: location.clone(),
+            phase: phase.name.clone(),
+            message,
+        };
+        if phase.seq_len != seq_len {
+            return Err(LoaderError::SeqLen {
+                location: location.clone(),
+                phase: phase.name.clone(),
+                manifest: phase.seq_len,
+                spec: seq_len,
+            });
+        }
+        let mut shard_starts = Vec::with_capacity(phase.shards.len() + 1);
+        let mut total = 0u64;
+        for shard in &phase.shards {
+            shard_starts.push(total);
+            total += shard.rows;
+        }
+        shard_starts.push(total);
+        if total != phase.sequences {
+            return Err(bad(format!(
+                "shards hold {total} rows, `sequences` says {}",
+                phase.sequences
+            )));
+        }
+        if total == 0 {
+            return Err(bad("the phase has no rows".into()));
+        }
+        Ok(Self {
+            root,
+            phase,
+            shard_starts,
+            options,
+            open: None,
+            group: None,
+            stats: ReaderStats::default(),
+        })
+    }
+
+    /// The phase as the manifest describes it.
+    pub fn phase(&self) -> &ManifestPhase {
+        &self.phase
+    }
+
+    /// What has been fetched so far.
+    pub fn stats(&self) -> ReaderStats {
+        self.stats
+    }
+
+    /// Rows in one epoch of the phase.
+    pub fn sequences(&self) -> u64 {
+        self.phase.sequences
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.phase.seq_len as usize
+    }
+
+    /// Makes the row group holding physical row `row` the cached one.
+    fn load(&mut self, row: u64) -> Result<&DecodedGroup, LoaderError> {
+        let shard = self.shard_starts.partition_point(|&s| s <= row) - 1;
+        let in_shard = row - self.shard_starts[shard];
+        if self.open.as_ref().map(|o| o.index) != Some(shard) {
+            self.group = None;
+            let entry = &self.phase.shards[shard];
+            let sha = self.options.verify_sha256.then_some(entry.sha256.as_str());
+            let opened = OpenShard::open(&self.root, shard, &entry.path, sha)?;
+            self.stats.shards_opened += 1;
+            self.stats.bytes_fetched += opened.bytes_fetched;
+            if opened.rows() != entry.rows {
+                return Err(LoaderError::ShardRows {
+                    actual: opened.rows(),
+                    location: opened.name,
+                    expected: entry.rows,
+                });
+            }
+            self.open = Some(opened);
+        }
+        let Some(open) = self.open.as_ref() else {
+            return Err(LoaderError::Plan("no shard open".into()));
+        };
+        let group = open.group_of(in_shard);
+        let cached = self
+            .group
+            .as_ref()
+            .is_some_and(|g| g.shard == shard && g.group == group);
+        if !cached {
+            self.group = None;
+            let (decoded, fetched) = open.read_group(&self.root, group, self.seq_len())?;
+            self.stats.groups_decoded += 1;
+            self.stats.bytes_fetched += fetched;
+            self.group = Some(decoded);
+        }
+        self.group
+            .as_ref()
+            .ok_or_else(|| LoaderError::Plan("no row group cached".into()))
+    }
+
+    /// Reads logical rows `rows` (wrapping past the end of the phase).
+    pub fn read_rows(&mut self, rows: Range<u64>) -> Result<MicroBatch, LoaderError> {
+        let seq_len = self.seq_len();
+        let sequences = self.sequences();
+        let count = rows.end.saturating_sub(rows.start) as usize;
+        let mut input_ids = Vec::with_capacity(count * seq_len);
+        let mut doc_lens = Vec::with_capacity(count);
+        let mut logical = rows.start;
+        while logical < rows.end {
+            let physical = logical % sequences;
+            let shard_first = {
+                let shard = self.shard_starts.partition_point(|&s| s <= physical) - 1;
+                self.shard_starts[shard]
+            };
+            let group = self.load(physical)?;
+            let from = (physical - shard_first - group.first_row) as usize;
+            // Rows available in this group, not crossing the phase's end.
+            let available = (group.rows() as usize - from).min((sequences - physical) as usize);
+            let take = available.min((rows.end - logical) as usize);
+            input_ids.extend_from_slice(&group.input_ids[from * seq_len..(from + take) * seq_len]);
+            doc_lens.extend_from_slice(&group.doc_lens[from..from + take]);
+            logical += take as u64;
+        }
+        Ok(MicroBatch {
+            rows,
+            input_ids,
+            doc_lens,
+        })
+    }
+
+    /// This rank's batch of `step` under `plan`.
+    pub fn batch(&mut self, plan: &BatchPlan, step: u64) -> Result<Batch, LoaderError> {
+        let micro_batches = plan
+            .micro_ranges(step)
+            .into_iter()
+            .map(|rows| self.read_rows(rows))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Batch {
+            step,
+            rows: plan.rank_rows(step),
+            seq_len: self.seq_len(),
+            micro_batches,
+        })
+    }
+}
+
+/// Reads batches of consecutive steps on a background thread, at most
+/// `depth` steps ahead of the consumer, delivering them in step order.
+/// Dropping it stops the thread.
+pub struct Prefetcher {
+    rx: Option<Receiver<Result<Batch, LoaderError>>>,
+    handle: Option<JoinHandle<()>>,
+    next: u64,
+    end: u64,
+}
+
+impl Prefetcher {
+    /// Starts reading steps `steps` (e.g. `first_step..last_step + 1`).
+    pub fn spawn(
+        reader: PhaseReader,
+        plan: BatchPlan,
+        steps: Range<u64>,
+        depth: usize,
+    ) -> Result<Self, LoaderError> {
+        let needed = plan.cursor_after(steps.end);
+        if needed > reader.sequences() {
+            tracing::warn!(
+                phase = %reader.phase().name,
+                rows = reader.sequences(),
+                needed,
+                "the steps need more rows than the phase holds: wrapping around for another epoch"
+            );
+        }
+        let (tx, rx) = sync_channel(depth.max(1));
+        let range = steps.clone();
+        let handle = std::thread::Builder::new()
+            .name("twinhead-prefetch".into())
+            .spawn(move || prefetch(reader, plan, range, tx))
+            .map_err(|e| LoaderError::Plan(format!("cannot start the prefetch thread: {e}")))?;
+        Ok(Self {
+            rx: Some(rx),
+            handle: Some(handle),
+            next: steps.start,
+            end: steps.end,
+        })
+    }
+
+    /// The next step's batch; `None` after the last step. Blocks only when
+    /// the reader has fallen behind.
+    pub fn next_batch(&mut self) -> Option<Result<Batch, LoaderError>> {
+        if self.next >= self.end {
+            return None;
+        }
+        let step = self.next;
+        let got = self.rx.as_ref()?.recv();
+        match got {
+            Ok(Ok(batch)) => {
+                self.next += 1;
+                Some(Ok(batch))
+            }
+            Ok(Err(e)) => {
+                // The thread stops after an error.
+                self.next = self.end;
+                Some(Err(e))
+            }
+            Err(_) => {
+                self.next = self.end;
+                Some(Err(LoaderError::PrefetchStopped { step }))
+            }
+        }
+    }
+}
+
+impl Iterator for Prefetcher {
+    type Item = Result<Batch, LoaderError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_batch()
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        // Dropping the receiver makes the thread's next send fail.
+        self.rx = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn prefetch(
+    mut reader: PhaseReader,
+    plan: BatchPlan,
+    steps: Range<u64>,
+    tx: SyncSender<Result<Batch, LoaderError>>,
+) {
+    for step in steps {
+        let batch = reader.batch(&plan, step);
+        let failed = batch.is_err();
+        if tx.send(batch).is_err() || failed {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

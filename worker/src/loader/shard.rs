@@ -1,0 +1,363 @@
+//! Reading single row groups of a phase shard without fetching the whole
+//! file: the footer is read once per shard, then only the byte ranges of
+//! the `input_ids` and `doc_lens` column chunks of the wanted row group.
+
+use std::sync::Arc;
+
+use arrow_array::{Array, ListArray, UInt32Array};
+use bytes::{Buf, Bytes};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::reader::{ChunkReader, Length};
+
+use super::LoaderError;
+use crate::store::Location;
+
+/// The columns the loader decodes.
+const COLUMNS: [&str; 2] = ["input_ids", "doc_lens"];
+
+/// Bytes `[start, start + data.len())` of a file of `file_len` bytes; any
+/// read outside them is an error (it would mean the column-chunk ranges
+/// were computed wrongly).
+struct RangeBytes {
+    file_len: u64,
+    start: u64,
+    data: Bytes,
+}
+
+impl RangeBytes {
+    fn slice(&self, start: u64, length: usize) -> Result<Bytes, ParquetError> {
+        let end = start.saturating_add(length as u64);
+        let data_end = self.start + self.data.len() as u64;
+        if start < self.start || end > data_end {
+            return Err(ParquetError::General(format!(
+                "read of bytes {start}..{end} outside the fetched range {}..{data_end}",
+                self.start
+            )));
+        }
+        let from = (start - self.start) as usize;
+        Ok(self.data.slice(from..from + length))
+    }
+}
+
+impl Length for RangeBytes {
+    fn len(&self) -> u64 {
+        self.file_len
+    }
+}
+
+impl ChunkReader for RangeBytes {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> Result<Self::T, ParquetError> {
+        let data_end = self.start + self.data.len() as u64;
+        let length = data_end.saturating_sub(start) as usize;
+        Ok(self.slice(start, length)?.reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> Result<Bytes, ParquetError> {
+        self.slice(start, length)
+    }
+}
+
+/// One opened shard: its footer and, when hashes are verified, its bytes.
+pub(super) struct OpenShard {
+    /// Index of the shard in the phase.
+    pub index: usize,
+    /// Full name, for messages.
+    pub name: String,
+    rel: String,
+    file_len: u64,
+    metadata: Arc<ParquetMetaData>,
+    reader_meta: ArrowReaderMetadata,
+    /// First row of every row group, and the row count as the last entry.
+    pub group_starts: Vec<u64>,
+    /// The whole file, kept when it was fetched to verify its hash.
+    whole: Option<Bytes>,
+    /// Bytes fetched to open it.
+    pub bytes_fetched: u64,
+}
+
+/// The decoded rows of one row group.
+pub(super) struct DecodedGroup {
+    pub shard: usize,
+    pub group: usize,
+    /// First row of the group within its shard.
+    pub first_row: u64,
+    /// Rows × seq_len tokens.
+    pub input_ids: Vec<u32>,
+    pub doc_lens: Vec<Vec<u32>>,
+}
+
+impl DecodedGroup {
+    pub fn rows(&self) -> u64 {
+        self.doc_lens.len() as u64
+    }
+}
+
+fn perr(name: &str, e: impl std::fmt::Display) -> LoaderError {
+    LoaderError::Parquet {
+        location: name.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+impl OpenShard {
+    /// Reads the footer of `rel` below `root`. With `expected_sha256`, the
+    /// whole file is fetched, hashed and kept for the row-group reads.
+    pub fn open(
+        root: &Location,
+        index: usize,
+        rel: &str,
+        expected_sha256: Option<&str>,
+    ) -> Result<Self, LoaderError> {
+        let name = root.name(rel);
+        let (file_len, whole) = match expected_sha256 {
+            Some(expected) => {
+                let bytes = root.get(rel)?;
+                let actual = sha256_hex(&bytes);
+                if !actual.eq_ignore_ascii_case(expected) {
+                    return Err(LoaderError::ShardHash {
+                        location: name,
+                        expected: expected.to_string(),
+                        actual,
+                    });
+                }
+                (bytes.len() as u64, Some(bytes))
+            }
+            None => (root.size(rel)?, None),
+        };
+        let tail = |range: std::ops::Range<u64>| -> Result<Bytes, LoaderError> {
+            match &whole {
+                Some(b) => Ok(b.slice(range.start as usize..range.end as usize)),
+                None => Ok(root.get_range(rel, range)?),
+            }
+        };
+        if file_len < 12 {
+            return Err(perr(
+                &name,
+                format!("file of {file_len} bytes is too short"),
+            ));
+        }
+        let footer = tail(file_len - 8..file_len)?;
+        if &footer[4..8] != b"PAR1" {
+            return Err(perr(&name, "no PAR1 magic at the end of the file"));
+        }
+        let meta_len = u64::from(u32::from_le_bytes([
+            footer[0], footer[1], footer[2], footer[3],
+        ]));
+        if meta_len + 8 > file_len {
+            return Err(perr(
+                &name,
+                format!("footer length {meta_len} exceeds the file"),
+            ));
+        }
+        let meta_bytes = tail(file_len - 8 - meta_len..file_len - 8)?;
+        let metadata = Arc::new(
+            ParquetMetaDataReader::decode_metadata(&meta_bytes).map_err(|e| perr(&name, e))?,
+        );
+        let reader_meta = ArrowReaderMetadata::try_new(metadata.clone(), ArrowReaderOptions::new())
+            .map_err(|e| perr(&name, e))?;
+        let mut group_starts = Vec::with_capacity(metadata.num_row_groups() + 1);
+        let mut row = 0u64;
+        for group in metadata.row_groups() {
+            group_starts.push(row);
+            row += u64::try_from(group.num_rows())
+                .map_err(|_| perr(&name, "negative row count in a row group"))?;
+        }
+        group_starts.push(row);
+        Ok(Self {
+            index,
+            name,
+            rel: rel.to_string(),
+            file_len,
+            metadata,
+            reader_meta,
+            group_starts,
+            bytes_fetched: whole.as_ref().map_or(8 + meta_len, |b| b.len() as u64),
+            whole,
+        })
+    }
+
+    /// Rows in the file according to its footer.
+    pub fn rows(&self) -> u64 {
+        self.group_starts.last().copied().unwrap_or(0)
+    }
+
+    /// The row group holding `row` (a row of this shard).
+    pub fn group_of(&self, row: u64) -> usize {
+        self.group_starts.partition_point(|&s| s <= row) - 1
+    }
+
+    /// Fetches and decodes row group `group`, checking every row against
+    /// `seq_len`; also returns the bytes fetched.
+    pub fn read_group(
+        &self,
+        root: &Location,
+        group: usize,
+        seq_len: usize,
+    ) -> Result<(DecodedGroup, u64), LoaderError> {
+        let name = &self.name;
+        if group + 1 >= self.group_starts.len() {
+            return Err(perr(name, format!("no row group {group}")));
+        }
+        let schema = self.metadata.file_metadata().schema_descr();
+        let roots = schema.root_schema().get_fields();
+        let mut root_indices = Vec::new();
+        for column in COLUMNS {
+            let index = roots
+                .iter()
+                .position(|f| f.name() == column)
+                .ok_or_else(|| perr(name, format!("no column `{column}`")))?;
+            root_indices.push(index);
+        }
+        let mut fetched = 0;
+        let reader = match &self.whole {
+            Some(bytes) => RangeBytes {
+                file_len: self.file_len,
+                start: 0,
+                data: bytes.clone(),
+            },
+            None => {
+                let rg = &self.metadata.row_groups()[group];
+                let mut lo = u64::MAX;
+                let mut hi = 0u64;
+                for chunk in rg.columns() {
+                    let root = chunk.column_path().parts().first().map(String::as_str);
+                    if !root.is_some_and(|r| COLUMNS.contains(&r)) {
+                        continue;
+                    }
+                    let start = chunk
+                        .dictionary_page_offset()
+                        .unwrap_or_else(|| chunk.data_page_offset());
+                    let len = chunk.compressed_size();
+                    let (Ok(start), Ok(len)) = (u64::try_from(start), u64::try_from(len)) else {
+                        return Err(perr(name, "negative column chunk offset"));
+                    };
+                    lo = lo.min(start);
+                    hi = hi.max(start + len);
+                }
+                if lo >= hi || hi > self.file_len {
+                    return Err(perr(name, format!("bad column chunk range {lo}..{hi}")));
+                }
+                fetched = hi - lo;
+                RangeBytes {
+                    file_len: self.file_len,
+                    start: lo,
+                    data: root.get_range(&self.rel, lo..hi)?,
+                }
+            }
+        };
+        let mask = ProjectionMask::roots(schema, root_indices);
+        let batches =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(reader, self.reader_meta.clone())
+                .with_row_groups(vec![group])
+                .with_projection(mask)
+                .with_batch_size(8192)
+                .build()
+                .map_err(|e| perr(name, e))?;
+        let first_row = self.group_starts[group];
+        let mut out = DecodedGroup {
+            shard: self.index,
+            group,
+            first_row,
+            input_ids: Vec::new(),
+            doc_lens: Vec::new(),
+        };
+        for batch in batches {
+            let batch = batch.map_err(|e| perr(name, e))?;
+            let ids = list_u32(name, &batch, "input_ids")?;
+            let lens = list_u32(name, &batch, "doc_lens")?;
+            for row in 0..batch.num_rows() {
+                let global = first_row + out.rows();
+                let tokens = ids.row(row);
+                if tokens.len() != seq_len {
+                    return Err(LoaderError::RowLength {
+                        location: name.clone(),
+                        row: global,
+                        expected: seq_len,
+                        got: tokens.len(),
+                    });
+                }
+                let docs = lens.row(row);
+                let sum: u64 = docs.iter().map(|&d| u64::from(d)).sum();
+                if sum != seq_len as u64 {
+                    return Err(LoaderError::DocLens {
+                        location: name.clone(),
+                        row: global,
+                        sum,
+                        seq_len,
+                    });
+                }
+                out.input_ids.extend_from_slice(tokens);
+                out.doc_lens.push(docs.to_vec());
+            }
+        }
+        let expected = self.group_starts[group + 1] - first_row;
+        if out.rows() != expected {
+            return Err(perr(
+                name,
+                format!(
+                    "row group {group} decoded {} rows, footer says {expected}",
+                    out.rows()
+                ),
+            ));
+        }
+        Ok((out, fetched))
+    }
+}
+
+/// A `list<uint32>` column of a record batch.
+struct ListU32<'a> {
+    offsets: &'a [i32],
+    values: &'a [u32],
+}
+
+impl ListU32<'_> {
+    fn row(&self, i: usize) -> &[u32] {
+        let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+        &self.values[a..b]
+    }
+}
+
+fn list_u32<'a>(
+    name: &str,
+    batch: &'a arrow_array::RecordBatch,
+    column: &str,
+) -> Result<ListU32<'a>, LoaderError> {
+    let list = batch
+        .column_by_name(column)
+        .and_then(|c| c.as_any().downcast_ref::<ListArray>())
+        .ok_or_else(|| perr(name, format!("column `{column}` is not a list")))?;
+    let values = list
+        .values()
+        .as_any()
+        .downcast_ref::<UInt32Array>()
+        .ok_or_else(|| perr(name, format!("column `{column}` is not a list<uint32>")))?;
+    let offsets: &[i32] = list.value_offsets();
+    let values: &[u32] = values.values();
+    let bad = offsets.len() != batch.num_rows() + 1
+        || offsets.windows(2).any(|w| w[0] < 0 || w[0] > w[1])
+        || offsets.last().is_some_and(|&o| o as usize > values.len());
+    if bad {
+        return Err(perr(
+            name,
+            format!("column `{column}` has bad list offsets"),
+        ));
+    }
+    Ok(ListU32 { offsets, values })
+}

@@ -1,0 +1,478 @@
+//! Loader tests on real parquet shards written to a temporary folder.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{ListBuilder, UInt16Builder, UInt32Builder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use super::*;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Token `j` of phase row `i`.
+fn token(i: u64, j: usize) -> u32 {
+    (i * 1000 + j as u64) as u32
+}
+
+/// Document lengths of phase row `i` (varies with the row).
+fn docs(i: u64, seq_len: usize) -> Vec<u32> {
+    let first = (i as usize % (seq_len - 1)) + 1;
+    vec![first as u32, (seq_len - first) as u32]
+}
+
+fn list_field(name: &str, item: DataType) -> Field {
+    Field::new(
+        name,
+        DataType::List(Arc::new(Field::new("item", item, false))),
+        false,
+    )
+}
+
+/// Shard bytes holding phase rows `rows`, `per_group` rows per row group.
+fn shard_bytes(
+    rows: Range<u64>,
+    seq_len: usize,
+    per_group: usize,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let item = |dt: DataType| Arc::new(Field::new("item", dt, false));
+    let mut ids = ListBuilder::new(UInt32Builder::new()).with_field(item(DataType::UInt32));
+    let mut lens = ListBuilder::new(UInt32Builder::new()).with_field(item(DataType::UInt32));
+    let mut src = ListBuilder::new(UInt16Builder::new()).with_field(item(DataType::UInt16));
+    for i in rows {
+        for j in 0..seq_len {
+            ids.values().append_value(token(i, j));
+        }
+        ids.append(true);
+        for d in docs(i, seq_len) {
+            lens.values().append_value(d);
+            src.values().append_value((i % 3) as u16);
+        }
+        lens.append(true);
+        src.append(true);
+    }
+    let schema = Arc::new(Schema::new(vec![
+        list_field("input_ids", DataType::UInt32),
+        list_field("doc_lens", DataType::UInt32),
+        list_field("source", DataType::UInt16),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(ids.finish()),
+        Arc::new(lens.finish()),
+        Arc::new(src.finish()),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_max_row_group_row_count(Some(per_group))
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(out)
+}
+
+pub(crate) struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub seq_len: usize,
+    pub rows: u64,
+}
+
+impl Fixture {
+    pub fn url(&self) -> String {
+        format!("file://{}", self.dir.path().display())
+    }
+}
+
+/// A dataset with phase `pretrain` of `rows` rows, `per_shard` rows per
+/// shard and `per_group` per row group.
+pub(crate) fn fixture(
+    rows: u64,
+    seq_len: usize,
+    per_shard: u64,
+    per_group: usize,
+) -> Result<Fixture, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let mut shards = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let end = (start + per_shard).min(rows);
+        let path = format!("phases/pretrain/shard-{:05}.parquet", shards.len());
+        let bytes = shard_bytes(start..end, seq_len, per_group)?;
+        let file = dir.path().join(&path);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&file, &bytes)?;
+        shards.push(
+            serde_json::json!({"path": path, "rows": end - start, "sha256": sha256_hex(&bytes)}),
+        );
+        start = end;
+    }
+    let manifest = serde_json::json!({
+        "format_version": 1,
+        "program": "test",
+        "tokenizer": {"vocab_size": 100},
+        "phases": [
+            {"name": "other", "seq_len": 4, "sequences": 0, "tokens": 0, "shards": []},
+            {"name": "pretrain", "seq_len": seq_len, "sequences": rows,
+             "tokens": rows * seq_len as u64, "shards": shards, "draws": []}
+        ]
+    });
+    std::fs::write(
+        dir.path().join(MANIFEST),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    Ok(Fixture { dir, seq_len, rows })
+}
+
+/// The tokens and doc lengths phase rows `rows` must have (with wrap).
+fn expected(rows: Range<u64>, seq_len: usize, phase_rows: u64) -> (Vec<u32>, Vec<Vec<u32>>) {
+    let mut ids = Vec::new();
+    let mut lens = Vec::new();
+    for l in rows {
+        let i = l % phase_rows;
+        ids.extend((0..seq_len).map(|j| token(i, j)));
+        lens.push(docs(i, seq_len));
+    }
+    (ids, lens)
+}
+
+fn open(f: &Fixture) -> Result<PhaseReader, LoaderError> {
+    PhaseReader::open(
+        &f.url(),
+        "pretrain",
+        f.seq_len as u32,
+        ReaderOptions::default(),
+    )
+}
+
+#[test]
+fn batch_plan_splits_a_global_batch_without_gaps() -> Result<(), LoaderError> {
+    let plan = BatchPlan::new(10, 3, 1, 2)?;
+    assert_eq!(plan.global_rows(2), 20..30);
+    assert_eq!(plan.rank_rows(2), 23..26);
+    assert_eq!(plan.micro_ranges(2), vec![23..25, 25..26]);
+    let all: Vec<_> = (0..3)
+        .map(|r| BatchPlan::new(10, 3, r, 0).map(|p| p.rank_rows(2)))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(all, vec![20..23, 23..26, 26..30]);
+    assert!(BatchPlan::new(2, 3, 0, 0).is_err());
+    assert!(BatchPlan::new(8, 2, 2, 0).is_err());
+    Ok(())
+}
+
+#[test]
+fn ranks_get_exactly_their_rows_for_several_plans() -> TestResult {
+    let f = fixture(100, 8, 23, 5)?;
+    for (n, b, micro) in [
+        (1u32, 12u64, 0u64),
+        (2, 12, 4),
+        (4, 12, 2),
+        (3, 12, 0),
+        (4, 16, 3),
+        (3, 10, 1),
+    ] {
+        for r in 0..n {
+            let plan = BatchPlan::new(b, n, r, micro)?;
+            let mut reader = open(&f)?;
+            for step in [0u64, 1, 3, 7] {
+                let batch = reader.batch(&plan, step)?;
+                let want = step * b + u64::from(r) * b / u64::from(n)
+                    ..step * b + (u64::from(r) + 1) * b / u64::from(n);
+                assert_eq!(batch.rows, want, "n={n} r={r} b={b} step={step}");
+                assert_eq!(batch.step, step);
+                let mut covered = batch.rows.start;
+                for mb in &batch.micro_batches {
+                    assert_eq!(mb.rows.start, covered);
+                    if micro > 0 {
+                        assert!(mb.rows.end - mb.rows.start <= micro);
+                    }
+                    covered = mb.rows.end;
+                    let (ids, lens) = expected(mb.rows.clone(), f.seq_len, f.rows);
+                    assert_eq!(mb.input_ids, ids, "n={n} r={r} b={b} step={step}");
+                    assert_eq!(mb.doc_lens, lens);
+                }
+                assert_eq!(covered, batch.rows.end);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn global_batches_do_not_depend_on_world_size() -> TestResult {
+    let f = fixture(96, 6, 20, 7)?;
+    let b = 8u64;
+    let global = |n: u32| -> Result<Vec<Vec<u32>>, LoaderError> {
+        let mut out = Vec::new();
+        for step in 0..12 {
+            let mut ids = Vec::new();
+            for r in 0..n {
+                let plan = BatchPlan::new(b, n, r, 3)?;
+                let mut reader = open(&f)?;
+                for mb in reader.batch(&plan, step)?.micro_batches {
+                    ids.extend(mb.input_ids);
+                }
+            }
+            out.push(ids);
+        }
+        Ok(out)
+    };
+    let one = global(1)?;
+    assert_eq!(one[5], expected(40..48, 6, 96).0);
+    assert_eq!(global(2)?, one);
+    assert_eq!(global(4)?, one);
+    Ok(())
+}
+
+#[test]
+fn seeking_to_a_step_equals_iterating_to_it() -> TestResult {
+    let f = fixture(64, 4, 10, 3)?;
+    let plan = BatchPlan::new(6, 2, 1, 2)?;
+    let mut walked = open(&f)?;
+    let mut last = None;
+    for step in 0..=9 {
+        last = Some(walked.batch(&plan, step)?);
+    }
+    let mut fresh = open(&f)?;
+    assert_eq!(Some(fresh.batch(&plan, 9)?), last);
+    Ok(())
+}
+
+#[test]
+fn seeking_reads_only_the_row_groups_it_needs() -> TestResult {
+    // 10 shards of 40 rows in row groups of 8.
+    let f = fixture(400, 16, 40, 8)?;
+    let plan = BatchPlan::new(8, 2, 1, 0)?;
+    let mut reader = open(&f)?;
+    // Step 37: rows 296..304, rank 1 takes 300..304: shard 7, group 2.
+    let batch = reader.batch(&plan, 37)?;
+    assert_eq!(batch.rows, 300..304);
+    let stats = reader.stats();
+    assert_eq!((stats.shards_opened, stats.groups_decoded), (1, 1));
+    let shard_len =
+        std::fs::metadata(f.dir.path().join("phases/pretrain/shard-00007.parquet"))?.len();
+    assert!(
+        stats.bytes_fetched < shard_len,
+        "{} of {shard_len}",
+        stats.bytes_fetched
+    );
+    // The next step of the same row group is served from the cache.
+    reader.batch(&plan, 38)?;
+    assert_eq!(reader.stats().groups_decoded, 2, "step 38 is in group 3");
+    let mut again = open(&f)?;
+    again.read_rows(300..302)?;
+    again.read_rows(302..304)?;
+    assert_eq!(again.stats().groups_decoded, 1);
+    Ok(())
+}
+
+#[test]
+fn rows_past_the_phase_wrap_into_another_epoch() -> TestResult {
+    let f = fixture(10, 4, 4, 3)?;
+    let mut reader = open(&f)?;
+    let mb = reader.read_rows(8..13)?;
+    assert_eq!(mb.rows, 8..13);
+    let (ids, lens) = expected(8..13, 4, 10);
+    assert_eq!(mb.input_ids, ids);
+    assert_eq!(mb.doc_lens, lens);
+    assert_eq!(&mb.input_ids[8..12], &[0, 1, 2, 3]);
+    Ok(())
+}
+
+#[test]
+fn prefetch_delivers_steps_in_order_and_stops() -> TestResult {
+    let f = fixture(50, 4, 7, 2)?;
+    let plan = BatchPlan::new(4, 2, 0, 0)?;
+    let mut direct = open(&f)?;
+    let pre = Prefetcher::spawn(open(&f)?, plan, 3..15, 2)?;
+    let mut steps = Vec::new();
+    for batch in pre {
+        let batch = batch?;
+        assert_eq!(batch, direct.batch(&plan, batch.step)?);
+        steps.push(batch.step);
+    }
+    assert_eq!(steps, (3..15).collect::<Vec<_>>());
+    // Dropping a prefetcher half-way stops its thread.
+    let mut early = Prefetcher::spawn(open(&f)?, plan, 0..1000, 2)?;
+    assert!(early.next_batch().is_some());
+    drop(early);
+    Ok(())
+}
+
+#[test]
+fn prefetch_reports_a_read_error_once() -> TestResult {
+    let f = fixture(20, 4, 10, 5)?;
+    let reader = open(&f)?;
+    std::fs::write(
+        f.dir.path().join("phases/pretrain/shard-00001.parquet"),
+        b"not parquet",
+    )?;
+    let plan = BatchPlan::new(5, 1, 0, 0)?;
+    let got: Vec<_> = Prefetcher::spawn(reader, plan, 0..4, 2)?.collect();
+    assert_eq!(got.len(), 3);
+    assert!(got[0].is_ok() && got[1].is_ok());
+    let err = got[2]
+        .as_ref()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("shard-00001.parquet"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn open_errors_name_the_file() -> TestResult {
+    let f = fixture(20, 4, 10, 5)?;
+    let msg =
+        |r: Result<PhaseReader, LoaderError>| r.err().map(|e| e.to_string()).unwrap_or_default();
+
+    let err = msg(PhaseReader::open(
+        &f.url(),
+        "decay",
+        4,
+        ReaderOptions::default(),
+    ));
+    assert!(
+        err.contains("no phase `decay`") && err.contains("manifest.json"),
+        "{err}"
+    );
+
+    let err = msg(PhaseReader::open(
+        &f.url(),
+        "pretrain",
+        8,
+        ReaderOptions::default(),
+    ));
+    assert!(err.contains("seq_len 4") && err.contains("says 8"), "{err}");
+
+    let missing = tempfile::tempdir()?;
+    let err = msg(PhaseReader::open(
+        &missing.path().display().to_string(),
+        "pretrain",
+        4,
+        ReaderOptions::default(),
+    ));
+    assert!(err.contains("no manifest.json"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_corrupted_shard_fails_the_hash_check() -> TestResult {
+    let f = fixture(20, 4, 10, 5)?;
+    let path = f.dir.path().join("phases/pretrain/shard-00001.parquet");
+    let mut bytes = std::fs::read(&path)?;
+    bytes[10] ^= 0xff;
+    std::fs::write(&path, bytes)?;
+    let verify = ReaderOptions {
+        verify_sha256: true,
+    };
+    let mut reader = PhaseReader::open(&f.url(), "pretrain", 4, verify)?;
+    assert!(reader.read_rows(0..10).is_ok());
+    let err = reader
+        .read_rows(10..12)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("shard-00001.parquet") && err.contains("sha256"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn verified_reads_return_the_same_rows() -> TestResult {
+    let f = fixture(30, 4, 11, 4)?;
+    let verify = ReaderOptions {
+        verify_sha256: true,
+    };
+    let mut a = PhaseReader::open(&f.url(), "pretrain", 4, verify)?;
+    let mut b = open(&f)?;
+    assert_eq!(a.read_rows(5..29)?, b.read_rows(5..29)?);
+    Ok(())
+}
+
+/// The flow the training loop follows: prefetch, log every step, write a
+/// checkpoint, crash, resume from the newest committed checkpoint with
+/// another world size, and verify the phase's data order at the end.
+#[test]
+fn a_resumed_run_with_another_world_size_consumes_every_row_once() -> TestResult {
+    use crate::checkpoint::{
+        self, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, OptimizerState,
+    };
+    use order::DataOrderLog;
+
+    let f = fixture(120, 4, 25, 5)?;
+    let ckpt = tempfile::tempdir()?;
+    let ckpt_url = format!("file://{}", ckpt.path().display());
+    let b = 8u64;
+    let steps = f.rows / b; // 15
+    let run = |world: &str, n: u32, first: u64, crash_at: u64, every: u64| -> TestResult {
+        let writer = CheckpointWriter::spawn(&ckpt_url, 1)?;
+        for r in 0..n {
+            let plan = BatchPlan::new(b, n, r, 3)?;
+            let mut log =
+                DataOrderLog::open(&ckpt_url, "run", 0, "pretrain", world, r, n, first, 1)?;
+            let loader = Prefetcher::spawn(open(&f)?, plan, first..steps, 2)?;
+            for batch in loader {
+                let batch = batch?;
+                if batch.step == crash_at {
+                    break; // the process dies before finishing this step
+                }
+                log.record(batch.step, batch.rows.clone())?;
+                let done = batch.step + 1;
+                if r == 0 && (done % every == 0 || done == steps) {
+                    log.flush()?;
+                    let snapshot = CheckpointSnapshot {
+                        info: CheckpointInfo {
+                            run_id: "run".into(),
+                            phase_index: 0,
+                            phase_name: "pretrain".into(),
+                            step: done,
+                            tokens: done * b * 4,
+                            rng: vec![1, done],
+                            data_cursor: plan.cursor_after(done),
+                            world_size: n,
+                            spec_name: "tiny".into(),
+                            attempt: world.into(),
+                            phase_end: done == steps,
+                        },
+                        model: vec![("w".into(), vec![1], vec![done as f32])],
+                        optimizer: OptimizerState {
+                            step: done,
+                            tensors: Vec::new(),
+                        },
+                    };
+                    writer.write_async(snapshot)?.wait()?;
+                }
+            }
+        }
+        writer.wait()?;
+        Ok(())
+    };
+    // World a: 4 ranks, checkpoints every 4 steps, dies in step 10 (after
+    // logging steps 8 and 9, whose updates are lost).
+    run("world-a", 4, 0, 10, 4)?;
+    let resume = checkpoint::latest_committed(&ckpt_url, "run")?.ok_or("no checkpoint")?;
+    assert_eq!(resume.step, 8);
+    let loaded = checkpoint::load(&resume.url)?;
+    assert_eq!(loaded.state.info.data_cursor, 64);
+    // World b: 3 ranks, resumes from step 8 and finishes.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    run("world-b", 3, loaded.state.info.step, u64::MAX, 4)?;
+    let report = order::verify_run(&ckpt_url, "run", 0, "pretrain", steps, b)?;
+    assert!(report.is_ok(), "{report:?}");
+    // keep_last = 1 kept the newest non-final checkpoint and the phase end.
+    let kept: Vec<u64> = checkpoint::committed(&ckpt_url, "run")?
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(kept, vec![12, 15]);
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! Object storage for the worker's data loader and checkpoints: local paths,
+//! `file://` URLs and (with the crate's `cloud` feature) `s3://`, `gs://`,
+//! `az://`, behind one small synchronous API.
+//!
+//! Every call blocks on one process-wide, never-dropped tokio runtime (one
+//! I/O thread), so the loader's prefetch thread and the checkpoint writer
+//! thread need no async executor of their own, and a [`Location`] can be
+//! created and dropped anywhere. Do not call its methods from inside an
+//! async task (blocking there panics); use `spawn_blocking` or a thread. `put` is atomic on every
+//! backend (local files are written under a temporary name and renamed), so
+//! a reader never sees a half-written file.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+/// Errors of [`Location`], naming the object.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid storage url {url}: {message}")]
+    Url { url: String, message: String },
+    #[error("cannot start the storage runtime: {0}")]
+    Runtime(String),
+    #[error("{location} does not exist")]
+    NotFound { location: String },
+    #[error("storage error at {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// The runtime every [`Location`] blocks on.
+fn runtime() -> Result<&'static tokio::runtime::Runtime, StoreError> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("twinhead-store-io")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| StoreError::Runtime(e.clone()))
+}
+
+/// A folder-like location in some object store.
+#[derive(Clone)]
+pub struct Location {
+    rt: &'static tokio::runtime::Runtime,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjPath,
+    display: String,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+fn local_dir(url: &str) -> Option<PathBuf> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(rest));
+    }
+    if url.contains("://") {
+        return None;
+    }
+    Some(PathBuf::from(url))
+}
+
+impl Location {
+    /// Opens `url` (a local path, `file://` URL or cloud URL) as a folder.
+    /// With `create`, a missing local folder is created (cloud stores have
+    /// no folders to create).
+    pub fn open(url: &str, create: bool) -> Result<Self, StoreError> {
+        let rt = runtime()?;
+        let url_err = |message: String| StoreError::Url {
+            url: url.to_string(),
+            message,
+        };
+        let trimmed = url.trim_end_matches('/');
+        if let Some(dir) = local_dir(trimmed) {
+            let scheme = if trimmed.starts_with("file://") {
+                "file://"
+            } else {
+                ""
+            };
+            let dir = if dir.is_absolute() {
+                dir
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| url_err(e.to_string()))?
+                    .join(dir)
+            };
+            if create {
+                std::fs::create_dir_all(&dir).map_err(|e| url_err(e.to_string()))?;
+            }
+            // Root the store at `/` so that a missing folder reads as "not
+            // found" rather than failing here (the manifest's absence must
+            // be reported as such).
+            let store = LocalFileSystem::new();
+            let prefix = ObjPath::from_absolute_path(&dir).map_err(|e| url_err(e.to_string()))?;
+            return Ok(Self {
+                rt,
+                store: Arc::new(store),
+                prefix,
+                display: format!("{scheme}{}", dir.display()),
+            });
+        }
+        let parsed = url::Url::parse(trimmed).map_err(|e| url_err(e.to_string()))?;
+        // Credentials and options come from the environment (AWS_*, GOOGLE_*,
+        // AZURE_* variables; unknown variables are ignored).
+        let (store, prefix) =
+            object_store::parse_url_opts(&parsed, std::env::vars()).map_err(|e| {
+                url_err(format!(
+                    "{e} (cloud stores need twinhead-worker's `cloud` feature)"
+                ))
+            })?;
+        Ok(Self {
+            rt,
+            store: Arc::from(store),
+            prefix,
+            display: trimmed.to_string(),
+        })
+    }
+
+    /// The location `rel` below this one (a `/`-separated relative path).
+    pub fn child(&self, rel: &str) -> Location {
+        Location {
+            rt: self.rt,
+            store: self.store.clone(),
+            prefix: self.full(rel),
+            display: self.name(rel),
+        }
+    }
+
+    /// How to name this location in messages and to pass it on as a URL
+    /// (local stores: an absolute path, with `file://` if opened so).
+    pub fn url(&self) -> &str {
+        &self.display
+    }
+
+    fn full(&self, rel: &str) -> ObjPath {
+        let mut parts: Vec<_> = self.prefix.parts().collect();
+        parts.extend(
+            rel.split('/')
+                .filter(|p| !p.is_empty())
+                .map(object_store::path::PathPart::from),
+        );
+        ObjPath::from_iter(parts)
+    }
+
+    /// `rel` joined to this location, for messages.
+    pub fn name(&self, rel: &str) -> String {
+        let rel = rel.trim_matches('/');
+        if rel.is_empty() {
+            self.display.clone()
+        } else {
+            format!("{}/{rel}", self.display)
+        }
+    }
+
+    fn err(&self, rel: &str, source: object_store::Error) -> StoreError {
+        match source {
+            object_store::Error::NotFound { .. } => StoreError::NotFound {
+                location: self.name(rel),
+            },
+            source => StoreError::Store {
+                location: self.name(rel),
+                source,
+            },
+        }
+    }
+
+    /// The whole object `rel`.
+    pub fn get(&self, rel: &str) -> Result<Bytes, StoreError> {
+        let path = self.full(rel);
+        self.rt
+            .block_on(async {
+                let got = self.store.get(&path).await?;
+                got.bytes().await
+            })
+            .map_err(|e| self.err(rel, e))
+    }
+
+    /// The object `rel`, or `None` when it does not exist.
+    pub fn get_opt(&self, rel: &str) -> Result<Option<Bytes>, StoreError> {
+        match self.get(rel) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Bytes `range` of the object `rel`.
+    pub fn get_range(&self, rel: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let path = self.full(rel);
+        self.rt
+            .block_on(self.store.get_range(&path, range))
+            .map_err(|e| self.err(rel, e))
+    }
+
+    /// The size in bytes of the object `rel`.
+    pub fn size(&self, rel: &str) -> Result<u64, StoreError> {
+        let path = self.full(rel);
+        self.rt
+            .block_on(self.store.head(&path))
+            .map(|m| m.size)
+            .map_err(|e| self.err(rel, e))
+    }
+
+    /// Whether the object `rel` exists.
+    pub fn exists(&self, rel: &str) -> Result<bool, StoreError> {
+        match self.size(rel) {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the object `rel` atomically (creating local folders).
+    pub fn put(&self, rel: &str, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
+        let path = self.full(rel);
+        let payload = PutPayload::from_bytes(bytes.into());
+        self.rt
+            .block_on(self.store.put(&path, payload))
+            .map(|_| ())
+            .map_err(|e| self.err(rel, e))
+    }
+
+    /// Deletes the object `rel`; a missing one is not an error.
+    pub fn delete(&self, rel: &str) -> Result<(), StoreError> {
+        let path = self.full(rel);
+        match self.rt.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(rel, e)),
+        }
+    }
+
+    /// Names of the immediate sub-folders of `rel`, sorted.
+    pub fn list_dirs(&self, rel: &str) -> Result<Vec<String>, StoreError> {
+        let path = self.full(rel);
+        let listed = match self
+            .rt
+            .block_on(self.store.list_with_delimiter(Some(&path)))
+        {
+            Ok(listed) => listed,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(rel, e)),
+        };
+        let mut names: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every object below `rel`, as paths relative to `rel`, sorted.
+    pub fn list_files(&self, rel: &str) -> Result<Vec<String>, StoreError> {
+        let path = self.full(rel);
+        let metas: Vec<_> = match self
+            .rt
+            .block_on(self.store.list(Some(&path)).try_collect::<Vec<_>>())
+        {
+            Ok(metas) => metas,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(rel, e)),
+        };
+        let mut names: Vec<String> = metas
+            .iter()
+            .filter_map(|m| {
+                m.location
+                    .prefix_match(&path)
+                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>())
+            })
+            .map(|parts| parts.join("/"))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete_on_local_paths() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let root = Location::open(&format!("file://{}", dir.path().display()), false)?;
+        assert_eq!(
+            root.child("x/y").url(),
+            format!("file://{}/x/y", dir.path().display())
+        );
+        root.put("a/b/one.txt", b"one".to_vec())?;
+        root.put("a/c/two.txt", b"two".to_vec())?;
+        assert_eq!(&root.get("a/b/one.txt")?[..], b"one");
+        assert_eq!(&root.child("a").get_range("c/two.txt", 1..3)?[..], b"wo");
+        assert_eq!(root.list_dirs("a")?, vec!["b", "c"]);
+        assert_eq!(root.list_files("a")?, vec!["b/one.txt", "c/two.txt"]);
+        assert!(root.get_opt("missing")?.is_none());
+        assert!(matches!(
+            root.get("missing"),
+            Err(StoreError::NotFound { .. })
+        ));
+        root.delete("a/b/one.txt")?;
+        assert!(!root.exists("a/b/one.txt")?);
+        assert!(root.list_dirs("nowhere")?.is_empty());
+        Ok(())
+    }
+
+    #[cfg(not(feature = "cloud"))]
+    #[test]
+    fn cloud_urls_name_the_missing_feature() {
+        let err = Location::open("s3://bucket/data", false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("s3://bucket/data") && err.contains("`cloud` feature"),
+            "{err}"
+        );
+    }
+}
