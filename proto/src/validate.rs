@@ -180,10 +180,10 @@ pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
     let Some(optimizer) = spec.optimizer.as_ref() else {
         return fail("optimizer", "is required");
     };
-    if !matches!(optimizer.name.as_str(), "stable_adamw" | "adamw") {
+    if optimizer.name != "stable_adamw" {
         return fail(
             "optimizer.name",
-            format!("must be stable_adamw or adamw, got {:?}", optimizer.name),
+            format!("must be stable_adamw, got {:?}", optimizer.name),
         );
     }
     positive("optimizer.peak_lr", optimizer.peak_lr)?;

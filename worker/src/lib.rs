@@ -33,6 +33,7 @@ pub mod optim;
 pub mod runtime;
 pub mod schedule;
 pub mod store;
+pub mod train;
 
 /// The CPU backend used by tests and CPU training.
 pub type CpuBackend = burn::backend::NdArray<f32>;

@@ -477,6 +477,14 @@ impl<B: Backend> ModernBert<B> {
         self
     }
 
+    /// The same weights with other RoPE bases: phases change them
+    /// (context extension raises the global base to 160k).
+    pub fn with_rope_theta(mut self, global: f64, local: f64) -> Self {
+        self.config.global_rope_theta = global;
+        self.config.local_rope_theta = local;
+        self
+    }
+
     /// Embedding lookup, embedding norm and dropout.
     ///
     /// # Shapes

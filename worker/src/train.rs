@@ -1,0 +1,516 @@
+//! The training loop: one assignment (a phase's steps on one rank) of an
+//! Ettin model on Burn, with gradients all-reduced through the world's
+//! collective and StableAdamW applied on flat host buffers.
+//!
+//! Per step:
+//! 1. the prefetcher hands over this rank's rows of global batch `g`;
+//! 2. each row is masked with an RNG seeded by (run seed, phase, global
+//!    row), so the same row gets the same mask whatever the world size;
+//! 3. per micro-batch: loss = sum of token losses, backward, gradients
+//!    added to flat buffers in module order;
+//! 4. one all-reduce of [gradients…, loss sum, target count]; gradients are
+//!    divided by the world's mean target count, so the update is the
+//!    gradient of the global batch's mean loss, exactly as one process
+//!    training the whole batch would compute it;
+//! 5. StableAdamW at the phase's LR for the tokens seen, weights written
+//!    back; the rows are appended to the data-order log;
+//! 6. progress to the coordinator; on the checkpoint policy (and at the
+//!    phase's last step) rank 0 writes a checkpoint and reports it.
+
+use std::time::Instant;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::Backend;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use twinhead_proto::v1::{Assignment, Checkpoint, LrShape, Objective as SpecObjective, PhaseSpec, RunSpec};
+
+use crate::checkpoint::{self, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, NamedTensors, OptimizerState};
+use crate::collective::Collective;
+use crate::loader::order::DataOrderLog;
+use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOptions};
+use crate::model::{Flavour, ModelConfig, ModernBert, RawModelConfig, TokenBatch};
+use crate::objectives::{self, MaskingConfig, PredictionBatch};
+use crate::optim::{StableAdamW, StableAdamWConfig, TensorSpec};
+use crate::runtime::{Link, PhaseEnd, Progress, TrainError, Trainer};
+use crate::schedule::{DecayLaw, LrSchedule};
+
+fn failed<E: std::fmt::Display>(context: &str) -> impl Fn(E) -> TrainError + '_ {
+    move |e| TrainError::Failed(format!("{context}: {e}"))
+}
+
+/// The model shape of a run spec, as the model code takes it.
+pub fn model_config(spec: &RunSpec) -> Result<ModelConfig, TrainError> {
+    let m = spec
+        .model
+        .as_ref()
+        .ok_or_else(|| TrainError::Failed("spec.model is missing".into()))?;
+    let raw = RawModelConfig {
+        name: m.name.clone(),
+        vocab_size: m.vocab_size as usize,
+        hidden_size: m.hidden_size as usize,
+        num_layers: m.num_layers as usize,
+        num_heads: m.num_heads as usize,
+        intermediate_size: m.intermediate_size as usize,
+        max_position_embeddings: m.max_position_embeddings as usize,
+        local_attention: m.local_attention as usize,
+        global_attn_every_n_layers: m.global_attn_every_n_layers as usize,
+        global_rope_theta: m.global_rope_theta,
+        local_rope_theta: m.local_rope_theta,
+        norm_eps: m.norm_eps,
+        initializer_range: m.initializer_range,
+        attention_dropout: m.attention_dropout,
+        embedding_dropout: m.embedding_dropout,
+        mlp_dropout: m.mlp_dropout,
+        pad_token_id: m.pad_token_id,
+        cls_token_id: m.cls_token_id,
+        sep_token_id: m.sep_token_id,
+        mask_token_id: m.mask_token_id,
+    };
+    ModelConfig::validate(raw, "spec.model").map_err(|e| TrainError::Failed(e.to_string()))
+}
+
+/// Which network a run's objective trains.
+pub fn flavour(spec: &RunSpec) -> Flavour {
+    match SpecObjective::try_from(spec.objective) {
+        Ok(SpecObjective::Clm) => Flavour::Decoder,
+        _ => Flavour::Encoder,
+    }
+}
+
+// ------------------------------------------------- parameters as buffers
+
+/// Float parameters in module order, with dotted names.
+struct ParamNames {
+    path: Vec<String>,
+    out: Vec<(String, Vec<usize>, ParamId)>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for ParamNames {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let name = if self.path.is_empty() { format!("param{}", self.out.len()) } else { self.path.join(".") };
+        self.out.push((name, param.val().dims().to_vec(), param.id));
+    }
+}
+
+/// Copies every float parameter to the host, in module order.
+struct ReadParams(Vec<Vec<f32>>);
+
+impl<B: Backend> ModuleVisitor<B> for ReadParams {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.push(param.val().into_data().into_vec::<f32>().unwrap_or_default());
+    }
+}
+
+/// Replaces every float parameter by the next host buffer, in module order.
+struct WriteParams<'a, B: Backend> {
+    values: &'a [Vec<f32>],
+    next: usize,
+    device: B::Device,
+}
+
+impl<B: Backend> ModuleMapper<B> for WriteParams<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let shape = tensor.dims();
+        let Some(values) = self.values.get(self.next) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        self.next += 1;
+        let fresh = Tensor::<B, D>::from_data(TensorData::new(values.clone(), shape), &self.device);
+        let fresh = if tensor.is_require_grad() { fresh.require_grad() } else { fresh };
+        Param::from_mapped_value(id, fresh, mapper)
+    }
+}
+
+/// Adds each parameter's gradient to the matching flat buffer.
+fn add_grads<B: AutodiffBackend>(model: &ModernBert<B>, grads: &GradientsParams, ids: &[(String, Vec<usize>, ParamId)], into: &mut [Vec<f32>]) {
+    struct Grads<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        into: &'a mut [Vec<f32>],
+        next: usize,
+        _b: std::marker::PhantomData<B>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let index = self.next;
+            self.next += 1;
+            let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else { return };
+            let Ok(values) = g.into_data().into_vec::<f32>() else { return };
+            if let Some(acc) = self.into.get_mut(index) {
+                for (a, v) in acc.iter_mut().zip(values) {
+                    *a += v;
+                }
+            }
+        }
+    }
+    debug_assert_eq!(ids.len(), into.len());
+    let mut visitor = Grads::<B> { grads, into, next: 0, _b: std::marker::PhantomData };
+    model.visit(&mut visitor);
+}
+
+/// FNV-1a over names and shapes: ranks must agree on the model's layout.
+fn fingerprint(params: &[(String, Vec<usize>, ParamId)]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, shape, _) in params {
+        for b in name.bytes().chain(shape.iter().flat_map(|d| (*d as u64).to_le_bytes())) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// A seed for one row: the same row gets the same mask on any rank.
+fn row_seed(seed: u64, phase: u32, row: u64) -> u64 {
+    let mut z = seed ^ (u64::from(phase) << 48) ^ row.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+// ----------------------------------------------------------- the trainer
+
+/// The model and optimizer between assignments of one run.
+struct Session<B: AutodiffBackend> {
+    run_id: String,
+    model: ModernBert<B>,
+    params: Vec<(String, Vec<usize>, ParamId)>,
+    optimizer: StableAdamW,
+    /// (phase, steps done) the in-memory state corresponds to.
+    at: (u32, u64),
+}
+
+/// Trains Ettin models on backend `B` (CPU: [`crate::CpuAutodiff`]).
+pub struct BurnTrainer<B: AutodiffBackend> {
+    device: B::Device,
+    session: Option<Session<B>>,
+    /// Progress reports at most this often.
+    report_every: std::time::Duration,
+    /// Peak FLOP/s of the device for the MFU estimate (0: not reported).
+    peak_flops: f64,
+}
+
+impl<B: AutodiffBackend> BurnTrainer<B> {
+    pub fn new(device: B::Device) -> Self {
+        let peak_flops = std::env::var("TWINHEAD_PEAK_FLOPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        Self {
+            device,
+            session: None,
+            report_every: std::time::Duration::from_millis(500),
+            peak_flops,
+        }
+    }
+
+    fn optimizer_for(spec: &RunSpec, phase: &PhaseSpec, params: &[(String, Vec<usize>, ParamId)]) -> Result<StableAdamW, TrainError> {
+        let o = spec.optimizer.clone().unwrap_or_default();
+        let start = phase.lr.as_ref().map_or(1.0, |l| l.start_factor);
+        let mut config = StableAdamWConfig::new(o.peak_lr * start, o.weight_decay);
+        config.beta1 = o.beta1;
+        config.beta2 = o.beta2;
+        config.eps = o.eps;
+        config.max_grad_norm = (o.grad_clip > 0.0).then_some(o.grad_clip);
+        let specs: Vec<TensorSpec> = params.iter().map(|(n, s, _)| TensorSpec::for_shape(n, s)).collect();
+        StableAdamW::new(config, &specs).map_err(|e| TrainError::Failed(format!("optimizer: {e}")))
+    }
+
+    /// Model and optimizer for the assignment: kept from the last phase,
+    /// loaded from its checkpoint, or initialised (rank 0's broadcast).
+    fn prepare(&mut self, a: &Assignment, collective: &mut dyn Collective) -> Result<(), TrainError> {
+        let spec = a.spec.as_ref().ok_or_else(|| TrainError::Failed("assignment without a spec".into()))?;
+        let phase = spec
+            .phases
+            .get(a.phase_index as usize)
+            .ok_or_else(|| TrainError::Failed(format!("no phase {} in the spec", a.phase_index)))?;
+        let start = a.start_checkpoint.as_ref().map(|c| (c.phase_index, c.step));
+        let keep = self.session.as_ref().is_some_and(|s| s.run_id == a.run_id && Some(s.at) == start);
+        if !keep {
+            let config = model_config(spec)?;
+            let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, &self.device);
+            let mut names = ParamNames { path: Vec::new(), out: Vec::new() };
+            model.visit(&mut names);
+            let params = names.out;
+            let mut optimizer = Self::optimizer_for(spec, phase, &params)?;
+            let mut values = read_params(&model);
+            if let Some(c) = &a.start_checkpoint {
+                let loaded = checkpoint::load(&c.url).map_err(failed(&format!("checkpoint {}", c.url)))?;
+                values = match_tensors(&params, loaded.model)?;
+                optimizer
+                    .restore(loaded.optimizer.step, loaded.optimizer.tensors)
+                    .map_err(failed("checkpoint optimizer state"))?;
+            } else if !spec.init_from.is_empty() {
+                let path = spec.init_from.trim_start_matches("file://");
+                let imported = crate::hf::load::<B>(std::path::Path::new(path), &self.device)
+                    .map_err(failed(&format!("init_from {}", spec.init_from)))?;
+                values = read_params(&imported);
+            }
+            collective.check_fingerprint(fingerprint(&params))?;
+            // Every rank starts from rank 0's weights.
+            for buf in values.iter_mut() {
+                collective.broadcast(buf, 0)?;
+            }
+            let model = write_params(model, &values, &self.device);
+            self.session = Some(Session {
+                run_id: a.run_id.clone(),
+                model,
+                params,
+                optimizer,
+                at: start.unwrap_or((a.phase_index, 0)),
+            });
+        }
+        if let Some(s) = self.session.as_mut() {
+            if a.phase_start {
+                // A new phase restarts its clock and LR law, keeps moments.
+                let fresh_config = Self::optimizer_for(spec, phase, &s.params)?;
+                let state = s.optimizer.state().to_vec();
+                let steps = s.optimizer.steps();
+                s.optimizer = fresh_config;
+                s.optimizer.restore(steps, state).map_err(failed("optimizer state"))?;
+            }
+            let model = s.model.clone().with_rope_theta(phase.global_rope_theta, phase.local_rope_theta);
+            s.model = model;
+        }
+        Ok(())
+    }
+}
+
+fn read_params<B: Backend>(model: &ModernBert<B>) -> Vec<Vec<f32>> {
+    let mut reader = ReadParams(Vec::new());
+    model.visit(&mut reader);
+    reader.0
+}
+
+fn write_params<B: Backend>(model: ModernBert<B>, values: &[Vec<f32>], device: &B::Device) -> ModernBert<B> {
+    let mut writer = WriteParams::<B> { values, next: 0, device: device.clone() };
+    model.map(&mut writer)
+}
+
+fn match_tensors(params: &[(String, Vec<usize>, ParamId)], loaded: NamedTensors) -> Result<Vec<Vec<f32>>, TrainError> {
+    if loaded.len() != params.len() {
+        return Err(TrainError::Failed(format!(
+            "checkpoint holds {} tensors, the model has {}",
+            loaded.len(),
+            params.len()
+        )));
+    }
+    params
+        .iter()
+        .zip(loaded)
+        .map(|((name, shape, _), (lname, lshape, values))| {
+            if *name != lname || *shape != lshape {
+                Err(TrainError::Failed(format!(
+                    "checkpoint tensor {lname} {lshape:?} does not match the model's {name} {shape:?}"
+                )))
+            } else {
+                Ok(values)
+            }
+        })
+        .collect()
+}
+
+fn lr_schedule(phase: &PhaseSpec) -> Result<LrSchedule, TrainError> {
+    let lr = phase.lr.clone().unwrap_or_default();
+    let law = match LrShape::try_from(lr.shape) {
+        Ok(LrShape::Linear) => DecayLaw::Linear,
+        Ok(LrShape::OneMinusSqrt) => DecayLaw::OneMinusSqrt,
+        Ok(LrShape::Cosine) => DecayLaw::Cosine,
+        _ => DecayLaw::Constant,
+    };
+    let decay = (lr.decay_tokens > 0).then_some(lr.decay_tokens);
+    LrSchedule::new(phase.tokens, lr.warmup_tokens, law, lr.start_factor, lr.end_factor, decay)
+        .map_err(|e| TrainError::Failed(format!("phase {}: {e}", phase.name)))
+}
+
+/// Masks or shifts one micro-batch for the objective, row by row.
+fn prediction_batch(spec: &RunSpec, phase_index: u32, phase: &PhaseSpec, config: &ModelConfig, micro: &MicroBatch, seq_len: usize) -> Result<PredictionBatch, TrainError> {
+    let rows: Vec<Vec<u32>> = micro.input_ids.chunks(seq_len).map(<[u32]>::to_vec).collect();
+    let doc_lens: Vec<Vec<usize>> = micro.doc_lens.iter().map(|d| d.iter().map(|&l| l as usize).collect()).collect();
+    let objective = SpecObjective::try_from(spec.objective).unwrap_or(SpecObjective::Mlm);
+    if objective == SpecObjective::Clm {
+        let batch = TokenBatch::new(&rows, Some(doc_lens)).map_err(failed("batch"))?;
+        return objectives::clm_batch(&batch).map_err(failed("clm"));
+    }
+    let masking = MaskingConfig::from_model(config, phase.mask_ratio);
+    let mut merged: Option<PredictionBatch> = None;
+    for (i, (row, lens)) in rows.iter().zip(doc_lens).enumerate() {
+        let one = TokenBatch::new(std::slice::from_ref(row), Some(vec![lens])).map_err(failed("batch"))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(row_seed(spec.seed, phase_index, micro.rows.start + i as u64));
+        let p = if objective == SpecObjective::Mntp {
+            objectives::mntp_batch(&one, &masking, &mut rng)
+        } else {
+            objectives::mlm_batch(&one, &masking, &mut rng)
+        }
+        .map_err(failed("masking"))?;
+        merged = Some(match merged {
+            None => p,
+            Some(mut m) => {
+                let offset = m.input.input_ids.len();
+                m.input.input_ids.extend_from_slice(&p.input.input_ids);
+                m.input.batch += 1;
+                if let (Some(a), Some(b)) = (m.input.doc_lens.as_mut(), p.input.doc_lens) {
+                    a.extend(b);
+                }
+                m.positions.extend(p.positions.iter().map(|x| x + offset));
+                m.targets.extend(p.targets);
+                m
+            }
+        });
+    }
+    merged.ok_or_else(|| TrainError::Failed("empty micro-batch".into()))
+}
+
+impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
+    fn train(&mut self, a: &Assignment, collective: &mut dyn Collective, link: &Link) -> Result<PhaseEnd, TrainError> {
+        self.prepare(a, collective)?;
+        let spec = a.spec.clone().unwrap_or_default();
+        let phase = spec.phases.get(a.phase_index as usize).cloned().unwrap_or_default();
+        let config = model_config(&spec)?;
+        let checkpoint_policy = spec.checkpoint.clone().unwrap_or_default();
+        let seq_len = phase.seq_len as usize;
+        let tokens_per_step = u64::from(spec.global_batch) * u64::from(phase.seq_len);
+        let schedule = lr_schedule(&phase)?;
+        let peak_lr = spec.optimizer.as_ref().map_or(0.0, |o| o.peak_lr);
+
+        let plan = BatchPlan::new(u64::from(spec.global_batch), a.world_size, a.rank, u64::from(spec.micro_batch)).map_err(failed("batch plan"))?;
+        let reader = PhaseReader::open(&spec.dataset, &phase.dataset_phase, phase.seq_len, ReaderOptions::default()).map_err(failed("dataset"))?;
+        let mut batches = Prefetcher::spawn(reader, plan, a.first_step..a.last_step + 1, 4).map_err(failed("prefetch"))?;
+        let root = &checkpoint_policy.root;
+        let mut order = DataOrderLog::open(root, &a.run_id, a.phase_index, &phase.name, &a.world_id, a.rank, a.world_size, a.first_step, 16).map_err(failed("data-order log"))?;
+        let writer = if a.rank == 0 { Some(CheckpointWriter::spawn(root, checkpoint_policy.keep_last).map_err(failed("checkpoint writer"))?) } else { None };
+        let mut pending: Vec<checkpoint::CheckpointHandle> = Vec::new();
+
+        let Some(session) = self.session.as_mut() else { return Err(TrainError::Failed("no model".into())) };
+        let param_count: usize = session.params.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+        let mut last_report = Instant::now();
+        let mut window = (Instant::now(), 0u64);
+        for step in a.first_step..=a.last_step {
+            if let Some(reason) = link.aborted() {
+                return Ok(PhaseEnd::Aborted(reason));
+            }
+            let batch = batches
+                .next_batch()
+                .ok_or_else(|| TrainError::Failed(format!("no batch for step {step}")))?
+                .map_err(failed("data"))?;
+            let mut flat: Vec<Vec<f32>> = session.params.iter().map(|(_, s, _)| vec![0.0; s.iter().product()]).collect();
+            let (mut loss_sum, mut count) = (0.0f64, 0usize);
+            for micro in &batch.micro_batches {
+                let prediction = prediction_batch(&spec, a.phase_index, &phase, &config, micro, seq_len)?;
+                let n = prediction.targets.len();
+                if n == 0 {
+                    continue;
+                }
+                let mean = objectives::loss(&session.model, &prediction).map_err(failed("forward"))?;
+                // Sum of token losses: normalised by the global count below.
+                let total = mean.mul_scalar(n as f64);
+                loss_sum += total.clone().into_scalar().elem_f64();
+                count += n;
+                let grads = GradientsParams::from_grads(total.backward(), &session.model);
+                add_grads(&session.model, &grads, &session.params, &mut flat);
+            }
+            // One all-reduce for gradients, loss and target count.
+            let mut packed: Vec<f32> = Vec::with_capacity(param_count + 2);
+            for g in &flat {
+                packed.extend_from_slice(g);
+            }
+            packed.push(loss_sum as f32);
+            packed.push(count as f32);
+            collective.all_reduce_mean(&mut packed)?;
+            let mean_count = f64::from(packed[param_count + 1]);
+            let mean_loss = f64::from(packed[param_count]) / mean_count.max(f64::MIN_POSITIVE);
+            let scale = (1.0 / mean_count.max(f64::MIN_POSITIVE)) as f32;
+            let mut offset = 0;
+            for g in flat.iter_mut() {
+                for (dst, src) in g.iter_mut().zip(&packed[offset..offset + g.len()]) {
+                    *dst = src * scale;
+                }
+                offset += g.len();
+            }
+            let tokens_before = step * tokens_per_step;
+            let lr = schedule.lr(peak_lr, tokens_before);
+            let mut values = read_params(&session.model);
+            let stats = {
+                let mut params: Vec<&mut [f32]> = values.iter_mut().map(Vec::as_mut_slice).collect();
+                let grads: Vec<&[f32]> = flat.iter().map(Vec::as_slice).collect();
+                session.optimizer.step(lr, &mut params, &grads).map_err(failed("optimizer"))?
+            };
+            session.model = write_params(session.model.clone(), &values, &self.device);
+            order.record(step, batch.rows.clone()).map_err(failed("data-order log"))?;
+            let done = step + 1;
+            let tokens = done * tokens_per_step;
+            session.at = (a.phase_index, done);
+
+            window.1 += tokens_per_step;
+            let now = Instant::now();
+            if now.duration_since(last_report) >= self.report_every || done == a.num_steps {
+                let secs = now.duration_since(window.0).as_secs_f64().max(1e-9);
+                let tokens_per_sec = window.1 as f64 / secs;
+                let mfu = if self.peak_flops > 0.0 { 6.0 * param_count as f64 * tokens_per_sec / self.peak_flops } else { 0.0 };
+                link.progress(Progress { step: done, tokens, loss: mean_loss, tokens_per_sec, lr, grad_norm: stats.grad_norm, mfu });
+                last_report = now;
+                window = (now, 0);
+            }
+
+            // Checkpoints: every `every_tokens`, and always at the phase end.
+            let every = checkpoint_policy.every_tokens;
+            let phase_end = done == a.num_steps;
+            let due = phase_end || (every > 0 && tokens / every > tokens_before / every);
+            if due {
+                order.flush().map_err(failed("data-order log"))?;
+            }
+            if let (true, Some(writer)) = (due, writer.as_ref()) {
+                let snapshot = CheckpointSnapshot {
+                    info: CheckpointInfo {
+                        run_id: a.run_id.clone(),
+                        phase_index: a.phase_index,
+                        phase_name: phase.name.clone(),
+                        step: done,
+                        tokens,
+                        rng: vec![spec.seed],
+                        data_cursor: plan.cursor_after(done),
+                        world_size: a.world_size,
+                        spec_name: spec.name.clone(),
+                        attempt: a.world_id.clone(),
+                        phase_end,
+                    },
+                    model: session.params.iter().zip(&values).map(|((n, s, _), v)| (n.clone(), s.clone(), v.clone())).collect(),
+                    optimizer: OptimizerState { step: session.optimizer.steps(), tensors: session.optimizer.state().to_vec() },
+                };
+                pending.push(writer.write_async(snapshot).map_err(failed("checkpoint"))?);
+            }
+            // Report checkpoints as they commit; the phase end waits for all.
+            let mut still = Vec::new();
+            for handle in pending.drain(..) {
+                let finished = if phase_end { Some(handle.wait()) } else { handle.try_wait().map(|r| (r, handle)).map(|(r, _)| r) };
+                match finished {
+                    None => still.push(handle),
+                    Some(result) => {
+                        let committed = result.map_err(failed("checkpoint write"))?;
+                        let info = &committed.state.info;
+                        link.checkpoint(Checkpoint {
+                            phase_index: info.phase_index,
+                            step: info.step,
+                            tokens: info.tokens,
+                            url: committed.url.clone(),
+                            ..Default::default()
+                        })?;
+                    }
+                }
+            }
+            pending = still;
+        }
+        order.flush().map_err(failed("data-order log"))?;
+        Ok(PhaseEnd::Finished)
+    }
+}
