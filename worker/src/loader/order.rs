@@ -10,7 +10,8 @@
 //!     rank-00000.part-00001.jsonl     … (a new part every `segment_lines` lines)
 //! ```
 //!
-//! `<attempt>` is one world incarnation (the coordinator's `world_id`);
+//! `<attempt>` is one world incarnation (the coordinator's `world_id`; a
+//! rank that reopens the same world's log gets `<world_id>.1`, `.2`, …);
 //! `resumed_from` is the step done of the checkpoint it started from (0 for
 //! a fresh phase). Object stores cannot append, so the current part is
 //! rewritten whole (atomically) on every flush; parts are bounded, so this
@@ -105,16 +106,30 @@ impl DataOrderLog {
         flush_every: usize,
     ) -> Result<Self, LoaderError> {
         let root = Location::open(ckpt_root, true)?;
-        let dir = root.child(&format!(
-            "{}/{attempt}",
-            phase_dir(run_id, phase_index, phase_name)
-        ));
+        let phase = root.child(&phase_dir(run_id, phase_index, phase_name));
+        // A rank that opens the log of the same world twice (its process
+        // restarted) gets a fresh attempt folder `<attempt>.<k>`, so earlier
+        // entries are superseded by the rule instead of overwritten.
+        let header_name = format!("rank-{rank:05}.attempt.json");
+        let mut k = 0u32;
+        let attempt = loop {
+            let name = if k == 0 {
+                attempt.to_string()
+            } else {
+                format!("{attempt}.{k}")
+            };
+            if !phase.exists(&format!("{name}/{header_name}"))? {
+                break name;
+            }
+            k += 1;
+        };
+        let dir = phase.child(&attempt);
         let opened_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let header = AttemptHeader {
-            attempt: attempt.to_string(),
+            attempt,
             phase: phase_index,
             rank,
             world_size,
@@ -536,6 +551,19 @@ mod tests {
         let attempts = read_attempts(&url, "run", 0, "pretrain")?;
         assert_eq!(attempts.len(), 2);
         assert_eq!(attempts[0].entries.len(), 12);
+        let report = verify_run(&url, "run", 0, "pretrain", 10, 8)?;
+        assert!(report.is_ok(), "{report:?}");
+        // A rank process of world b that restarts and redoes steps 8..10
+        // writes a new attempt folder instead of overwriting its log.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut again = DataOrderLog::open(&url, "run", 0, "pretrain", "world-b", 0, 1, 8, 1)?;
+        again.record(8, 64..72)?;
+        again.record(9, 72..80)?;
+        assert!(
+            dir.path()
+                .join("run/data-order/0-pretrain/world-b.1/rank-00000.part-00000.jsonl")
+                .exists()
+        );
         let report = verify_run(&url, "run", 0, "pretrain", 10, 8)?;
         assert!(report.is_ok(), "{report:?}");
         // The lines are the documented JSON.

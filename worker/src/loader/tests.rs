@@ -476,3 +476,43 @@ fn a_resumed_run_with_another_world_size_consumes_every_row_once() -> TestResult
     assert_eq!(kept, vec![12, 15]);
     Ok(())
 }
+
+#[test]
+fn shards_that_disagree_with_the_manifest_are_named() -> TestResult {
+    let f = fixture(20, 4, 10, 5)?;
+    // Shard 1 rewritten with 5-token rows: a seq_len mismatch inside the file.
+    let path = f.dir.path().join("phases/pretrain/shard-00001.parquet");
+    std::fs::write(&path, shard_bytes(10..20, 5, 5)?)?;
+    let mut reader = open(&f)?;
+    let err = reader
+        .read_rows(12..13)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("shard-00001.parquet") && err.contains("5 tokens, expected seq_len 4"),
+        "{err}"
+    );
+    // Shard 1 rewritten with 9 rows where the manifest says 10.
+    std::fs::write(&path, shard_bytes(10..19, 4, 5)?)?;
+    let mut reader = open(&f)?;
+    let err = reader
+        .read_rows(12..13)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("shard-00001.parquet has 9 rows, the manifest says 10"),
+        "{err}"
+    );
+    // A missing shard file.
+    std::fs::remove_file(&path)?;
+    let mut reader = open(&f)?;
+    let err = reader
+        .read_rows(12..13)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("shard-00001.parquet does not exist"), "{err}");
+    Ok(())
+}
