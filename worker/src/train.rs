@@ -414,7 +414,7 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 let mean = objectives::loss(&session.model, &prediction).map_err(failed("forward"))?;
                 // Sum of token losses: normalised by the global count below.
                 let total = mean.mul_scalar(n as f64);
-                loss_sum += total.clone().into_scalar().elem_f64();
+                loss_sum += total.clone().into_data().into_vec::<f32>().ok().and_then(|v| v.first().copied()).map_or(0.0, f64::from);
                 count += n;
                 let grads = GradientsParams::from_grads(total.backward(), &session.model);
                 add_grads(&session.model, &grads, &session.params, &mut flat);
@@ -432,10 +432,11 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
             let scale = (1.0 / mean_count.max(f64::MIN_POSITIVE)) as f32;
             let mut offset = 0;
             for g in flat.iter_mut() {
-                for (dst, src) in g.iter_mut().zip(&packed[offset..offset + g.len()]) {
+                let len = g.len();
+                for (dst, src) in g.iter_mut().zip(&packed[offset..offset + len]) {
                     *dst = src * scale;
                 }
-                offset += g.len();
+                offset += len;
             }
             let tokens_before = step * tokens_per_step;
             let lr = schedule.lr(peak_lr, tokens_before);
@@ -492,9 +493,19 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
             // Report checkpoints as they commit; the phase end waits for all.
             let mut still = Vec::new();
             for handle in pending.drain(..) {
-                let finished = if phase_end { Some(handle.wait()) } else { handle.try_wait().map(|r| (r, handle)).map(|(r, _)| r) };
+                let finished = if phase_end {
+                    Some(handle.wait())
+                } else {
+                    match handle.try_wait() {
+                        None => {
+                            still.push(handle);
+                            continue;
+                        }
+                        some => some,
+                    }
+                };
                 match finished {
-                    None => still.push(handle),
+                    None => {}
                     Some(result) => {
                         let committed = result.map_err(failed("checkpoint write"))?;
                         let info = &committed.state.info;
