@@ -46,6 +46,9 @@ pub struct Connection {
 enum Command {
     /// Run the coordinator: the gRPC server that users and workers talk to.
     Coordinator(CoordinatorArgs),
+    /// Run a worker: one per GPU (or CPU process); it trains what the
+    /// coordinator assigns until stopped.
+    Worker(WorkerArgs),
     /// Submit a run from a recipe file.
     Submit {
         /// Run recipe (e.g. configs/runs/ettin-encoder-17m.toml).
@@ -95,6 +98,24 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Device to train on; this build trains on the CPU.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Address the CPU collective listens on when this worker is rank 0.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: std::net::IpAddr,
+    /// Address other ranks use to reach this one (default: --bind-ip).
+    #[arg(long)]
+    advertise_ip: Option<std::net::IpAddr>,
+    /// Exit once the run this worker trained has ended and nothing is left.
+    #[arg(long)]
+    exit_when_idle: bool,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 #[derive(Args)]
@@ -180,6 +201,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Coordinator(args) => coordinator(args).await,
+        Command::Worker(args) => worker(args).await,
         Command::Submit {
             file,
             overrides,
@@ -233,6 +255,38 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(%address, db = %args.db.display(), "coordinator listening");
     twinhead_coordinator::serve(config, listener, shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    if args.device != "cpu" {
+        anyhow::bail!(
+            "--device {}: this build trains on the CPU only (CUDA training is not wired in yet)",
+            args.device
+        );
+    }
+    let ring = twinhead_worker::collective::RingConfig {
+        bind_ip: args.bind_ip,
+        advertise_ip: args.advertise_ip,
+        ..Default::default()
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let config = twinhead_worker::runtime::WorkerConfig {
+        coordinator: args.connection.coordinator.clone(),
+        token: args.connection.token.clone(),
+        device: args.device.clone(),
+        hostname,
+        ring,
+        exit_when_idle: args.exit_when_idle,
+    };
+    let trainer = twinhead_worker::train::BurnTrainer::<twinhead_worker::CpuAutodiff>::new(
+        Default::default(),
+    );
+    tracing::info!(coordinator = %config.coordinator, device = %config.device, "worker starting");
+    twinhead_worker::runtime::run_worker(config, Box::new(trainer), shutdown_signal()).await?;
+    tracing::info!("worker stopped");
     Ok(ExitCode::SUCCESS)
 }
 

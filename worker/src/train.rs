@@ -26,9 +26,13 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use twinhead_proto::v1::{Assignment, Checkpoint, LrShape, Objective as SpecObjective, PhaseSpec, RunSpec};
+use twinhead_proto::v1::{
+    Assignment, Checkpoint, LrShape, Objective as SpecObjective, PhaseSpec, RunSpec,
+};
 
-use crate::checkpoint::{self, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, NamedTensors, OptimizerState};
+use crate::checkpoint::{
+    self, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, NamedTensors, OptimizerState,
+};
 use crate::collective::Collective;
 use crate::loader::order::DataOrderLog;
 use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOptions};
@@ -97,7 +101,11 @@ impl<B: Backend> ModuleVisitor<B> for ParamNames {
         self.path.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let name = if self.path.is_empty() { format!("param{}", self.out.len()) } else { self.path.join(".") };
+        let name = if self.path.is_empty() {
+            format!("param{}", self.out.len())
+        } else {
+            self.path.join(".")
+        };
         self.out.push((name, param.val().dims().to_vec(), param.id));
     }
 }
@@ -107,7 +115,13 @@ struct ReadParams(Vec<Vec<f32>>);
 
 impl<B: Backend> ModuleVisitor<B> for ReadParams {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.push(param.val().into_data().into_vec::<f32>().unwrap_or_default());
+        self.0.push(
+            param
+                .val()
+                .into_data()
+                .into_vec::<f32>()
+                .unwrap_or_default(),
+        );
     }
 }
 
@@ -127,13 +141,22 @@ impl<B: Backend> ModuleMapper<B> for WriteParams<'_, B> {
         };
         self.next += 1;
         let fresh = Tensor::<B, D>::from_data(TensorData::new(values.clone(), shape), &self.device);
-        let fresh = if tensor.is_require_grad() { fresh.require_grad() } else { fresh };
+        let fresh = if tensor.is_require_grad() {
+            fresh.require_grad()
+        } else {
+            fresh
+        };
         Param::from_mapped_value(id, fresh, mapper)
     }
 }
 
 /// Adds each parameter's gradient to the matching flat buffer.
-fn add_grads<B: AutodiffBackend>(model: &ModernBert<B>, grads: &GradientsParams, ids: &[(String, Vec<usize>, ParamId)], into: &mut [Vec<f32>]) {
+fn add_grads<B: AutodiffBackend>(
+    model: &ModernBert<B>,
+    grads: &GradientsParams,
+    ids: &[(String, Vec<usize>, ParamId)],
+    into: &mut [Vec<f32>],
+) {
     struct Grads<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
         into: &'a mut [Vec<f32>],
@@ -144,8 +167,12 @@ fn add_grads<B: AutodiffBackend>(model: &ModernBert<B>, grads: &GradientsParams,
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let index = self.next;
             self.next += 1;
-            let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else { return };
-            let Ok(values) = g.into_data().into_vec::<f32>() else { return };
+            let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else {
+                return;
+            };
+            let Ok(values) = g.into_data().into_vec::<f32>() else {
+                return;
+            };
             if let Some(acc) = self.into.get_mut(index) {
                 for (a, v) in acc.iter_mut().zip(values) {
                     *a += v;
@@ -154,7 +181,12 @@ fn add_grads<B: AutodiffBackend>(model: &ModernBert<B>, grads: &GradientsParams,
         }
     }
     debug_assert_eq!(ids.len(), into.len());
-    let mut visitor = Grads::<B> { grads, into, next: 0, _b: std::marker::PhantomData };
+    let mut visitor = Grads::<B> {
+        grads,
+        into,
+        next: 0,
+        _b: std::marker::PhantomData,
+    };
     model.visit(&mut visitor);
 }
 
@@ -162,7 +194,10 @@ fn add_grads<B: AutodiffBackend>(model: &ModernBert<B>, grads: &GradientsParams,
 fn fingerprint(params: &[(String, Vec<usize>, ParamId)]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (name, shape, _) in params {
-        for b in name.bytes().chain(shape.iter().flat_map(|d| (*d as u64).to_le_bytes())) {
+        for b in name
+            .bytes()
+            .chain(shape.iter().flat_map(|d| (*d as u64).to_le_bytes()))
+        {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
@@ -214,7 +249,11 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
         }
     }
 
-    fn optimizer_for(spec: &RunSpec, phase: &PhaseSpec, params: &[(String, Vec<usize>, ParamId)]) -> Result<StableAdamW, TrainError> {
+    fn optimizer_for(
+        spec: &RunSpec,
+        phase: &PhaseSpec,
+        params: &[(String, Vec<usize>, ParamId)],
+    ) -> Result<StableAdamW, TrainError> {
         let o = spec.optimizer.clone().unwrap_or_default();
         let start = phase.lr.as_ref().map_or(1.0, |l| l.start_factor);
         let mut config = StableAdamWConfig::new(o.peak_lr * start, o.weight_decay);
@@ -222,30 +261,47 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
         config.beta2 = o.beta2;
         config.eps = o.eps;
         config.max_grad_norm = (o.grad_clip > 0.0).then_some(o.grad_clip);
-        let specs: Vec<TensorSpec> = params.iter().map(|(n, s, _)| TensorSpec::for_shape(n, s)).collect();
+        let specs: Vec<TensorSpec> = params
+            .iter()
+            .map(|(n, s, _)| TensorSpec::for_shape(n, s))
+            .collect();
         StableAdamW::new(config, &specs).map_err(|e| TrainError::Failed(format!("optimizer: {e}")))
     }
 
     /// Model and optimizer for the assignment: kept from the last phase,
     /// loaded from its checkpoint, or initialised (rank 0's broadcast).
-    fn prepare(&mut self, a: &Assignment, collective: &mut dyn Collective) -> Result<(), TrainError> {
-        let spec = a.spec.as_ref().ok_or_else(|| TrainError::Failed("assignment without a spec".into()))?;
+    fn prepare(
+        &mut self,
+        a: &Assignment,
+        collective: &mut dyn Collective,
+    ) -> Result<(), TrainError> {
+        let spec = a
+            .spec
+            .as_ref()
+            .ok_or_else(|| TrainError::Failed("assignment without a spec".into()))?;
         let phase = spec
             .phases
             .get(a.phase_index as usize)
             .ok_or_else(|| TrainError::Failed(format!("no phase {} in the spec", a.phase_index)))?;
         let start = a.start_checkpoint.as_ref().map(|c| (c.phase_index, c.step));
-        let keep = self.session.as_ref().is_some_and(|s| s.run_id == a.run_id && Some(s.at) == start);
+        let keep = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.run_id == a.run_id && Some(s.at) == start);
         if !keep {
             let config = model_config(spec)?;
             let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, &self.device);
-            let mut names = ParamNames { path: Vec::new(), out: Vec::new() };
+            let mut names = ParamNames {
+                path: Vec::new(),
+                out: Vec::new(),
+            };
             model.visit(&mut names);
             let params = names.out;
             let mut optimizer = Self::optimizer_for(spec, phase, &params)?;
             let mut values = read_params(&model);
             if let Some(c) = &a.start_checkpoint {
-                let loaded = checkpoint::load(&c.url).map_err(failed(&format!("checkpoint {}", c.url)))?;
+                let loaded =
+                    checkpoint::load(&c.url).map_err(failed(&format!("checkpoint {}", c.url)))?;
                 values = match_tensors(&params, loaded.model)?;
                 optimizer
                     .restore(loaded.optimizer.step, loaded.optimizer.tensors)
@@ -277,9 +333,14 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
                 let state = s.optimizer.state().to_vec();
                 let steps = s.optimizer.steps();
                 s.optimizer = fresh_config;
-                s.optimizer.restore(steps, state).map_err(failed("optimizer state"))?;
+                s.optimizer
+                    .restore(steps, state)
+                    .map_err(failed("optimizer state"))?;
             }
-            let model = s.model.clone().with_rope_theta(phase.global_rope_theta, phase.local_rope_theta);
+            let model = s
+                .model
+                .clone()
+                .with_rope_theta(phase.global_rope_theta, phase.local_rope_theta);
             s.model = model;
         }
         Ok(())
@@ -292,12 +353,23 @@ fn read_params<B: Backend>(model: &ModernBert<B>) -> Vec<Vec<f32>> {
     reader.0
 }
 
-fn write_params<B: Backend>(model: ModernBert<B>, values: &[Vec<f32>], device: &B::Device) -> ModernBert<B> {
-    let mut writer = WriteParams::<B> { values, next: 0, device: device.clone() };
+fn write_params<B: Backend>(
+    model: ModernBert<B>,
+    values: &[Vec<f32>],
+    device: &B::Device,
+) -> ModernBert<B> {
+    let mut writer = WriteParams::<B> {
+        values,
+        next: 0,
+        device: device.clone(),
+    };
     model.map(&mut writer)
 }
 
-fn match_tensors(params: &[(String, Vec<usize>, ParamId)], loaded: NamedTensors) -> Result<Vec<Vec<f32>>, TrainError> {
+fn match_tensors(
+    params: &[(String, Vec<usize>, ParamId)],
+    loaded: NamedTensors,
+) -> Result<Vec<Vec<f32>>, TrainError> {
     if loaded.len() != params.len() {
         return Err(TrainError::Failed(format!(
             "checkpoint holds {} tensors, the model has {}",
@@ -329,14 +401,36 @@ fn lr_schedule(phase: &PhaseSpec) -> Result<LrSchedule, TrainError> {
         _ => DecayLaw::Constant,
     };
     let decay = (lr.decay_tokens > 0).then_some(lr.decay_tokens);
-    LrSchedule::new(phase.tokens, lr.warmup_tokens, law, lr.start_factor, lr.end_factor, decay)
-        .map_err(|e| TrainError::Failed(format!("phase {}: {e}", phase.name)))
+    LrSchedule::new(
+        phase.tokens,
+        lr.warmup_tokens,
+        law,
+        lr.start_factor,
+        lr.end_factor,
+        decay,
+    )
+    .map_err(|e| TrainError::Failed(format!("phase {}: {e}", phase.name)))
 }
 
 /// Masks or shifts one micro-batch for the objective, row by row.
-fn prediction_batch(spec: &RunSpec, phase_index: u32, phase: &PhaseSpec, config: &ModelConfig, micro: &MicroBatch, seq_len: usize) -> Result<PredictionBatch, TrainError> {
-    let rows: Vec<Vec<u32>> = micro.input_ids.chunks(seq_len).map(<[u32]>::to_vec).collect();
-    let doc_lens: Vec<Vec<usize>> = micro.doc_lens.iter().map(|d| d.iter().map(|&l| l as usize).collect()).collect();
+fn prediction_batch(
+    spec: &RunSpec,
+    phase_index: u32,
+    phase: &PhaseSpec,
+    config: &ModelConfig,
+    micro: &MicroBatch,
+    seq_len: usize,
+) -> Result<PredictionBatch, TrainError> {
+    let rows: Vec<Vec<u32>> = micro
+        .input_ids
+        .chunks(seq_len)
+        .map(<[u32]>::to_vec)
+        .collect();
+    let doc_lens: Vec<Vec<usize>> = micro
+        .doc_lens
+        .iter()
+        .map(|d| d.iter().map(|&l| l as usize).collect())
+        .collect();
     let objective = SpecObjective::try_from(spec.objective).unwrap_or(SpecObjective::Mlm);
     if objective == SpecObjective::Clm {
         let batch = TokenBatch::new(&rows, Some(doc_lens)).map_err(failed("batch"))?;
@@ -345,8 +439,13 @@ fn prediction_batch(spec: &RunSpec, phase_index: u32, phase: &PhaseSpec, config:
     let masking = MaskingConfig::from_model(config, phase.mask_ratio);
     let mut merged: Option<PredictionBatch> = None;
     for (i, (row, lens)) in rows.iter().zip(doc_lens).enumerate() {
-        let one = TokenBatch::new(std::slice::from_ref(row), Some(vec![lens])).map_err(failed("batch"))?;
-        let mut rng = ChaCha8Rng::seed_from_u64(row_seed(spec.seed, phase_index, micro.rows.start + i as u64));
+        let one = TokenBatch::new(std::slice::from_ref(row), Some(vec![lens]))
+            .map_err(failed("batch"))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(row_seed(
+            spec.seed,
+            phase_index,
+            micro.rows.start + i as u64,
+        ));
         let p = if objective == SpecObjective::Mntp {
             objectives::mntp_batch(&one, &masking, &mut rng)
         } else {
@@ -372,10 +471,19 @@ fn prediction_batch(spec: &RunSpec, phase_index: u32, phase: &PhaseSpec, config:
 }
 
 impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
-    fn train(&mut self, a: &Assignment, collective: &mut dyn Collective, link: &Link) -> Result<PhaseEnd, TrainError> {
+    fn train(
+        &mut self,
+        a: &Assignment,
+        collective: &mut dyn Collective,
+        link: &Link,
+    ) -> Result<PhaseEnd, TrainError> {
         self.prepare(a, collective)?;
         let spec = a.spec.clone().unwrap_or_default();
-        let phase = spec.phases.get(a.phase_index as usize).cloned().unwrap_or_default();
+        let phase = spec
+            .phases
+            .get(a.phase_index as usize)
+            .cloned()
+            .unwrap_or_default();
         let config = model_config(&spec)?;
         let checkpoint_policy = spec.checkpoint.clone().unwrap_or_default();
         let seq_len = phase.seq_len as usize;
@@ -383,16 +491,53 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
         let schedule = lr_schedule(&phase)?;
         let peak_lr = spec.optimizer.as_ref().map_or(0.0, |o| o.peak_lr);
 
-        let plan = BatchPlan::new(u64::from(spec.global_batch), a.world_size, a.rank, u64::from(spec.micro_batch)).map_err(failed("batch plan"))?;
-        let reader = PhaseReader::open(&spec.dataset, &phase.dataset_phase, phase.seq_len, ReaderOptions::default()).map_err(failed("dataset"))?;
-        let mut batches = Prefetcher::spawn(reader, plan, a.first_step..a.last_step + 1, 4).map_err(failed("prefetch"))?;
+        let plan = BatchPlan::new(
+            u64::from(spec.global_batch),
+            a.world_size,
+            a.rank,
+            u64::from(spec.micro_batch),
+        )
+        .map_err(failed("batch plan"))?;
+        let reader = PhaseReader::open(
+            &spec.dataset,
+            &phase.dataset_phase,
+            phase.seq_len,
+            ReaderOptions::default(),
+        )
+        .map_err(failed("dataset"))?;
+        let mut batches = Prefetcher::spawn(reader, plan, a.first_step..a.last_step + 1, 4)
+            .map_err(failed("prefetch"))?;
         let root = &checkpoint_policy.root;
-        let mut order = DataOrderLog::open(root, &a.run_id, a.phase_index, &phase.name, &a.world_id, a.rank, a.world_size, a.first_step, 16).map_err(failed("data-order log"))?;
-        let writer = if a.rank == 0 { Some(CheckpointWriter::spawn(root, checkpoint_policy.keep_last).map_err(failed("checkpoint writer"))?) } else { None };
+        let mut order = DataOrderLog::open(
+            root,
+            &a.run_id,
+            a.phase_index,
+            &phase.name,
+            &a.world_id,
+            a.rank,
+            a.world_size,
+            a.first_step,
+            16,
+        )
+        .map_err(failed("data-order log"))?;
+        let writer = if a.rank == 0 {
+            Some(
+                CheckpointWriter::spawn(root, checkpoint_policy.keep_last)
+                    .map_err(failed("checkpoint writer"))?,
+            )
+        } else {
+            None
+        };
         let mut pending: Vec<checkpoint::CheckpointHandle> = Vec::new();
 
-        let Some(session) = self.session.as_mut() else { return Err(TrainError::Failed("no model".into())) };
-        let param_count: usize = session.params.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+        let Some(session) = self.session.as_mut() else {
+            return Err(TrainError::Failed("no model".into()));
+        };
+        let param_count: usize = session
+            .params
+            .iter()
+            .map(|(_, s, _)| s.iter().product::<usize>())
+            .sum();
         let mut last_report = Instant::now();
         let mut window = (Instant::now(), 0u64);
         for step in a.first_step..=a.last_step {
@@ -403,18 +548,30 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 .next_batch()
                 .ok_or_else(|| TrainError::Failed(format!("no batch for step {step}")))?
                 .map_err(failed("data"))?;
-            let mut flat: Vec<Vec<f32>> = session.params.iter().map(|(_, s, _)| vec![0.0; s.iter().product()]).collect();
+            let mut flat: Vec<Vec<f32>> = session
+                .params
+                .iter()
+                .map(|(_, s, _)| vec![0.0; s.iter().product()])
+                .collect();
             let (mut loss_sum, mut count) = (0.0f64, 0usize);
             for micro in &batch.micro_batches {
-                let prediction = prediction_batch(&spec, a.phase_index, &phase, &config, micro, seq_len)?;
+                let prediction =
+                    prediction_batch(&spec, a.phase_index, &phase, &config, micro, seq_len)?;
                 let n = prediction.targets.len();
                 if n == 0 {
                     continue;
                 }
-                let mean = objectives::loss(&session.model, &prediction).map_err(failed("forward"))?;
+                let mean =
+                    objectives::loss(&session.model, &prediction).map_err(failed("forward"))?;
                 // Sum of token losses: normalised by the global count below.
                 let total = mean.mul_scalar(n as f64);
-                loss_sum += total.clone().into_data().into_vec::<f32>().ok().and_then(|v| v.first().copied()).map_or(0.0, f64::from);
+                loss_sum += total
+                    .clone()
+                    .into_data()
+                    .into_vec::<f32>()
+                    .ok()
+                    .and_then(|v| v.first().copied())
+                    .map_or(0.0, f64::from);
                 count += n;
                 let grads = GradientsParams::from_grads(total.backward(), &session.model);
                 add_grads(&session.model, &grads, &session.params, &mut flat);
@@ -442,12 +599,18 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
             let lr = schedule.lr(peak_lr, tokens_before);
             let mut values = read_params(&session.model);
             let stats = {
-                let mut params: Vec<&mut [f32]> = values.iter_mut().map(Vec::as_mut_slice).collect();
+                let mut params: Vec<&mut [f32]> =
+                    values.iter_mut().map(Vec::as_mut_slice).collect();
                 let grads: Vec<&[f32]> = flat.iter().map(Vec::as_slice).collect();
-                session.optimizer.step(lr, &mut params, &grads).map_err(failed("optimizer"))?
+                session
+                    .optimizer
+                    .step(lr, &mut params, &grads)
+                    .map_err(failed("optimizer"))?
             };
             session.model = write_params(session.model.clone(), &values, &self.device);
-            order.record(step, batch.rows.clone()).map_err(failed("data-order log"))?;
+            order
+                .record(step, batch.rows.clone())
+                .map_err(failed("data-order log"))?;
             let done = step + 1;
             let tokens = done * tokens_per_step;
             session.at = (a.phase_index, done);
@@ -457,8 +620,20 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
             if now.duration_since(last_report) >= self.report_every || done == a.num_steps {
                 let secs = now.duration_since(window.0).as_secs_f64().max(1e-9);
                 let tokens_per_sec = window.1 as f64 / secs;
-                let mfu = if self.peak_flops > 0.0 { 6.0 * param_count as f64 * tokens_per_sec / self.peak_flops } else { 0.0 };
-                link.progress(Progress { step: done, tokens, loss: mean_loss, tokens_per_sec, lr, grad_norm: stats.grad_norm, mfu });
+                let mfu = if self.peak_flops > 0.0 {
+                    6.0 * param_count as f64 * tokens_per_sec / self.peak_flops
+                } else {
+                    0.0
+                };
+                link.progress(Progress {
+                    step: done,
+                    tokens,
+                    loss: mean_loss,
+                    tokens_per_sec,
+                    lr,
+                    grad_norm: stats.grad_norm,
+                    mfu,
+                });
                 last_report = now;
                 window = (now, 0);
             }
@@ -485,8 +660,16 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                         attempt: a.world_id.clone(),
                         phase_end,
                     },
-                    model: session.params.iter().zip(&values).map(|((n, s, _), v)| (n.clone(), s.clone(), v.clone())).collect(),
-                    optimizer: OptimizerState { step: session.optimizer.steps(), tensors: session.optimizer.state().to_vec() },
+                    model: session
+                        .params
+                        .iter()
+                        .zip(&values)
+                        .map(|((n, s, _), v)| (n.clone(), s.clone(), v.clone()))
+                        .collect(),
+                    optimizer: OptimizerState {
+                        step: session.optimizer.steps(),
+                        tensors: session.optimizer.state().to_vec(),
+                    },
                 };
                 pending.push(writer.write_async(snapshot).map_err(failed("checkpoint"))?);
             }

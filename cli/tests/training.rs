@@ -1,0 +1,327 @@
+//! Training with real processes: a `twinhead coordinator` and `twinhead
+//! worker` processes on the CPU engine, a dataset built by dataprep from
+//! the committed fixtures, and the tiny model through two phases.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn twinhead() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_twinhead"));
+    c.env_remove("TWINHEAD_TOKEN")
+        .env("TWINHEAD_LOG", "warn")
+        .current_dir(repo());
+    c
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn coordinator(db: &Path) -> (Proc, String) {
+    let mut child = twinhead()
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--heartbeat-interval-ms",
+            "200",
+            "--lease-timeout-ms",
+            "3000",
+            "--db",
+        ])
+        .arg(db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("coordinator");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address");
+    let url = line.trim().rsplit(' ').next().expect("url").to_string();
+    (Proc(child), url)
+}
+
+fn worker(url: &str, log: &Path) -> Proc {
+    let log = std::fs::File::create(log).expect("log file");
+    Proc(
+        twinhead()
+            .args(["worker", "--exit-when-idle", "--coordinator", url])
+            .env("TWINHEAD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("worker"),
+    )
+}
+
+/// A two-phase dataset (seq 64, then 256) from the committed fixtures.
+fn dataset(dir: &Path) -> String {
+    let f = repo().join("dataprep/tests/fixtures");
+    let f = f.display();
+    let config = format!(
+        r#"
+name = "train-fixture"
+on_error = "skip"
+[tokenizer]
+train = {{ vocab_size = 512, min_frequency = 2 }}
+[output]
+rows_per_shard = 64
+rows_per_row_group = 16
+[[sources]]
+name = "books"
+input = "{f}/books/*.txt"
+format = "text"
+[[sources]]
+name = "code"
+input = "{f}/code"
+format = "text"
+extensions = ["rs"]
+[[phases]]
+name = "short"
+seq_len = 64
+tokens = 8192
+seed = 21
+[phases.weights]
+books = 1.0
+code = 1.0
+[[phases]]
+name = "long"
+seq_len = 256
+tokens = 8192
+seed = 22
+[phases.weights]
+books = 2.0
+code = 1.0
+"#
+    );
+    let path = dir.join("data.toml");
+    std::fs::write(&path, config).expect("config");
+    let out = format!("file://{}", dir.join("data").display());
+    let report = twinhead_dataprep::build(&path, &out, 1, &twinhead_dataprep::NoProgress)
+        .expect("dataset builds");
+    report.url
+}
+
+fn run_config(dir: &Path, name: &str, dataset: &str, world: u32, ckpt: &Path) -> PathBuf {
+    // 8 x 64 x 6 = 3072 tokens (6 steps), then 8 x 256 x 3 = 6144 (3 steps).
+    let text = format!(
+        r#"
+name = "{name}"
+model = "tiny"
+objective = "mlm"
+dataset = "{dataset}"
+seed = 7
+world_size = {world}
+global_batch = 8
+micro_batch = 2
+[optimizer]
+peak_lr = 3e-3
+weight_decay = 1e-2
+[checkpoint]
+root = "file://{ckpt}"
+every_tokens = 1024
+[[phases]]
+name = "short"
+tokens = 3072
+seq_len = 64
+mask_ratio = 0.3
+global_rope_theta = 10000.0
+local_rope_theta = 10000.0
+lr = {{ shape = "constant", warmup_tokens = 1024 }}
+[[phases]]
+name = "long"
+tokens = 6144
+seq_len = 256
+mask_ratio = 0.15
+global_rope_theta = 160000.0
+lr = {{ shape = "one_minus_sqrt", start_factor = 1.0, end_factor = 0.1 }}
+"#,
+        ckpt = ckpt.display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("run config");
+    path
+}
+
+fn submit(url: &str, config: &Path) -> String {
+    let out = twinhead()
+        .args(["submit", "--json", "--coordinator", url])
+        .arg(config)
+        .output()
+        .expect("submit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["run_id"].as_str().expect("run_id").to_string()
+}
+
+fn status(url: &str, run: &str) -> serde_json::Value {
+    let out = twinhead()
+        .args(["status", "--json", "--coordinator", url, run])
+        .output()
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn wait_completed(url: &str, run: &str, logs: &[PathBuf]) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let s = status(url, run);
+        match s["state"].as_str() {
+            Some("completed") => return s,
+            Some("failed") | Some("cancelled") => {
+                panic!("run ended {}: {s}\n{}", s["state"], dump(logs))
+            }
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run did not complete: {s}\n{}",
+            dump(logs)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn dump(logs: &[PathBuf]) -> String {
+    logs.iter()
+        .map(|l| {
+            format!(
+                "--- {}\n{}",
+                l.display(),
+                std::fs::read_to_string(l).unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// The final weights of a run: its last checkpoint's model tensors.
+fn final_weights(status: &serde_json::Value) -> BTreeMap<String, Vec<f32>> {
+    let url = status["checkpoints"]
+        .as_array()
+        .and_then(|c| c.last())
+        .and_then(|c| c["url"].as_str())
+        .expect("a checkpoint");
+    let loaded = twinhead_worker::checkpoint::load(url).expect("checkpoint loads");
+    loaded
+        .model
+        .into_iter()
+        .map(|(name, _, values)| (name, values))
+        .collect()
+}
+
+#[test]
+fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+
+    // Two worker processes, world of two.
+    let ckpt2 = dir.path().join("ckpt-2");
+    let run2 = submit(&url, &run_config(dir.path(), "two", &data, 2, &ckpt2));
+    let logs: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    let workers: Vec<Proc> = logs.iter().map(|l| worker(&url, l)).collect();
+    let two = wait_completed(&url, &run2, &logs);
+    drop(workers);
+
+    // One worker process on the same global batches.
+    let ckpt1 = dir.path().join("ckpt-1");
+    let run1 = submit(&url, &run_config(dir.path(), "one", &data, 1, &ckpt1));
+    let log1 = vec![dir.path().join("w-single.log")];
+    let single = worker(&url, &log1[0]);
+    let one = wait_completed(&url, &run1, &log1);
+    drop(single);
+
+    // (d) both phases ran with their own shapes: tokens per phase follow
+    // each phase's seq_len, and each phase ended with a checkpoint.
+    for s in [&two, &one] {
+        let phases = s["phases"].as_array().expect("phases");
+        assert_eq!(phases[0]["tokens_done"], 3072);
+        assert_eq!(phases[1]["tokens_done"], 6144);
+        assert_eq!(phases[0]["steps_done"], 6);
+        assert_eq!(phases[1]["steps_done"], 3);
+        let ends: Vec<(u64, u64)> = s["checkpoints"]
+            .as_array()
+            .expect("checkpoints")
+            .iter()
+            .map(|c| {
+                (
+                    c["phase_index"].as_u64().unwrap_or(9),
+                    c["step"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert!(ends.contains(&(0, 6)) && ends.contains(&(1, 3)), "{ends:?}");
+        assert!(
+            phases[0]["loss"]
+                .as_f64()
+                .is_some_and(|l| l > 0.0 && l.is_finite())
+        );
+    }
+
+    // (a) two ranks end where one process ends, within float tolerance.
+    let (w2, w1) = (final_weights(&two), final_weights(&one));
+    assert_eq!(w2.len(), w1.len());
+    let mut worst = 0.0f32;
+    for (name, a) in &w2 {
+        let b = &w1[name];
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst < 1e-4, "largest weight difference {worst}");
+    // And training moved the weights: the comparison is not of two inits.
+    let init = twinhead_worker::checkpoint::load(
+        two["checkpoints"][0]["url"]
+            .as_str()
+            .expect("first checkpoint"),
+    )
+    .expect("loads");
+    let moved = init
+        .model
+        .iter()
+        .any(|(name, _, v)| v.iter().zip(&w2[name]).any(|(x, y)| (x - y).abs() > 1e-3));
+    assert!(
+        moved,
+        "the weights changed between the first and the last checkpoint"
+    );
+
+    // (c) every row of each phase consumed exactly once, by both runs.
+    for (run, root) in [(&run2, &ckpt2), (&run1, &ckpt1)] {
+        for (i, (name, steps)) in [("short", 6u64), ("long", 3)].into_iter().enumerate() {
+            let report = twinhead_worker::loader::order::verify_run(
+                &format!("file://{}", root.display()),
+                run,
+                i as u32,
+                name,
+                steps,
+                8,
+            )
+            .expect("data-order log reads");
+            assert!(report.is_ok(), "{run} phase {name}: {report:?}");
+        }
+    }
+}
