@@ -116,6 +116,10 @@ code = 1.0
 }
 
 fn run_config(dir: &Path, name: &str, dataset: &str, world: u32, ckpt: &Path) -> PathBuf {
+    run_config_with(dir, name, dataset, world, ckpt, 3072, "")
+}
+
+fn run_config_with(dir: &Path, name: &str, dataset: &str, world: u32, ckpt: &Path, short_tokens: u64, extra: &str) -> PathBuf {
     // 8 x 64 x 6 = 3072 tokens (6 steps), then 8 x 256 x 3 = 6144 (3 steps).
     let text = format!(
         r#"
@@ -127,6 +131,7 @@ seed = 7
 world_size = {world}
 global_batch = 8
 micro_batch = 2
+{extra}
 [optimizer]
 peak_lr = 3e-3
 weight_decay = 1e-2
@@ -135,7 +140,7 @@ root = "file://{ckpt}"
 every_tokens = 1024
 [[phases]]
 name = "short"
-tokens = 3072
+tokens = {short_tokens}
 seq_len = 64
 mask_ratio = 0.3
 global_rope_theta = 10000.0
@@ -323,5 +328,61 @@ fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
             .expect("data-order log reads");
             assert!(report.is_ok(), "{run} phase {name}: {report:?}");
         }
+    }
+}
+
+#[test]
+fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    // 12 steps in the first phase, so there is time to kill a rank.
+    let ckpt2 = dir.path().join("ckpt-2");
+    let config = run_config_with(dir.path(), "elastic", &data, 2, &ckpt2, 6144, "min_world_size = 1");
+    let run2 = submit(&url, &config);
+    let logs: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("w{i}.log"))).collect();
+    let keep = worker(&url, &logs[0]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut doomed = worker(&url, &logs[1]);
+    // Kill the second rank with SIGKILL once a checkpoint is committed.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = status(&url, &run2);
+        if s["checkpoints"].as_array().is_some_and(|c| !c.is_empty()) {
+            assert_ne!(s["state"], "completed", "the run finished before the kill");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint: {s}\n{}", dump(&logs));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    doomed.0.kill().expect("kill");
+    doomed.0.wait().expect("reap");
+    let two = wait_completed(&url, &run2, &logs);
+    drop(keep);
+    let attempts = two["attempts"].as_array().expect("attempts");
+    assert!(attempts.len() >= 2, "the world was re-formed: {attempts:?}");
+    let last = attempts.last().expect("attempt");
+    assert_eq!(last["workers"].as_array().map(Vec::len), Some(1), "finished with one rank: {attempts:?}");
+    assert!(attempts[0]["failed"].as_bool().unwrap_or(false));
+
+    // The same recipe, one rank, never interrupted.
+    let ckpt1 = dir.path().join("ckpt-1");
+    let run1 = submit(&url, &run_config_with(dir.path(), "steady", &data, 1, &ckpt1, 6144, ""));
+    let log1 = vec![dir.path().join("w-single.log")];
+    let single = worker(&url, &log1[0]);
+    let one = wait_completed(&url, &run1, &log1);
+    drop(single);
+
+    let (w2, w1) = (final_weights(&two), final_weights(&one));
+    let worst = w2
+        .iter()
+        .flat_map(|(name, a)| a.iter().zip(&w1[name]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "largest weight difference {worst}");
+    // The resumed history still consumes every row exactly once.
+    for (i, (name, steps)) in [("short", 12u64), ("long", 3)].into_iter().enumerate() {
+        let report = twinhead_worker::loader::order::verify_run(&format!("file://{}", ckpt2.display()), &run2, i as u32, name, steps, 8)
+            .expect("data-order log reads");
+        assert!(report.is_ok(), "phase {name}: {report:?}");
     }
 }
