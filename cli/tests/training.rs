@@ -119,7 +119,15 @@ fn run_config(dir: &Path, name: &str, dataset: &str, world: u32, ckpt: &Path) ->
     run_config_with(dir, name, dataset, world, ckpt, 3072, "")
 }
 
-fn run_config_with(dir: &Path, name: &str, dataset: &str, world: u32, ckpt: &Path, short_tokens: u64, extra: &str) -> PathBuf {
+fn run_config_with(
+    dir: &Path,
+    name: &str,
+    dataset: &str,
+    world: u32,
+    ckpt: &Path,
+    short_tokens: u64,
+    extra: &str,
+) -> PathBuf {
     // 8 x 64 x 6 = 3072 tokens (6 steps), then 8 x 256 x 3 = 6144 (3 steps).
     let text = format!(
         r#"
@@ -338,9 +346,19 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
     // 12 steps in the first phase, so there is time to kill a rank.
     let ckpt2 = dir.path().join("ckpt-2");
-    let config = run_config_with(dir.path(), "elastic", &data, 2, &ckpt2, 6144, "min_world_size = 1");
+    let config = run_config_with(
+        dir.path(),
+        "elastic",
+        &data,
+        2,
+        &ckpt2,
+        6144,
+        "min_world_size = 1",
+    );
     let run2 = submit(&url, &config);
-    let logs: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("w{i}.log"))).collect();
+    let logs: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
     let keep = worker(&url, &logs[0]);
     std::thread::sleep(Duration::from_millis(300));
     let mut doomed = worker(&url, &logs[1]);
@@ -352,7 +370,11 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
             assert_ne!(s["state"], "completed", "the run finished before the kill");
             break;
         }
-        assert!(Instant::now() < deadline, "no checkpoint: {s}\n{}", dump(&logs));
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint: {s}\n{}",
+            dump(&logs)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     doomed.0.kill().expect("kill");
@@ -362,12 +384,19 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     let attempts = two["attempts"].as_array().expect("attempts");
     assert!(attempts.len() >= 2, "the world was re-formed: {attempts:?}");
     let last = attempts.last().expect("attempt");
-    assert_eq!(last["workers"].as_array().map(Vec::len), Some(1), "finished with one rank: {attempts:?}");
+    assert_eq!(
+        last["workers"].as_array().map(Vec::len),
+        Some(1),
+        "finished with one rank: {attempts:?}"
+    );
     assert!(attempts[0]["failed"].as_bool().unwrap_or(false));
 
     // The same recipe, one rank, never interrupted.
     let ckpt1 = dir.path().join("ckpt-1");
-    let run1 = submit(&url, &run_config_with(dir.path(), "steady", &data, 1, &ckpt1, 6144, ""));
+    let run1 = submit(
+        &url,
+        &run_config_with(dir.path(), "steady", &data, 1, &ckpt1, 6144, ""),
+    );
     let log1 = vec![dir.path().join("w-single.log")];
     let single = worker(&url, &log1[0]);
     let one = wait_completed(&url, &run1, &log1);
@@ -381,8 +410,92 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     assert!(worst < 1e-4, "largest weight difference {worst}");
     // The resumed history still consumes every row exactly once.
     for (i, (name, steps)) in [("short", 12u64), ("long", 3)].into_iter().enumerate() {
-        let report = twinhead_worker::loader::order::verify_run(&format!("file://{}", ckpt2.display()), &run2, i as u32, name, steps, 8)
-            .expect("data-order log reads");
+        let report = twinhead_worker::loader::order::verify_run(
+            &format!("file://{}", ckpt2.display()),
+            &run2,
+            i as u32,
+            name,
+            steps,
+            8,
+        )
+        .expect("data-order log reads");
+        assert!(report.is_ok(), "phase {name}: {report:?}");
+    }
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    let run = submit(
+        &url,
+        &run_config_with(dir.path(), "corrupt", &data, 1, &ckpt, 6144, ""),
+    );
+    let logs = vec![dir.path().join("w0.log"), dir.path().join("w1.log")];
+    let mut first = worker(&url, &logs[0]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let newest = loop {
+        let s = status(&url, &run);
+        let checkpoints = s["checkpoints"].as_array().cloned().unwrap_or_default();
+        if checkpoints.len() >= 2 {
+            first.0.kill().expect("kill");
+            first.0.wait().expect("reap");
+            // The list may have grown before the kill landed.
+            let s = status(&url, &run);
+            break s["checkpoints"]
+                .as_array()
+                .and_then(|c| c.last().cloned())
+                .expect("checkpoint");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoints: {s}\n{}",
+            dump(&logs)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let bad_url = newest["url"].as_str().expect("url").to_string();
+    let model = PathBuf::from(bad_url.trim_start_matches("file://")).join("model.safetensors");
+    let mut bytes = std::fs::read(&model).expect("model file");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&model, bytes).expect("corrupt");
+
+    let _second = worker(&url, &logs[1]);
+    let done = wait_completed(&url, &run, &logs);
+    let attempts = done["attempts"].as_array().expect("attempts");
+    let refused = attempts
+        .iter()
+        .find(|a| {
+            a["end_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("unusable"))
+        })
+        .unwrap_or_else(|| panic!("no attempt refused the checkpoint: {attempts:?}"));
+    assert!(
+        refused["end_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&bad_url)),
+        "{refused}"
+    );
+    let resumed = attempts.last().expect("attempt");
+    let from = resumed["start_checkpoint"]["step"].as_u64().unwrap_or(0);
+    assert!(
+        from < newest["step"].as_u64().unwrap_or(0),
+        "resumed from {from}, before the corrupt one"
+    );
+    for (i, (name, steps)) in [("short", 12u64), ("long", 3)].into_iter().enumerate() {
+        let report = twinhead_worker::loader::order::verify_run(
+            &format!("file://{}", ckpt.display()),
+            &run,
+            i as u32,
+            name,
+            steps,
+            8,
+        )
+        .expect("data-order log reads");
         assert!(report.is_ok(), "phase {name}: {report:?}");
     }
 }

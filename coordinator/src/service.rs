@@ -291,12 +291,15 @@ impl WorkerService for Services {
             worker_id,
             world_id,
             message,
+            bad_checkpoint,
         } = request.into_inner();
         required("worker_id", &worker_id)?;
         required("world_id", &world_id)?;
         let result = self
             .coordinator
-            .apply(|s, now, fx| s.failure(&worker_id, &world_id, &message, now, fx))
+            .apply(|s, now, fx| {
+                s.failure(&worker_id, &world_id, &message, &bad_checkpoint, now, fx)
+            })
             .await?;
         Ok(ack(result))
     }

@@ -782,6 +782,7 @@ impl State {
         worker_id: &str,
         world_id: &str,
         message: &str,
+        bad_checkpoint: &str,
         now_ms: i64,
         fx: &mut Effects,
     ) -> Result<(WorkerAction, String), Error> {
@@ -794,9 +795,49 @@ impl State {
             "worker {worker_id} (rank {rank}) failed: {}",
             message.trim()
         );
+        if !bad_checkpoint.is_empty() {
+            self.forget_checkpoint(&run_id, bad_checkpoint, fx);
+        }
         tracing::warn!(run = %run_id, world = %world_id, %reason, "world failed");
         self.end_world(&run_id, &reason, true, now_ms, fx);
         self.form_worlds(now_ms, fx);
         Ok((WorkerAction::Abort, reason))
+    }
+
+    /// Drops an unusable checkpoint and every later one, moving the run
+    /// back to the phase and step of the newest checkpoint left.
+    fn forget_checkpoint(&mut self, run_id: &str, url: &str, fx: &mut Effects) {
+        let Some(entry) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let run = &mut entry.run;
+        let Some(index) = run.checkpoints.iter().position(|c| c.url == url) else {
+            return;
+        };
+        let bad = run.checkpoints[index].clone();
+        run.checkpoints.truncate(index);
+        run.phase_index = bad.phase_index;
+        let kept = run
+            .checkpoints
+            .last()
+            .filter(|c| c.phase_index == bad.phase_index)
+            .map_or(0, |c| c.step);
+        for (i, p) in run.phases.iter_mut().enumerate() {
+            if i as u32 >= bad.phase_index {
+                p.finished_ms = 0;
+            }
+            if i as u32 == bad.phase_index {
+                p.steps_done = kept;
+            }
+        }
+        tracing::warn!(run = %run_id, checkpoint = %url, "checkpoint unusable; resuming from the previous one");
+        fx.event(
+            run_id,
+            RunEventKind::Checkpoint,
+            format!(
+                "checkpoint phase {} step {} is unusable and was dropped: {url}",
+                bad.phase_index, bad.step
+            ),
+        );
     }
 }

@@ -501,6 +501,7 @@ async fn failures_reform_the_world_elastically_until_max_restarts() {
             worker_id: b.id.clone(),
             world_id: world.clone(),
             message: "out of memory".into(),
+            ..Default::default()
         })
         .await
         .expect("failure")
@@ -517,6 +518,7 @@ async fn failures_reform_the_world_elastically_until_max_restarts() {
             worker_id: b.id.clone(),
             world_id: b2.world_id.clone(),
             message: "disk full".into(),
+            ..Default::default()
         })
         .await
         .expect("failure");
@@ -710,5 +712,43 @@ async fn cancelling_a_running_run_frees_its_workers_for_the_next() {
         async || get(&c, &second).await.state == RunState::Running as i32,
     )
     .await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_unusable_checkpoint_is_dropped_and_the_run_steps_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Coordinator::start(&dir.path().join("c.db")).await;
+    let id = submit(&c, tiny_spec("steps-back")).await;
+    let mut a = SimWorker::register(&c, "a").await;
+    let mut b = SimWorker::register(&c, "b").await;
+    a.next_assignment().await;
+    b.next_assignment().await;
+    a.checkpoint(2).await.expect("mid-phase checkpoint");
+    a.checkpoint(3).await.expect("phase end");
+    assert_eq!(get(&c, &id).await.phase_index, 1);
+    let bad = get(&c, &id).await.checkpoints[1].url.clone();
+    let next = a.next_assignment().await;
+    a.client
+        .report_failure(ReportFailureRequest {
+            worker_id: a.id.clone(),
+            world_id: next.world_id.clone(),
+            message: "checkpoint unreadable".into(),
+            bad_checkpoint: bad.clone(),
+        })
+        .await
+        .expect("failure");
+    let run = get(&c, &id).await;
+    assert_eq!(
+        run.phase_index, 0,
+        "back in the phase of the dropped checkpoint"
+    );
+    assert_eq!(run.checkpoints.len(), 1);
+    assert_eq!(run.phases[0].finished_ms, 0);
+    assert_eq!(run.phases[0].steps_done, 2);
+    let again = a.next_assignment().await;
+    assert_ne!(again.world_id, next.world_id);
+    assert_eq!((again.phase_index, again.first_step), (0, 2));
+    assert_eq!(again.start_checkpoint.map(|c| c.step), Some(2));
     c.stop().await;
 }

@@ -81,6 +81,10 @@ pub enum TrainError {
     Collective(#[from] CollectiveError),
     #[error("aborted: {0}")]
     Aborted(String),
+    /// The checkpoint to start from cannot be used; the coordinator drops
+    /// it and the world restarts from the one before.
+    #[error("checkpoint {url} is unusable: {message}")]
+    BadCheckpoint { url: String, message: String },
     #[error("{0}")]
     Failed(String),
 }
@@ -455,7 +459,11 @@ impl<'a> Session<'a> {
                 Err(e) => {
                     tracing::error!(world = %world_id, error = %e, "training failed");
                     // The coordinator ends the world and tells the peers.
-                    self.fail(&world_id, &e.to_string()).await;
+                    let bad = match &e {
+                        TrainError::BadCheckpoint { url, .. } => url.clone(),
+                        _ => String::new(),
+                    };
+                    self.fail_with(&world_id, &e.to_string(), &bad).await;
                     self.abort.leave();
                 }
             }
@@ -654,11 +662,16 @@ impl<'a> Session<'a> {
     }
 
     async fn fail(&self, world_id: &str, message: &str) {
+        self.fail_with(world_id, message, "").await;
+    }
+
+    async fn fail_with(&self, world_id: &str, message: &str, bad_checkpoint: &str) {
         let mut client = self.client.clone();
         let request = ReportFailureRequest {
             worker_id: self.worker_id.clone(),
             world_id: world_id.to_string(),
             message: message.to_string(),
+            bad_checkpoint: bad_checkpoint.to_string(),
         };
         if let Err(s) = client.report_failure(request).await {
             tracing::warn!(error = %s.message(), "could not report the failure; the lease will end the world");

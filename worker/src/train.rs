@@ -300,12 +300,15 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
             let mut optimizer = Self::optimizer_for(spec, phase, &params)?;
             let mut values = read_params(&model);
             if let Some(c) = &a.start_checkpoint {
-                let loaded =
-                    checkpoint::load(&c.url).map_err(failed(&format!("checkpoint {}", c.url)))?;
-                values = match_tensors(&params, loaded.model)?;
+                let bad = |message: String| TrainError::BadCheckpoint {
+                    url: c.url.clone(),
+                    message,
+                };
+                let loaded = checkpoint::load(&c.url).map_err(|e| bad(e.to_string()))?;
+                values = match_tensors(&params, loaded.model).map_err(|e| bad(e.to_string()))?;
                 optimizer
                     .restore(loaded.optimizer.step, loaded.optimizer.tensors)
-                    .map_err(failed("checkpoint optimizer state"))?;
+                    .map_err(|e| bad(format!("optimizer state: {e}")))?;
             } else if !spec.init_from.is_empty() {
                 let path = spec.init_from.trim_start_matches("file://");
                 let imported = crate::hf::load::<B>(std::path::Path::new(path), &self.device)
@@ -393,7 +396,7 @@ fn match_tensors(
 }
 
 fn lr_schedule(phase: &PhaseSpec) -> Result<LrSchedule, TrainError> {
-    let lr = phase.lr.clone().unwrap_or_default();
+    let lr = phase.lr.unwrap_or_default();
     let law = match LrShape::try_from(lr.shape) {
         Ok(LrShape::Linear) => DecayLaw::Linear,
         Ok(LrShape::OneMinusSqrt) => DecayLaw::OneMinusSqrt,
