@@ -3,6 +3,8 @@
 //! and turns every error into one line and a non-zero exit.
 
 mod client;
+mod demo;
+mod export;
 mod output;
 mod runs;
 
@@ -44,6 +46,17 @@ pub struct Connection {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole system on this machine in one command: sample dataset,
+    /// coordinator, two workers, a tiny encoder and decoder through three
+    /// phases, Hugging Face exports, and examples of both at work.
+    Demo {
+        /// Folder for everything the demo makes.
+        #[arg(long, default_value = "twinhead-demo")]
+        out: PathBuf,
+        /// Threads for building the dataset.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Run the coordinator: the gRPC server that users and workers talk to.
     Coordinator(CoordinatorArgs),
     /// Run a worker: one per GPU (or CPU process); it trains what the
@@ -83,6 +96,21 @@ enum Command {
     Watch {
         run: String,
         /// One JSON event per line instead of progress bars.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Write a run's last committed checkpoint as a Hugging Face folder
+    /// (config.json, model.safetensors, tokenizer.json).
+    Export {
+        run: String,
+        /// Output folder.
+        #[arg(long)]
+        hf: PathBuf,
+        /// A checkpoint URL of the run instead of its last one.
+        #[arg(long)]
+        checkpoint: Option<String>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -201,6 +229,14 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Coordinator(args) => coordinator(args).await,
+        Command::Demo { out, threads } => demo::demo(&out, threads).await,
+        Command::Export {
+            run,
+            hf,
+            checkpoint,
+            json,
+            connection,
+        } => export::export(&connection, &run, checkpoint.as_deref(), &hf, json).await,
         Command::Worker(args) => worker(args).await,
         Command::Submit {
             file,
