@@ -3,6 +3,8 @@
 //! and turns every error into one line and a non-zero exit.
 
 mod client;
+mod dataset;
+mod model;
 mod output;
 mod runs;
 
@@ -95,6 +97,16 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Build, verify and summarize tokenized datasets.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
+    /// Model shapes: built-in sizes, model TOML files, Hugging Face folders.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Top tokens for each [MASK] of a text, with an encoder folder.
+    FillMask(model::FillMaskArgs),
+    /// Continue a prompt with a decoder folder.
+    Generate(model::GenerateArgs),
 }
 
 #[derive(Args)]
@@ -204,6 +216,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
             connection,
         } => runs::cancel(&connection, &run, &reason, json).await,
+        Command::Dataset(command) => dataset::run(command).await,
+        Command::Model(command) => model::run(command),
+        Command::FillMask(args) => model::fill_mask(args).await,
+        Command::Generate(args) => model::generate(args).await,
     }
 }
 
