@@ -92,11 +92,25 @@ impl Bars {
         }
     }
 
-    fn style() -> ProgressStyle {
+    /// `parts/s` for stage-1 stages, `shards/s` for phases.
+    fn style(stage: &str) -> ProgressStyle {
+        let unit = if stage.starts_with("phase ") {
+            "shards"
+        } else if stage.starts_with("scan ") || stage.starts_with("tokenize ") {
+            "parts"
+        } else {
+            "steps"
+        };
         ProgressStyle::with_template(
-            "{prefix:>24} [{bar:30}] {pos}/{len} {per_sec:.dim} {elapsed:.dim}",
+            "{prefix:>24} [{bar:30}] {pos}/{len} {rate:.dim} {elapsed:.dim}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            move |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.1} {unit}/s", state.per_sec());
+            },
+        )
         .progress_chars("=> ")
     }
 }
@@ -104,7 +118,7 @@ impl Bars {
 impl ProgressSink for Bars {
     fn start(&self, stage: &str, total: u64) {
         let bar = self.multi.add(ProgressBar::new(total));
-        bar.set_style(Bars::style());
+        bar.set_style(Bars::style(stage));
         bar.set_prefix(stage.to_string());
         bar.enable_steady_tick(Duration::from_millis(200));
         if let Ok(mut open) = self.open.lock() {
@@ -159,7 +173,12 @@ fn dataprep_error(e: twinhead_dataprep::Error) -> anyhow::Error {
     anyhow::anyhow!(crate::output::source_chain(&e))
 }
 
-pub async fn build(config: &Path, out: &str, threads: usize, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn build(
+    config: &Path,
+    out: &str,
+    threads: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let threads = if threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -186,10 +205,9 @@ pub async fn build(config: &Path, out: &str, threads: usize, json: bool) -> anyh
     let config_path: PathBuf = config.to_path_buf();
     let out_url = out.to_string();
     let sink = bars.clone();
-    let result = blocking(move || {
-        twinhead_dataprep::build(&config_path, &out_url, threads, sink.as_ref())
-    })
-    .await?;
+    let result =
+        blocking(move || twinhead_dataprep::build(&config_path, &out_url, threads, sink.as_ref()))
+            .await?;
     watcher.abort();
     bars.abandon();
     let report = match result {

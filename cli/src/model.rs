@@ -15,8 +15,8 @@ use tokenizers::Tokenizer;
 use twinhead_worker::CpuBackend;
 use twinhead_worker::hf;
 use twinhead_worker::infer::{self, GenerateConfig};
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert};
 use twinhead_worker::model::config::builtin_names;
+use twinhead_worker::model::{Flavour, ModelConfig, ModernBert};
 
 use crate::output::{human, table};
 
@@ -94,13 +94,15 @@ fn resolve_config(name_or_file: &str) -> anyhow::Result<(ModelConfig, Option<Fla
             hf::read_config(path).map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
         return Ok((config, Some(flavour)));
     }
-    let config =
-        ModelConfig::load(name_or_file).map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+    let config = ModelConfig::load(name_or_file)
+        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
     Ok((config, None))
 }
 
 fn global_layers(c: &ModelConfig) -> Vec<usize> {
-    (0..c.num_layers).filter(|&i| c.is_global_layer(i)).collect()
+    (0..c.num_layers)
+        .filter(|&i| c.is_global_layer(i))
+        .collect()
 }
 
 fn config_json(c: &ModelConfig, flavour: Option<Flavour>) -> Value {
@@ -147,7 +149,10 @@ fn layer_list(layers: &[usize]) -> String {
 pub fn info(name_or_file: &str, json: bool) -> anyhow::Result<ExitCode> {
     let (c, flavour) = resolve_config(name_or_file)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&config_json(&c, flavour))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&config_json(&c, flavour))?
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let mut rows = vec![vec!["name".to_string(), c.name.clone()]];
@@ -206,7 +211,8 @@ pub fn list(json: bool) -> anyhow::Result<ExitCode> {
     let mut configs = Vec::new();
     for name in builtin_names() {
         configs.push(
-            ModelConfig::builtin(name).map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?,
+            ModelConfig::builtin(name)
+                .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?,
         );
     }
     if json {
@@ -352,7 +358,10 @@ pub async fn fill_mask(args: FillMaskArgs) -> anyhow::Result<ExitCode> {
         let ids = encode_masked(&loaded, &text)?;
         let max = loaded.model.config().max_position_embeddings;
         if ids.len() > max {
-            bail!("the input is {} tokens, the model takes at most {max}", ids.len());
+            bail!(
+                "the input is {} tokens, the model takes at most {max}",
+                ids.len()
+            );
         }
         let predictions = infer::fill_mask(&loaded.model, &ids, top_k)
             .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
@@ -405,61 +414,65 @@ pub async fn fill_mask(args: FillMaskArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     if !(args.temperature.is_finite() && args.temperature >= 0.0) {
-        bail!("--temperature must be 0 (greedy) or positive, got {}", args.temperature);
+        bail!(
+            "--temperature must be 0 (greedy) or positive, got {}",
+            args.temperature
+        );
     }
     if args.top_k == Some(0) {
         bail!("--top-k must be at least 1");
     }
     let json_out = args.json;
     let prompt_text = args.prompt.clone();
-    let (text, new_ids) = tokio::task::spawn_blocking(move || -> anyhow::Result<(String, Vec<u32>)> {
-        let loaded = load(&args.model_dir)?;
-        let c = loaded.model.config().clone();
-        if loaded.model.flavour() != Flavour::Decoder {
-            bail!(
-                "{} holds an encoder; generate needs a decoder (try `twinhead fill-mask`)",
-                args.model_dir.display()
-            );
-        }
-        let enc = loaded
-            .tokenizer
-            .encode(args.prompt.as_str(), true)
-            .map_err(tok_err)?;
-        let mut prompt = enc.get_ids().to_vec();
-        // A prompt continues: it must not end with the end-of-text token
-        // that a BERT-style post-processor appends.
-        if prompt.len() > 1 && prompt.last() == Some(&c.sep_token_id) {
-            prompt.pop();
-        }
-        if prompt.is_empty() {
-            prompt.push(c.cls_token_id);
-        }
-        let total = prompt.len() + args.max_new_tokens;
-        if total > c.max_position_embeddings {
-            bail!(
-                "prompt ({} tokens) plus --max-new-tokens {} exceeds the model's {} positions",
-                prompt.len(),
-                args.max_new_tokens,
-                c.max_position_embeddings
-            );
-        }
-        if args.max_new_tokens == 0 {
-            return Ok((String::new(), Vec::new()));
-        }
-        let cfg = GenerateConfig {
-            max_new_tokens: args.max_new_tokens,
-            temperature: args.temperature,
-            top_k: args.top_k,
-            seed: args.seed,
-            stop_token: (!args.ignore_eos).then_some(c.sep_token_id),
-        };
-        let ids = infer::generate(&loaded.model, &prompt, &cfg)
-            .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
-        let text = loaded.tokenizer.decode(&ids, true).map_err(tok_err)?;
-        Ok((text, ids))
-    })
-    .await
-    .context("generate task failed")??;
+    let (text, new_ids) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(String, Vec<u32>)> {
+            let loaded = load(&args.model_dir)?;
+            let c = loaded.model.config().clone();
+            if loaded.model.flavour() != Flavour::Decoder {
+                bail!(
+                    "{} holds an encoder; generate needs a decoder (try `twinhead fill-mask`)",
+                    args.model_dir.display()
+                );
+            }
+            let enc = loaded
+                .tokenizer
+                .encode(args.prompt.as_str(), true)
+                .map_err(tok_err)?;
+            let mut prompt = enc.get_ids().to_vec();
+            // A prompt continues: it must not end with the end-of-text token
+            // that a BERT-style post-processor appends.
+            if prompt.len() > 1 && prompt.last() == Some(&c.sep_token_id) {
+                prompt.pop();
+            }
+            if prompt.is_empty() {
+                prompt.push(c.cls_token_id);
+            }
+            let total = prompt.len() + args.max_new_tokens;
+            if total > c.max_position_embeddings {
+                bail!(
+                    "prompt ({} tokens) plus --max-new-tokens {} exceeds the model's {} positions",
+                    prompt.len(),
+                    args.max_new_tokens,
+                    c.max_position_embeddings
+                );
+            }
+            if args.max_new_tokens == 0 {
+                return Ok((String::new(), Vec::new()));
+            }
+            let cfg = GenerateConfig {
+                max_new_tokens: args.max_new_tokens,
+                temperature: args.temperature,
+                top_k: args.top_k,
+                seed: args.seed,
+                stop_token: (!args.ignore_eos).then_some(c.sep_token_id),
+            };
+            let ids = infer::generate(&loaded.model, &prompt, &cfg)
+                .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+            let text = loaded.tokenizer.decode(&ids, true).map_err(tok_err)?;
+            Ok((text, ids))
+        })
+        .await
+        .context("generate task failed")??;
     if json_out {
         println!(
             "{}",

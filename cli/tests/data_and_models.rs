@@ -10,9 +10,7 @@ use twinhead_worker::model::{Flavour, ModelConfig, ModernBert};
 
 fn twinhead() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_twinhead"));
-    command
-        .env("TWINHEAD_LOG", "warn")
-        .current_dir(repo_root());
+    command.env("TWINHEAD_LOG", "warn").current_dir(repo_root());
     command
 }
 
@@ -115,7 +113,14 @@ fn dataset_build_verify_stats_and_tampering() {
     let config = config.to_str().expect("utf-8 path");
 
     let report = json(&run(&[
-        "dataset", "build", config, "--out", out, "--threads", "2", "--json",
+        "dataset",
+        "build",
+        config,
+        "--out",
+        out,
+        "--threads",
+        "2",
+        "--json",
     ]));
     let url = report["url"].as_str().expect("url").to_string();
     assert!(url.ends_with("/clitest"), "{url}");
@@ -200,7 +205,14 @@ fn model_info_and_list() {
 
     let table = run(&["model", "info", "ettin-150m"]);
     assert!(table.status.success());
-    for needle in ["layers", "hidden", "heads", "global layers", "rope theta", "150"] {
+    for needle in [
+        "layers",
+        "hidden",
+        "heads",
+        "global layers",
+        "rope theta",
+        "150",
+    ] {
         assert!(stdout(&table).contains(needle), "{needle}");
     }
 
@@ -283,7 +295,10 @@ fn fill_mask_and_generate_on_a_tiny_random_model() {
         .collect();
     assert!(probs.windows(2).all(|w| w[0] >= w[1]), "{probs:?}");
     assert!(probs.iter().sum::<f64>() <= 1.0 + 1e-6, "{probs:?}");
-    assert!(top.iter().all(|c| c["token"].is_string() && c["token_id"].is_u64()));
+    assert!(
+        top.iter()
+            .all(|c| c["token"].is_string() && c["token_id"].is_u64())
+    );
     let table = run(&["fill-mask", encoder, "The capital of France is [MASK]."]);
     assert!(table.status.success(), "{}", stderr(&table));
     assert_eq!(stdout(&table).lines().count(), 1 + 5);
