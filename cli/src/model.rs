@@ -66,7 +66,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
     /// 0 = greedy (deterministic); otherwise sample with this temperature.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample only among the K most likely tokens.
     #[arg(long)]
@@ -327,9 +327,11 @@ fn encode_masked(loaded: &Loaded, text: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// A token as people read it: its decoded text, or the raw vocabulary
+/// entry when it is a fragment of a multi-byte character.
 fn token_text(tok: &Tokenizer, id: u32) -> String {
     match tok.decode(&[id], false) {
-        Ok(s) if !s.is_empty() => s,
+        Ok(s) if !s.is_empty() && !s.contains('\u{FFFD}') => s,
         _ => tok.id_to_token(id).unwrap_or_default(),
     }
 }

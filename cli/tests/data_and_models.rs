@@ -303,6 +303,32 @@ fn fill_mask_and_generate_on_a_tiny_random_model() {
     assert!(table.status.success(), "{}", stderr(&table));
     assert_eq!(stdout(&table).lines().count(), 1 + 5);
 
+    // A tokenizer that does not know [MASK] as a token: the text is split
+    // on the literal and the model's mask id goes in between.
+    let plain_dir = root.path().join("encoder-no-mask-token");
+    std::fs::create_dir_all(&plain_dir).expect("mkdir");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(Path::new(encoder).join(file), plain_dir.join(file)).expect("copy");
+    }
+    let tok_text =
+        std::fs::read_to_string(Path::new(encoder).join("tokenizer.json")).expect("tokenizer");
+    let mut tok: serde_json::Value = serde_json::from_str(&tok_text).expect("json");
+    if let Some(added) = tok["added_tokens"].as_array_mut() {
+        added.retain(|t| t["content"] != "[MASK]");
+    }
+    if let Some(vocab) = tok["model"]["vocab"].as_object_mut() {
+        vocab.remove("[MASK]");
+    }
+    std::fs::write(plain_dir.join("tokenizer.json"), tok.to_string()).expect("write");
+    let plain_dir = plain_dir.to_str().expect("utf-8");
+    let split = json(&run(&[
+        "fill-mask",
+        plain_dir,
+        "The capital of France is [MASK].",
+        "--json",
+    ]));
+    assert_eq!(split.as_array().map(Vec::len), Some(5));
+
     let no_mask = run(&["fill-mask", encoder, "No mask here."]);
     assert_clean_error(&no_mask, &["[MASK]"]);
     let wrong = run(&["fill-mask", decoder, "a [MASK]"]);
