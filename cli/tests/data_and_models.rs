@@ -1,0 +1,386 @@
+//! `twinhead dataset …`, `twinhead model …`, `fill-mask` and `generate` as a
+//! user runs them: the real binary on the committed dataprep fixtures and on
+//! a tiny, randomly initialised model folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use twinhead_worker::CpuBackend;
+use twinhead_worker::model::{Flavour, ModelConfig, ModernBert};
+
+fn twinhead() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_twinhead"));
+    command.env("TWINHEAD_LOG", "warn").current_dir(repo_root());
+    command
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixtures() -> PathBuf {
+    repo_root().join("dataprep/tests/fixtures")
+}
+
+fn run(args: &[&str]) -> Output {
+    twinhead().args(args).output().expect("run twinhead")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "command failed: {}",
+        stderr(output)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stdout(output)))
+}
+
+/// Non-zero exit, stderr exactly one line `error: …` containing every needle.
+fn assert_clean_error(output: &Output, needles: &[&str]) {
+    let err = stderr(output);
+    assert!(!output.status.success(), "expected failure, stderr {err:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected, got {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err:?}");
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    }
+    assert!(!err.contains("panicked") && !err.contains("internal error"));
+}
+
+/// A small config over the committed fixtures: two text sources, one phase.
+fn write_config(dir: &Path) -> PathBuf {
+    let f = fixtures();
+    let f = f.display();
+    let text = format!(
+        r#"
+name = "clitest"
+on_error = "skip"
+
+[tokenizer]
+train = {{ vocab_size = 512, min_frequency = 2 }}
+
+[output]
+rows_per_shard = 64
+rows_per_row_group = 16
+
+[[sources]]
+name = "books"
+input = "{f}/books/*.txt"
+format = "text"
+files_per_part = 3
+[sources.filters]
+min_chars = 500
+
+[[sources]]
+name = "web"
+input = "{f}/web"
+format = "text"
+files_per_part = 2
+[sources.filters]
+mean_word_length = [3.0, 10.0]
+
+[[phases]]
+name = "short"
+seq_len = 64
+tokens = 12000
+seed = 21
+[phases.weights]
+books = 1.0
+web = 2.0
+"#
+    );
+    let path = dir.join("clitest.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn dataset_build_verify_stats_and_tampering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let out = dir.path().join("data");
+    let out = out.to_str().expect("utf-8 path");
+    let config = config.to_str().expect("utf-8 path");
+
+    let report = json(&run(&[
+        "dataset",
+        "build",
+        config,
+        "--out",
+        out,
+        "--threads",
+        "2",
+        "--json",
+    ]));
+    let url = report["url"].as_str().expect("url").to_string();
+    assert!(url.ends_with("/clitest"), "{url}");
+    assert_eq!(report["up_to_date"], false);
+    let phases = report["manifest"]["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 1);
+    assert_eq!(phases[0]["sequences"], 12000 / 64);
+
+    // The table for people: sources, phases, the dataset's location.
+    let again = run(&["dataset", "build", config, "--out", out]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let text = stdout(&again);
+    for needle in ["source", "books", "web", "phase", "short", "shards", &url] {
+        assert!(text.contains(needle), "{needle:?} not in {text}");
+    }
+    assert!(text.contains("nothing to do"), "{text}");
+
+    let ok = run(&["dataset", "verify", &url]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).starts_with("ok: "), "{}", stdout(&ok));
+    let ok = json(&run(&["dataset", "verify", &url, "--json"]));
+    assert_eq!(ok["ok"], true);
+
+    let stats = json(&run(&["dataset", "stats", &url, "--json"]));
+    let sources = stats["sources"].as_array().expect("sources");
+    assert_eq!(sources.len(), 2);
+    assert!(sources.iter().all(|s| s["tokens"].as_u64() > Some(0)));
+    assert_eq!(stats["phases"][0]["name"], "short");
+    let table = run(&["dataset", "stats", &url]);
+    assert!(table.status.success());
+    assert!(stdout(&table).contains("dropped by"), "{}", stdout(&table));
+
+    // Flip one byte in the middle of a shard: verify names it and fails.
+    let shard = Path::new(&url).join("phases/short/shard-00000.parquet");
+    let mut bytes = std::fs::read(&shard).expect("read shard");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&shard, bytes).expect("write shard");
+    let bad = run(&["dataset", "verify", &url]);
+    assert!(!bad.status.success());
+    assert!(
+        stdout(&bad).contains("phases/short/shard-00000.parquet: sha256_mismatch"),
+        "{}",
+        stdout(&bad)
+    );
+    assert_clean_error(&bad, &["problem"]);
+    let bad_json = run(&["dataset", "verify", &url, "--json"]);
+    assert!(!bad_json.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&bad_json.stdout).expect("json");
+    assert_eq!(v["ok"], false);
+}
+
+#[test]
+fn bad_dataset_config_is_one_line_naming_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, text.replace("seq_len = 64", "seq_len = \"long\"")).expect("write");
+    let out = dir.path().join("data");
+    let output = run(&[
+        "dataset",
+        "build",
+        config.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert_clean_error(&output, &["clitest.toml", "seq_len"]);
+
+    let missing = run(&["dataset", "build", "no/such.toml", "--out", "x"]);
+    assert_clean_error(&missing, &["no/such.toml"]);
+    let not_a_dataset = run(&["dataset", "verify", dir.path().to_str().expect("utf-8")]);
+    assert_clean_error(&not_a_dataset, &["manifest"]);
+}
+
+#[test]
+fn model_info_and_list() {
+    let info = json(&run(&["model", "info", "ettin-150m", "--json"]));
+    let params = info["parameters"].as_f64().expect("parameters");
+    assert!((params / 1e6 - 150.0).abs() < 1.5, "{params}");
+    assert_eq!(info["num_layers"], 22);
+    assert_eq!(info["global_layers"][1], 3);
+
+    let table = run(&["model", "info", "ettin-150m"]);
+    assert!(table.status.success());
+    for needle in [
+        "layers",
+        "hidden",
+        "heads",
+        "global layers",
+        "rope theta",
+        "150",
+    ] {
+        assert!(stdout(&table).contains(needle), "{needle}");
+    }
+
+    let list = run(&["model", "list"]);
+    assert!(list.status.success());
+    let text = stdout(&list);
+    // Every Ettin size's count matches its name (17M, 32M, …, 1B) within 4%.
+    for (name, millions) in [
+        ("ettin-17m", 17.0),
+        ("ettin-32m", 32.0),
+        ("ettin-68m", 68.0),
+        ("ettin-150m", 150.0),
+        ("ettin-400m", 400.0),
+        ("ettin-1b", 1000.0),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} not listed: {text}"));
+        let count = line.split_whitespace().last().expect("count");
+        let (number, scale) = match count.chars().last() {
+            Some('M') => (&count[..count.len() - 1], 1.0),
+            Some('B') => (&count[..count.len() - 1], 1000.0),
+            _ => panic!("{name}: unexpected count {count}"),
+        };
+        let got = number.parse::<f64>().expect("number") * scale;
+        assert!((got / millions - 1.0).abs() < 0.04, "{name}: {count}");
+    }
+    let all = json(&run(&["model", "list", "--json"]));
+    assert_eq!(all.as_array().map(Vec::len), Some(7));
+
+    let unknown = run(&["model", "info", "ettin-3b"]);
+    assert_clean_error(&unknown, &["ettin-3b"]);
+}
+
+/// A randomly initialised `tiny`-shaped model with a BPE tokenizer trained
+/// on the fixtures, saved as a Hugging Face folder.
+fn tiny_model_dir(root: &Path, flavour: Flavour) -> PathBuf {
+    let mut texts = Vec::new();
+    for entry in std::fs::read_dir(fixtures().join("books")).expect("books") {
+        texts.push(std::fs::read_to_string(entry.expect("entry").path()).expect("read"));
+    }
+    let tokenizer =
+        twinhead_dataprep::tokenizer::train_bpe(texts.iter().map(String::as_str), 512, 2)
+            .expect("train tokenizer");
+    let mut config = ModelConfig::builtin("tiny").expect("tiny");
+    config.vocab_size = 512;
+    config.max_position_embeddings = 128;
+    let model = ModernBert::<CpuBackend>::new(&config, flavour, 7, &Default::default());
+    let dir = root.join(match flavour {
+        Flavour::Encoder => "encoder",
+        Flavour::Decoder => "decoder",
+    });
+    twinhead_worker::hf::save(&model, &dir).expect("save");
+    std::fs::write(dir.join("tokenizer.json"), tokenizer).expect("write tokenizer");
+    dir
+}
+
+#[test]
+fn fill_mask_and_generate_on_a_tiny_random_model() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let encoder = tiny_model_dir(root.path(), Flavour::Encoder);
+    let decoder = tiny_model_dir(root.path(), Flavour::Decoder);
+    let encoder = encoder.to_str().expect("utf-8");
+    let decoder = decoder.to_str().expect("utf-8");
+
+    let top = json(&run(&[
+        "fill-mask",
+        encoder,
+        "The capital of France is [MASK].",
+        "--top-k",
+        "4",
+        "--json",
+    ]));
+    let top = top.as_array().expect("list");
+    assert_eq!(top.len(), 4);
+    let probs: Vec<f64> = top
+        .iter()
+        .map(|c| c["probability"].as_f64().expect("probability"))
+        .collect();
+    assert!(probs.windows(2).all(|w| w[0] >= w[1]), "{probs:?}");
+    assert!(probs.iter().sum::<f64>() <= 1.0 + 1e-6, "{probs:?}");
+    assert!(
+        top.iter()
+            .all(|c| c["token"].is_string() && c["token_id"].is_u64())
+    );
+    let table = run(&["fill-mask", encoder, "The capital of France is [MASK]."]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    assert_eq!(stdout(&table).lines().count(), 1 + 5);
+
+    // A tokenizer that does not know [MASK] as a token: the text is split
+    // on the literal and the model's mask id goes in between.
+    let plain_dir = root.path().join("encoder-no-mask-token");
+    std::fs::create_dir_all(&plain_dir).expect("mkdir");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(Path::new(encoder).join(file), plain_dir.join(file)).expect("copy");
+    }
+    let tok_text =
+        std::fs::read_to_string(Path::new(encoder).join("tokenizer.json")).expect("tokenizer");
+    let mut tok: serde_json::Value = serde_json::from_str(&tok_text).expect("json");
+    if let Some(added) = tok["added_tokens"].as_array_mut() {
+        added.retain(|t| t["content"] != "[MASK]");
+    }
+    if let Some(vocab) = tok["model"]["vocab"].as_object_mut() {
+        vocab.remove("[MASK]");
+    }
+    std::fs::write(plain_dir.join("tokenizer.json"), tok.to_string()).expect("write");
+    let plain_dir = plain_dir.to_str().expect("utf-8");
+    let split = json(&run(&[
+        "fill-mask",
+        plain_dir,
+        "The capital of France is [MASK].",
+        "--json",
+    ]));
+    assert_eq!(split.as_array().map(Vec::len), Some(5));
+
+    let no_mask = run(&["fill-mask", encoder, "No mask here."]);
+    assert_clean_error(&no_mask, &["[MASK]"]);
+    let wrong = run(&["fill-mask", decoder, "a [MASK]"]);
+    assert_clean_error(&wrong, &["decoder"]);
+
+    let args = [
+        "generate",
+        decoder,
+        "The capital of France is",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ];
+    let first = json(&run(&args));
+    let ids = first["token_ids"].as_array().expect("token_ids");
+    assert_eq!(ids.len(), 6);
+    assert!(first["text"].is_string());
+    let second = json(&run(&args));
+    assert_eq!(first, second, "greedy decoding must be deterministic");
+
+    let sampled = [
+        "generate",
+        decoder,
+        "Once",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--ignore-eos",
+        "--json",
+    ];
+    assert_eq!(json(&run(&sampled)), json(&run(&sampled)));
+    let plain = run(&["generate", decoder, "Once", "--max-new-tokens", "3"]);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    assert!(stdout(&plain).starts_with("Once"));
+}
+
+#[test]
+fn model_folder_without_tokenizer_is_a_clean_error() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = tiny_model_dir(root.path(), Flavour::Encoder);
+    std::fs::remove_file(dir.join("tokenizer.json")).expect("remove");
+    let dir = dir.to_str().expect("utf-8");
+    let output = run(&["fill-mask", dir, "a [MASK] b"]);
+    assert_clean_error(&output, &["tokenizer.json", "not found"]);
+    let output = run(&["generate", dir, "a", "--max-new-tokens", "2"]);
+    assert_clean_error(&output, &["tokenizer.json"]);
+    let missing = run(&["generate", "no/such/dir", "a"]);
+    assert_clean_error(&missing, &["no/such/dir"]);
+}
