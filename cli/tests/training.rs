@@ -30,11 +30,16 @@ impl Drop for Proc {
 }
 
 fn coordinator(db: &Path) -> (Proc, String) {
+    coordinator_on(db, "127.0.0.1:0")
+}
+
+/// A coordinator process on `listen`; a restarted one keeps its address.
+fn coordinator_on(db: &Path, listen: &str) -> (Proc, String) {
     let mut child = twinhead()
         .args([
             "coordinator",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--heartbeat-interval-ms",
             "200",
             "--lease-timeout-ms",
@@ -486,6 +491,63 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
         from < newest["step"].as_u64().unwrap_or(0),
         "resumed from {from}, before the corrupt one"
     );
+    for (i, (name, steps)) in [("short", 12u64), ("long", 3)].into_iter().enumerate() {
+        let report = twinhead_worker::loader::order::verify_run(
+            &format!("file://{}", ckpt.display()),
+            &run,
+            i as u32,
+            name,
+            steps,
+            8,
+        )
+        .expect("data-order log reads");
+        assert!(report.is_ok(), "phase {name}: {report:?}");
+    }
+}
+
+#[test]
+fn workers_carry_a_run_through_a_killed_and_restarted_coordinator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let db = dir.path().join("c.db");
+    let (coordinator, url) = coordinator(&db);
+    let ckpt = dir.path().join("ckpt");
+    let run = submit(
+        &url,
+        &run_config_with(dir.path(), "outage", &data, 2, &ckpt, 6144, ""),
+    );
+    let logs: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    let _workers: Vec<Proc> = logs.iter().map(|l| worker(&url, l)).collect();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = status(&url, &run);
+        if s["checkpoints"].as_array().is_some_and(|c| !c.is_empty()) {
+            assert_ne!(s["state"], "completed", "the run ended before the outage");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint: {s}\n{}",
+            dump(&logs)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGKILL, a pause, and a restart on the same database and address.
+    drop(coordinator);
+    std::thread::sleep(Duration::from_millis(500));
+    let listen = url.trim_start_matches("http://").to_string();
+    let (_coordinator, url) = coordinator_on(&db, &listen);
+    let done = wait_completed(&url, &run, &logs);
+    let attempts = done["attempts"].as_array().expect("attempts");
+    assert_eq!(
+        attempts.len(),
+        1,
+        "the world lived through the outage: {attempts:?}"
+    );
+    let phases = done["phases"].as_array().expect("phases");
+    assert_eq!(phases[1]["steps_done"], 3);
     for (i, (name, steps)) in [("short", 12u64), ("long", 3)].into_iter().enumerate() {
         let report = twinhead_worker::loader::order::verify_run(
             &format!("file://{}", ckpt.display()),
