@@ -249,6 +249,30 @@ fn final_weights(status: &serde_json::Value) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
+/// Every row of each phase was consumed exactly once by the run.
+fn assert_rows_once(ckpt: &Path, run: &str, phases: &[(&str, u64)]) {
+    for (i, (name, steps)) in phases.iter().enumerate() {
+        let report = twinhead_worker::loader::order::verify_run(
+            &format!("file://{}", ckpt.display()),
+            run,
+            i as u32,
+            name,
+            *steps,
+            8,
+        )
+        .expect("data-order log reads");
+        assert!(report.is_ok(), "{run} phase {name}: {report:?}");
+    }
+}
+
+/// The largest absolute difference between two sets of weights.
+fn max_difference(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flat_map(|(name, x)| x.iter().zip(&b[name]).map(|(p, q)| (p - q).abs()))
+        .fold(0.0f32, f32::max)
+}
+
 #[test]
 fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -302,14 +326,7 @@ fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
 
     // (a) two ranks end where one process ends, within float tolerance.
     let (w2, w1) = (final_weights(&two), final_weights(&one));
-    assert_eq!(w2.len(), w1.len());
-    let mut worst = 0.0f32;
-    for (name, a) in &w2 {
-        let b = &w1[name];
-        for (x, y) in a.iter().zip(b) {
-            worst = worst.max((x - y).abs());
-        }
-    }
+    let worst = max_difference(&w2, &w1);
     assert!(worst < 1e-4, "largest weight difference {worst}");
     // And training moved the weights: the comparison is not of two inits.
     let init = twinhead_worker::checkpoint::load(
@@ -328,20 +345,8 @@ fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
     );
 
     // (c) every row of each phase consumed exactly once, by both runs.
-    for (run, root) in [(&run2, &ckpt2), (&run1, &ckpt1)] {
-        for (i, (name, steps)) in [("short", 6u64), ("long", 3)].into_iter().enumerate() {
-            let report = twinhead_worker::loader::order::verify_run(
-                &format!("file://{}", root.display()),
-                run,
-                i as u32,
-                name,
-                steps,
-                8,
-            )
-            .expect("data-order log reads");
-            assert!(report.is_ok(), "{run} phase {name}: {report:?}");
-        }
-    }
+    assert_rows_once(&ckpt2, &run2, &[("short", 6), ("long", 3)]);
+    assert_rows_once(&ckpt1, &run1, &[("short", 6), ("long", 3)]);
 }
 
 #[test]
@@ -408,24 +413,10 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     drop(single);
 
     let (w2, w1) = (final_weights(&two), final_weights(&one));
-    let worst = w2
-        .iter()
-        .flat_map(|(name, a)| a.iter().zip(&w1[name]).map(|(x, y)| (x - y).abs()))
-        .fold(0.0f32, f32::max);
+    let worst = max_difference(&w2, &w1);
     assert!(worst < 1e-4, "largest weight difference {worst}");
     // The resumed history still consumes every row exactly once.
-    for (i, (name, steps)) in [("short", 12u64), ("long", 3)].into_iter().enumerate() {
-        let report = twinhead_worker::loader::order::verify_run(
-            &format!("file://{}", ckpt2.display()),
-            &run2,
-            i as u32,
-            name,
-            steps,
-            8,
-        )
-        .expect("data-order log reads");
-        assert!(report.is_ok(), "phase {name}: {report:?}");
-    }
+    assert_rows_once(&ckpt2, &run2, &[("short", 12), ("long", 3)]);
 }
 
 #[test]
@@ -491,18 +482,7 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
         from < newest["step"].as_u64().unwrap_or(0),
         "resumed from {from}, before the corrupt one"
     );
-    for (i, (name, steps)) in [("short", 12u64), ("long", 3)].into_iter().enumerate() {
-        let report = twinhead_worker::loader::order::verify_run(
-            &format!("file://{}", ckpt.display()),
-            &run,
-            i as u32,
-            name,
-            steps,
-            8,
-        )
-        .expect("data-order log reads");
-        assert!(report.is_ok(), "phase {name}: {report:?}");
-    }
+    assert_rows_once(&ckpt, &run, &[("short", 12), ("long", 3)]);
 }
 
 #[test]
@@ -548,16 +528,5 @@ fn workers_carry_a_run_through_a_killed_and_restarted_coordinator() {
     );
     let phases = done["phases"].as_array().expect("phases");
     assert_eq!(phases[1]["steps_done"], 3);
-    for (i, (name, steps)) in [("short", 12u64), ("long", 3)].into_iter().enumerate() {
-        let report = twinhead_worker::loader::order::verify_run(
-            &format!("file://{}", ckpt.display()),
-            &run,
-            i as u32,
-            name,
-            steps,
-            8,
-        )
-        .expect("data-order log reads");
-        assert!(report.is_ok(), "phase {name}: {report:?}");
-    }
+    assert_rows_once(&ckpt, &run, &[("short", 12), ("long", 3)]);
 }
