@@ -7,11 +7,13 @@
 //!
 //! # Layout
 //! - [`v1`]: generated messages, clients and servers (`proto/twinhead/v1`).
+//! - [`auth`]: the bearer token clients send.
 //! - [`config`]: TOML files (`configs/models`, `configs/runs`) and
 //!   `--set key=value` overrides into proto messages.
 //! - [`validate`]: the rules a run spec must satisfy, with errors that name
 //!   the offending key.
 
+pub mod auth;
 pub mod config;
 pub mod validate;
 

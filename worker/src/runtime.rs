@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use twinhead_proto::auth::Bearer;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
 use twinhead_proto::v1::{
     Assignment, Checkpoint, GetAssignmentRequest, HeartbeatRequest, RegisterRequest,
@@ -223,18 +223,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-#[derive(Clone)]
-struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
-
 type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Whether a failed call should be retried: the coordinator is restarting
@@ -259,17 +247,10 @@ pub async fn run_worker(
     trainer: Box<dyn Trainer>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
-    let bearer = match config.token.as_deref().filter(|t| !t.is_empty()) {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| WorkerError::Url {
-                    url: config.coordinator.clone(),
-                    message: "the token holds characters that cannot be sent in a header".into(),
-                })?,
-        ),
-        None => None,
-    };
+    let bearer = Bearer::new(config.token.as_deref()).map_err(|e| WorkerError::Url {
+        url: config.coordinator.clone(),
+        message: e.to_string(),
+    })?;
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| WorkerError::Url {
             url: config.coordinator.clone(),
@@ -277,8 +258,7 @@ pub async fn run_worker(
         })?
         .connect_timeout(Duration::from_secs(5));
     // Lazy: the coordinator may not be up yet; calls retry until it is.
-    let client: Client =
-        WorkerServiceClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer));
+    let client: Client = WorkerServiceClient::with_interceptor(endpoint.connect_lazy(), bearer);
     let stop = Arc::new(AtomicBool::new(false));
     let abort = Arc::new(AbortState::default());
     {

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use twinhead_coordinator::{LeaseSettings, ServeError, ServerConfig};
+use twinhead_proto::auth::Bearer;
 use twinhead_proto::v1::run_service_client::RunServiceClient;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
 use twinhead_proto::v1::{
@@ -104,7 +105,10 @@ impl Coordinator {
         &self,
         token: Option<&str>,
     ) -> RunServiceClient<InterceptedService<Channel, Bearer>> {
-        RunServiceClient::with_interceptor(self.channel().await, Bearer(token.map(str::to_string)))
+        RunServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(token).expect("ascii token"),
+        )
     }
 
     pub async fn workers_with_token(
@@ -113,7 +117,7 @@ impl Coordinator {
     ) -> WorkerServiceClient<InterceptedService<Channel, Bearer>> {
         WorkerServiceClient::with_interceptor(
             self.channel().await,
-            Bearer(token.map(str::to_string)),
+            Bearer::new(token).expect("ascii token"),
         )
     }
 
@@ -137,22 +141,6 @@ impl Coordinator {
             handle.abort();
             let _ = handle.await;
         }
-    }
-}
-
-#[derive(Clone)]
-pub struct Bearer(Option<String>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            let value = format!("Bearer {token}").parse().expect("ascii token");
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
     }
 }
 
