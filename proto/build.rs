@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "twinhead/v1/spec.proto",
         "twinhead/v1/run.proto",
         "twinhead/v1/worker.proto",
+        "twinhead/v1/dataset.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("twinhead_v1_descriptor.bin"))

@@ -68,14 +68,24 @@ pub async fn run(command: DatasetCommand) -> anyhow::Result<ExitCode> {
 /// Exit status of a build stopped by Ctrl-C (128 + SIGINT).
 const EXIT_CANCELLED: u8 = 130;
 
-/// One `indicatif` bar per dataprep stage (`scan <source>`,
-/// `train tokenizer`, `tokenize <source>`, `phase <name>`), showing the
-/// stage's units (parts, shards) per second. Stages run one after another;
-/// `inc` goes to the most recently started unfinished one.
+/// One `indicatif` bar per dataprep stage (`scan`, `dedup + tokenizer`,
+/// `tokenize`, `phase <name>`), showing the stage's units (parts, shards)
+/// per second; the scan bar also shows documents and megabytes of text
+/// read per second. Stages run one after another; `inc` goes to the most
+/// recently started unfinished one.
 pub(crate) struct Bars {
     multi: MultiProgress,
     open: Mutex<Vec<(String, ProgressBar)>>,
     cancel: Arc<AtomicBool>,
+    read: Mutex<ReadRate>,
+}
+
+/// Documents and bytes read since the scan stage began.
+#[derive(Default)]
+struct ReadRate {
+    since: Option<std::time::Instant>,
+    docs: u64,
+    bytes: u64,
 }
 
 impl Bars {
@@ -89,6 +99,7 @@ impl Bars {
             multi: MultiProgress::with_draw_target(target),
             open: Mutex::new(Vec::new()),
             cancel,
+            read: Mutex::new(ReadRate::default()),
         }
     }
 
@@ -96,13 +107,13 @@ impl Bars {
     fn style(stage: &str) -> ProgressStyle {
         let unit = if stage.starts_with("phase ") {
             "shards"
-        } else if stage.starts_with("scan ") || stage.starts_with("tokenize ") {
+        } else if stage == "scan" || stage == "tokenize" {
             "parts"
         } else {
             "steps"
         };
         ProgressStyle::with_template(
-            "{prefix:>24} [{bar:30}] {pos}/{len} {rate:.dim} {elapsed:.dim}",
+            "{prefix:>24} [{bar:30}] {pos}/{len} {rate:.dim} {elapsed:.dim} {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .with_key(
@@ -121,6 +132,14 @@ impl ProgressSink for Bars {
         bar.set_style(Bars::style(stage));
         bar.set_prefix(stage.to_string());
         bar.enable_steady_tick(Duration::from_millis(200));
+        if stage == "scan"
+            && let Ok(mut read) = self.read.lock()
+        {
+            *read = ReadRate {
+                since: Some(std::time::Instant::now()),
+                ..ReadRate::default()
+            };
+        }
         if let Ok(mut open) = self.open.lock() {
             open.push((stage.to_string(), bar));
         }
@@ -131,6 +150,28 @@ impl ProgressSink for Bars {
             && let Some((_, bar)) = open.last()
         {
             bar.inc(n);
+        }
+    }
+
+    fn read(&self, docs: u64, bytes: u64) {
+        let Ok(mut read) = self.read.lock() else {
+            return;
+        };
+        read.docs += docs;
+        read.bytes += bytes;
+        let secs = read
+            .since
+            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+            .max(1e-3);
+        let message = format!(
+            "{:.0} docs/s {:.1} MB/s",
+            read.docs as f64 / secs,
+            read.bytes as f64 / 1e6 / secs
+        );
+        if let Ok(open) = self.open.lock()
+            && let Some((_, bar)) = open.iter().rev().find(|(s, _)| s == "scan")
+        {
+            bar.set_message(message);
         }
     }
 

@@ -9,6 +9,7 @@
 //! - `state`: the in-memory state and every operation on it.
 //! - [`store`]: the durable store trait and its SQLite implementation.
 //! - `service`: the tonic services, translating calls and errors.
+//! - `datasets`: dataset builds handed to dataprep processes task by task.
 //! - [`server`]: wiring: listener, auth, health, reflection, lease reaper.
 //!
 //! Run lifecycle: `pending → running(phase i) → completed`, or `failed`
@@ -16,6 +17,7 @@
 //! run on a set of workers; when a member dies the world ends and a new one
 //! is formed from the last committed checkpoint.
 
+mod datasets;
 pub mod scheduler;
 pub mod server;
 mod service;
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, watch};
 use twinhead_proto::v1::{Assignment, RunEvent};
 
+pub use datasets::{MAX_TASK_ATTEMPTS, TASK_LEASE};
 pub use server::{ServeError, ServerConfig, serve};
 use state::{Effects, State};
 use store::{Store, StoreError};
@@ -83,6 +86,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// watchers and long-polling workers about changes.
 pub struct Coordinator {
     state: Mutex<State>,
+    datasets: Mutex<datasets::Builds>,
     store: Arc<dyn Store>,
     events: broadcast::Sender<Arc<RunEvent>>,
     version: watch::Sender<u64>,
@@ -102,11 +106,13 @@ impl Coordinator {
         leases: LeaseSettings,
     ) -> Result<Arc<Coordinator>, StoreError> {
         let snapshot = store.load()?;
+        let datasets = datasets::Builds::load(&snapshot);
         let state = State::load(snapshot, Instant::now());
         let (events, _) = broadcast::channel(4096);
         let (version, _) = watch::channel(0);
         Ok(Arc::new(Coordinator {
             state: Mutex::new(state),
+            datasets: Mutex::new(datasets),
             store,
             events,
             version,

@@ -11,6 +11,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use twinhead_proto::v1::FILE_DESCRIPTOR_SET;
+use twinhead_proto::v1::dataprep_service_server::DataprepServiceServer;
+use twinhead_proto::v1::dataset_service_server::DatasetServiceServer;
 use twinhead_proto::v1::run_service_server::RunServiceServer;
 use twinhead_proto::v1::worker_service_server::WorkerServiceServer;
 
@@ -111,6 +113,12 @@ pub async fn serve_coordinator(
     health_reporter
         .set_serving::<WorkerServiceServer<Services>>()
         .await;
+    health_reporter
+        .set_serving::<DatasetServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<DataprepServiceServer<Services>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -124,9 +132,20 @@ pub async fn serve_coordinator(
         .add_service(reflection)
         .add_service(RunServiceServer::with_interceptor(
             services.clone(),
+            user_auth.clone(),
+        ))
+        .add_service(DatasetServiceServer::with_interceptor(
+            services.clone(),
             user_auth,
         ))
-        .add_service(WorkerServiceServer::with_interceptor(services, worker_auth))
+        .add_service(WorkerServiceServer::with_interceptor(
+            services.clone(),
+            worker_auth.clone(),
+        ))
+        .add_service(DataprepServiceServer::with_interceptor(
+            services,
+            worker_auth,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     result.map_err(ServeError::from)
@@ -141,7 +160,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Checks leases a few times per timeout, so a dead worker is found within
-/// the timeout plus a fraction of it.
+/// the timeout plus a fraction of it; dataprep task leases on the same tick.
 async fn reap_leases(coordinator: Arc<Coordinator>) {
     let leases = coordinator.leases();
     let tick = (leases.lease_timeout / 8)
@@ -153,6 +172,9 @@ async fn reap_leases(coordinator: Arc<Coordinator>) {
         interval.tick().await;
         if let Err(e) = coordinator.expire_leases().await {
             tracing::error!(error = %e, "lease check failed");
+        }
+        if let Err(e) = coordinator.expire_tasks().await {
+            tracing::error!(error = %e, "dataprep task lease check failed");
         }
     }
 }

@@ -13,7 +13,7 @@ use std::thread;
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
-use twinhead_proto::v1::Run;
+use twinhead_proto::v1::{Dataset, Run};
 
 /// A failure of the durable store.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +92,11 @@ pub enum Write {
     },
     Worker(WorkerRow),
     Progress(ProgressRow),
+    /// A dataset build's whole record.
+    Dataset {
+        seq: u64,
+        record: Box<Dataset>,
+    },
     /// A counter (next run, worker, world number).
     Counter {
         name: &'static str,
@@ -106,6 +111,8 @@ pub struct Snapshot {
     pub runs: Vec<(u64, Run)>,
     pub workers: Vec<WorkerRow>,
     pub counters: Vec<(String, u64)>,
+    /// Dataset builds with their sequence numbers, oldest first.
+    pub datasets: Vec<(u64, Dataset)>,
 }
 
 /// Where coordinator state is persisted.
@@ -137,6 +144,7 @@ CREATE TABLE IF NOT EXISTS progress (
   run_id TEXT NOT NULL, world_id TEXT NOT NULL, phase_index INTEGER NOT NULL, step INTEGER NOT NULL,
   tokens INTEGER NOT NULL, loss REAL NOT NULL, tokens_per_sec REAL NOT NULL, lr REAL NOT NULL,
   grad_norm REAL NOT NULL, mfu REAL NOT NULL, time_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS datasets (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, record BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS progress_by_run ON progress (run_id, phase_index, step);
 ";
 
@@ -265,6 +273,10 @@ fn commit<'a>(
             "INSERT INTO progress (run_id, world_id, phase_index, step, tokens, loss, tokens_per_sec,
              lr, grad_norm, mfu, time_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
+        let mut dataset = tx.prepare_cached(
+            "INSERT INTO datasets (id, seq, record) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+        )?;
         let mut counter = tx.prepare_cached(
             "INSERT INTO meta (name, value) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET value = excluded.value",
@@ -300,6 +312,9 @@ fn commit<'a>(
                         p.mfu,
                         p.time_ms
                     ])?;
+                }
+                Write::Dataset { seq, record } => {
+                    dataset.execute(params![record.id, seq, record.encode_to_vec()])?;
                 }
                 Write::Counter { name, value } => {
                     counter.execute(params![name, value])?;
@@ -352,9 +367,28 @@ impl Store for SqliteStore {
             while let Some(row) = rows.next()? {
                 counters.push((row.get(0)?, row.get(1)?));
             }
-            Ok((runs, workers, counters))
+            let mut datasets = Vec::new();
+            let mut stmt = conn.prepare("SELECT id, seq, record FROM datasets ORDER BY seq")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                datasets.push((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, u64>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                ));
+            }
+            Ok((runs, workers, counters, datasets))
         })?;
-        let (encoded, workers, counters) = rows;
+        let (encoded, workers, counters, encoded_datasets) = rows;
+        let mut datasets = Vec::with_capacity(encoded_datasets.len());
+        for (id, seq, bytes) in encoded_datasets {
+            let record = Dataset::decode(bytes.as_slice()).map_err(|source| StoreError::Decode {
+                path: self.path.clone(),
+                id,
+                source,
+            })?;
+            datasets.push((seq, record));
+        }
         let mut runs = Vec::with_capacity(encoded.len());
         for (id, seq, bytes) in encoded {
             let run = Run::decode(bytes.as_slice()).map_err(|source| StoreError::Decode {
@@ -368,6 +402,7 @@ impl Store for SqliteStore {
             runs,
             workers,
             counters,
+            datasets,
         })
     }
 

@@ -4,10 +4,15 @@
 
 use std::sync::Arc;
 
-use arrow_array::builder::{ListBuilder, StringBuilder, UInt16Builder, UInt32Builder};
-use arrow_array::{Array, ArrayRef, ListArray, RecordBatch, StringArray, UInt16Array, UInt32Array};
+use arrow_array::builder::{
+    ListBuilder, StringBuilder, UInt16Builder, UInt32Builder, UInt64Builder,
+};
+use arrow_array::{
+    Array, ArrayRef, ListArray, RecordBatch, StringArray, UInt16Array, UInt32Array, UInt64Array,
+};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -188,6 +193,103 @@ fn u16s(a: &UInt16Array) -> &[u16] {
     a.values()
 }
 
+/// Scan-file schema (a stage-1 part after filtering, before dedup):
+/// `doc_id`, `text` (normalized), the dedup key as two `u64` halves and
+/// the text's length in characters.
+pub fn scan_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("doc_id", DataType::Utf8, false),
+        Field::new("text", DataType::Utf8, false),
+        Field::new("key_hi", DataType::UInt64, false),
+        Field::new("key_lo", DataType::UInt64, false),
+        Field::new("chars", DataType::UInt64, false),
+    ]))
+}
+
+/// A filtered document as stored between scanning and tokenizing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScanDoc {
+    /// Document id.
+    pub id: String,
+    /// Normalized text (empty when read without text).
+    pub text: String,
+    /// Dedup key.
+    pub key: u128,
+    /// Characters in `text`.
+    pub chars: u64,
+}
+
+/// Encode filtered documents.
+pub fn write_scan(location: &str, docs: &[ScanDoc]) -> Result<Vec<u8>> {
+    let mut idb = StringBuilder::new();
+    let mut tb = StringBuilder::new();
+    let (mut hi, mut lo, mut ch) = (
+        UInt64Builder::new(),
+        UInt64Builder::new(),
+        UInt64Builder::new(),
+    );
+    for d in docs {
+        idb.append_value(&d.id);
+        tb.append_value(&d.text);
+        hi.append_value((d.key >> 64) as u64);
+        lo.append_value(d.key as u64);
+        ch.append_value(d.chars);
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(idb.finish()),
+        Arc::new(tb.finish()),
+        Arc::new(hi.finish()),
+        Arc::new(lo.finish()),
+        Arc::new(ch.finish()),
+    ];
+    write_batch(location, scan_schema(), cols, 4096)
+}
+
+/// Decode filtered documents; without `with_text` only keys and lengths
+/// are read (the dedup merge needs nothing else).
+pub fn read_scan(location: &str, bytes: Vec<u8>, with_text: bool) -> Result<Vec<ScanDoc>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+        .map_err(|e| perr(location, e))?;
+    let wanted: &[&str] = if with_text {
+        &["doc_id", "text", "key_hi", "key_lo", "chars"]
+    } else {
+        &["key_hi", "key_lo", "chars"]
+    };
+    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted.iter().copied());
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(4096)
+        .build()
+        .map_err(|e| perr(location, e))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| perr(location, e))?;
+        let hi = column::<UInt64Array>(location, &b, "key_hi")?;
+        let lo = column::<UInt64Array>(location, &b, "key_lo")?;
+        let ch = column::<UInt64Array>(location, &b, "chars")?;
+        let texts = if with_text {
+            Some((
+                column::<StringArray>(location, &b, "doc_id")?,
+                column::<StringArray>(location, &b, "text")?,
+            ))
+        } else {
+            None
+        };
+        for i in 0..b.num_rows() {
+            let (id, text) = texts.map_or((String::new(), String::new()), |(ids, t)| {
+                (ids.value(i).to_string(), t.value(i).to_string())
+            });
+            out.push(ScanDoc {
+                id,
+                text,
+                key: (u128::from(hi.value(i)) << 64) | u128::from(lo.value(i)),
+                chars: ch.value(i),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Decode stage-1 documents.
 pub fn read_docs(location: &str, bytes: Vec<u8>) -> Result<Vec<Doc>> {
     let mut out = Vec::new();
@@ -270,6 +372,32 @@ mod tests {
         );
         assert!(!bytes.windows(10).any(|w| w == b"parquet-rs"));
         assert_eq!(read_docs("t", bytes)?, docs);
+        Ok(())
+    }
+
+    #[test]
+    fn scan_round_trip_with_and_without_text() -> Result<()> {
+        let docs = vec![
+            ScanDoc {
+                id: "a".into(),
+                text: "héllo".into(),
+                key: (7u128 << 64) | 9,
+                chars: 5,
+            },
+            ScanDoc {
+                id: "b".into(),
+                text: String::new(),
+                key: u128::MAX,
+                chars: 0,
+            },
+        ];
+        let bytes = write_scan("t", &docs)?;
+        assert_eq!(read_scan("t", bytes.clone(), true)?, docs);
+        let bare = read_scan("t", bytes, false)?;
+        assert_eq!(bare[0].key, docs[0].key);
+        assert_eq!(bare[1].key, u128::MAX);
+        assert_eq!(bare[0].chars, 5);
+        assert!(bare[0].text.is_empty() && bare[0].id.is_empty());
         Ok(())
     }
 

@@ -32,6 +32,7 @@ pub mod rng;
 pub mod stage1;
 pub mod stage2;
 pub mod store;
+pub mod tasks;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;
@@ -45,11 +46,8 @@ pub use config::DatasetConfig;
 pub use error::{Error, Result};
 pub use manifest::Manifest;
 
-use config::TokenizerSpec;
-use manifest::{FileEntry, PhaseStats, SourceStats, TokenizerInfo};
-use stage1::{Scanned, Written};
+use manifest::FileEntry;
 use store::Location;
-use tokenizer::Tok;
 
 /// Receives progress from a running build; implement it with `indicatif`
 /// bars in the CLI. Methods are called from worker threads.
@@ -58,6 +56,8 @@ pub trait ProgressSink: Sync {
     fn start(&self, _stage: &str, _total: u64) {}
     /// `n` more units done.
     fn inc(&self, _n: u64) {}
+    /// `docs` more input records read, holding `bytes` bytes of text.
+    fn read(&self, _docs: u64, _bytes: u64) {}
     /// The stage ended.
     fn finish(&self, _stage: &str) {}
     /// Polled before each task (part, shard): `true` stops the build with
@@ -114,15 +114,6 @@ fn read_manifest(out: &Location) -> Result<Option<Manifest>> {
     }
 }
 
-fn json<T: Serialize>(out: &Location, rel: &str, v: &T) -> Result<Vec<u8>> {
-    let mut b = serde_json::to_vec_pretty(v).map_err(|e| Error::Corrupt {
-        location: out.name(rel),
-        message: e.to_string(),
-    })?;
-    b.push(b'\n');
-    Ok(b)
-}
-
 /// Build the dataset described by `config_path` into `<out_url>/<name>`
 /// (`name` from the config, default the file stem) with `threads` worker
 /// threads. A location that already holds this dataset
@@ -138,7 +129,8 @@ pub fn build(
     build_config(&cfg, out_url, threads, progress)
 }
 
-/// [`build`] from an already loaded config.
+/// [`build`] from an already loaded config: every task of
+/// [`tasks::Build`] in this process.
 pub fn build_config(
     cfg: &DatasetConfig,
     out_url: &str,
@@ -146,283 +138,61 @@ pub fn build_config(
     progress: &dyn ProgressSink,
 ) -> Result<BuildReport> {
     let t0 = Instant::now();
-    let dataset_url = format!("{}/{}", out_url.trim_end_matches('/'), cfg.name);
-    let out = Location::open(out_url, true)?.child(&cfg.name);
-    if let Some(m) = read_manifest(&out)? {
-        if m.config_sha256 != cfg.sha256 {
-            return Err(Error::OtherDataset {
-                location: dataset_url,
-                existing: m.config_sha256,
-                this: cfg.sha256.clone(),
-            });
-        }
-        if let TokenizerSpec::Path { path, .. } = &cfg.tokenizer
-            && let Ok(bytes) = std::fs::read(path)
-            && stage1::sha256(&bytes) != m.tokenizer.sha256
-        {
-            return Err(Error::Tokenizer(format!(
-                "{dataset_url} was built with another version of {} (sha256 {}); build into another location",
-                path.display(),
-                m.tokenizer.sha256
-            )));
-        }
+    let job = tasks::Build::new(cfg.clone(), out_url)?;
+    if let Some(manifest) = job.complete()? {
         return Ok(BuildReport {
-            url: dataset_url,
+            url: job.url().to_string(),
             up_to_date: true,
             files_written: 0,
             files_skipped: 0,
             seconds: t0.elapsed().as_secs_f64(),
             docs_per_second: 0.0,
             notes: vec!["dataset already complete with this config; nothing to do".into()],
-            manifest: m,
+            manifest,
         });
     }
     let pool = thread_pool(threads)?;
-    let (manifest, written, notes) = pool.install(|| build_inner(cfg, &out, progress))?;
+    let (manifest, written) = pool.install(|| job.run_all(progress))?;
     let seconds = t0.elapsed().as_secs_f64();
     let read: u64 = manifest.sources.iter().map(|s| s.read).sum();
     Ok(BuildReport {
-        url: dataset_url,
+        url: job.url().to_string(),
         up_to_date: false,
         files_written: written.written,
         files_skipped: written.skipped,
         seconds,
         docs_per_second: read as f64 / seconds.max(1e-9),
-        notes,
+        notes: notes(&manifest),
         manifest,
     })
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SourceDone {
-    config_sha256: String,
-    tokenizer_sha256: String,
-    stats: SourceStats,
-}
-
-fn build_inner(
-    cfg: &DatasetConfig,
-    out: &Location,
-    progress: &dyn ProgressSink,
-) -> Result<(Manifest, Written, Vec<String>)> {
-    let mut written = Written::default();
+/// Facts worth telling whoever built `manifest`: skipped inputs, and
+/// sources repeated or subsampled to meet a phase's share.
+pub fn notes(manifest: &Manifest) -> Vec<String> {
     let mut notes = Vec::new();
-
-    // Tokenizer: given by path, or already trained by an earlier run?
-    let tok_marker = "tokenizer.done.json";
-    let mut tok_bytes: Option<Vec<u8>> = match &cfg.tokenizer {
-        TokenizerSpec::Path { path, .. } => {
-            let p = path.to_string_lossy();
-            let bytes = if p.contains("://") {
-                let spec = store::split_input(&p);
-                let loc = Location::open(&spec.base, false)?;
-                loc.get(spec.pattern.as_deref().unwrap_or_default())?
-            } else {
-                std::fs::read(path)
-                    .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?
-            };
-            Some(bytes)
-        }
-        TokenizerSpec::Train { .. } => {
-            match (out.get_opt(tok_marker)?, out.get_opt(manifest::TOKENIZER)?) {
-                (Some(m), Some(t))
-                    if serde_json::from_slice::<stage1::MarkerLite>(&m).is_ok_and(|m| {
-                        m.config_sha256 == cfg.sha256 && m.sha256 == stage1::sha256(&t)
-                    }) =>
-                {
-                    Some(t)
-                }
-                _ => None,
-            }
-        }
-    };
-
-    // Which sources are complete already?
-    let mut done: Vec<Option<SourceStats>> = Vec::with_capacity(cfg.sources.len());
-    for src in &cfg.sources {
-        let rec = match (
-            &tok_bytes,
-            out.get_opt(&stage1::source_stats_path(&src.name))?,
-        ) {
-            (Some(t), Some(b)) => serde_json::from_slice::<SourceDone>(&b)
-                .ok()
-                .filter(|d| {
-                    d.config_sha256 == cfg.sha256 && d.tokenizer_sha256 == stage1::sha256(t)
-                })
-                .map(|d| d.stats),
-            _ => None,
-        };
-        done.push(rec);
-    }
-
-    // Scan what is not complete (every source when the tokenizer must be trained).
-    let mut scans: Vec<Option<Scanned>> = Vec::with_capacity(cfg.sources.len());
-    for (i, src) in cfg.sources.iter().enumerate() {
-        if done[i].is_some() && tok_bytes.is_some() {
-            scans.push(None);
-        } else {
-            scans.push(Some(stage1::scan(src, cfg.on_error, progress)?));
-        }
-    }
-
-    let trained = matches!(cfg.tokenizer, TokenizerSpec::Train { .. });
-    if tok_bytes.is_none() {
-        let TokenizerSpec::Train {
-            vocab_size,
-            min_frequency,
-            max_chars,
-        } = cfg.tokenizer
-        else {
-            return Err(Error::Tokenizer("internal: no tokenizer".into()));
-        };
-        progress.start("train tokenizer", 1);
-        let mut budget = max_chars;
-        let mut texts: Vec<&str> = Vec::new();
-        'outer: for s in scans.iter().flatten() {
-            for (_, docs) in &s.parts {
-                for d in docs {
-                    if budget == 0 {
-                        break 'outer;
-                    }
-                    budget = budget.saturating_sub(d.text.len() as u64);
-                    texts.push(&d.text);
-                }
-            }
-        }
-        let bytes = tokenizer::train_bpe(texts.into_iter(), vocab_size, min_frequency)?;
-        out.put(manifest::TOKENIZER, bytes.clone())?;
-        let m = stage1::MarkerLite {
-            config_sha256: cfg.sha256.clone(),
-            sha256: stage1::sha256(&bytes),
-        };
-        out.put(tok_marker, json(out, tok_marker, &m)?)?;
-        progress.inc(1);
-        progress.finish("train tokenizer");
-        tok_bytes = Some(bytes);
-    }
-    let tok_bytes = tok_bytes.unwrap_or_default();
-    let (cls, sep) = match &cfg.tokenizer {
-        TokenizerSpec::Path {
-            cls_token,
-            sep_token,
-            ..
-        } => (cls_token.as_str(), sep_token.as_str()),
-        TokenizerSpec::Train { .. } => ("[CLS]", "[SEP]"),
-    };
-    let tok = Tok::from_bytes(&tok_bytes, cls, sep)?;
-    let tok_sha = stage1::sha256(&tok_bytes);
-    if !trained && out.get_opt(manifest::TOKENIZER)?.as_deref() != Some(&tok_bytes[..]) {
-        out.put(manifest::TOKENIZER, tok_bytes.clone())?;
-    }
-
-    // Markers of parts and shards carry this key: a changed config or a
-    // changed tokenizer file never reuses a stale file.
-    let build_key = format!("{}+{}", cfg.sha256, tok_sha);
-
-    // Stage 1 writes.
-    let mut sources = Vec::with_capacity(cfg.sources.len());
-    for (i, src) in cfg.sources.iter().enumerate() {
-        let stats = match (done[i].take(), scans[i].take()) {
-            (Some(stats), _) => stats,
-            (None, Some(scanned)) => {
-                let stats = stage1::write_parts(
-                    out,
-                    src,
-                    i as u16,
-                    scanned,
-                    &tok,
-                    &build_key,
-                    progress,
-                    &mut written,
-                )?;
-                let rec = SourceDone {
-                    config_sha256: cfg.sha256.clone(),
-                    tokenizer_sha256: tok_sha.clone(),
-                    stats,
-                };
-                let path = stage1::source_stats_path(&src.name);
-                out.put(&path, json(out, &path, &rec)?)?;
-                rec.stats
-            }
-            (None, None) => {
-                return Err(Error::Corrupt {
-                    location: src.name.clone(),
-                    message: "internal: source not scanned".into(),
-                });
-            }
-        };
-        if let Some(n) = stats.rejected.get("unreadable_input") {
+    for s in &manifest.sources {
+        if let Some(n) = s.rejected.get("unreadable_input") {
             notes.push(format!(
                 "source {}: {n} unreadable input(s) skipped (on_error = \"skip\")",
-                src.name
+                s.name
             ));
         }
-        sources.push(stats);
     }
-
-    // Stage 2: load each needed source once, then build phases in order.
-    let needed: Vec<bool> = (0..cfg.sources.len())
-        .map(|s| cfg.phases.iter().any(|p| p.weights[s] > 0.0))
-        .collect();
-    let loaded: Vec<Result<Vec<Vec<u32>>>> = sources
-        .par_iter()
-        .zip(needed.par_iter())
-        .map(|(s, need)| {
-            if *need {
-                stage2::load_source(out, s)
-            } else {
-                Ok(Vec::new())
-            }
-        })
-        .collect();
-    let loaded: Vec<Vec<Vec<u32>>> = loaded.into_iter().collect::<Result<_>>()?;
-    let views: Vec<&[Vec<u32>]> = loaded.iter().map(Vec::as_slice).collect();
-    let mut phases: Vec<PhaseStats> = Vec::with_capacity(cfg.phases.len());
-    for phase in &cfg.phases {
-        let ps = stage2::run_phase(
-            out,
-            cfg,
-            &build_key,
-            phase,
-            &sources,
-            &views,
-            progress,
-            &mut written,
-        )?;
-        for d in &ps.draws {
-            if d.full_epochs > 0 {
-                notes.push(format!(
-                    "phase {}: source {} repeated {} whole epoch(s){} to reach {} tokens ({} available)",
-                    ps.name, d.source, d.full_epochs, if d.subsampled { " plus a seeded subsample" } else { "" }, d.target_tokens, d.available_tokens
-                ));
-            }
+    for p in &manifest.phases {
+        for d in p.draws.iter().filter(|d| d.full_epochs > 0) {
+            notes.push(format!(
+                "phase {}: source {} repeated {} whole epoch(s){} to reach {} tokens ({} available)",
+                p.name,
+                d.source,
+                d.full_epochs,
+                if d.subsampled { " plus a seeded subsample" } else { "" },
+                d.target_tokens,
+                d.available_tokens
+            ));
         }
-        phases.push(ps);
     }
-
-    let manifest = Manifest {
-        format_version: manifest::FORMAT_VERSION,
-        program: "twinhead-dataprep".into(),
-        program_version: env!("CARGO_PKG_VERSION").into(),
-        name: cfg.name.clone(),
-        config: cfg.text.clone(),
-        config_sha256: cfg.sha256.clone(),
-        tokenizer: TokenizerInfo {
-            path: manifest::TOKENIZER.into(),
-            sha256: tok_sha,
-            vocab_size: tok.vocab_size,
-            cls_id: tok.cls,
-            sep_id: tok.sep,
-            trained,
-        },
-        sources,
-        phases,
-    };
-    out.put(
-        manifest::MANIFEST,
-        json(out, manifest::MANIFEST, &manifest)?,
-    )?;
-    Ok((manifest, written, notes))
+    notes
 }
 
 /// One difference found by [`verify`].

@@ -16,11 +16,9 @@ use crate::ProgressSink;
 use crate::config::{Format, OnError, SourceConfig};
 use crate::error::Result;
 use crate::filters;
-use crate::formats::{self, Doc};
-use crate::manifest::{FileEntry, Marker, SourceStats};
+use crate::manifest::{FileEntry, Marker};
 use crate::read::{self, Issue, ReadOutput};
 use crate::store::{self, Location};
-use crate::tokenizer::Tok;
 
 /// A document that passed the filters.
 #[derive(Debug, Clone)]
@@ -54,7 +52,7 @@ pub struct Scanned {
 }
 
 /// Counters of a source before tokenization.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Input files.
     pub files: u64,
@@ -75,11 +73,6 @@ pub fn part_path(source: &str, i: usize) -> String {
 
 fn marker_path(path: &str) -> String {
     format!("{}.done.json", path.trim_end_matches(".parquet"))
-}
-
-/// Path of the source's completion record.
-pub fn source_stats_path(source: &str) -> String {
-    format!("sources/{source}/_source.json")
 }
 
 /// List a source's inputs and group them into parts.
@@ -261,30 +254,16 @@ pub fn merge(
     scans: Vec<PartScan>,
     mut counters: Counters,
 ) -> Scanned {
-    let mut seen: HashSet<u128> = HashSet::new();
-    let (mut kept_docs, mut kept_chars) = (0u64, 0u64);
+    let mut dedup = Dedup::default();
     let mut out_parts = Vec::with_capacity(parts.len());
     for (plan, scan) in parts.into_iter().zip(scans) {
-        merge_read(&mut counters, scan.read);
-        for (k, v) in scan.dropped {
-            *counters.dropped.entry(k).or_insert(0) += v;
-        }
+        add_part_counters(&mut counters, scan.read, scan.dropped);
         let mut kept = Vec::new();
         for d in scan.docs {
-            if !seen.insert(d.key) {
-                *counters.dropped.entry("duplicate".into()).or_insert(0) += 1;
-                continue;
-            }
             let chars = d.text.chars().count() as u64;
-            let over = src.max_docs.is_some_and(|m| kept_docs >= m)
-                || src.max_chars.is_some_and(|m| kept_chars >= m);
-            if over {
-                *counters.dropped.entry("over_limit".into()).or_insert(0) += 1;
-                continue;
+            if dedup.admit(src, d.key, chars, &mut counters.dropped) {
+                kept.push(d);
             }
-            kept_docs += 1;
-            kept_chars += chars;
-            kept.push(d);
         }
         out_parts.push((plan, kept));
     }
@@ -292,6 +271,49 @@ pub fn merge(
         parts: out_parts,
         loc: Some(loc),
         stats: counters,
+    }
+}
+
+/// Adds one part's reading counters and filter drops to a source's.
+pub fn add_part_counters(c: &mut Counters, read: ReadOutput, dropped: BTreeMap<String, u64>) {
+    merge_read(c, read);
+    for (k, v) in dropped {
+        *c.dropped.entry(k).or_insert(0) += v;
+    }
+}
+
+/// The source-wide exact dedup (the first occurrence in input order wins)
+/// and the `max_docs` / `max_chars` caps, fed documents in input order.
+#[derive(Debug, Default)]
+pub struct Dedup {
+    seen: HashSet<u128>,
+    kept_docs: u64,
+    kept_chars: u64,
+}
+
+impl Dedup {
+    /// Whether the next document is kept; a dropped one is counted under
+    /// `duplicate` or `over_limit`.
+    pub fn admit(
+        &mut self,
+        src: &SourceConfig,
+        key: u128,
+        chars: u64,
+        dropped: &mut BTreeMap<String, u64>,
+    ) -> bool {
+        if !self.seen.insert(key) {
+            *dropped.entry("duplicate".into()).or_insert(0) += 1;
+            return false;
+        }
+        let over = src.max_docs.is_some_and(|m| self.kept_docs >= m)
+            || src.max_chars.is_some_and(|m| self.kept_chars >= m);
+        if over {
+            *dropped.entry("over_limit".into()).or_insert(0) += 1;
+            return false;
+        }
+        self.kept_docs += 1;
+        self.kept_chars += chars;
+        true
     }
 }
 
@@ -339,89 +361,12 @@ pub fn put_with_marker(
 }
 
 /// Counts of files written and skipped (already complete).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
     /// Files written by this run.
     pub written: u64,
     /// Files found complete and left as they were.
     pub skipped: u64,
-}
-
-/// Tokenize and write every part of a scanned source (parts already
-/// complete are skipped), returning its statistics.
-#[allow(clippy::too_many_arguments)]
-pub fn write_parts(
-    out: &Location,
-    src: &SourceConfig,
-    index: u16,
-    scanned: Scanned,
-    tok: &Tok,
-    config_sha: &str,
-    progress: &dyn ProgressSink,
-    written: &mut Written,
-) -> Result<SourceStats> {
-    progress.start(
-        &format!("tokenize {}", src.name),
-        scanned.parts.len() as u64,
-    );
-    let results: Vec<Result<(Marker, bool, u64, u64)>> = scanned
-        .parts
-        .par_iter()
-        .map(|(plan, docs)| {
-            let path = part_path(&src.name, plan.index);
-            let kept = docs.len() as u64;
-            let chars: u64 = docs.iter().map(|d| d.text.chars().count() as u64).sum();
-            if progress.cancelled() {
-                return Err(crate::error::Error::Cancelled);
-            }
-            if let Some(m) = read_marker(out, &path, config_sha)? {
-                progress.inc(1);
-                return Ok((m, false, kept, chars));
-            }
-            let encoded: Vec<Result<Doc>> = docs
-                .par_iter()
-                .map(|d| {
-                    Ok(Doc {
-                        id: d.id.clone(),
-                        ids: tok.encode_doc(&d.text)?,
-                    })
-                })
-                .collect();
-            let encoded: Vec<Doc> = encoded.into_iter().collect::<Result<_>>()?;
-            let tokens: u64 = encoded.iter().map(|d| d.ids.len() as u64).sum();
-            let bytes = formats::write_docs(&out.name(&path), &encoded)?;
-            let m = put_with_marker(out, &path, bytes, kept, tokens, config_sha)?;
-            progress.inc(1);
-            Ok((m, true, kept, chars))
-        })
-        .collect();
-    progress.finish(&format!("tokenize {}", src.name));
-    let mut stats = SourceStats {
-        name: src.name.clone(),
-        index,
-        files: scanned.stats.files,
-        read: scanned.stats.read,
-        rejected: scanned.stats.rejected,
-        dropped: scanned.stats.dropped,
-        kept: 0,
-        chars: 0,
-        tokens: 0,
-        parts: Vec::new(),
-        issues: scanned.stats.issues,
-    };
-    for r in results {
-        let (m, wrote, kept, chars) = r?;
-        if wrote {
-            written.written += 1;
-        } else {
-            written.skipped += 1;
-        }
-        stats.kept += kept;
-        stats.chars += chars;
-        stats.tokens += m.tokens;
-        stats.parts.push(m.file);
-    }
-    Ok(stats)
 }
 
 /// Completion record of a single file without row counts (the tokenizer).

@@ -89,8 +89,10 @@ impl Location {
             } else if !dir.is_dir() {
                 return Err(url_err("no such folder".into()));
             }
-            let store =
-                LocalFileSystem::new_with_prefix(&dir).map_err(|e| url_err(e.to_string()))?;
+            // Cleanup: deleting a folder's last file removes the folder.
+            let store = LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| url_err(e.to_string()))?
+                .with_automatic_cleanup(true);
             return Ok(Location {
                 rt,
                 store: Arc::new(store),
@@ -175,6 +177,23 @@ impl Location {
             .map_err(|e| self.store_err(rel, e))
     }
 
+    /// Deletes every object under `rel`.
+    pub fn remove_all(&self, rel: &str) -> Result<()> {
+        let dir = self.child(rel);
+        for listed in dir.list()? {
+            let path = dir.full(&listed.rel);
+            let store = self.store.clone();
+            self.rt
+                .block_on(async move { store.delete(&path).await })
+                .or_else(|e| match e {
+                    object_store::Error::NotFound { .. } => Ok(()),
+                    e => Err(e),
+                })
+                .map_err(|e| dir.store_err(&listed.rel, e))?;
+        }
+        Ok(())
+    }
+
     /// Every object under this location, sorted by relative path.
     pub fn list(&self) -> Result<Vec<Listed>> {
         let store = self.store.clone();
@@ -257,6 +276,12 @@ pub fn split_input(input: &str) -> InputSpec {
             }
         }
     }
+}
+
+/// The folder holding an input's objects (the names [`list_input`] gives
+/// are relative to it).
+pub fn input_location(input: &str) -> Result<Location> {
+    Location::open(&split_input(input).base, false)
 }
 
 /// List the objects an input names: `(location, relative paths)` sorted.

@@ -193,12 +193,11 @@ fn interrupted_build_resumes_without_redoing_finished_files() {
     build(&cfg, out.to_str().unwrap(), 2, &NoProgress).unwrap();
     let ds = out.join("fixture");
     // Simulate a crash: the manifest was never written, one stage-1 part of
-    // `web` (and the source's completion record) and one shard are missing.
+    // `web` and one shard are missing.
     for rel in [
         "manifest.json",
         "sources/web/part-00001.parquet",
         "sources/web/part-00001.done.json",
-        "sources/web/_source.json",
         "phases/short/shard-00002.parquet",
         "phases/short/shard-00002.done.json",
     ] {

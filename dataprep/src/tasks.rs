@@ -1,0 +1,898 @@
+//! A build as a sequence of tasks that any process can run:
+//!
+//! 1. `plan`: list every source's inputs and group them into parts;
+//! 2. `scan/<source>/<part>`: read, normalize and filter one part;
+//! 3. `prepare`: the source-wide dedup and caps, and the tokenizer;
+//! 4. `tokenize/<source>/<part>`: tokenize one part's kept documents;
+//! 5. `phase/<index>`: draw, pack, shuffle and write one phase's shards;
+//! 6. `finalize`: write `manifest.json`, then drop the scratch files.
+//!
+//! Tasks of one step are independent; a step starts when the previous one
+//! is complete. Each task reads what earlier ones stored under `_work/` in
+//! the dataset location and leaves its own result there (or as a part or
+//! shard with its marker), so tasks can run in one process or spread over
+//! many, in any order within a step, and the bytes are the same. A task
+//! whose result is already stored for this config finds it and does
+//! nothing, which is how an interrupted build resumes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DatasetConfig, TokenizerSpec};
+use crate::error::{Error, Result};
+use crate::formats::{self, Doc, ScanDoc};
+use crate::manifest::{self, Manifest, PhaseStats, SourceStats, TokenizerInfo};
+use crate::read::{Issue, ReadOutput};
+use crate::stage1::{self, Counters, Dedup, MarkerLite, PartPlan, Written};
+use crate::stage2;
+use crate::store::{self, Location};
+use crate::tokenizer::{self, Tok};
+use crate::{NoProgress, ProgressSink};
+
+/// Scratch folder inside the dataset location, removed once the manifest
+/// is written.
+pub const WORK: &str = "_work";
+
+const TOKENIZER_MARKER: &str = "tokenizer.done.json";
+
+/// One unit of work of a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Task {
+    /// List inputs and group them into parts.
+    Plan,
+    /// Filter one part of one source.
+    Scan { source: usize, part: usize },
+    /// Dedup and caps across each source; tokenizer stored (or trained).
+    Prepare,
+    /// Tokenize one part of one source.
+    Tokenize { source: usize, part: usize },
+    /// Build one phase's shards.
+    Phase { index: usize },
+    /// Write the manifest.
+    Finalize,
+}
+
+impl Task {
+    /// A stable name: `plan`, `scan/0/3`, `prepare`, `tokenize/0/3`,
+    /// `phase/1`, `finalize`.
+    pub fn key(&self) -> String {
+        match self {
+            Task::Plan => "plan".into(),
+            Task::Scan { source, part } => format!("scan/{source}/{part}"),
+            Task::Prepare => "prepare".into(),
+            Task::Tokenize { source, part } => format!("tokenize/{source}/{part}"),
+            Task::Phase { index } => format!("phase/{index}"),
+            Task::Finalize => "finalize".into(),
+        }
+    }
+
+    /// The task named by [`Task::key`].
+    pub fn from_key(key: &str) -> Option<Task> {
+        let mut it = key.split('/');
+        let kind = it.next()?;
+        let mut num = || it.next().and_then(|n| n.parse::<usize>().ok());
+        let task = match kind {
+            "plan" => Task::Plan,
+            "scan" => Task::Scan {
+                source: num()?,
+                part: num()?,
+            },
+            "prepare" => Task::Prepare,
+            "tokenize" => Task::Tokenize {
+                source: num()?,
+                part: num()?,
+            },
+            "phase" => Task::Phase { index: num()? },
+            "finalize" => Task::Finalize,
+            _ => return None,
+        };
+        (task.key() == key).then_some(task)
+    }
+}
+
+/// The steps of a build in order, each with its tasks, given the parts per
+/// source from [`Task::Plan`] and the number of phases.
+pub fn steps(parts_per_source: &[usize], phases: usize) -> Vec<Vec<Task>> {
+    let per_part = |make: fn(usize, usize) -> Task| -> Vec<Task> {
+        parts_per_source
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| (0..n).map(move |p| make(s, p)))
+            .collect()
+    };
+    vec![
+        vec![Task::Plan],
+        per_part(|source, part| Task::Scan { source, part }),
+        vec![Task::Prepare],
+        per_part(|source, part| Task::Tokenize { source, part }),
+        (0..phases).map(|index| Task::Phase { index }).collect(),
+        vec![Task::Finalize],
+    ]
+}
+
+/// What a task produced that its caller needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// From [`Task::Plan`]: parts per source, or the complete dataset's
+    /// manifest when the location already holds it (nothing left to do).
+    Planned {
+        parts_per_source: Vec<usize>,
+        complete: Option<Box<Manifest>>,
+    },
+    /// A part or shards: how many files were written and found complete.
+    Files(Written),
+    /// From [`Task::Finalize`].
+    Finished(Box<Manifest>),
+    /// Nothing to report.
+    Done,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SourcePlan {
+    config_sha256: String,
+    parts: Vec<Vec<String>>,
+    counters: Counters,
+}
+
+/// Marker of a scan file: the part's reading counters and filter drops.
+#[derive(Serialize, Deserialize)]
+struct ScanDone {
+    config_sha256: String,
+    files: Vec<String>,
+    records: u64,
+    rejected: BTreeMap<String, u64>,
+    issues: Vec<Issue>,
+    dropped: BTreeMap<String, u64>,
+}
+
+/// A source after the dedup merge.
+#[derive(Serialize, Deserialize)]
+struct SourceMerge {
+    config_sha256: String,
+    /// Per part, the kept documents as `[start, end)` runs of scan rows.
+    kept: Vec<Vec<[u64; 2]>>,
+    counters: Counters,
+    kept_docs: u64,
+    kept_chars: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PhaseDone {
+    build_key: String,
+    stats: PhaseStats,
+}
+
+struct Tokenizer {
+    tok: Tok,
+    sha256: String,
+    /// `<config sha256>+<tokenizer sha256>`: recorded in part and shard
+    /// markers, so a changed config or tokenizer never reuses a file.
+    build_key: String,
+}
+
+/// A dataset build in one location: the config, where it goes, and the
+/// tokenizer once loaded.
+pub struct Build {
+    cfg: DatasetConfig,
+    out: Location,
+    url: String,
+    tokenizer: OnceLock<Arc<Tokenizer>>,
+}
+
+fn plan_path(source: &str) -> String {
+    format!("{WORK}/plan/{source}.json")
+}
+
+fn scan_path(source: &str, part: usize) -> String {
+    format!("{WORK}/scan/{source}/part-{part:05}.parquet")
+}
+
+fn scan_marker_path(source: &str, part: usize) -> String {
+    format!("{WORK}/scan/{source}/part-{part:05}.json")
+}
+
+fn merge_path(source: &str) -> String {
+    format!("{WORK}/merge/{source}.json")
+}
+
+fn phase_path(phase: &str) -> String {
+    format!("{WORK}/phase/{phase}.json")
+}
+
+fn to_json<T: Serialize>(out: &Location, rel: &str, v: &T) -> Result<Vec<u8>> {
+    let mut b = serde_json::to_vec_pretty(v).map_err(|e| Error::Corrupt {
+        location: out.name(rel),
+        message: e.to_string(),
+    })?;
+    b.push(b'\n');
+    Ok(b)
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(out: &Location, rel: &str) -> Result<Option<T>> {
+    Ok(out
+        .get_opt(rel)?
+        .and_then(|b| serde_json::from_slice::<T>(&b).ok()))
+}
+
+fn missing(out: &Location, rel: &str, what: &str) -> Error {
+    Error::Corrupt {
+        location: out.name(rel),
+        message: format!("{what} is missing: its step has not completed"),
+    }
+}
+
+/// Kept-document runs from a keep mask.
+fn runs(mask: &[bool]) -> Vec<[u64; 2]> {
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for (i, &k) in mask.iter().enumerate() {
+        if !k {
+            continue;
+        }
+        let i = i as u64;
+        match out.last_mut() {
+            Some(r) if r[1] == i => r[1] = i + 1,
+            _ => out.push([i, i + 1]),
+        }
+    }
+    out
+}
+
+impl Build {
+    /// A build of `cfg` into `<out_url>/<name>`.
+    pub fn new(cfg: DatasetConfig, out_url: &str) -> Result<Build> {
+        let url = format!("{}/{}", out_url.trim_end_matches('/'), cfg.name);
+        let out = Location::open(out_url, true)?.child(&cfg.name);
+        Ok(Build {
+            cfg,
+            out,
+            url,
+            tokenizer: OnceLock::new(),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &DatasetConfig {
+        &self.cfg
+    }
+
+    /// The dataset's location, `<out_url>/<name>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The manifest when the location already holds this dataset complete;
+    /// an error when it holds another one (or one made with another
+    /// version of the tokenizer file).
+    pub fn complete(&self) -> Result<Option<Manifest>> {
+        let Some(bytes) = self.out.get_opt(manifest::MANIFEST)? else {
+            return Ok(None);
+        };
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+            location: self.out.name(manifest::MANIFEST),
+            message: format!("not a twinhead manifest: {e}"),
+        })?;
+        if m.config_sha256 != self.cfg.sha256 {
+            return Err(Error::OtherDataset {
+                location: self.url.clone(),
+                existing: m.config_sha256,
+                this: self.cfg.sha256.clone(),
+            });
+        }
+        if let TokenizerSpec::Path { path, .. } = &self.cfg.tokenizer
+            && let Ok(bytes) = std::fs::read(path)
+            && stage1::sha256(&bytes) != m.tokenizer.sha256
+        {
+            return Err(Error::Tokenizer(format!(
+                "{} was built with another version of {} (sha256 {}); build into another location",
+                self.url,
+                path.display(),
+                m.tokenizer.sha256
+            )));
+        }
+        Ok(Some(m))
+    }
+
+    /// Runs one task. `progress` hears about documents read, shards
+    /// written and, inside a phase, each shard.
+    pub fn run(&self, task: Task, progress: &dyn ProgressSink) -> Result<Outcome> {
+        if progress.cancelled() {
+            return Err(Error::Cancelled);
+        }
+        match task {
+            Task::Plan => self.plan(),
+            Task::Scan { source, part } => self.scan(source, part, progress).map(|()| Outcome::Done),
+            Task::Prepare => self.prepare().map(|()| Outcome::Done),
+            Task::Tokenize { source, part } => self.tokenize(source, part).map(Outcome::Files),
+            Task::Phase { index } => self.phase(index, progress).map(Outcome::Files),
+            Task::Finalize => self.finalize().map(|m| Outcome::Finished(Box::new(m))),
+        }
+    }
+
+    fn source(&self, index: usize) -> Result<&crate::config::SourceConfig> {
+        self.cfg.sources.get(index).ok_or_else(|| Error::Corrupt {
+            location: self.url.clone(),
+            message: format!(
+                "source {index} does not exist (the config has {})",
+                self.cfg.sources.len()
+            ),
+        })
+    }
+
+    fn plan(&self) -> Result<Outcome> {
+        if let Some(m) = self.complete()? {
+            return Ok(Outcome::Planned {
+                parts_per_source: Vec::new(),
+                complete: Some(Box::new(m)),
+            });
+        }
+        let mut parts_per_source = Vec::with_capacity(self.cfg.sources.len());
+        for src in &self.cfg.sources {
+            let mut counters = Counters::default();
+            let (_, parts) = stage1::plan(src, self.cfg.on_error, &mut counters)?;
+            parts_per_source.push(parts.len());
+            let plan = SourcePlan {
+                config_sha256: self.cfg.sha256.clone(),
+                parts: parts.into_iter().map(|p| p.files).collect(),
+                counters,
+            };
+            let rel = plan_path(&src.name);
+            self.out.put(&rel, to_json(&self.out, &rel, &plan)?)?;
+        }
+        Ok(Outcome::Planned {
+            parts_per_source,
+            complete: None,
+        })
+    }
+
+    fn source_plan(&self, source: usize) -> Result<SourcePlan> {
+        let rel = plan_path(&self.source(source)?.name);
+        from_json::<SourcePlan>(&self.out, &rel)?
+            .filter(|p| p.config_sha256 == self.cfg.sha256)
+            .ok_or_else(|| missing(&self.out, &rel, "the source's plan"))
+    }
+
+    fn scan_done(&self, source: &str, part: usize, files: &[String]) -> Result<Option<ScanDone>> {
+        Ok(
+            from_json::<ScanDone>(&self.out, &scan_marker_path(source, part))?
+                .filter(|d| d.config_sha256 == self.cfg.sha256 && d.files == files),
+        )
+    }
+
+    fn scan(&self, source: usize, part: usize, progress: &dyn ProgressSink) -> Result<()> {
+        let src = self.source(source)?;
+        let plan = self.source_plan(source)?;
+        let files = plan.parts.get(part).ok_or_else(|| Error::Corrupt {
+            location: self.out.name(&plan_path(&src.name)),
+            message: format!("part {part} is not in the plan"),
+        })?;
+        if self.scan_done(&src.name, part, files)?.is_some() {
+            return Ok(());
+        }
+        let loc = store::input_location(&src.input)?;
+        let part_plan = PartPlan {
+            index: part,
+            files: files.clone(),
+        };
+        let scanned = stage1::scan_part(&loc, &part_plan, src, self.cfg.on_error)?;
+        let bytes_read: u64 = scanned.docs.iter().map(|d| d.text.len() as u64).sum();
+        progress.read(scanned.read.records, bytes_read);
+        let docs: Vec<ScanDoc> = scanned
+            .docs
+            .into_iter()
+            .map(|d| ScanDoc {
+                chars: d.text.chars().count() as u64,
+                id: d.id,
+                text: d.text,
+                key: d.key,
+            })
+            .collect();
+        let rel = scan_path(&src.name, part);
+        self.out
+            .put(&rel, formats::write_scan(&self.out.name(&rel), &docs)?)?;
+        let ReadOutput {
+            records,
+            rejected,
+            issues,
+            ..
+        } = scanned.read;
+        let done = ScanDone {
+            config_sha256: self.cfg.sha256.clone(),
+            files: files.clone(),
+            records,
+            rejected,
+            issues,
+            dropped: scanned.dropped,
+        };
+        let rel = scan_marker_path(&src.name, part);
+        self.out.put(&rel, to_json(&self.out, &rel, &done)?)
+    }
+
+    fn read_scan(&self, source: &str, part: usize, with_text: bool) -> Result<Vec<ScanDoc>> {
+        let rel = scan_path(source, part);
+        formats::read_scan(&self.out.name(&rel), self.out.get(&rel)?, with_text)
+    }
+
+    fn source_merge(&self, source: usize) -> Result<SourceMerge> {
+        let rel = merge_path(&self.source(source)?.name);
+        from_json::<SourceMerge>(&self.out, &rel)?
+            .filter(|m| m.config_sha256 == self.cfg.sha256)
+            .ok_or_else(|| missing(&self.out, &rel, "the source's dedup merge"))
+    }
+
+    fn prepare(&self) -> Result<()> {
+        for (s, src) in self.cfg.sources.iter().enumerate() {
+            if self.source_merge(s).is_ok() {
+                continue;
+            }
+            let plan = self.source_plan(s)?;
+            let mut counters = plan.counters;
+            let mut dedup = Dedup::default();
+            let mut kept = Vec::with_capacity(plan.parts.len());
+            let (mut kept_docs, mut kept_chars) = (0u64, 0u64);
+            for (p, files) in plan.parts.iter().enumerate() {
+                let done = self
+                    .scan_done(&src.name, p, files)?
+                    .ok_or_else(|| missing(&self.out, &scan_marker_path(&src.name, p), "scan"))?;
+                let read = ReadOutput {
+                    docs: Vec::new(),
+                    records: done.records,
+                    rejected: done.rejected,
+                    issues: done.issues,
+                };
+                stage1::add_part_counters(&mut counters, read, done.dropped);
+                let docs = self.read_scan(&src.name, p, false)?;
+                let mask: Vec<bool> = docs
+                    .iter()
+                    .map(|d| dedup.admit(src, d.key, d.chars, &mut counters.dropped))
+                    .collect();
+                for (d, _) in docs.iter().zip(&mask).filter(|(_, k)| **k) {
+                    kept_docs += 1;
+                    kept_chars += d.chars;
+                }
+                kept.push(runs(&mask));
+            }
+            let merge = SourceMerge {
+                config_sha256: self.cfg.sha256.clone(),
+                kept,
+                counters,
+                kept_docs,
+                kept_chars,
+            };
+            let rel = merge_path(&src.name);
+            self.out.put(&rel, to_json(&self.out, &rel, &merge)?)?;
+        }
+        self.store_tokenizer()
+    }
+
+    /// Copies the configured tokenizer into the dataset, or trains one on
+    /// the kept documents (sources and parts in order, up to `max_chars`
+    /// bytes of text) unless an earlier run already did.
+    fn store_tokenizer(&self) -> Result<()> {
+        match &self.cfg.tokenizer {
+            TokenizerSpec::Path { path, .. } => {
+                let p = path.to_string_lossy();
+                let bytes = if p.contains("://") {
+                    let spec = store::split_input(&p);
+                    let loc = Location::open(&spec.base, false)?;
+                    loc.get(spec.pattern.as_deref().unwrap_or_default())?
+                } else {
+                    std::fs::read(path).map_err(|e| {
+                        Error::Tokenizer(format!("cannot read {}: {e}", path.display()))
+                    })?
+                };
+                if self.out.get_opt(manifest::TOKENIZER)?.as_deref() != Some(&bytes[..]) {
+                    self.out.put(manifest::TOKENIZER, bytes)?;
+                }
+                Ok(())
+            }
+            TokenizerSpec::Train {
+                vocab_size,
+                min_frequency,
+                max_chars,
+            } => {
+                if self.trained_tokenizer()?.is_some() {
+                    return Ok(());
+                }
+                let mut texts = Vec::new();
+                let mut budget = *max_chars;
+                'sources: for (s, src) in self.cfg.sources.iter().enumerate() {
+                    let merge = self.source_merge(s)?;
+                    for (p, kept) in merge.kept.iter().enumerate() {
+                        if budget == 0 {
+                            break 'sources;
+                        }
+                        let docs = self.read_scan(&src.name, p, true)?;
+                        for [a, b] in kept {
+                            let run = docs
+                                .get(*a as usize..*b as usize)
+                                .ok_or_else(|| self.bad_runs(&src.name, p))?;
+                            for d in run {
+                                if budget == 0 {
+                                    break 'sources;
+                                }
+                                budget = budget.saturating_sub(d.text.len() as u64);
+                                texts.push(d.text.clone());
+                            }
+                        }
+                    }
+                }
+                let bytes = tokenizer::train_bpe(
+                    texts.iter().map(String::as_str),
+                    *vocab_size,
+                    *min_frequency,
+                )?;
+                let marker = MarkerLite {
+                    config_sha256: self.cfg.sha256.clone(),
+                    sha256: stage1::sha256(&bytes),
+                };
+                self.out.put(manifest::TOKENIZER, bytes)?;
+                self.out.put(
+                    TOKENIZER_MARKER,
+                    to_json(&self.out, TOKENIZER_MARKER, &marker)?,
+                )
+            }
+        }
+    }
+
+    fn bad_runs(&self, source: &str, part: usize) -> Error {
+        Error::Corrupt {
+            location: self.out.name(&merge_path(source)),
+            message: format!("kept rows of part {part} are outside its scan file"),
+        }
+    }
+
+    /// The trained tokenizer's bytes when an earlier run stored them for
+    /// this config.
+    fn trained_tokenizer(&self) -> Result<Option<Vec<u8>>> {
+        let marker = from_json::<MarkerLite>(&self.out, TOKENIZER_MARKER)?;
+        let Some(marker) = marker.filter(|m| m.config_sha256 == self.cfg.sha256) else {
+            return Ok(None);
+        };
+        Ok(self
+            .out
+            .get_opt(manifest::TOKENIZER)?
+            .filter(|t| stage1::sha256(t) == marker.sha256))
+    }
+
+    fn tokenizer(&self) -> Result<Arc<Tokenizer>> {
+        if let Some(t) = self.tokenizer.get() {
+            return Ok(t.clone());
+        }
+        let bytes = match self.cfg.tokenizer {
+            TokenizerSpec::Train { .. } => self.trained_tokenizer()?,
+            TokenizerSpec::Path { .. } => self.out.get_opt(manifest::TOKENIZER)?,
+        }
+        .ok_or_else(|| missing(&self.out, manifest::TOKENIZER, "the tokenizer"))?;
+        let (cls, sep) = match &self.cfg.tokenizer {
+            TokenizerSpec::Path {
+                cls_token,
+                sep_token,
+                ..
+            } => (cls_token.as_str(), sep_token.as_str()),
+            TokenizerSpec::Train { .. } => ("[CLS]", "[SEP]"),
+        };
+        let tok = Tok::from_bytes(&bytes, cls, sep)?;
+        let sha256 = stage1::sha256(&bytes);
+        let loaded = Arc::new(Tokenizer {
+            tok,
+            build_key: format!("{}+{}", self.cfg.sha256, sha256),
+            sha256,
+        });
+        Ok(self.tokenizer.get_or_init(|| loaded).clone())
+    }
+
+    fn tokenize(&self, source: usize, part: usize) -> Result<Written> {
+        let src = self.source(source)?;
+        let t = self.tokenizer()?;
+        let path = stage1::part_path(&src.name, part);
+        if stage1::read_marker(&self.out, &path, &t.build_key)?.is_some() {
+            return Ok(Written {
+                written: 0,
+                skipped: 1,
+            });
+        }
+        let merge = self.source_merge(source)?;
+        let kept = merge
+            .kept
+            .get(part)
+            .ok_or_else(|| self.bad_runs(&src.name, part))?;
+        let docs = self.read_scan(&src.name, part, true)?;
+        let mut encoded = Vec::new();
+        for [a, b] in kept {
+            let run = docs
+                .get(*a as usize..*b as usize)
+                .ok_or_else(|| self.bad_runs(&src.name, part))?;
+            for d in run {
+                encoded.push((d.id.as_str(), d.text.as_str()));
+            }
+        }
+        let encoded: Vec<Result<Doc>> = {
+            use rayon::prelude::*;
+            encoded
+                .par_iter()
+                .map(|(id, text)| {
+                    Ok(Doc {
+                        id: (*id).to_string(),
+                        ids: t.tok.encode_doc(text)?,
+                    })
+                })
+                .collect()
+        };
+        let encoded: Vec<Doc> = encoded.into_iter().collect::<Result<_>>()?;
+        let tokens: u64 = encoded.iter().map(|d| d.ids.len() as u64).sum();
+        let bytes = formats::write_docs(&self.out.name(&path), &encoded)?;
+        stage1::put_with_marker(
+            &self.out,
+            &path,
+            bytes,
+            encoded.len() as u64,
+            tokens,
+            &t.build_key,
+        )?;
+        Ok(Written {
+            written: 1,
+            skipped: 0,
+        })
+    }
+
+    /// Statistics of a tokenized source, from its merge and part markers.
+    fn source_stats(&self, source: usize) -> Result<SourceStats> {
+        let src = self.source(source)?;
+        let t = self.tokenizer()?;
+        let merge = self.source_merge(source)?;
+        let mut parts = Vec::with_capacity(merge.kept.len());
+        let mut tokens = 0;
+        for p in 0..merge.kept.len() {
+            let path = stage1::part_path(&src.name, p);
+            let m = stage1::read_marker(&self.out, &path, &t.build_key)?
+                .ok_or_else(|| missing(&self.out, &path, "the tokenized part"))?;
+            tokens += m.tokens;
+            parts.push(m.file);
+        }
+        let c = merge.counters;
+        Ok(SourceStats {
+            name: src.name.clone(),
+            index: u16::try_from(source).map_err(|_| Error::Corrupt {
+                location: self.url.clone(),
+                message: "more than 65536 sources".into(),
+            })?,
+            files: c.files,
+            read: c.read,
+            rejected: c.rejected,
+            dropped: c.dropped,
+            kept: merge.kept_docs,
+            chars: merge.kept_chars,
+            tokens,
+            parts,
+            issues: c.issues,
+        })
+    }
+
+    fn phase(&self, index: usize, progress: &dyn ProgressSink) -> Result<Written> {
+        let phase = self.cfg.phases.get(index).ok_or_else(|| Error::Corrupt {
+            location: self.url.clone(),
+            message: format!(
+                "phase {index} does not exist (the config has {})",
+                self.cfg.phases.len()
+            ),
+        })?;
+        let t = self.tokenizer()?;
+        let rel = phase_path(&phase.name);
+        if from_json::<PhaseDone>(&self.out, &rel)?.is_some_and(|d| d.build_key == t.build_key) {
+            return Ok(Written {
+                written: 0,
+                skipped: 0,
+            });
+        }
+        let sources: Vec<SourceStats> = (0..self.cfg.sources.len())
+            .map(|s| self.source_stats(s))
+            .collect::<Result<_>>()?;
+        let loaded: Vec<Vec<Vec<u32>>> = {
+            use rayon::prelude::*;
+            let loaded: Vec<Result<Vec<Vec<u32>>>> = sources
+                .par_iter()
+                .zip(phase.weights.par_iter())
+                .map(|(s, w)| {
+                    if *w > 0.0 {
+                        stage2::load_source(&self.out, s)
+                    } else {
+                        Ok(Vec::new())
+                    }
+                })
+                .collect();
+            loaded.into_iter().collect::<Result<_>>()?
+        };
+        let views: Vec<&[Vec<u32>]> = loaded.iter().map(Vec::as_slice).collect();
+        let mut written = Written::default();
+        let stats = stage2::run_phase(
+            &self.out,
+            &self.cfg,
+            &t.build_key,
+            phase,
+            &sources,
+            &views,
+            progress,
+            &mut written,
+        )?;
+        let done = PhaseDone {
+            build_key: t.build_key.clone(),
+            stats,
+        };
+        self.out.put(&rel, to_json(&self.out, &rel, &done)?)?;
+        Ok(written)
+    }
+
+    fn finalize(&self) -> Result<Manifest> {
+        if let Some(m) = self.complete()? {
+            return Ok(m);
+        }
+        let t = self.tokenizer()?;
+        let sources: Vec<SourceStats> = (0..self.cfg.sources.len())
+            .map(|s| self.source_stats(s))
+            .collect::<Result<_>>()?;
+        let mut phases = Vec::with_capacity(self.cfg.phases.len());
+        for phase in &self.cfg.phases {
+            let rel = phase_path(&phase.name);
+            let done = from_json::<PhaseDone>(&self.out, &rel)?
+                .filter(|d| d.build_key == t.build_key)
+                .ok_or_else(|| missing(&self.out, &rel, "the phase"))?;
+            phases.push(done.stats);
+        }
+        let manifest = Manifest {
+            format_version: manifest::FORMAT_VERSION,
+            program: "twinhead-dataprep".into(),
+            program_version: env!("CARGO_PKG_VERSION").into(),
+            name: self.cfg.name.clone(),
+            config: self.cfg.text.clone(),
+            config_sha256: self.cfg.sha256.clone(),
+            tokenizer: TokenizerInfo {
+                path: manifest::TOKENIZER.into(),
+                sha256: t.sha256.clone(),
+                vocab_size: t.tok.vocab_size,
+                cls_id: t.tok.cls,
+                sep_id: t.tok.sep,
+                trained: matches!(self.cfg.tokenizer, TokenizerSpec::Train { .. }),
+            },
+            sources,
+            phases,
+        };
+        self.out.put(
+            manifest::MANIFEST,
+            to_json(&self.out, manifest::MANIFEST, &manifest)?,
+        )?;
+        // The manifest is the commit point; scratch files after it are
+        // only taking space.
+        self.out.remove_all(WORK)?;
+        Ok(manifest)
+    }
+
+    /// Runs every task in this process: each step's tasks in parallel on
+    /// the current rayon pool, with one progress stage per step.
+    pub fn run_all(&self, progress: &dyn ProgressSink) -> Result<(Manifest, Written)> {
+        let Outcome::Planned {
+            parts_per_source,
+            complete,
+        } = self.run(Task::Plan, &NoProgress)?
+        else {
+            return Err(self.unexpected("plan"));
+        };
+        if let Some(m) = complete {
+            return Ok((*m, Written::default()));
+        }
+        let mut written = Written::default();
+        for step in steps(&parts_per_source, self.cfg.phases.len())
+            .into_iter()
+            .skip(1)
+        {
+            let Some(first) = step.first().copied() else {
+                continue;
+            };
+            match first {
+                Task::Phase { .. } => {
+                    // A phase is parallel inside (shards); phases go in order.
+                    for task in step {
+                        if let Outcome::Files(w) = self.run(task, progress)? {
+                            written.written += w.written;
+                            written.skipped += w.skipped;
+                        }
+                    }
+                }
+                Task::Finalize => {
+                    let Outcome::Finished(m) = self.run(Task::Finalize, progress)? else {
+                        return Err(self.unexpected("finalize"));
+                    };
+                    return Ok((*m, written));
+                }
+                _ => {
+                    use rayon::prelude::*;
+                    let stage = stage_name(first);
+                    progress.start(stage, step.len() as u64);
+                    let outcomes: Vec<Result<Outcome>> = step
+                        .par_iter()
+                        .map(|t| {
+                            let r = self.run(*t, progress);
+                            progress.inc(1);
+                            r
+                        })
+                        .collect();
+                    progress.finish(stage);
+                    for o in outcomes {
+                        if let Outcome::Files(w) = o? {
+                            written.written += w.written;
+                            written.skipped += w.skipped;
+                        }
+                    }
+                }
+            }
+        }
+        Err(self.unexpected("steps"))
+    }
+
+    fn unexpected(&self, what: &str) -> Error {
+        Error::Corrupt {
+            location: self.url.clone(),
+            message: format!("internal: unexpected outcome of {what}"),
+        }
+    }
+}
+
+/// The progress stage of a step, named by its first task.
+pub fn stage_name(task: Task) -> &'static str {
+    match task {
+        Task::Plan => "plan",
+        Task::Scan { .. } => "scan",
+        Task::Prepare => "dedup + tokenizer",
+        Task::Tokenize { .. } => "tokenize",
+        Task::Phase { .. } => "phase",
+        Task::Finalize => "manifest",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_keys_round_trip_and_reject_garbage() {
+        for t in [
+            Task::Plan,
+            Task::Scan { source: 2, part: 13 },
+            Task::Prepare,
+            Task::Tokenize { source: 0, part: 0 },
+            Task::Phase { index: 4 },
+            Task::Finalize,
+        ] {
+            assert_eq!(Task::from_key(&t.key()), Some(t));
+        }
+        for bad in ["", "scan", "scan/1", "scan/1/x", "phase/1/2", "plan/0", "scan/01/2"] {
+            assert_eq!(Task::from_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn steps_cover_every_part_and_phase_in_order() {
+        let s = steps(&[2, 0, 1], 2);
+        assert_eq!(s.len(), 6);
+        assert_eq!(
+            s[1],
+            [
+                Task::Scan { source: 0, part: 0 },
+                Task::Scan { source: 0, part: 1 },
+                Task::Scan { source: 2, part: 0 },
+            ]
+        );
+        assert_eq!(s[3].len(), 3);
+        assert_eq!(s[4], [Task::Phase { index: 0 }, Task::Phase { index: 1 }]);
+    }
+
+    #[test]
+    fn keep_masks_become_runs() {
+        assert_eq!(runs(&[]), Vec::<[u64; 2]>::new());
+        assert_eq!(
+            runs(&[true, true, false, true, false, false, true]),
+            [[0, 2], [3, 4], [6, 7]]
+        );
+    }
+}
