@@ -1,4 +1,4 @@
-//! Connecting to the coordinator with the user's bearer token.
+//! Connecting to the coordinator with a bearer token.
 
 use std::time::Duration;
 
@@ -6,13 +6,18 @@ use anyhow::Context;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use twinhead_proto::auth::Bearer;
+use twinhead_proto::v1::dataprep_service_client::DataprepServiceClient;
+use twinhead_proto::v1::dataset_service_client::DatasetServiceClient;
 use twinhead_proto::v1::run_service_client::RunServiceClient;
 
 use crate::Connection;
 
-pub type RunClient = RunServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Authed = InterceptedService<Channel, Bearer>;
+pub type RunClient = RunServiceClient<Authed>;
+pub type DatasetClient = DatasetServiceClient<Authed>;
+pub type DataprepClient = DataprepServiceClient<Authed>;
 
-pub async fn run_client(connection: &Connection) -> anyhow::Result<RunClient> {
+async fn channel(connection: &Connection) -> anyhow::Result<(Channel, Bearer)> {
     let bearer = Bearer::new(connection.token.as_deref())?;
     let endpoint = Endpoint::from_shared(connection.coordinator.clone())
         .with_context(|| format!("invalid coordinator URL {:?}", connection.coordinator))?
@@ -24,5 +29,20 @@ pub async fn run_client(connection: &Connection) -> anyhow::Result<RunClient> {
             crate::output::source_chain(&e)
         )
     })?;
+    Ok((channel, bearer))
+}
+
+pub async fn run_client(connection: &Connection) -> anyhow::Result<RunClient> {
+    let (channel, bearer) = channel(connection).await?;
     Ok(RunServiceClient::with_interceptor(channel, bearer))
+}
+
+pub async fn dataset_client(connection: &Connection) -> anyhow::Result<DatasetClient> {
+    let (channel, bearer) = channel(connection).await?;
+    Ok(DatasetServiceClient::with_interceptor(channel, bearer))
+}
+
+pub async fn dataprep_client(connection: &Connection) -> anyhow::Result<DataprepClient> {
+    let (channel, bearer) = channel(connection).await?;
+    Ok(DataprepServiceClient::with_interceptor(channel, bearer))
 }

@@ -36,6 +36,37 @@ pub enum DatasetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Queue a build on the coordinator, where `twinhead dataprep` processes
+    /// (on any number of machines) run it; follows it until it ends.
+    Submit {
+        /// Dataset config file (inputs must be reachable from every dataprep process).
+        config: PathBuf,
+        /// Where to write (a path all processes share, or a cloud URL); the dataset goes to OUT/<name>.
+        #[arg(long)]
+        out: String,
+        /// Return once queued instead of following the build.
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: crate::Connection,
+    },
+    /// Dataset builds known to the coordinator.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: crate::Connection,
+    },
+    /// One dataset build: state, step, processes, error.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: crate::Connection,
+    },
     /// Re-hash every file of a dataset against its manifest; exit 1 on any problem.
     Verify {
         /// The dataset folder (holding manifest.json).
@@ -60,6 +91,19 @@ pub async fn run(command: DatasetCommand) -> anyhow::Result<ExitCode> {
             threads,
             json,
         } => build(&config, &out, threads, json).await,
+        DatasetCommand::Submit {
+            config,
+            out,
+            detach,
+            json,
+            connection,
+        } => crate::dataprep::submit(&connection, &config, &out, detach, json).await,
+        DatasetCommand::List { json, connection } => crate::dataprep::list(&connection, json).await,
+        DatasetCommand::Show {
+            id,
+            json,
+            connection,
+        } => crate::dataprep::show(&connection, &id, json).await,
         DatasetCommand::Verify { url, json } => verify(&url, json).await,
         DatasetCommand::Stats { url, json } => stats(&url, json).await,
     }

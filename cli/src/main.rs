@@ -3,6 +3,7 @@
 //! and turns every error into one line and a non-zero exit.
 
 mod client;
+mod dataprep;
 mod dataset;
 mod demo;
 mod export;
@@ -128,6 +129,9 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Run a dataprep process: it takes dataset-build tasks from the
+    /// coordinator until stopped (run one per machine that should help).
+    Dataprep(dataprep::DataprepArgs),
     /// Build, verify and summarize tokenized datasets.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
@@ -280,6 +284,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
             connection,
         } => runs::cancel(&connection, &run, &reason, json).await,
+        Command::Dataprep(args) => dataprep::serve(args, shutdown_signal()).await,
         Command::Dataset(command) => dataset::run(command).await,
         Command::Model(command) => model::run(command),
         Command::FillMask(args) => model::fill_mask(args).await,

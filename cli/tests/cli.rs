@@ -1,68 +1,13 @@
 //! The `twinhead` binary as a user runs it: a real coordinator process,
 //! killed with SIGKILL and restarted, and client commands against it.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn twinhead() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_twinhead"));
-    command
-        .env_remove("TWINHEAD_COORDINATOR")
-        .env_remove("TWINHEAD_TOKEN")
-        .env("TWINHEAD_LOG", "warn")
-        .current_dir(repo_root());
-    command
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-struct CoordinatorProcess {
-    child: Child,
-    url: String,
-}
-
-impl CoordinatorProcess {
-    fn start(db: &Path, extra: &[&str]) -> CoordinatorProcess {
-        let mut child = twinhead()
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
-            .arg(db)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn coordinator");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read address");
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .filter(|u| u.starts_with("http://"))
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        CoordinatorProcess { child, url }
-    }
-
-    fn kill(mut self) {
-        // SIGKILL: no chance to flush or clean up.
-        self.child.kill().expect("kill");
-        self.child.wait().expect("wait");
-    }
-}
-
-impl Drop for CoordinatorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{CoordinatorProcess, assert_clean_error, json, repo_root, stdout, twinhead};
 
 fn run(args: &[&str], url: &str) -> Output {
     twinhead()
@@ -70,35 +15,6 @@ fn run(args: &[&str], url: &str) -> Output {
         .env("TWINHEAD_COORDINATOR", url)
         .output()
         .expect("run twinhead")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    assert!(output.status.success(), "failed: {}", stderr(output));
-    serde_json::from_str(stdout(output).trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(output)))
-}
-
-/// A clean failure: non-zero exit, one line on stderr starting "error:",
-/// and no panic.
-fn assert_clean_error(output: &Output, needle: &str) {
-    let err = stderr(output);
-    assert!(
-        !output.status.success(),
-        "expected failure, got success: {}",
-        stdout(output)
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(err.contains(needle), "{needle:?} not in {err}");
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -136,7 +52,7 @@ fn submit_status_survive_a_killed_coordinator() {
 
     coordinator.kill();
     let down = run(&["status", &run_id], &url);
-    assert_clean_error(&down, "cannot reach the coordinator");
+    assert_clean_error(&down, &["cannot reach the coordinator"]);
 
     let coordinator = CoordinatorProcess::start(&db, &[]);
     let status = json(&run(&["status", &run_id, "--json"], &coordinator.url));
@@ -146,7 +62,7 @@ fn submit_status_survive_a_killed_coordinator() {
     assert_eq!(listed.as_array().map(Vec::len), Some(1));
 
     let missing = run(&["status", "run-424242"], &coordinator.url);
-    assert_clean_error(&missing, "not found");
+    assert_clean_error(&missing, &["not found"]);
 }
 
 #[test]
@@ -165,7 +81,7 @@ fn bad_recipes_fail_with_one_line_naming_file_and_key() {
     let url = "http://127.0.0.1:9";
     assert_clean_error(
         &run(&["submit", &bad_path], url),
-        "bad.toml: microbatch: unknown field",
+        &["bad.toml: microbatch: unknown field"],
     );
     assert_clean_error(
         &run(
@@ -177,7 +93,7 @@ fn bad_recipes_fail_with_one_line_naming_file_and_key() {
             ],
             url,
         ),
-        "tiny-cpu.toml: phases[1].seq_len: must be between 16",
+        &["tiny-cpu.toml: phases[1].seq_len: must be between 16"],
     );
     assert_clean_error(
         &run(
@@ -189,7 +105,7 @@ fn bad_recipes_fail_with_one_line_naming_file_and_key() {
             ],
             url,
         ),
-        "world_size: must divide global_batch 8",
+        &["world_size: must divide global_batch 8"],
     );
     assert_clean_error(
         &run(
@@ -201,11 +117,11 @@ fn bad_recipes_fail_with_one_line_naming_file_and_key() {
             ],
             url,
         ),
-        "phases[0].tokens",
+        &["phases[0].tokens"],
     );
     assert_clean_error(
         &run(&["submit", "no/such/file.toml"], url),
-        "no/such/file.toml: cannot read",
+        &["no/such/file.toml: cannot read"],
     );
     let usage = run(&["submit"], url);
     assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
@@ -217,8 +133,8 @@ fn tokens_are_required_when_configured() {
     let coordinator =
         CoordinatorProcess::start(&dir.path().join("c.db"), &["--user-token", "s3cret"]);
     let url = coordinator.url.clone();
-    assert_clean_error(&run(&["runs"], &url), "unauthenticated");
-    assert_clean_error(&run(&["runs", "--token", "nope"], &url), "wrong token");
+    assert_clean_error(&run(&["runs"], &url), &["unauthenticated"]);
+    assert_clean_error(&run(&["runs", "--token", "nope"], &url), &["wrong token"]);
     let ok = twinhead()
         .args(["submit", "configs/runs/tiny-cpu.toml", "--json"])
         .env("TWINHEAD_COORDINATOR", &url)

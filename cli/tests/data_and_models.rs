@@ -2,21 +2,15 @@
 //! user runs them: the real binary on the committed dataprep fixtures and on
 //! a tiny, randomly initialised model folder.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::{assert_clean_error, json, repo_root, stderr, stdout, twinhead};
 
 use twinhead_worker::CpuBackend;
 use twinhead_worker::model::{Flavour, ModelConfig, ModernBert};
-
-fn twinhead() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_twinhead"));
-    command.env("TWINHEAD_LOG", "warn").current_dir(repo_root());
-    command
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn fixtures() -> PathBuf {
     repo_root().join("dataprep/tests/fixtures")
@@ -24,37 +18,6 @@ fn fixtures() -> PathBuf {
 
 fn run(args: &[&str]) -> Output {
     twinhead().args(args).output().expect("run twinhead")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    assert!(
-        output.status.success(),
-        "command failed: {}",
-        stderr(output)
-    );
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stdout(output)))
-}
-
-/// Non-zero exit, stderr exactly one line `error: …` containing every needle.
-fn assert_clean_error(output: &Output, needles: &[&str]) {
-    let err = stderr(output);
-    assert!(!output.status.success(), "expected failure, stderr {err:?}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected, got {err:?}");
-    assert!(lines[0].starts_with("error: "), "{err:?}");
-    for needle in needles {
-        assert!(err.contains(needle), "{needle:?} not in {err:?}");
-    }
-    assert!(!err.contains("panicked") && !err.contains("internal error"));
 }
 
 /// A small config over the committed fixtures: two text sources, one phase.
@@ -383,4 +346,218 @@ fn model_folder_without_tokenizer_is_a_clean_error() {
     assert_clean_error(&output, &["tokenizer.json"]);
     let missing = run(&["generate", "no/such/dir", "a"]);
     assert_clean_error(&missing, &["no/such/dir"]);
+}
+
+/// Every file under `root`, by relative path.
+fn tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(root).expect("prefix");
+                out.insert(
+                    rel.to_string_lossy().into_owned(),
+                    std::fs::read(&path).expect("read"),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn dataprep_process(url: &str) -> std::process::Child {
+    twinhead()
+        .args(["dataprep", "--threads", "1", "--coordinator", url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn dataprep")
+}
+
+#[test]
+fn dataprep_processes_build_through_the_coordinator_the_same_bytes_as_one_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    // Four sources of different formats and two phases: more tasks than
+    // processes in every per-part step.
+    let f = fixtures();
+    let f = f.display();
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        r#"
+[[sources]]
+name = "code"
+input = "{f}/code"
+format = "text"
+extensions = ["rs"]
+files_per_part = 1
+
+[[sources]]
+name = "math"
+input = "{f}/math.jsonl.gz"
+format = "jsonl.gz"
+text_fields = ["doc.problem", "doc.solution"]
+id_field = "id"
+
+[[phases]]
+name = "long"
+seq_len = 256
+tokens = 30000
+seed = 22
+[phases.weights]
+books = 3.0
+code = 1.0
+math = 1.0
+"#
+    ));
+    std::fs::write(&config, text).expect("write config");
+    let config = config.to_str().expect("utf-8 path");
+
+    let local = dir.path().join("local");
+    let built = json(&run(&[
+        "dataset",
+        "build",
+        config,
+        "--out",
+        local.to_str().expect("utf-8 path"),
+        "--threads",
+        "2",
+        "--json",
+    ]));
+    assert_eq!(built["up_to_date"], false);
+    let want = tree(&local);
+    assert!(want.contains_key("clitest/manifest.json"));
+
+    let coordinator = common::CoordinatorProcess::start(
+        &dir.path().join("c.db"),
+        &[
+            "--heartbeat-interval-ms",
+            "300",
+            "--lease-timeout-ms",
+            "1500",
+        ],
+    );
+    let url = coordinator.url.clone();
+    let mut processes = vec![dataprep_process(&url), dataprep_process(&url)];
+
+    // Two processes share the build; the bytes are those of one process.
+    let remote = dir.path().join("remote");
+    let submit = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "dataset",
+            "submit",
+            config,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        twinhead()
+            .args(&args)
+            .env("TWINHEAD_COORDINATOR", &url)
+            .output()
+            .expect("run twinhead")
+    };
+    let done = json(&submit(&remote, &[]));
+    assert_eq!(done["state"], "complete", "{done}");
+    assert_eq!(
+        done["url"],
+        remote.join("clitest").to_str().expect("utf-8 path")
+    );
+    assert_eq!(done["parts_per_source"].as_array().map(Vec::len), Some(4));
+    let helpers = done["processes"].as_array().map_or(0, Vec::len);
+    assert_eq!(helpers, 2, "both processes took tasks: {done}");
+    assert_eq!(
+        tree(&remote),
+        want,
+        "distributed build differs from one process"
+    );
+    let listed = json(&run(&["dataset", "list", "--json", "--coordinator", &url]));
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+
+    // SIGKILL one process mid-build: its task's lease lapses, the other
+    // process finishes the build, and the bytes are still the same.
+    let killed = dir.path().join("killed");
+    let queued = json(&submit(&killed, &["--detach"]));
+    let id = queued["id"].as_str().expect("id").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut victim = processes.remove(0);
+    loop {
+        let d = json(&run(&[
+            "dataset",
+            "show",
+            &id,
+            "--json",
+            "--coordinator",
+            &url,
+        ]));
+        if d["step"] != "plan" || d["state"] != "building" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "build never started: {d}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    victim.kill().expect("kill");
+    victim.wait().expect("wait");
+    let finished = loop {
+        let d = json(&run(&[
+            "dataset",
+            "show",
+            &id,
+            "--json",
+            "--coordinator",
+            &url,
+        ]));
+        if d["state"] != "building" {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "build never finished: {d}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(finished["state"], "complete", "{finished}");
+    assert_eq!(tree(&killed), want, "a build that lost a process differs");
+
+    // Bad input fails the build with the input named, and exit status 1.
+    let bad_config = dir.path().join("bad.toml");
+    let bad_text = std::fs::read_to_string(config)
+        .expect("config")
+        .replace("on_error = \"skip\"", "on_error = \"fail\"")
+        .replace(&format!("{f}/web"), &format!("{f}/no-such-folder"));
+    std::fs::write(&bad_config, bad_text).expect("write");
+    let failed = submit_with(&url, &bad_config, &dir.path().join("bad"));
+    assert_eq!(failed.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&failed.stdout).expect("json");
+    assert_eq!(report["state"], "failed");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("no-such-folder") && error.contains("web"),
+        "{error}"
+    );
+    assert!(!dir.path().join("bad/clitest/manifest.json").exists());
+    for mut p in processes {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
+
+fn submit_with(url: &str, config: &Path, out: &Path) -> Output {
+    twinhead()
+        .args(["dataset", "submit"])
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .arg("--json")
+        .env("TWINHEAD_COORDINATOR", url)
+        .output()
+        .expect("run twinhead")
 }

@@ -14,8 +14,8 @@ use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
-use twinhead_dataprep::tasks::{Task, steps};
 use twinhead_dataprep::DatasetConfig;
+use twinhead_dataprep::tasks::{Task, steps};
 use twinhead_proto::v1::dataprep_service_server::DataprepService;
 use twinhead_proto::v1::dataset_service_server::DatasetService;
 use twinhead_proto::v1::{
@@ -28,10 +28,6 @@ use twinhead_proto::v1::{
 use crate::service::Services;
 use crate::store::{Snapshot, Write};
 use crate::{Coordinator, Error, MAX_WAIT, now_ms};
-
-/// A task is handed out again when its process has not renewed it for this
-/// long.
-pub const TASK_LEASE: Duration = Duration::from_secs(30);
 
 /// A task lost (lease lapsed) or failed retryably this many times fails
 /// its build.
@@ -118,15 +114,21 @@ impl Build {
 }
 
 /// Every dataset build, oldest first.
-#[derive(Default)]
 pub(crate) struct Builds {
     builds: BTreeMap<u64, Build>,
     next_seq: u64,
+    /// A task is handed out again when its process has not renewed it for
+    /// this long (the workers' lease timeout).
+    lease: Duration,
 }
 
 impl Builds {
-    pub fn load(snapshot: &Snapshot) -> Builds {
-        let mut builds = Builds::default();
+    pub fn load(snapshot: &Snapshot, lease: Duration) -> Builds {
+        let mut builds = Builds {
+            builds: BTreeMap::new(),
+            next_seq: 1,
+            lease,
+        };
         for (seq, record) in &snapshot.datasets {
             builds.next_seq = builds.next_seq.max(seq + 1);
             builds.builds.insert(
@@ -139,7 +141,6 @@ impl Builds {
                 },
             );
         }
-        builds.next_seq = builds.next_seq.max(1);
         builds
     }
 
@@ -189,8 +190,8 @@ impl Builds {
         }) {
             return Ok(existing.record.clone());
         }
-        let seq = self.next_seq.max(1);
-        self.next_seq = seq + 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
         let mut build = Build {
             seq,
             record: Dataset {
@@ -236,7 +237,7 @@ impl Builds {
                     key.clone(),
                     Lease {
                         process: process.to_string(),
-                        expires: now + TASK_LEASE,
+                        expires: now + self.lease,
                     },
                 );
                 return Some(DataprepTask {
@@ -245,7 +246,7 @@ impl Builds {
                     config_path: build.record.config_path.clone(),
                     config_text: build.record.config_text.clone(),
                     out_url: build.record.out_url.clone(),
-                    lease_ms: TASK_LEASE.as_millis() as u32,
+                    lease_ms: u32::try_from(self.lease.as_millis()).unwrap_or(u32::MAX),
                 });
             }
         }
@@ -253,7 +254,14 @@ impl Builds {
     }
 
     /// Extends a task's lease; `false` when the task is no longer wanted.
-    pub fn renew(&mut self, id: &str, key: &str, process: &str, now: Instant) -> Result<bool, Error> {
+    pub fn renew(
+        &mut self,
+        id: &str,
+        key: &str,
+        process: &str,
+        now: Instant,
+    ) -> Result<bool, Error> {
+        let lease = self.lease;
         let build = self.find_mut(id)?;
         if !build.is_current(key) {
             return Ok(false);
@@ -262,7 +270,7 @@ impl Builds {
             key.to_string(),
             Lease {
                 process: process.to_string(),
-                expires: now + TASK_LEASE,
+                expires: now + lease,
             },
         );
         Ok(true)
@@ -281,8 +289,9 @@ impl Builds {
         if !build.is_current(&request.key) {
             return Ok(());
         }
-        let task = Task::from_key(&request.key)
-            .ok_or_else(|| Error::InvalidArgument(format!("key: {:?} is not a task", request.key)))?;
+        let task = Task::from_key(&request.key).ok_or_else(|| {
+            Error::InvalidArgument(format!("key: {:?} is not a task", request.key))
+        })?;
         build.leases.remove(&request.key);
         build.record.done_tasks.push(request.key.clone());
         build.record.step_tasks_done += 1;
@@ -355,7 +364,11 @@ impl Builds {
             for (key, process) in lapsed {
                 build.leases.remove(&key);
                 tracing::warn!(dataset = %build.record.id, task = %key, %process, "task lease lapsed; handing it out again");
-                build.count_attempt(&key, &format!("{process} stopped renewing its lease"), now_ms);
+                build.count_attempt(
+                    &key,
+                    &format!("{process} stopped renewing its lease"),
+                    now_ms,
+                );
             }
             Self::write(build, now_ms, writes);
         }
@@ -364,8 +377,11 @@ impl Builds {
 
 impl Build {
     fn record_sources(&self) -> usize {
-        DatasetConfig::parse(Path::new(&self.record.config_path), &self.record.config_text)
-            .map_or(0, |c| c.sources.len())
+        DatasetConfig::parse(
+            Path::new(&self.record.config_path),
+            &self.record.config_text,
+        )
+        .map_or(0, |c| c.sources.len())
     }
 }
 
@@ -489,10 +505,10 @@ impl DataprepService for Services {
     ) -> Result<Response<RenewTaskResponse>, Status> {
         let r = request.into_inner();
         let process = process_name(&r.process)?;
-        let wanted = self
-            .coordinator
-            .builds()
-            .renew(&r.dataset_id, &r.key, process, Instant::now())?;
+        let wanted =
+            self.coordinator
+                .builds()
+                .renew(&r.dataset_id, &r.key, process, Instant::now())?;
         Ok(Response::new(RenewTaskResponse { wanted }))
     }
 
@@ -523,6 +539,7 @@ impl DataprepService for Services {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -547,6 +564,12 @@ seed = 1
 a = 1.0
 b = 1.0
 "#;
+
+    const LEASE: Duration = Duration::from_secs(5);
+
+    fn builds() -> Builds {
+        Builds::load(&Snapshot::default(), LEASE)
+    }
 
     /// Submits the test config; the build and how many writes it made.
     fn submit(b: &mut Builds) -> (Dataset, usize) {
@@ -583,7 +606,7 @@ b = 1.0
 
     #[test]
     fn a_build_walks_every_step_in_order() {
-        let mut b = Builds::default();
+        let mut b = builds();
         let (d, writes) = submit(&mut b);
         assert_eq!(writes, 1, "a new build is persisted");
         assert_eq!((d.id.as_str(), d.url.as_str()), ("ds-000001", "/out/t"));
@@ -594,7 +617,11 @@ b = 1.0
         complete(&mut b, &d.id, "scan/0/1", vec![]);
         assert_eq!(b.get(&d.id).unwrap().step, DataprepStep::Scan as i32);
         complete(&mut b, &d.id, "scan/0/1", vec![]);
-        assert_eq!(b.get(&d.id).unwrap().step_tasks_done, 1, "a repeat counts once");
+        assert_eq!(
+            b.get(&d.id).unwrap().step_tasks_done,
+            1,
+            "a repeat counts once"
+        );
         complete(&mut b, &d.id, "scan/0/0", vec![]);
         assert_eq!(claim_all(&mut b), ["prepare"]);
         complete(&mut b, &d.id, "prepare", vec![]);
@@ -614,18 +641,18 @@ b = 1.0
 
     #[test]
     fn lost_and_failed_tasks() {
-        let mut b = Builds::default();
+        let mut b = builds();
         let (d, _) = submit(&mut b);
         let t0 = Instant::now();
         assert!(b.claim("p1", t0).is_some());
         assert!(b.claim("p2", t0).is_none(), "plan is leased");
         // The lease lapses: the task is handed out again.
-        b.expire(t0 + TASK_LEASE, 5, &mut Vec::new());
-        assert_eq!(b.claim("p2", t0 + TASK_LEASE).unwrap().key, "plan");
+        b.expire(t0 + LEASE, 5, &mut Vec::new());
+        assert_eq!(b.claim("p2", t0 + LEASE).unwrap().key, "plan");
         // A renewed lease does not lapse.
-        assert!(b.renew(&d.id, "plan", "p2", t0 + TASK_LEASE * 2).unwrap());
-        b.expire(t0 + TASK_LEASE * 2, 6, &mut Vec::new());
-        assert!(b.claim("p3", t0 + TASK_LEASE * 2).is_none());
+        assert!(b.renew(&d.id, "plan", "p2", t0 + LEASE * 2).unwrap());
+        b.expire(t0 + LEASE * 2, 6, &mut Vec::new());
+        assert!(b.claim("p3", t0 + LEASE * 2).is_none());
         // Bad input fails the build with the process's message.
         let f = FailTaskRequest {
             dataset_id: d.id.clone(),
@@ -645,10 +672,14 @@ b = 1.0
 
     #[test]
     fn retried_failures_give_up_after_max_attempts() {
-        let mut b = Builds::default();
+        let mut b = builds();
         let (d, _) = submit(&mut b);
         for i in 0..MAX_TASK_ATTEMPTS {
-            assert_eq!(b.get(&d.id).unwrap().state, DatasetState::Building as i32, "try {i}");
+            assert_eq!(
+                b.get(&d.id).unwrap().state,
+                DatasetState::Building as i32,
+                "try {i}"
+            );
             assert!(b.claim("p", Instant::now()).is_some());
             let f = FailTaskRequest {
                 dataset_id: d.id.clone(),
@@ -664,7 +695,7 @@ b = 1.0
 
     #[test]
     fn bad_configs_are_refused_naming_the_key() {
-        let mut b = Builds::default();
+        let mut b = builds();
         let e = b
             .submit(
                 BuildDatasetRequest {

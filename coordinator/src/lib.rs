@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, watch};
 use twinhead_proto::v1::{Assignment, RunEvent};
 
-pub use datasets::{MAX_TASK_ATTEMPTS, TASK_LEASE};
+pub use datasets::MAX_TASK_ATTEMPTS;
 pub use server::{ServeError, ServerConfig, serve};
 use state::{Effects, State};
 use store::{Store, StoreError};
@@ -106,7 +106,7 @@ impl Coordinator {
         leases: LeaseSettings,
     ) -> Result<Arc<Coordinator>, StoreError> {
         let snapshot = store.load()?;
-        let datasets = datasets::Builds::load(&snapshot);
+        let datasets = datasets::Builds::load(&snapshot, leases.lease_timeout);
         let state = State::load(snapshot, Instant::now());
         let (events, _) = broadcast::channel(4096);
         let (version, _) = watch::channel(0);

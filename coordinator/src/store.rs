@@ -382,11 +382,12 @@ impl Store for SqliteStore {
         let (encoded, workers, counters, encoded_datasets) = rows;
         let mut datasets = Vec::with_capacity(encoded_datasets.len());
         for (id, seq, bytes) in encoded_datasets {
-            let record = Dataset::decode(bytes.as_slice()).map_err(|source| StoreError::Decode {
-                path: self.path.clone(),
-                id,
-                source,
-            })?;
+            let record =
+                Dataset::decode(bytes.as_slice()).map_err(|source| StoreError::Decode {
+                    path: self.path.clone(),
+                    id,
+                    source,
+                })?;
             datasets.push((seq, record));
         }
         let mut runs = Vec::with_capacity(encoded.len());

@@ -94,7 +94,8 @@ pub struct BuildReport {
     pub manifest: Manifest,
 }
 
-fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+/// A rayon pool of `threads` threads (at least one) named `dataprep-N`.
+pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .thread_name(|i| format!("dataprep-{i}"))

@@ -302,7 +302,9 @@ impl Build {
         }
         match task {
             Task::Plan => self.plan(),
-            Task::Scan { source, part } => self.scan(source, part, progress).map(|()| Outcome::Done),
+            Task::Scan { source, part } => {
+                self.scan(source, part, progress).map(|()| Outcome::Done)
+            }
             Task::Prepare => self.prepare().map(|()| Outcome::Done),
             Task::Tokenize { source, part } => self.tokenize(source, part).map(Outcome::Files),
             Task::Phase { index } => self.phase(index, progress).map(Outcome::Files),
@@ -858,7 +860,10 @@ mod tests {
     fn task_keys_round_trip_and_reject_garbage() {
         for t in [
             Task::Plan,
-            Task::Scan { source: 2, part: 13 },
+            Task::Scan {
+                source: 2,
+                part: 13,
+            },
             Task::Prepare,
             Task::Tokenize { source: 0, part: 0 },
             Task::Phase { index: 4 },
@@ -866,7 +871,15 @@ mod tests {
         ] {
             assert_eq!(Task::from_key(&t.key()), Some(t));
         }
-        for bad in ["", "scan", "scan/1", "scan/1/x", "phase/1/2", "plan/0", "scan/01/2"] {
+        for bad in [
+            "",
+            "scan",
+            "scan/1",
+            "scan/1/x",
+            "phase/1/2",
+            "plan/0",
+            "scan/01/2",
+        ] {
             assert_eq!(Task::from_key(bad), None, "{bad}");
         }
     }

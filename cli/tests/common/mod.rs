@@ -1,0 +1,108 @@
+#![allow(dead_code)]
+//! Helpers shared by the CLI tests: the binary, its output, and a real
+//! coordinator process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// The `twinhead` binary, run from the repository root, with no
+/// coordinator or token from the environment.
+pub fn twinhead() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_twinhead"));
+    command
+        .env_remove("TWINHEAD_COORDINATOR")
+        .env_remove("TWINHEAD_TOKEN")
+        .env("TWINHEAD_LOG", "warn")
+        .current_dir(repo_root());
+    command
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Stdout as JSON, after asserting success.
+pub fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "command failed: {}",
+        stderr(output)
+    );
+    serde_json::from_str(stdout(output).trim())
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stdout(output)))
+}
+
+/// A clean failure: non-zero exit, stderr exactly one line `error: …`
+/// containing every needle, and no panic.
+pub fn assert_clean_error(output: &Output, needles: &[&str]) {
+    let err = stderr(output);
+    assert!(
+        !output.status.success(),
+        "expected failure, got success: {}",
+        stdout(output)
+    );
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected, got {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err:?}");
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    }
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
+}
+
+/// A coordinator process on a free loopback port; killed when dropped.
+pub struct CoordinatorProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl CoordinatorProcess {
+    pub fn start(db: &Path, extra: &[&str]) -> CoordinatorProcess {
+        let mut child = twinhead()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+            .arg(db)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn coordinator");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read address");
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        CoordinatorProcess { child, url }
+    }
+
+    pub fn kill(mut self) {
+        // SIGKILL: no chance to flush or clean up.
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
