@@ -1,5 +1,8 @@
 //! `twinhead export RUN --hf DIR`: a run's last committed checkpoint as a
 //! Hugging Face folder (`config.json`, `model.safetensors`, `tokenizer.json`).
+//! `twinhead import HF_DIR --out DIR`: an Ettin or ModernBERT folder (f32 or
+//! bf16) checked against twinhead's architecture and written back in the
+//! form twinhead exports (f32, Ettin key names), ready for `init_from`.
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +70,103 @@ pub async fn export(
         );
     } else {
         println!("exported {run_id} to {}", dir.display());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Files copied as they are from an imported folder: the tokenizer and its
+/// settings travel with the weights.
+const TOKENIZER_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// What [`import_folder`] did.
+pub struct Imported {
+    pub flavour: twinhead_worker::model::Flavour,
+    pub config: twinhead_worker::model::ModelConfig,
+    pub parameters: usize,
+    pub copied: Vec<&'static str>,
+}
+
+/// Loads `src` (every tensor checked for name, shape and dtype), then
+/// writes it to `out` and copies the tokenizer files.
+pub fn import_folder(src: &Path, out: &Path) -> anyhow::Result<Imported> {
+    use burn::module::Module;
+    let (config, flavour) = twinhead_worker::hf::read_config(src)
+        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+    let device = Default::default();
+    let model = twinhead_worker::hf::load::<twinhead_worker::CpuBackend>(src, &device)
+        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+    if src.canonicalize().ok() == out.canonicalize().ok() {
+        anyhow::bail!(
+            "--out {} is the folder being imported; choose another",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    twinhead_worker::hf::save(&model, out)
+        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let mut copied = Vec::new();
+    for file in TOKENIZER_FILES {
+        let from = src.join(file);
+        if from.is_file() {
+            std::fs::copy(&from, out.join(file))
+                .with_context(|| format!("cannot copy {}", from.display()))?;
+            copied.push(file);
+        }
+    }
+    Ok(Imported {
+        flavour,
+        config,
+        parameters: model.num_params(),
+        copied,
+    })
+}
+
+pub async fn import(src: &Path, out: &Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    let (from, to) = (src.to_path_buf(), out.to_path_buf());
+    let imported = tokio::task::spawn_blocking(move || import_folder(&from, &to)).await??;
+    let flavour = match imported.flavour {
+        twinhead_worker::model::Flavour::Encoder => "encoder",
+        twinhead_worker::model::Flavour::Decoder => "decoder",
+    };
+    let c = &imported.config;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "source": src.display().to_string(),
+                "dir": out.display().to_string(),
+                "flavour": flavour,
+                "parameters": imported.parameters,
+                "num_layers": c.num_layers,
+                "hidden_size": c.hidden_size,
+                "vocab_size": c.vocab_size,
+                "copied": imported.copied,
+            })
+        );
+    } else {
+        println!(
+            "imported {flavour} ({} parameters, {} layers, hidden {}, vocab {}) to {}",
+            crate::output::human(imported.parameters as f64),
+            c.num_layers,
+            c.hidden_size,
+            c.vocab_size,
+            out.display()
+        );
+        if !imported.copied.contains(&"tokenizer.json") {
+            println!(
+                "note: {} has no tokenizer.json; add one before fill-mask or generate",
+                src.display()
+            );
+        }
+        println!(
+            "start a run from it with: init_from = \"{}\"",
+            out.display()
+        );
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -119,6 +119,18 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Bring in a Hugging Face folder (Ettin or ModernBERT, f32 or bf16):
+    /// every tensor is checked against twinhead's architecture, and the
+    /// folder is written back as twinhead exports it, ready for `init_from`.
+    Import {
+        /// Folder with config.json and model.safetensors.
+        hf: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a run; its workers are released.
     Cancel {
         run: String,
@@ -259,6 +271,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
             connection,
         } => export::export(&connection, &run, checkpoint.as_deref(), &hf, json).await,
+        Command::Import { hf, out, json } => export::import(&hf, &out, json).await,
         Command::Worker(args) => worker(args).await,
         Command::Submit {
             file,

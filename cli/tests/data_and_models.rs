@@ -561,3 +561,62 @@ fn submit_with(url: &str, config: &Path, out: &Path) -> Output {
         .output()
         .expect("run twinhead")
 }
+
+#[test]
+fn import_checks_a_folder_and_writes_it_back_as_twinhead_exports() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // A bf16 encoder written by transformers: imported as f32.
+    let bf16 = repo_root().join("worker/tests/fixtures/encoder-bf16");
+    let out = root.path().join("imported-bf16");
+    let (bf16_s, out_s) = (
+        bf16.to_str().expect("utf-8 path"),
+        out.to_str().expect("utf-8 path"),
+    );
+    let report = json(&run(&["import", bf16_s, "--out", out_s, "--json"]));
+    assert_eq!(report["flavour"], "encoder");
+    let size = |p: &Path| {
+        std::fs::metadata(p.join("model.safetensors"))
+            .expect("size")
+            .len()
+    };
+    let ratio = size(&out) as f64 / size(&bf16) as f64;
+    assert!(
+        (1.9..2.1).contains(&ratio),
+        "f32 is twice bf16, got {ratio}"
+    );
+    let info = |dir: &str| json(&run(&["model", "info", dir, "--json"]));
+    assert_eq!(info(out_s)["parameters"], info(bf16_s)["parameters"]);
+    assert_eq!(report["parameters"], info(bf16_s)["parameters"]);
+
+    // A model with a tokenizer: the imported folder answers exactly alike.
+    let encoder = tiny_model_dir(root.path(), Flavour::Encoder);
+    let imported = root.path().join("imported");
+    let (enc_s, imp_s) = (
+        encoder.to_str().expect("utf-8 path"),
+        imported.to_str().expect("utf-8 path"),
+    );
+    let text = "The whale swam in the [MASK].";
+    assert!(run(&["import", enc_s, "--out", imp_s]).status.success());
+    assert!(imported.join("tokenizer.json").is_file());
+    assert_eq!(
+        json(&run(&["fill-mask", imp_s, text, "--json"])),
+        json(&run(&["fill-mask", enc_s, text, "--json"]))
+    );
+
+    // Bad input: one line naming what is wrong, nothing written.
+    let empty = root.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let bad_out = root.path().join("never");
+    let missing = run(&[
+        "import",
+        empty.to_str().expect("utf-8 path"),
+        "--out",
+        bad_out.to_str().expect("utf-8 path"),
+    ]);
+    assert_clean_error(&missing, &["config.json"]);
+    assert!(!bad_out.exists());
+    assert_clean_error(
+        &run(&["import", enc_s, "--out", enc_s]),
+        &["is the folder being imported"],
+    );
+}
