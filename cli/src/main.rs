@@ -158,7 +158,8 @@ enum Command {
 
 #[derive(Args)]
 struct WorkerArgs {
-    /// Device to train on; this build trains on the CPU.
+    /// Device to train on: `cpu`, or `cuda:N` in a build with `--features cuda`
+    /// (ranks of a GPU world all-reduce through NCCL).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Address the CPU collective listens on when this worker is rank 0.
@@ -335,12 +336,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    if args.device != "cpu" {
-        anyhow::bail!(
-            "--device {}: this build trains on the CPU only (CUDA training is not wired in yet)",
-            args.device
-        );
-    }
+    let device =
+        twinhead_worker::device::Device::parse(&args.device).map_err(anyhow::Error::msg)?;
     let ring = twinhead_worker::collective::RingConfig {
         bind_ip: args.bind_ip,
         advertise_ip: args.advertise_ip,
@@ -357,11 +354,25 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         ring,
         exit_when_idle: args.exit_when_idle,
     };
-    let trainer = twinhead_worker::train::BurnTrainer::<twinhead_worker::CpuAutodiff>::new(
-        Default::default(),
-    );
+    let trainer: Box<dyn twinhead_worker::runtime::Trainer> = match device {
+        twinhead_worker::device::Device::Cpu => Box::new(twinhead_worker::train::BurnTrainer::<
+            twinhead_worker::CpuAutodiff,
+        >::new(Default::default())),
+        #[cfg(feature = "cuda")]
+        twinhead_worker::device::Device::Cuda(ordinal) => {
+            Box::new(twinhead_worker::train::BurnTrainer::<
+                twinhead_worker::CudaAutodiff,
+            >::new(burn::backend::cuda::CudaDevice::new(
+                ordinal,
+            )))
+        }
+        #[cfg(not(feature = "cuda"))]
+        twinhead_worker::device::Device::Cuda(_) => {
+            anyhow::bail!("this twinhead was built without CUDA")
+        }
+    };
     tracing::info!(coordinator = %config.coordinator, device = %config.device, "worker starting");
-    twinhead_worker::runtime::run_worker(config, Box::new(trainer), shutdown_signal()).await?;
+    twinhead_worker::runtime::run_worker(config, trainer, shutdown_signal()).await?;
     tracing::info!("worker stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -24,6 +24,7 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod device;
 pub mod hf;
 pub mod infer;
 pub mod loader;

@@ -482,6 +482,12 @@ impl<'a> Session<'a> {
         if size == 1 {
             return Ok(Box::new(SingleProcess::new()));
         }
+        #[cfg(feature = "cuda")]
+        if let crate::device::Device::Cuda(ordinal) =
+            crate::device::Device::parse(&self.config.device)?
+        {
+            return self.join_nccl_world(a, ordinal).await;
+        }
         let ring = self.config.ring.clone();
         if rank == 0 {
             let host = CpuRingEngine::host(size, ring).map_err(|e| e.to_string())?;
@@ -501,6 +507,34 @@ impl<'a> Session<'a> {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        self.abort.set_handle(engine.abort_handle());
+        Ok(Box::new(engine))
+    }
+
+    /// Builds an NCCL world: rank 0 publishes a fresh unique id, every rank
+    /// joins the communicator with it on its GPU.
+    #[cfg(feature = "cuda")]
+    async fn join_nccl_world(
+        &self,
+        a: &Assignment,
+        ordinal: usize,
+    ) -> Result<Box<dyn Collective>, String> {
+        use crate::collective::NcclEngine;
+        let (rank, size) = (a.rank as usize, a.world_size as usize);
+        let token = if rank == 0 {
+            let id = NcclEngine::unique_id().map_err(|e| e.to_string())?.to_vec();
+            self.rendezvous(&a.world_id, id.clone()).await?;
+            id
+        } else {
+            self.rendezvous(&a.world_id, Vec::new()).await?
+        };
+        let timeout = self.config.ring.op_timeout;
+        let engine = tokio::task::spawn_blocking(move || {
+            NcclEngine::new(ordinal, rank, size, &token, timeout)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         self.abort.set_handle(engine.abort_handle());
         Ok(Box::new(engine))
     }
