@@ -15,10 +15,11 @@ use serde_json::{Value, json};
 use twinhead_dataprep::tasks::{Build, Outcome, Task};
 use twinhead_dataprep::{DatasetConfig, ProgressSink};
 use twinhead_proto::v1::{
-    BuildDatasetRequest, ClaimTaskRequest, CompleteTaskRequest, DataprepStep, DataprepTask,
-    Dataset, DatasetState, FailTaskRequest, GetDatasetRequest, ListDatasetsRequest,
-    RenewTaskRequest,
+    BuildDatasetRequest, ClaimTaskRequest, CompleteTaskRequest, DataprepTask, Dataset,
+    DatasetState, FailTaskRequest, GetDatasetRequest, ListDatasetsRequest, RenewTaskRequest,
 };
+
+use twinhead_coordinator::datasets::{state_name, step_name};
 
 use crate::Connection;
 use crate::client::{DataprepClient, dataprep_client, dataset_client};
@@ -256,27 +257,6 @@ async fn report_failure(
         })
         .await?;
     Ok(())
-}
-
-fn step_name(step: i32) -> &'static str {
-    match DataprepStep::try_from(step) {
-        Ok(DataprepStep::Plan) => "plan",
-        Ok(DataprepStep::Scan) => "scan",
-        Ok(DataprepStep::Prepare) => "dedup + tokenizer",
-        Ok(DataprepStep::Tokenize) => "tokenize",
-        Ok(DataprepStep::Phases) => "phases",
-        Ok(DataprepStep::Finalize) => "manifest",
-        _ => "-",
-    }
-}
-
-fn state_name(state: i32) -> &'static str {
-    match DatasetState::try_from(state) {
-        Ok(DatasetState::Building) => "building",
-        Ok(DatasetState::Complete) => "complete",
-        Ok(DatasetState::Failed) => "failed",
-        _ => "unknown",
-    }
 }
 
 fn dataset_json(d: &Dataset) -> Value {

@@ -9,6 +9,8 @@ mod demo;
 mod export;
 mod model;
 mod output;
+mod plot;
+mod raster;
 mod runs;
 
 use std::io::IsTerminal;
@@ -131,6 +133,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Draw a run's loss curve (x: tokens, one colour per phase) as a PNG.
+    Plot {
+        run: String,
+        /// PNG file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Image width in pixels.
+        #[arg(long, default_value_t = 1000)]
+        width: u32,
+        /// Image height in pixels.
+        #[arg(long, default_value_t = 600)]
+        height: u32,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Cancel a run; its workers are released.
     Cancel {
         run: String,
@@ -180,6 +199,10 @@ struct CoordinatorArgs {
     /// Address to listen on for gRPC.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address for the HTTP port: the dashboard at /, JSON under /api, and
+    /// Prometheus metrics at /metrics (off unless given).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// SQLite database holding all durable state (created if missing).
     #[arg(long, default_value = "twinhead.db")]
     db: PathBuf,
@@ -299,6 +322,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             connection,
         } => runs::cancel(&connection, &run, &reason, json).await,
         Command::Dataprep(args) => dataprep::serve(args, shutdown_signal()).await,
+        Command::Plot {
+            run,
+            out,
+            width,
+            height,
+            json,
+            connection,
+        } => plot::plot(&connection, &run, &out, (width, height), json).await,
         Command::Dataset(command) => dataset::run(command).await,
         Command::Model(command) => model::run(command),
         Command::FillMask(args) => model::fill_mask(args).await,
@@ -318,6 +349,18 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr().context("listener address")?;
+    let http = match args.http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    let http_address = http
+        .as_ref()
+        .map(|l| l.local_addr().context("http listener address"))
+        .transpose()?;
     let config = twinhead_coordinator::ServerConfig {
         db: args.db.clone(),
         user_token: args.user_token.filter(|t| !t.is_empty()),
@@ -327,10 +370,15 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             lease_timeout: Duration::from_millis(args.lease_timeout_ms),
         },
     };
-    // On stdout, so scripts that start it on port 0 can read the address.
+    // On stdout, so scripts that start it on port 0 can read the addresses:
+    // gRPC on the first line, the HTTP port (if any) on the second.
     println!("twinhead coordinator listening on http://{address}");
+    if let Some(http_address) = http_address {
+        println!("twinhead dashboard and /metrics on http://{http_address}/");
+        tracing::info!(%http_address, "http port listening");
+    }
     tracing::info!(%address, db = %args.db.display(), "coordinator listening");
-    twinhead_coordinator::serve(config, listener, shutdown_signal()).await?;
+    twinhead_coordinator::serve_with_http(config, listener, http, shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
     Ok(ExitCode::SUCCESS)
 }

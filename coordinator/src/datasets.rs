@@ -385,7 +385,35 @@ impl Build {
     }
 }
 
+/// A build state's name for people and JSON.
+pub fn state_name(state: i32) -> &'static str {
+    match DatasetState::try_from(state) {
+        Ok(DatasetState::Building) => "building",
+        Ok(DatasetState::Complete) => "complete",
+        Ok(DatasetState::Failed) => "failed",
+        _ => "unknown",
+    }
+}
+
+/// A build step's name for people and JSON.
+pub fn step_name(step: i32) -> &'static str {
+    match DataprepStep::try_from(step) {
+        Ok(DataprepStep::Plan) => "plan",
+        Ok(DataprepStep::Scan) => "scan",
+        Ok(DataprepStep::Prepare) => "dedup + tokenizer",
+        Ok(DataprepStep::Tokenize) => "tokenize",
+        Ok(DataprepStep::Phases) => "phases",
+        Ok(DataprepStep::Finalize) => "manifest",
+        _ => "-",
+    }
+}
+
 impl Coordinator {
+    /// Every dataset build, oldest first.
+    pub(crate) fn dataset_builds(&self) -> Vec<Dataset> {
+        self.builds().list()
+    }
+
     fn builds(&self) -> MutexGuard<'_, Builds> {
         self.datasets
             .lock()

@@ -9,20 +9,26 @@
 //! - `state`: the in-memory state and every operation on it.
 //! - [`store`]: the durable store trait and its SQLite implementation.
 //! - `service`: the tonic services, translating calls and errors.
-//! - `datasets`: dataset builds handed to dataprep processes task by task.
-//! - [`server`]: wiring: listener, auth, health, reflection, lease reaper.
+//! - [`datasets`]: dataset builds handed to dataprep processes task by task.
+//! - [`progress`]: loss curves as served: thinned, on a run-wide token axis.
+//! - `metrics`: the Prometheus text exposition of runs and workers.
+//! - `web`: the HTTP port: dashboard page, JSON API, `/metrics`.
+//! - [`server`]: wiring: listeners, auth, health, reflection, lease reaper.
 //!
 //! Run lifecycle: `pending → running(phase i) → completed`, or `failed`
 //! (too many world failures) or `cancelled`. A world is one incarnation of a
 //! run on a set of workers; when a member dies the world ends and a new one
 //! is formed from the last committed checkpoint.
 
-mod datasets;
+pub mod datasets;
+mod metrics;
+pub mod progress;
 pub mod scheduler;
 pub mod server;
 mod service;
 mod state;
 pub mod store;
+mod web;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,9 +37,9 @@ use tokio::sync::{broadcast, watch};
 use twinhead_proto::v1::{Assignment, RunEvent};
 
 pub use datasets::MAX_TASK_ATTEMPTS;
-pub use server::{ServeError, ServerConfig, serve};
+pub use server::{ServeError, ServerConfig, serve, serve_with_http};
 use state::{Effects, State};
-use store::{Store, StoreError};
+use store::{ProgressRow, Store, StoreError};
 
 /// A failed coordinator operation, mapped onto one gRPC status each.
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +244,24 @@ impl Coordinator {
                 return Ok(None);
             }
         }
+    }
+
+    /// The run's progress reports in order, at most about `max_points` of
+    /// them (0: all); an unknown run is `NotFound`.
+    pub async fn progress(
+        &self,
+        run_id: &str,
+        max_points: usize,
+    ) -> Result<Vec<ProgressRow>, Error> {
+        self.read(|s| s.run(run_id).map(|_| ()))?;
+        let store = self.store.clone();
+        let id = run_id.to_string();
+        // SQLite reads block; keep them off the async workers.
+        let rows = tokio::task::spawn_blocking(move || store.progress(&id))
+            .await
+            .map_err(|e| Error::Store(format!("progress read of run {run_id} stopped: {e}")))?
+            .map_err(|e| Error::Store(e.to_string()))?;
+        Ok(progress::thin(rows, max_points))
     }
 
     /// Run events as they are committed.

@@ -1,5 +1,6 @@
 //! Wiring: the gRPC server with bearer-token auth, health and reflection
-//! services, and the lease reaper, all stopped by one shutdown future.
+//! services, the optional HTTP port (dashboard, JSON, `/metrics`), and the
+//! lease reaper, all stopped by one shutdown future.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("http server: {0}")]
+    Http(#[source] std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
 }
@@ -73,33 +76,60 @@ impl Interceptor for BearerAuth {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves.
+/// Serves the coordinator's gRPC API on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: ServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let store = Arc::new(SqliteStore::open(&config.db)?);
-    let coordinator = Coordinator::open(store, config.leases)?;
-    serve_coordinator(coordinator, config, listener, shutdown).await
+    serve_with_http(config, listener, None, shutdown).await
 }
 
-/// [`serve`] for an already opened coordinator.
+/// [`serve`], and the HTTP port (dashboard, JSON API, `/metrics`) on
+/// `http` when given; both stop when `shutdown` resolves, and an error of
+/// either stops both.
+pub async fn serve_with_http(
+    config: ServerConfig,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = Arc::new(SqliteStore::open(&config.db)?);
+    let coordinator = Coordinator::open(store, config.leases)?;
+    serve_coordinator(coordinator, config, grpc, http, shutdown).await
+}
+
+/// [`serve_with_http`] for an already opened coordinator.
 pub async fn serve_coordinator(
     coordinator: Arc<Coordinator>,
     config: ServerConfig,
     listener: TcpListener,
+    http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // One shutdown future, two servers: fan it out through a watch channel.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let _fan_out = AbortOnDrop(tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    }));
+    let stop_signal = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            // An error means the sender is gone: the fan-out was dropped with us.
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let user_token: Option<Arc<str>> = config.user_token.clone().map(Arc::from);
     let services = Services {
         coordinator: coordinator.clone(),
     };
     let user_auth = BearerAuth {
-        token: config.user_token.map(Arc::from),
+        token: user_token.clone(),
         api: "run",
     };
     let worker_auth = BearerAuth {
@@ -127,28 +157,41 @@ pub async fn serve_coordinator(
     // Aborted on drop, so a server future that is itself dropped (cancelled)
     // leaves no reaper writing behind it.
     let _reaper = AbortOnDrop(tokio::spawn(reap_leases(coordinator.clone())));
-    let result = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(RunServiceServer::with_interceptor(
-            services.clone(),
-            user_auth.clone(),
-        ))
-        .add_service(DatasetServiceServer::with_interceptor(
-            services.clone(),
-            user_auth,
-        ))
-        .add_service(WorkerServiceServer::with_interceptor(
-            services.clone(),
-            worker_auth.clone(),
-        ))
-        .add_service(DataprepServiceServer::with_interceptor(
-            services,
-            worker_auth,
-        ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
-    result.map_err(ServeError::from)
+    let grpc = async {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(RunServiceServer::with_interceptor(
+                services.clone(),
+                user_auth.clone(),
+            ))
+            .add_service(DatasetServiceServer::with_interceptor(
+                services.clone(),
+                user_auth,
+            ))
+            .add_service(WorkerServiceServer::with_interceptor(
+                services.clone(),
+                worker_auth.clone(),
+            ))
+            .add_service(DataprepServiceServer::with_interceptor(
+                services,
+                worker_auth,
+            ))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal())
+            .await
+            .map_err(ServeError::from)
+    };
+    let http_server = async {
+        let Some(listener) = http else {
+            return Ok(());
+        };
+        let app = crate::web::router(coordinator.clone(), user_token);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_signal())
+            .await
+            .map_err(ServeError::Http)
+    };
+    tokio::try_join!(grpc, http_server).map(|_| ())
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

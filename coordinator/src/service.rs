@@ -11,11 +11,12 @@ use tracing::instrument;
 use twinhead_proto::v1::run_service_server::RunService;
 use twinhead_proto::v1::worker_service_server::WorkerService;
 use twinhead_proto::v1::{
-    CancelRunRequest, GetAssignmentRequest, GetAssignmentResponse, GetRunRequest, HeartbeatRequest,
-    HeartbeatResponse, ListRunsRequest, ListRunsResponse, RegisterRequest, RegisterResponse,
-    RendezvousRequest, RendezvousResponse, ReportCheckpointRequest, ReportFailureRequest,
-    ReportProgressRequest, Run, RunEvent, RunEventKind, RunState, SubmitRunRequest,
-    SubmitRunResponse, WatchRunRequest, WorkerAck, WorkerAction,
+    CancelRunRequest, GetAssignmentRequest, GetAssignmentResponse, GetProgressRequest,
+    GetProgressResponse, GetRunRequest, HeartbeatRequest, HeartbeatResponse, ListRunsRequest,
+    ListRunsResponse, ProgressPoint, RegisterRequest, RegisterResponse, RendezvousRequest,
+    RendezvousResponse, ReportCheckpointRequest, ReportFailureRequest, ReportProgressRequest, Run,
+    RunEvent, RunEventKind, RunState, SubmitRunRequest, SubmitRunResponse, WatchRunRequest,
+    WorkerAck, WorkerAction,
 };
 
 use crate::Coordinator;
@@ -152,6 +153,34 @@ impl RunService for Services {
             .await?;
         tracing::info!(run = %run_id, "run cancelled");
         Ok(Response::new(run))
+    }
+
+    async fn get_progress(
+        &self,
+        request: Request<GetProgressRequest>,
+    ) -> Result<Response<GetProgressResponse>, Status> {
+        let GetProgressRequest { run_id, max_points } = request.into_inner();
+        required("run_id", &run_id)?;
+        let rows = self
+            .coordinator
+            .progress(&run_id, max_points as usize)
+            .await?;
+        let points = rows
+            .into_iter()
+            .map(|r| ProgressPoint {
+                phase_index: r.phase_index,
+                world_id: r.world_id,
+                step: r.step,
+                tokens: r.tokens,
+                loss: r.loss,
+                tokens_per_sec: r.tokens_per_sec,
+                lr: r.lr,
+                grad_norm: r.grad_norm,
+                mfu: r.mfu,
+                time_ms: r.time_ms,
+            })
+            .collect();
+        Ok(Response::new(GetProgressResponse { points }))
     }
 }
 

@@ -32,6 +32,24 @@ pub(crate) struct WorkerEntry {
     pub world: Option<(String, u32)>,
 }
 
+/// A worker as monitoring sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerView {
+    pub row: WorkerRow,
+    /// Since its last heartbeat (or since this coordinator started).
+    pub heartbeat_age: Duration,
+    /// Its world while it belongs to a live one.
+    pub placement: Option<Placement>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Placement {
+    pub run_id: String,
+    pub world_id: String,
+    pub rank: u32,
+    pub world_size: u32,
+}
+
 /// What an operation changed: rows to write and events to publish.
 #[derive(Default)]
 pub(crate) struct Effects {
@@ -76,7 +94,7 @@ fn is_terminal(run: &Run) -> bool {
     )
 }
 
-fn state_name(state: i32) -> &'static str {
+pub(crate) fn state_name(state: i32) -> &'static str {
     match RunState::try_from(state) {
         Ok(RunState::Pending) => "pending",
         Ok(RunState::Running) => "running",
@@ -290,6 +308,37 @@ impl State {
         );
         self.form_worlds(now_ms, fx);
         id
+    }
+
+    /// Every registered worker in registration order, with the time since
+    /// its last heartbeat and its place in a live world, for monitoring.
+    pub fn workers(&self, now: Instant) -> Vec<WorkerView> {
+        let mut entries: Vec<&WorkerEntry> = self.workers.values().collect();
+        entries.sort_by_key(|w| w.row.seq);
+        entries
+            .into_iter()
+            .map(|w| {
+                let placement = w.world.as_ref().and_then(|(world_id, rank)| {
+                    let run_id = self.worlds.get(world_id)?;
+                    let world_size = self
+                        .runs
+                        .get(run_id)
+                        .and_then(|e| active(&e.run))
+                        .map_or(0, |a| a.workers.len() as u32);
+                    Some(Placement {
+                        run_id: run_id.clone(),
+                        world_id: world_id.clone(),
+                        rank: *rank,
+                        world_size,
+                    })
+                });
+                WorkerView {
+                    row: w.row.clone(),
+                    heartbeat_age: now.saturating_duration_since(w.last_seen),
+                    placement,
+                }
+            })
+            .collect()
     }
 
     fn live_worker(&self, id: &str) -> Result<&WorkerEntry, Error> {

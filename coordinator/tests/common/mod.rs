@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,6 +24,8 @@ use twinhead_proto::v1::{
 
 pub struct Coordinator {
     pub addr: SocketAddr,
+    /// The HTTP port (dashboard, JSON, /metrics), when started with one.
+    pub http_addr: Option<SocketAddr>,
     pub db: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), ServeError>>>,
@@ -72,10 +76,48 @@ impl Coordinator {
         }));
         Coordinator {
             addr,
+            http_addr: None,
             db,
             shutdown: Some(tx),
             handle: Some(handle),
         }
+    }
+
+    /// Starts with the HTTP port too, both on free loopback ports.
+    pub async fn start_with_http(config: ServerConfig) -> Coordinator {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind grpc");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind http");
+        let addr = grpc.local_addr().expect("addr");
+        let http_addr = http.local_addr().expect("http addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let db = config.db.clone();
+        let handle = tokio::spawn(twinhead_coordinator::serve_with_http(
+            config,
+            grpc,
+            Some(http),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Coordinator {
+            addr,
+            http_addr: Some(http_addr),
+            db,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Base URL of the HTTP port.
+    pub fn http_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.http_addr.expect("started with start_with_http")
+        )
     }
 
     pub fn url(&self) -> String {
@@ -99,6 +141,20 @@ impl Coordinator {
 
     pub async fn workers(&self) -> WorkerServiceClient<Channel> {
         WorkerServiceClient::new(self.channel().await)
+    }
+
+    pub async fn datasets(
+        &self,
+    ) -> twinhead_proto::v1::dataset_service_client::DatasetServiceClient<Channel> {
+        twinhead_proto::v1::dataset_service_client::DatasetServiceClient::new(self.channel().await)
+    }
+
+    pub async fn dataprep(
+        &self,
+    ) -> twinhead_proto::v1::dataprep_service_client::DataprepServiceClient<Channel> {
+        twinhead_proto::v1::dataprep_service_client::DataprepServiceClient::new(
+            self.channel().await,
+        )
     }
 
     pub async fn runs_with_token(

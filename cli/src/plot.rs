@@ -1,0 +1,332 @@
+//! `twinhead plot`: a run's loss curve as a PNG. x is tokens since the
+//! start of the run (each phase starts where the one before ended), y is
+//! the loss, one colour per phase, with tick labels and a legend.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde_json::json;
+use twinhead_proto::v1::{GetProgressRequest, GetRunRequest, ProgressPoint};
+
+use crate::Connection;
+use crate::client::run_client;
+use crate::raster::{Canvas, Rgb};
+
+/// One colour per phase; the dashboard uses the same palette.
+pub const PHASE_COLOURS: [Rgb; 10] = [
+    [0x1f, 0x77, 0xb4],
+    [0xff, 0x7f, 0x0e],
+    [0x2c, 0xa0, 0x2c],
+    [0xd6, 0x27, 0x28],
+    [0x94, 0x67, 0xbd],
+    [0x8c, 0x56, 0x4b],
+    [0xe3, 0x77, 0xc2],
+    [0x7f, 0x7f, 0x7f],
+    [0xbc, 0xbd, 0x22],
+    [0x17, 0xbe, 0xcf],
+];
+
+const BACKGROUND: Rgb = [255, 255, 255];
+const INK: Rgb = [40, 40, 40];
+const AXIS: Rgb = [120, 120, 120];
+const GRID: Rgb = [232, 232, 232];
+
+/// The smallest and largest image sides accepted.
+const MIN_SIDE: u32 = 200;
+const MAX_SIDE: u32 = 8000;
+
+/// One phase's curve: (run tokens, loss) in report order.
+pub struct Series {
+    pub name: String,
+    pub colour: Rgb,
+    pub points: Vec<(f64, f64)>,
+}
+
+pub async fn plot(
+    connection: &Connection,
+    run_id: &str,
+    out: &Path,
+    (width, height): (u32, u32),
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    for (flag, value) in [("--width", width), ("--height", height)] {
+        if !(MIN_SIDE..=MAX_SIDE).contains(&value) {
+            anyhow::bail!("{flag}: must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {value}");
+        }
+    }
+    let mut client = run_client(connection).await?;
+    let run = client
+        .get_run(GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let points = client
+        .get_progress(GetProgressRequest {
+            run_id: run_id.to_string(),
+            // A few points per pixel column is all a line can show.
+            max_points: width.saturating_mul(4),
+        })
+        .await?
+        .into_inner()
+        .points;
+    if points.is_empty() {
+        anyhow::bail!(
+            "run {run_id} has no progress reports yet; plot it once its workers have trained a step"
+        );
+    }
+    let names: Vec<String> = run.phases.iter().map(|p| p.name.clone()).collect();
+    let series = series_by_phase(&names, &points);
+    let canvas = draw(&format!("{run_id} loss"), &series, width, height);
+    let file =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    canvas
+        .write_png(&mut writer)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    std::io::Write::flush(&mut writer)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let phases = series.iter().filter(|s| !s.points.is_empty()).count();
+    if json {
+        println!(
+            "{}",
+            json!({ "out": out.display().to_string(), "points": points.len(), "phases": phases })
+        );
+    } else {
+        println!(
+            "wrote {} ({} points, {phases} phase{})",
+            out.display(),
+            points.len(),
+            if phases == 1 { "" } else { "s" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Groups points by phase on a run-wide token axis: a phase starts after
+/// the most tokens reported in each earlier phase.
+pub fn series_by_phase(names: &[String], points: &[ProgressPoint]) -> Vec<Series> {
+    let phases = points
+        .iter()
+        .map(|p| p.phase_index as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(names.len());
+    let mut most = vec![0u64; phases];
+    for p in points {
+        let i = p.phase_index as usize;
+        most[i] = most[i].max(p.tokens);
+    }
+    (0..phases)
+        .map(|i| {
+            let offset: u64 = most[..i].iter().sum();
+            Series {
+                name: names
+                    .get(i)
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| format!("phase {i}")),
+                colour: PHASE_COLOURS[i % PHASE_COLOURS.len()],
+                points: points
+                    .iter()
+                    .filter(|p| p.phase_index as usize == i)
+                    .map(|p| ((offset + p.tokens) as f64, p.loss))
+                    .filter(|(_, loss)| loss.is_finite())
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// Tick values at 1, 2 or 5 × 10^k covering [lo, hi] in about `count` steps.
+fn ticks(lo: f64, hi: f64, count: usize) -> Vec<f64> {
+    let span = (hi - lo).max(f64::MIN_POSITIVE);
+    let rough = span / count.max(1) as f64;
+    let power = 10f64.powf(rough.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * power)
+        .find(|s| *s >= rough)
+        .unwrap_or(10.0 * power);
+    let mut values = Vec::new();
+    let mut v = (lo / step).ceil() * step;
+    while v <= hi + step * 1e-9 && values.len() < 100 {
+        values.push(v);
+        v += step;
+    }
+    values
+}
+
+/// A tick label with just the decimals that tell ticks `step` apart, and
+/// k/M/B/T suffixes from a thousand on: 50k, 1.5M, 2.25.
+fn tick_label(v: f64, step: f64) -> String {
+    if v.abs() < step * 1e-9 {
+        return "0".into();
+    }
+    let (scale, suffix) = match v.abs().max(step) {
+        x if x >= 1e12 => (1e12, "T"),
+        x if x >= 1e9 => (1e9, "B"),
+        x if x >= 1e6 => (1e6, "M"),
+        x if x >= 1e3 => (1e3, "k"),
+        _ => (1.0, ""),
+    };
+    let digits = (-(step / scale).log10().floor()).clamp(0.0, 6.0) as usize;
+    format!("{:.digits$}{suffix}", v / scale)
+}
+
+/// The distance between consecutive ticks (1 for a single tick).
+fn tick_step(ticks: &[f64]) -> f64 {
+    match ticks {
+        [a, b, ..] => b - a,
+        _ => 1.0,
+    }
+}
+
+/// Lays out axes, grid, ticks, legend and curves on a new canvas.
+pub fn draw(title: &str, series: &[Series], width: u32, height: u32) -> Canvas {
+    let mut canvas = Canvas::new(width, height, BACKGROUND);
+    let scale: i64 = if width >= 600 && height >= 400 { 2 } else { 1 };
+    let text_h = Canvas::text_height(scale);
+    let thickness = (i64::from(width.min(height)) / 250).clamp(2, 6);
+
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .collect();
+    let (mut x0, mut x1) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+            (lo.min(p.0), hi.max(p.0))
+        });
+    let (mut y0, mut y1) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+            (lo.min(p.1), hi.max(p.1))
+        });
+    if !x0.is_finite() || !y0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    if y1 <= y0 {
+        y0 -= 0.5;
+        y1 += 0.5;
+    }
+    let pad = (y1 - y0) * 0.05;
+    y0 -= pad;
+    y1 += pad;
+    let y_ticks = ticks(y0, y1, 5);
+    let y_step = tick_step(&y_ticks);
+    let y_labels: Vec<String> = y_ticks.iter().map(|v| tick_label(*v, y_step)).collect();
+    let label_w = y_labels
+        .iter()
+        .map(|l| Canvas::text_width(l, scale))
+        .max()
+        .unwrap_or(0);
+
+    let left = label_w + 12 * scale;
+    let right = i64::from(width) - 12 * scale;
+    let top = text_h * 2 + 14 * scale;
+    let bottom = i64::from(height) - text_h * 2 - 14 * scale;
+    let sx = |x: f64| left as f64 + (x - x0) / (x1 - x0) * (right - left) as f64;
+    let sy = |y: f64| top as f64 + (1.0 - (y - y0) / (y1 - y0)) * (bottom - top) as f64;
+
+    // Grid and y ticks.
+    for (v, label) in y_ticks.iter().zip(&y_labels) {
+        let y = sy(*v).round() as i64;
+        canvas.fill_rect(left, y, right - left, 1, GRID);
+        canvas.fill_rect(left - 4 * scale, y, 4 * scale, 1, AXIS);
+        let w = Canvas::text_width(label, scale);
+        canvas.text(left - 6 * scale - w, y - text_h / 2, label, scale, INK);
+    }
+    // x ticks.
+    let x_ticks = ticks(x0, x1, 6);
+    let x_step = tick_step(&x_ticks);
+    for v in x_ticks {
+        let x = sx(v).round() as i64;
+        canvas.fill_rect(x, bottom, 1, 4 * scale, AXIS);
+        let label = tick_label(v, x_step);
+        let w = Canvas::text_width(&label, scale);
+        canvas.text(x - w / 2, bottom + 6 * scale, &label, scale, INK);
+    }
+    // Axes and their names.
+    canvas.fill_rect(left, top, 1, bottom - top + 1, AXIS);
+    canvas.fill_rect(left, bottom, right - left + 1, 1, AXIS);
+    let x_name = "tokens";
+    canvas.text(
+        right - Canvas::text_width(x_name, scale),
+        i64::from(height) - text_h - 4 * scale,
+        x_name,
+        scale,
+        INK,
+    );
+    canvas.text(4 * scale, 4 * scale, title, scale, INK);
+
+    // Legend, right-aligned on the line under the title.
+    let swatch = 14 * scale;
+    let entries: Vec<&Series> = series.iter().filter(|s| !s.points.is_empty()).collect();
+    let legend_w: i64 = entries
+        .iter()
+        .map(|s| swatch + 4 * scale + Canvas::text_width(&s.name, scale) + 12 * scale)
+        .sum();
+    let mut lx = (right - legend_w).max(left);
+    let ly = 4 * scale + text_h + 6 * scale;
+    for s in &entries {
+        canvas.fill_rect(lx, ly + text_h / 2 - scale, swatch, 2 * scale, s.colour);
+        lx += swatch + 4 * scale;
+        canvas.text(lx, ly, &s.name, scale, INK);
+        lx += Canvas::text_width(&s.name, scale) + 12 * scale;
+    }
+
+    // Curves last, over the grid.
+    for s in series {
+        let mapped: Vec<(f64, f64)> = s.points.iter().map(|(x, y)| (sx(*x), sy(*y))).collect();
+        if let [only] = mapped.as_slice() {
+            canvas.line(*only, *only, thickness + 2, s.colour);
+        }
+        for pair in mapped.windows(2) {
+            canvas.line(pair[0], pair[1], thickness, s.colour);
+        }
+    }
+    canvas
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(phase_index: u32, tokens: u64, loss: f64) -> ProgressPoint {
+        ProgressPoint {
+            phase_index,
+            tokens,
+            loss,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn phases_follow_each_other_on_the_token_axis() {
+        let names = vec!["pretrain".to_string(), "decay".to_string()];
+        let points = [point(0, 100, 5.0), point(0, 200, 4.0), point(1, 50, 3.0)];
+        let series = series_by_phase(&names, &points);
+        assert_eq!(series[0].points, vec![(100.0, 5.0), (200.0, 4.0)]);
+        assert_eq!(series[1].points, vec![(250.0, 3.0)]);
+        assert_eq!(series[1].name, "decay");
+        assert_eq!(series[1].colour, PHASE_COLOURS[1]);
+    }
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        assert_eq!(ticks(0.0, 10.0, 5), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+        let t = ticks(2.31, 2.77, 5);
+        assert!(t.iter().all(|v| (2.31..=2.77).contains(v)), "{t:?}");
+        assert_eq!(tick_label(2.5, 0.5), "2.5");
+        assert_eq!(tick_label(9.0, 1.0), "9");
+        assert_eq!(tick_label(0.012, 0.002), "0.012");
+        assert_eq!(tick_label(50_000.0, 50_000.0), "50k");
+        assert_eq!(tick_label(1_500_000.0, 500_000.0), "1.5M");
+        assert_eq!(tick_label(0.0, 50_000.0), "0");
+    }
+}

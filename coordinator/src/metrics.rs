@@ -1,0 +1,273 @@
+//! `/metrics`: runs and workers in the Prometheus text exposition format
+//! (version 0.0.4). A pure function of a state snapshot, so it is cheap to
+//! test and never touches the store.
+//!
+//! Per-run series carry `run` and `name` labels; per-worker series exist for
+//! live workers only (dead ones are counted in `twinhead_workers`), so the
+//! number of series does not grow with every worker that ever registered.
+
+use std::fmt::Write as _;
+
+use twinhead_proto::v1::{PhaseProgress, Run, RunState};
+
+use crate::state::{WorkerView, state_name};
+use crate::store::WorkerStatus;
+
+/// Every run state, in lifecycle order, for the per-state counts.
+const RUN_STATES: [RunState; 5] = [
+    RunState::Pending,
+    RunState::Running,
+    RunState::Completed,
+    RunState::Failed,
+    RunState::Cancelled,
+];
+
+/// What a live worker is doing; dead is the third state of the count.
+const WORKER_STATES: [&str; 3] = ["idle", "training", "dead"];
+
+/// The state monitoring reports for a worker.
+pub(crate) fn worker_state(worker: &WorkerView) -> &'static str {
+    match (worker.row.status, &worker.placement) {
+        (WorkerStatus::Dead, _) => "dead",
+        (WorkerStatus::Alive, Some(_)) => "training",
+        (WorkerStatus::Alive, None) => "idle",
+    }
+}
+
+/// The phase whose last report describes the run now: the current phase if
+/// it has reported, else the latest earlier one that has (a run that has
+/// just moved to a new phase still shows its last loss).
+pub(crate) fn reported_phase(run: &Run) -> Option<&PhaseProgress> {
+    let current = run.phase_index as usize;
+    run.phases
+        .iter()
+        .take(current + 1)
+        .rev()
+        .find(|p| p.steps_done > 0 || p.tokens_done > 0)
+}
+
+/// Tokens trained in all phases of the run.
+pub(crate) fn run_tokens(run: &Run) -> u64 {
+    run.phases.iter().map(|p| p.tokens_done).sum()
+}
+
+/// A per-run gauge: its name, help, and value (none: no sample).
+struct RunGauge {
+    name: &'static str,
+    help: &'static str,
+    value: fn(&Run) -> Option<f64>,
+}
+
+/// Renders the exposition text.
+pub(crate) fn render(runs: &[Run], workers: &[WorkerView]) -> String {
+    let mut out = String::with_capacity(4096);
+
+    family(
+        &mut out,
+        "twinhead_runs",
+        "Runs known to the coordinator, by state.",
+    );
+    for state in RUN_STATES {
+        let count = runs.iter().filter(|r| r.state == state as i32).count();
+        sample(
+            &mut out,
+            "twinhead_runs",
+            &[("state", state_name(state as i32))],
+            count as f64,
+        );
+    }
+
+    let per_run = [
+        RunGauge {
+            name: "twinhead_run_phase_index",
+            help: "Index of the phase the run is in (0-based).",
+            value: |r| Some(f64::from(r.phase_index)),
+        },
+        RunGauge {
+            name: "twinhead_run_step",
+            help: "Steps done in the run's current phase.",
+            value: |r| {
+                r.phases
+                    .get(r.phase_index as usize)
+                    .map(|p| p.steps_done as f64)
+            },
+        },
+        RunGauge {
+            name: "twinhead_run_tokens",
+            help: "Tokens trained in all phases of the run.",
+            value: |r| Some(run_tokens(r) as f64),
+        },
+        RunGauge {
+            name: "twinhead_run_loss",
+            help: "Training loss last reported by the run's rank 0.",
+            value: |r| reported_phase(r).map(|p| p.loss),
+        },
+        RunGauge {
+            name: "twinhead_run_tokens_per_second",
+            help: "Training throughput of the run's world last reported, in tokens per second.",
+            value: |r| reported_phase(r).map(|p| p.tokens_per_sec),
+        },
+        RunGauge {
+            name: "twinhead_run_mfu_ratio",
+            help: "Model FLOPs utilisation last reported (0..1); absent when workers do not report it.",
+            value: |r| reported_phase(r).map(|p| p.mfu).filter(|mfu| *mfu > 0.0),
+        },
+        RunGauge {
+            name: "twinhead_run_checkpoints",
+            help: "Checkpoints committed by the run.",
+            value: |r| Some(r.checkpoints.len() as f64),
+        },
+    ];
+    for RunGauge { name, help, value } in per_run {
+        family(&mut out, name, help);
+        for run in runs {
+            if let Some(v) = value(run) {
+                let run_name = run.spec.as_ref().map_or("", |s| s.name.as_str());
+                sample(&mut out, name, &[("run", &run.id), ("name", run_name)], v);
+            }
+        }
+    }
+
+    family(
+        &mut out,
+        "twinhead_workers",
+        "Registered workers, by state (idle, training, dead).",
+    );
+    for state in WORKER_STATES {
+        let count = workers.iter().filter(|w| worker_state(w) == state).count();
+        sample(
+            &mut out,
+            "twinhead_workers",
+            &[("state", state)],
+            count as f64,
+        );
+    }
+
+    let live: Vec<&WorkerView> = workers
+        .iter()
+        .filter(|w| w.row.status == WorkerStatus::Alive)
+        .collect();
+    family(
+        &mut out,
+        "twinhead_worker_heartbeat_age_seconds",
+        "Seconds since a live worker's last heartbeat (or since the coordinator started).",
+    );
+    for w in &live {
+        sample(
+            &mut out,
+            "twinhead_worker_heartbeat_age_seconds",
+            &[("worker", &w.row.id), ("hostname", &w.row.hostname)],
+            w.heartbeat_age.as_secs_f64(),
+        );
+    }
+    family(
+        &mut out,
+        "twinhead_worker_state",
+        "1 for a live worker's current state (idle or training), 0 for the other.",
+    );
+    for w in &live {
+        let current = worker_state(w);
+        for state in ["idle", "training"] {
+            sample(
+                &mut out,
+                "twinhead_worker_state",
+                &[
+                    ("worker", &w.row.id),
+                    ("hostname", &w.row.hostname),
+                    ("state", state),
+                ],
+                if state == current { 1.0 } else { 0.0 },
+            );
+        }
+    }
+    out
+}
+
+fn family(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
+    let _ = writeln!(out, "# TYPE {name} gauge");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (key, val)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{key}=\"{}\"", escape_label_value(val));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {}", format_value(value));
+}
+
+/// Label values escape backslash, double quote and line feed.
+fn escape_label_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// HELP text escapes backslash and line feed.
+fn escape_help(help: &str) -> String {
+    help.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// Go's float syntax: `NaN`, `+Inf`, `-Inf`, else a plain decimal.
+fn format_value(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".into()
+    } else if value.is_infinite() {
+        if value > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        format!("{value}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_and_help_are_escaped() {
+        assert_eq!(escape_label_value("a\\b \"c\"\nd"), "a\\\\b \\\"c\\\"\\nd");
+        assert_eq!(escape_help("x\\y\nz \"q\""), "x\\\\y\\nz \"q\"");
+    }
+
+    #[test]
+    fn special_floats_use_go_syntax() {
+        assert_eq!(format_value(f64::NAN), "NaN");
+        assert_eq!(format_value(f64::INFINITY), "+Inf");
+        assert_eq!(format_value(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(format_value(2.5), "2.5");
+        assert_eq!(format_value(1e-7), "0.0000001");
+    }
+
+    #[test]
+    fn empty_state_still_names_every_family_once() {
+        let text = render(&[], &[]);
+        for name in [
+            "twinhead_runs",
+            "twinhead_run_loss",
+            "twinhead_run_mfu_ratio",
+            "twinhead_workers",
+            "twinhead_worker_heartbeat_age_seconds",
+        ] {
+            let type_line = format!("# TYPE {name} gauge\n");
+            assert_eq!(text.matches(&type_line).count(), 1, "{name} in\n{text}");
+        }
+        assert!(
+            text.contains("twinhead_runs{state=\"pending\"} 0\n"),
+            "{text}"
+        );
+    }
+}
