@@ -44,7 +44,7 @@ fn step(n: u32, text: &str) {
     println!("\n[{n}/6] {text}");
 }
 
-pub async fn demo(out: &Path, threads: usize) -> anyhow::Result<ExitCode> {
+pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let repo = checkout()?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -140,10 +140,11 @@ pub async fn demo(out: &Path, threads: usize) -> anyhow::Result<ExitCode> {
     let ckpt = format!("file://{}", out.join("checkpoints").display());
     let mut runs = Vec::new();
     for recipe in ["tiny-cpu.toml", "tiny-cpu-decoder.toml"] {
-        let overrides = vec![
+        let mut overrides = vec![
             format!("dataset={}", report.url),
             format!("checkpoint.root={ckpt}"),
         ];
+        overrides.extend_from_slice(extra);
         let spec =
             twinhead_proto::config::load_run(&repo.join("configs/runs").join(recipe), &overrides)?;
         let name = spec.name.clone();

@@ -61,6 +61,10 @@ enum Command {
         /// Threads for building the dataset.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Override a key of both training recipes, e.g. a smaller budget:
+        /// --set phases[0].tokens=8K.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Run the coordinator: the gRPC server that users and workers talk to.
     Coordinator(CoordinatorArgs),
@@ -287,7 +291,11 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Coordinator(args) => coordinator(args).await,
-        Command::Demo { out, threads } => demo::demo(&out, threads).await,
+        Command::Demo {
+            out,
+            threads,
+            overrides,
+        } => demo::demo(&out, threads, &overrides).await,
         Command::Export {
             run,
             hf,
