@@ -223,6 +223,8 @@ struct Session<B: AutodiffBackend> {
     optimizer: StableAdamW,
     /// (phase, steps done) the in-memory state corresponds to.
     at: (u32, u64),
+    /// The world whose ranks last agreed on these weights.
+    world_id: String,
 }
 
 /// Trains Ettin models on backend `B` (CPU: [`crate::CpuAutodiff`]).
@@ -315,11 +317,6 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
                     .map_err(failed(&format!("init_from {}", spec.init_from)))?;
                 values = read_params(&imported);
             }
-            collective.check_fingerprint(fingerprint(&params))?;
-            // Every rank starts from rank 0's weights.
-            for buf in values.iter_mut() {
-                collective.broadcast(buf, 0)?;
-            }
             let model = write_params(model, &values, &self.device);
             self.session = Some(Session {
                 run_id: a.run_id.clone(),
@@ -327,7 +324,22 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
                 params,
                 optimizer,
                 at: start.unwrap_or((a.phase_index, 0)),
+                world_id: String::new(),
             });
+        }
+        if let Some(s) = self.session.as_mut()
+            && s.world_id != a.world_id
+        {
+            // A new world: a rank that kept its model in memory and one that
+            // loaded the checkpoint both get here, so their collective calls
+            // match. They agree on the layout and take rank 0's weights.
+            collective.check_fingerprint(fingerprint(&s.params))?;
+            let mut values = read_params(&s.model);
+            for buf in values.iter_mut() {
+                collective.broadcast(buf, 0)?;
+            }
+            s.model = write_params(s.model.clone(), &values, &self.device);
+            s.world_id = a.world_id.clone();
         }
         if let Some(s) = self.session.as_mut() {
             if a.phase_start {
