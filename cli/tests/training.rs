@@ -120,29 +120,70 @@ code = 1.0
     report.url
 }
 
-fn run_config(dir: &Path, name: &str, dataset: &str, world: u32, ckpt: &Path) -> PathBuf {
-    run_config_with(dir, name, dataset, world, ckpt, 3072, "")
+/// A recipe for the tiny model through two phases of the fixture dataset:
+/// `short` at seq 64, then `long` (6,144 tokens) at seq 256.
+#[derive(Clone, Copy)]
+struct Recipe<'a> {
+    name: &'a str,
+    dataset: &'a str,
+    world: u32,
+    ckpt: &'a Path,
+    /// Tokens of the first phase.
+    short_tokens: u64,
+    global_batch: u32,
+    /// Checkpoint cadence; 0: only at phase ends.
+    every_tokens: u64,
+    /// More top-level keys.
+    extra: &'a str,
 }
 
-fn run_config_with(
-    dir: &Path,
-    name: &str,
-    dataset: &str,
-    world: u32,
-    ckpt: &Path,
-    short_tokens: u64,
-    extra: &str,
-) -> PathBuf {
-    // 8 x 64 x 6 = 3072 tokens (6 steps), then 8 x 256 x 3 = 6144 (3 steps).
-    let text = format!(
-        r#"
+const LONG_TOKENS: u64 = 6144;
+
+impl<'a> Recipe<'a> {
+    /// Batch 8: 8 x 64 x 6 = 3072 tokens (6 steps), then 8 x 256 x 3 = 6144
+    /// (3 steps), a checkpoint every 1024 tokens.
+    fn new(name: &'a str, dataset: &'a str, world: u32, ckpt: &'a Path) -> Self {
+        Recipe {
+            name,
+            dataset,
+            world,
+            ckpt,
+            short_tokens: 3072,
+            global_batch: 8,
+            every_tokens: 1024,
+            extra: "",
+        }
+    }
+
+    /// Steps of each phase, by name.
+    fn steps(&self) -> [(&'static str, u64); 2] {
+        let batch = u64::from(self.global_batch);
+        [
+            ("short", self.short_tokens / (batch * 64)),
+            ("long", LONG_TOKENS / (batch * 256)),
+        ]
+    }
+
+    fn write(&self, dir: &Path) -> PathBuf {
+        let Recipe {
+            name,
+            dataset,
+            world,
+            ckpt,
+            short_tokens,
+            global_batch,
+            every_tokens,
+            extra,
+        } = self;
+        let text = format!(
+            r#"
 name = "{name}"
 model = "tiny"
 objective = "mlm"
 dataset = "{dataset}"
 seed = 7
 world_size = {world}
-global_batch = 8
+global_batch = {global_batch}
 micro_batch = 2
 {extra}
 [optimizer]
@@ -150,7 +191,7 @@ peak_lr = 3e-3
 weight_decay = 1e-2
 [checkpoint]
 root = "file://{ckpt}"
-every_tokens = 1024
+every_tokens = {every_tokens}
 [[phases]]
 name = "short"
 tokens = {short_tokens}
@@ -161,17 +202,18 @@ local_rope_theta = 10000.0
 lr = {{ shape = "constant", warmup_tokens = 1024 }}
 [[phases]]
 name = "long"
-tokens = 6144
+tokens = {LONG_TOKENS}
 seq_len = 256
 mask_ratio = 0.15
 global_rope_theta = 160000.0
 lr = {{ shape = "one_minus_sqrt", start_factor = 1.0, end_factor = 0.1 }}
 "#,
-        ckpt = ckpt.display()
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).expect("run config");
-    path
+            ckpt = ckpt.display()
+        );
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("run config");
+        path
+    }
 }
 
 fn submit(url: &str, config: &Path) -> String {
@@ -250,15 +292,15 @@ fn final_weights(status: &serde_json::Value) -> BTreeMap<String, Vec<f32>> {
 }
 
 /// Every row of each phase was consumed exactly once by the run.
-fn assert_rows_once(ckpt: &Path, run: &str, phases: &[(&str, u64)]) {
-    for (i, (name, steps)) in phases.iter().enumerate() {
+fn assert_rows_once(recipe: &Recipe, run: &str) {
+    for (i, (name, steps)) in recipe.steps().into_iter().enumerate() {
         let report = twinhead_worker::loader::order::verify_run(
-            &format!("file://{}", ckpt.display()),
+            &format!("file://{}", recipe.ckpt.display()),
             run,
             i as u32,
             name,
-            *steps,
-            8,
+            steps,
+            u64::from(recipe.global_batch),
         )
         .expect("data-order log reads");
         assert!(report.is_ok(), "{run} phase {name}: {report:?}");
@@ -273,38 +315,50 @@ fn max_difference(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>
         .fold(0.0f32, f32::max)
 }
 
-#[test]
-fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
+/// `world` worker processes end where one process ends when both train the
+/// same global batches (`global_batch` divides by `world`).
+fn assert_workers_match_one(world: u32, global_batch: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dataset(dir.path());
     let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
 
-    // Two worker processes, world of two.
-    let ckpt2 = dir.path().join("ckpt-2");
-    let run2 = submit(&url, &run_config(dir.path(), "two", &data, 2, &ckpt2));
-    let logs: Vec<PathBuf> = (0..2)
+    // `world` worker processes, one world.
+    let ckpt_many = dir.path().join("ckpt-many");
+    let many = Recipe {
+        global_batch,
+        ..Recipe::new("many", &data, world, &ckpt_many)
+    };
+    let run_many = submit(&url, &many.write(dir.path()));
+    let logs: Vec<PathBuf> = (0..world)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
     let workers: Vec<Proc> = logs.iter().map(|l| worker(&url, l)).collect();
-    let two = wait_completed(&url, &run2, &logs);
+    let trained_many = wait_completed(&url, &run_many, &logs);
     drop(workers);
 
     // One worker process on the same global batches.
-    let ckpt1 = dir.path().join("ckpt-1");
-    let run1 = submit(&url, &run_config(dir.path(), "one", &data, 1, &ckpt1));
+    let ckpt_one = dir.path().join("ckpt-one");
+    let one = Recipe {
+        world: 1,
+        ckpt: &ckpt_one,
+        name: "one",
+        ..many
+    };
+    let run_one = submit(&url, &one.write(dir.path()));
     let log1 = vec![dir.path().join("w-single.log")];
     let single = worker(&url, &log1[0]);
-    let one = wait_completed(&url, &run1, &log1);
+    let trained_one = wait_completed(&url, &run_one, &log1);
     drop(single);
 
-    // (d) both phases ran with their own shapes: tokens per phase follow
-    // each phase's seq_len, and each phase ended with a checkpoint.
-    for s in [&two, &one] {
+    // Both phases ran with their own shapes: tokens per phase follow each
+    // phase's seq_len, and each phase ended with a checkpoint.
+    let [(_, short_steps), (_, long_steps)] = many.steps();
+    for s in [&trained_many, &trained_one] {
         let phases = s["phases"].as_array().expect("phases");
-        assert_eq!(phases[0]["tokens_done"], 3072);
-        assert_eq!(phases[1]["tokens_done"], 6144);
-        assert_eq!(phases[0]["steps_done"], 6);
-        assert_eq!(phases[1]["steps_done"], 3);
+        assert_eq!(phases[0]["tokens_done"], many.short_tokens);
+        assert_eq!(phases[1]["tokens_done"], LONG_TOKENS);
+        assert_eq!(phases[0]["steps_done"], short_steps);
+        assert_eq!(phases[1]["steps_done"], long_steps);
         let ends: Vec<(u64, u64)> = s["checkpoints"]
             .as_array()
             .expect("checkpoints")
@@ -316,37 +370,59 @@ fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
                 )
             })
             .collect();
-        assert!(ends.contains(&(0, 6)) && ends.contains(&(1, 3)), "{ends:?}");
+        assert!(
+            ends.contains(&(0, short_steps)) && ends.contains(&(1, long_steps)),
+            "{ends:?}"
+        );
         assert!(
             phases[0]["loss"]
                 .as_f64()
                 .is_some_and(|l| l > 0.0 && l.is_finite())
         );
     }
+    assert_eq!(
+        trained_many["attempts"][0]["workers"]
+            .as_array()
+            .map(Vec::len),
+        Some(world as usize),
+        "one world of {world} ranks: {trained_many}"
+    );
 
-    // (a) two ranks end where one process ends, within float tolerance.
-    let (w2, w1) = (final_weights(&two), final_weights(&one));
-    let worst = max_difference(&w2, &w1);
+    // `world` ranks end where one process ends, within float tolerance.
+    let (w_many, w_one) = (final_weights(&trained_many), final_weights(&trained_one));
+    let worst = max_difference(&w_many, &w_one);
     assert!(worst < 1e-4, "largest weight difference {worst}");
     // And training moved the weights: the comparison is not of two inits.
     let init = twinhead_worker::checkpoint::load(
-        two["checkpoints"][0]["url"]
+        trained_many["checkpoints"][0]["url"]
             .as_str()
             .expect("first checkpoint"),
     )
     .expect("loads");
-    let moved = init
-        .model
-        .iter()
-        .any(|(name, _, v)| v.iter().zip(&w2[name]).any(|(x, y)| (x - y).abs() > 1e-3));
+    let moved = init.model.iter().any(|(name, _, v)| {
+        v.iter()
+            .zip(&w_many[name])
+            .any(|(x, y)| (x - y).abs() > 1e-3)
+    });
     assert!(
         moved,
         "the weights changed between the first and the last checkpoint"
     );
 
-    // (c) every row of each phase consumed exactly once, by both runs.
-    assert_rows_once(&ckpt2, &run2, &[("short", 6), ("long", 3)]);
-    assert_rows_once(&ckpt1, &run1, &[("short", 6), ("long", 3)]);
+    // Every row of each phase consumed exactly once, by both runs.
+    assert_rows_once(&many, &run_many);
+    assert_rows_once(&one, &run_one);
+}
+
+#[test]
+fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
+    assert_workers_match_one(2, 8);
+}
+
+#[test]
+fn three_workers_match_one_through_both_phases_and_consume_every_row_once() {
+    // 12 x 64 x 4 = 3072 tokens (4 steps), then 12 x 256 x 2 = 6144 (2).
+    assert_workers_match_one(3, 12);
 }
 
 #[test]
@@ -356,16 +432,12 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
     // 12 steps in the first phase, so there is time to kill a rank.
     let ckpt2 = dir.path().join("ckpt-2");
-    let config = run_config_with(
-        dir.path(),
-        "elastic",
-        &data,
-        2,
-        &ckpt2,
-        6144,
-        "min_world_size = 1",
-    );
-    let run2 = submit(&url, &config);
+    let elastic = Recipe {
+        short_tokens: 6144,
+        extra: "min_world_size = 1",
+        ..Recipe::new("elastic", &data, 2, &ckpt2)
+    };
+    let run2 = submit(&url, &elastic.write(dir.path()));
     let logs: Vec<PathBuf> = (0..2)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
@@ -403,10 +475,11 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
 
     // The same recipe, one rank, never interrupted.
     let ckpt1 = dir.path().join("ckpt-1");
-    let run1 = submit(
-        &url,
-        &run_config_with(dir.path(), "steady", &data, 1, &ckpt1, 6144, ""),
-    );
+    let steady = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("steady", &data, 1, &ckpt1)
+    };
+    let run1 = submit(&url, &steady.write(dir.path()));
     let log1 = vec![dir.path().join("w-single.log")];
     let single = worker(&url, &log1[0]);
     let one = wait_completed(&url, &run1, &log1);
@@ -416,7 +489,7 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     let worst = max_difference(&w2, &w1);
     assert!(worst < 1e-4, "largest weight difference {worst}");
     // The resumed history still consumes every row exactly once.
-    assert_rows_once(&ckpt2, &run2, &[("short", 12), ("long", 3)]);
+    assert_rows_once(&elastic, &run2);
 }
 
 #[test]
@@ -425,10 +498,11 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
     let data = dataset(dir.path());
     let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
     let ckpt = dir.path().join("ckpt");
-    let run = submit(
-        &url,
-        &run_config_with(dir.path(), "corrupt", &data, 1, &ckpt, 6144, ""),
-    );
+    let recipe = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("corrupt", &data, 1, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
     let logs = vec![dir.path().join("w0.log"), dir.path().join("w1.log")];
     let mut first = worker(&url, &logs[0]);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -482,7 +556,7 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
         from < newest["step"].as_u64().unwrap_or(0),
         "resumed from {from}, before the corrupt one"
     );
-    assert_rows_once(&ckpt, &run, &[("short", 12), ("long", 3)]);
+    assert_rows_once(&recipe, &run);
 }
 
 #[test]
@@ -492,10 +566,11 @@ fn workers_carry_a_run_through_a_killed_and_restarted_coordinator() {
     let db = dir.path().join("c.db");
     let (coordinator, url) = coordinator(&db);
     let ckpt = dir.path().join("ckpt");
-    let run = submit(
-        &url,
-        &run_config_with(dir.path(), "outage", &data, 2, &ckpt, 6144, ""),
-    );
+    let recipe = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("outage", &data, 2, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
     let logs: Vec<PathBuf> = (0..2)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
@@ -528,5 +603,5 @@ fn workers_carry_a_run_through_a_killed_and_restarted_coordinator() {
     );
     let phases = done["phases"].as_array().expect("phases");
     assert_eq!(phases[1]["steps_done"], 3);
-    assert_rows_once(&ckpt, &run, &[("short", 12), ("long", 3)]);
+    assert_rows_once(&recipe, &run);
 }
