@@ -605,3 +605,128 @@ fn workers_carry_a_run_through_a_killed_and_restarted_coordinator() {
     assert_eq!(phases[1]["steps_done"], 3);
     assert_rows_once(&recipe, &run);
 }
+
+/// Sends `signal` (e.g. "TERM") to a worker process.
+fn signal(worker: &Proc, signal: &str) {
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(worker.0.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill -{signal} failed");
+}
+
+/// Waits for a worker process to exit on its own and returns its status.
+fn wait_exit(worker: &mut Proc, logs: &[PathBuf]) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = worker.0.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not exit\n{}",
+            dump(logs)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls the run until `ready` holds of its status.
+fn wait_for(
+    url: &str,
+    run: &str,
+    logs: &[PathBuf],
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = status(url, run);
+        if ready(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s}\n{}", dump(logs));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_worker_sent_sigterm_checkpoints_its_step_leaves_and_the_run_resumes_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    // 12 steps in the first phase and checkpoints only at phase ends, so a
+    // checkpoint inside the phase can only come from the signal.
+    let recipe = Recipe {
+        short_tokens: 6144,
+        every_tokens: 0,
+        ..Recipe::new("requeue", &data, 2, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
+    let logs: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    let _stays = worker(&url, &logs[0]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut leaves = worker(&url, &logs[1]);
+    let trained = wait_for(&url, &run, &logs, "no progress", |s| {
+        s["phases"][0]["steps_done"].as_u64().unwrap_or(0) >= 2
+    });
+    // The replacement waits, free, for the next world.
+    let _replacement = worker(&url, &logs[2]);
+    let seen = trained["phases"][0]["steps_done"].as_u64().unwrap_or(0);
+    assert!(seen < 12, "the phase ended before the signal: {trained}");
+    signal(&leaves, "TERM");
+    let exit = wait_exit(&mut leaves, &logs);
+    assert_eq!(exit.code(), Some(75), "exit status\n{}", dump(&logs));
+
+    let done = wait_completed(&url, &run, &logs);
+    let attempts = done["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "one stop, one resume: {attempts:?}");
+    let first = &attempts[0];
+    assert_eq!(first["failed"].as_bool(), Some(false), "{first}");
+    assert!(
+        first["end_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("left")),
+        "{first}"
+    );
+    // A committed checkpoint inside the first phase, at or after the step
+    // the signal found the world at.
+    let stop = done["checkpoints"]
+        .as_array()
+        .expect("checkpoints")
+        .iter()
+        .find(|c| c["phase_index"] == 0 && c["step"].as_u64().is_some_and(|s| s < 12))
+        .unwrap_or_else(|| panic!("no checkpoint from the stop: {done}"));
+    let stopped_at = stop["step"].as_u64().unwrap_or(0);
+    assert!(stopped_at >= seen, "stopped at {stopped_at}, saw {seen}");
+    assert_eq!(stop["world_id"], first["world_id"], "{stop}");
+    // It is the step the first world stopped at: no trained step was thrown
+    // away (its data-order log ends there) ...
+    let attempt_logs = twinhead_worker::loader::order::read_attempts(
+        &format!("file://{}", ckpt.display()),
+        &run,
+        0,
+        "short",
+    )
+    .expect("data-order logs read");
+    let first_world = first["world_id"].as_str().expect("world id");
+    let last_logged = attempt_logs
+        .iter()
+        .filter(|a| a.attempt == first_world)
+        .flat_map(|a| a.entries.iter().map(|e| e.step))
+        .max();
+    assert_eq!(last_logged, Some(stopped_at - 1), "{attempt_logs:?}");
+    // ... and the next world started from it.
+    let second = &attempts[1];
+    assert_eq!(
+        second["start_checkpoint"]["step"].as_u64(),
+        Some(stopped_at)
+    );
+    assert_eq!(second["start_checkpoint"]["phase_index"].as_u64(), Some(0));
+    assert_eq!(second["workers"].as_array().map(Vec::len), Some(2));
+    assert_rows_once(&recipe, &run);
+}

@@ -16,6 +16,11 @@
 //!    back; the rows are appended to the data-order log;
 //! 6. progress to the coordinator; on the checkpoint policy (and at the
 //!    phase's last step) rank 0 writes a checkpoint and reports it.
+//!
+//! The all-reduce also carries each rank's "asked to leave" flag, so every
+//! rank learns in the same step that the world must stop: that step gets a
+//! checkpoint, and all ranks return [`PhaseEnd::Stopped`] once rank 0 has
+//! reported it.
 
 use std::time::Instant;
 
@@ -591,14 +596,17 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 let grads = GradientsParams::from_grads(total.backward(), &session.model);
                 add_grads(&session.model, &grads, &session.params, &mut flat);
             }
-            // One all-reduce for gradients, loss and target count.
-            let mut packed: Vec<f32> = Vec::with_capacity(param_count + 2);
+            // One all-reduce for gradients, loss, target count and whether
+            // any rank was asked to leave.
+            let mut packed: Vec<f32> = Vec::with_capacity(param_count + 3);
             for g in &flat {
                 packed.extend_from_slice(g);
             }
             packed.push(loss_sum as f32);
             packed.push(count as f32);
+            packed.push(if link.leave_requested() { 1.0 } else { 0.0 });
             collective.all_reduce_mean(&mut packed)?;
+            let stopping = packed[param_count + 2] > 0.0;
             let mean_count = f64::from(packed[param_count + 1]);
             let mean_loss = f64::from(packed[param_count]) / mean_count.max(f64::MIN_POSITIVE);
             let scale = (1.0 / mean_count.max(f64::MIN_POSITIVE)) as f32;
@@ -653,10 +661,12 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 window = (now, 0);
             }
 
-            // Checkpoints: every `every_tokens`, and always at the phase end.
+            // Checkpoints: every `every_tokens`, always at the phase end, and
+            // where the world stops for a leaving rank.
             let every = checkpoint_policy.every_tokens;
             let phase_end = done == a.num_steps;
-            let due = phase_end || (every > 0 && tokens / every > tokens_before / every);
+            let due =
+                phase_end || stopping || (every > 0 && tokens / every > tokens_before / every);
             if due {
                 order.flush().map_err(failed("data-order log"))?;
             }
@@ -688,10 +698,11 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 };
                 pending.push(writer.write_async(snapshot).map_err(failed("checkpoint"))?);
             }
-            // Report checkpoints as they commit; the phase end waits for all.
+            // Report checkpoints as they commit; the phase end (and a stop)
+            // waits for all.
             let mut still = Vec::new();
             for handle in pending.drain(..) {
-                let finished = if phase_end {
+                let finished = if phase_end || stopping {
                     Some(handle.wait())
                 } else {
                     match handle.try_wait() {
@@ -718,6 +729,11 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 }
             }
             pending = still;
+            if stopping {
+                // Nobody leaves before rank 0 has reported the checkpoint.
+                collective.barrier()?;
+                return Ok(PhaseEnd::Stopped { step: done });
+            }
         }
         order.flush().map_err(failed("data-order log"))?;
         Ok(PhaseEnd::Finished)
