@@ -60,11 +60,17 @@ fn coordinator_on(db: &Path, listen: &str) -> (Proc, String) {
 }
 
 fn worker(url: &str, log: &Path) -> Proc {
+    worker_with_env(url, log, &[])
+}
+
+/// A worker process with extra environment variables (test hooks).
+fn worker_with_env(url: &str, log: &Path, env: &[(&str, &str)]) -> Proc {
     let log = std::fs::File::create(log).expect("log file");
     Proc(
         twinhead()
             .args(["worker", "--exit-when-idle", "--coordinator", url])
             .env("TWINHEAD_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -728,5 +734,82 @@ fn a_worker_sent_sigterm_checkpoints_its_step_leaves_and_the_run_resumes_there()
     );
     assert_eq!(second["start_checkpoint"]["phase_index"].as_u64(), Some(0));
     assert_eq!(second["workers"].as_array().map(Vec::len), Some(2));
+    assert_rows_once(&recipe, &run);
+}
+
+#[test]
+fn a_worker_killed_while_writing_a_checkpoint_leaves_it_unused_and_the_run_resumes_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    let recipe = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("torn", &data, 1, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
+    let logs = vec![dir.path().join("w0.log"), dir.path().join("w1.log")];
+    // Every checkpoint write of this worker pauses before its marker.
+    let mut doomed = worker_with_env(
+        &url,
+        &logs[0],
+        &[("TWINHEAD_TEST_STALL_CHECKPOINT_MS", "4000")],
+    );
+    let committed = wait_for(&url, &run, &logs, "no committed checkpoint", |s| {
+        s["checkpoints"].as_array().is_some_and(|c| !c.is_empty())
+    });
+    let committed_step = committed["checkpoints"][0]["step"].as_u64().unwrap_or(0);
+    // Wait for a later checkpoint folder whose files are written but whose
+    // COMMITTED marker is not, then SIGKILL the worker inside that window.
+    let phase_dir = ckpt.join(&run).join("0-short");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let torn = loop {
+        let half_written = std::fs::read_dir(&phase_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("state.json").exists() && !p.join("COMMITTED").exists());
+        if let Some(dir) = half_written {
+            doomed.0.kill().expect("kill");
+            doomed.0.wait().expect("reap");
+            break dir;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint caught mid-write under {}\n{}",
+            phase_dir.display(),
+            dump(&logs)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        !torn.join("COMMITTED").exists(),
+        "the kill landed after the marker"
+    );
+    let torn_url = format!("file://{}", torn.display());
+    assert!(
+        twinhead_worker::checkpoint::load(&torn_url).is_err(),
+        "a folder without COMMITTED loads"
+    );
+
+    let _replacement = worker(&url, &logs[1]);
+    let done = wait_completed(&url, &run, &logs);
+    let attempts = done["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    let resumed = &attempts[1]["start_checkpoint"];
+    let from = resumed["step"].as_u64().unwrap_or(0);
+    assert!(from >= committed_step, "resumed from {from}: {resumed}");
+    let torn_step: u64 = torn
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse().ok())
+        .expect("step-NNNNNNN folder");
+    assert!(
+        from < torn_step,
+        "resumed from step {from}, not the half-written {torn_step}"
+    );
+    assert_eq!(resumed["phase_index"].as_u64(), Some(0), "{resumed}");
     assert_rows_once(&recipe, &run);
 }
