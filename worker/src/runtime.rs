@@ -452,6 +452,9 @@ impl<'a> Session<'a> {
                         && world.is_none()
                         && !self.leave_requested()
                     {
+                        // Deregister, so no run waits on a lease to expire.
+                        self.deregister("idle after its run (--exit-when-idle)")
+                            .await;
                         return Ok(SessionEnd::Stopped);
                     }
                     continue;
@@ -540,9 +543,15 @@ impl<'a> Session<'a> {
         *self.leave.borrow()
     }
 
+    /// Leaves for good after a leave request.
+    async fn leave(&self, reason: &str) -> SessionEnd {
+        self.deregister(reason).await;
+        SessionEnd::Left
+    }
+
     /// Tells the coordinator this worker is gone (retrying while it is
     /// unreachable, until the lease would have ended it anyway).
-    async fn leave(&self, reason: &str) -> SessionEnd {
+    async fn deregister(&self, reason: &str) {
         let mut client = self.client.clone();
         let request = LeaveRequest {
             worker_id: self.worker_id.clone(),
@@ -565,7 +574,6 @@ impl<'a> Session<'a> {
             }
         }
         self.abort.leave();
-        SessionEnd::Left
     }
 
     async fn next_assignment(&self, known: &str) -> Result<Option<Assignment>, SessionEnd> {
