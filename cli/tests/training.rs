@@ -131,6 +131,10 @@ code = 1.0
 #[derive(Clone, Copy)]
 struct Recipe<'a> {
     name: &'a str,
+    /// A built-in model name or a model TOML file.
+    model: &'a str,
+    /// `mlm`, `clm` or `mntp`.
+    objective: &'a str,
     dataset: &'a str,
     world: u32,
     ckpt: &'a Path,
@@ -151,6 +155,8 @@ impl<'a> Recipe<'a> {
     fn new(name: &'a str, dataset: &'a str, world: u32, ckpt: &'a Path) -> Self {
         Recipe {
             name,
+            model: "tiny",
+            objective: "mlm",
             dataset,
             world,
             ckpt,
@@ -173,6 +179,8 @@ impl<'a> Recipe<'a> {
     fn write(&self, dir: &Path) -> PathBuf {
         let Recipe {
             name,
+            model,
+            objective,
             dataset,
             world,
             ckpt,
@@ -181,11 +189,17 @@ impl<'a> Recipe<'a> {
             every_tokens,
             extra,
         } = self;
+        // Causal LM masks nothing.
+        let (short_mask, long_mask) = if *objective == "clm" {
+            (0.0, 0.0)
+        } else {
+            (0.3, 0.15)
+        };
         let text = format!(
             r#"
 name = "{name}"
-model = "tiny"
-objective = "mlm"
+model = "{model}"
+objective = "{objective}"
 dataset = "{dataset}"
 seed = 7
 world_size = {world}
@@ -202,7 +216,7 @@ every_tokens = {every_tokens}
 name = "short"
 tokens = {short_tokens}
 seq_len = 64
-mask_ratio = 0.3
+mask_ratio = {short_mask:?}
 global_rope_theta = 10000.0
 local_rope_theta = 10000.0
 lr = {{ shape = "constant", warmup_tokens = 1024 }}
@@ -210,7 +224,7 @@ lr = {{ shape = "constant", warmup_tokens = 1024 }}
 name = "long"
 tokens = {LONG_TOKENS}
 seq_len = 256
-mask_ratio = 0.15
+mask_ratio = {long_mask:?}
 global_rope_theta = 160000.0
 lr = {{ shape = "one_minus_sqrt", start_factor = 1.0, end_factor = 0.1 }}
 "#,
@@ -812,4 +826,134 @@ fn a_worker_killed_while_writing_a_checkpoint_leaves_it_unused_and_the_run_resum
     );
     assert_eq!(resumed["phase_index"].as_u64(), Some(0), "{resumed}");
     assert_rows_once(&recipe, &run);
+}
+
+/// The run's first checkpoint, loaded.
+fn first_checkpoint(status: &serde_json::Value) -> twinhead_worker::checkpoint::LoadedCheckpoint {
+    let url = status["checkpoints"][0]["url"]
+        .as_str()
+        .expect("a checkpoint");
+    twinhead_worker::checkpoint::load(url).expect("checkpoint loads")
+}
+
+/// The run's last checkpoint URL.
+fn last_checkpoint_url(status: &serde_json::Value) -> String {
+    status["checkpoints"]
+        .as_array()
+        .and_then(|c| c.last())
+        .and_then(|c| c["url"].as_str())
+        .expect("a checkpoint")
+        .to_string()
+}
+
+#[test]
+fn runs_start_from_another_runs_checkpoint_across_objectives_and_refuse_bad_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    let logs: Vec<PathBuf> = (0..5)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    // 1,024 tokens (2 steps) of the short phase, then the long phase.
+    let base = Recipe {
+        short_tokens: 1024,
+        ..Recipe::new("encoder", &data, 1, &ckpt)
+    };
+    // One worker per run, gone (deregistered) before the next is submitted.
+    let train = |recipe: &Recipe, log: &Path| {
+        let run = submit(&url, &recipe.write(dir.path()));
+        let mut worker = worker(&url, log);
+        let done = wait_completed(&url, &run, &[log.to_path_buf()]);
+        wait_exit(&mut worker, &[log.to_path_buf()]);
+        done
+    };
+    let encoder = train(&base, &logs[0]);
+    let encoder_url = last_checkpoint_url(&encoder);
+
+    // A decoder (CLM) from the encoder, then an encoder (MNTP) from that
+    // decoder: each starts from the other's final weights, with a fresh
+    // optimizer.
+    let mut parent = (final_weights(&encoder), encoder_url.clone());
+    for (i, (name, objective)) in [("decoder", "clm"), ("mntp", "mntp")]
+        .into_iter()
+        .enumerate()
+    {
+        let init = format!("init_from = \"{}\"", parent.1);
+        let recipe = Recipe {
+            name,
+            objective,
+            extra: &init,
+            ..base
+        };
+        let child = train(&recipe, &logs[1 + i]);
+        let first = first_checkpoint(&child);
+        assert_eq!(
+            first.optimizer.step, first.state.info.step,
+            "{name}: a fresh optimizer has taken only this run's steps"
+        );
+        let early: BTreeMap<String, Vec<f32>> =
+            first.model.into_iter().map(|(n, _, v)| (n, v)).collect();
+        // Two warm-up steps move a weight by about the LR (3e-3) at most;
+        // a random start would be ~0.02 away from the parent.
+        let moved = max_difference(&early, &parent.0);
+        assert!(
+            moved < 1e-2,
+            "{name} moved {moved} from its parent's weights"
+        );
+        parent = (final_weights(&child), last_checkpoint_url(&child));
+    }
+
+    // Refused, naming what is wrong: a checkpoint without its COMMITTED
+    // marker, and one whose shapes do not fit the model.
+    let uncommitted = dir.path().join("uncommitted");
+    std::fs::create_dir(&uncommitted).expect("mkdir");
+    let committed_dir = PathBuf::from(encoder_url.trim_start_matches("file://"));
+    for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        std::fs::copy(committed_dir.join(file), uncommitted.join(file)).expect("copy");
+    }
+    let wider = dir.path().join("wider.toml");
+    let tiny = std::fs::read_to_string(repo().join("configs/models/tiny.toml")).expect("tiny");
+    std::fs::write(
+        &wider,
+        tiny.replace("intermediate_size = 96", "intermediate_size = 128"),
+    )
+    .expect("model file");
+    let wider = wider.display().to_string();
+    let cases = [
+        (
+            "uncommitted",
+            "tiny",
+            format!(
+                "init_from = \"file://{}\"\nmax_restarts = 0",
+                uncommitted.display()
+            ),
+            "not committed".to_string(),
+        ),
+        (
+            "misshapen",
+            wider.as_str(),
+            format!("init_from = \"{encoder_url}\"\nmax_restarts = 0"),
+            "does not match".to_string(),
+        ),
+    ];
+    for (i, (name, model, extra, expected)) in cases.iter().enumerate() {
+        let recipe = Recipe {
+            name,
+            model,
+            extra,
+            ..base
+        };
+        let run = submit(&url, &recipe.write(dir.path()));
+        let mut worker = worker(&url, &logs[3 + i]);
+        let failed = wait_for(&url, &run, &logs, "the run did not fail", |s| {
+            s["state"] == "failed"
+        });
+        wait_exit(&mut worker, &logs);
+        let message = failed["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("init_from") && message.contains(expected.as_str()),
+            "{name}: {message}"
+        );
+    }
 }

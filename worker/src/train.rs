@@ -317,10 +317,7 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
                     .restore(loaded.optimizer.step, loaded.optimizer.tensors)
                     .map_err(|e| bad(format!("optimizer state: {e}")))?;
             } else if !spec.init_from.is_empty() {
-                let path = spec.init_from.trim_start_matches("file://");
-                let imported = crate::hf::load::<B>(std::path::Path::new(path), &self.device)
-                    .map_err(failed(&format!("init_from {}", spec.init_from)))?;
-                values = read_params(&imported);
+                values = init_weights::<B>(&spec.init_from, &params, &self.device)?;
             }
             let model = write_params(model, &values, &self.device);
             self.session = Some(Session {
@@ -365,6 +362,44 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
         }
         Ok(())
     }
+}
+
+/// The weights `init_from` names, in the order of `params`: a Hugging Face
+/// folder (it has `config.json`) or a committed twinhead checkpoint of any
+/// run and objective. Weights only; the caller's optimizer starts fresh.
+fn init_weights<B: Backend>(
+    init_from: &str,
+    params: &[(String, Vec<usize>, ParamId)],
+    device: &B::Device,
+) -> Result<Vec<Vec<f32>>, TrainError> {
+    let refused = |message: String| TrainError::Failed(format!("init_from {init_from}: {message}"));
+    let folder =
+        crate::store::Location::open(init_from, false).map_err(|e| refused(e.to_string()))?;
+    let is_hf = folder
+        .exists("config.json")
+        .map_err(|e| refused(e.to_string()))?;
+    let tensors: NamedTensors = if is_hf {
+        let path = init_from.trim_start_matches("file://");
+        let imported = crate::hf::load::<B>(std::path::Path::new(path), device)
+            .map_err(|e| refused(e.to_string()))?;
+        let mut names = ParamNames {
+            path: Vec::new(),
+            out: Vec::new(),
+        };
+        imported.visit(&mut names);
+        names
+            .out
+            .into_iter()
+            .zip(read_params(&imported))
+            .map(|((name, shape, _), values)| (name, shape, values))
+            .collect()
+    } else {
+        // Refuses a folder without COMMITTED or whose files do not hash.
+        checkpoint::load(init_from)
+            .map_err(|e| refused(e.to_string()))?
+            .model
+    };
+    match_tensors(params, tensors).map_err(|e| refused(e.to_string()))
 }
 
 fn read_params<B: Backend>(model: &ModernBert<B>) -> Vec<Vec<f32>> {
