@@ -179,6 +179,13 @@ enum Command {
     Generate(model::GenerateArgs),
 }
 
+/// The exit status of a worker that was asked to leave (SIGTERM, SIGUSR1)
+/// and did: its world committed a checkpoint and the coordinator knows. It
+/// is sysexits' EX_TEMPFAIL, "try again later": a scheduler may requeue it.
+const EXIT_LEFT: u8 = 75;
+
+/// `twinhead worker`: SIGTERM or SIGUSR1 finish the step, commit a
+/// checkpoint and leave (exit 75); Ctrl-C stops at once (exit 0).
 #[derive(Args)]
 struct WorkerArgs {
     /// Device to train on: `cpu`, or `cuda:N` in a build with `--features cuda`
@@ -428,9 +435,47 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         }
     };
     tracing::info!(coordinator = %config.coordinator, device = %config.device, "worker starting");
-    twinhead_worker::runtime::run_worker(config, trainer, shutdown_signal()).await?;
-    tracing::info!("worker stopped");
-    Ok(ExitCode::SUCCESS)
+    let exit = twinhead_worker::runtime::run_worker(
+        config,
+        trainer,
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+        leave_signal(),
+    )
+    .await?;
+    match exit {
+        twinhead_worker::runtime::WorkerExit::Stopped => {
+            tracing::info!("worker stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        twinhead_worker::runtime::WorkerExit::Left => {
+            tracing::info!(status = EXIT_LEFT, "worker left after checkpointing");
+            Ok(ExitCode::from(EXIT_LEFT))
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Slurm, Kubernetes, systemd stopping the worker) or
+/// SIGUSR1 (Slurm's `--signal=B:USR1@SECONDS` warning before a time limit).
+async fn leave_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut usr1)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::user_defined1()),
+        ) else {
+            tracing::warn!("cannot listen for SIGTERM and SIGUSR1; only Ctrl-C stops this worker");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = usr1.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -60,11 +60,17 @@ fn coordinator_on(db: &Path, listen: &str) -> (Proc, String) {
 }
 
 fn worker(url: &str, log: &Path) -> Proc {
+    worker_with_env(url, log, &[])
+}
+
+/// A worker process with extra environment variables (test hooks).
+fn worker_with_env(url: &str, log: &Path, env: &[(&str, &str)]) -> Proc {
     let log = std::fs::File::create(log).expect("log file");
     Proc(
         twinhead()
             .args(["worker", "--exit-when-idle", "--coordinator", url])
             .env("TWINHEAD_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -120,29 +126,84 @@ code = 1.0
     report.url
 }
 
-fn run_config(dir: &Path, name: &str, dataset: &str, world: u32, ckpt: &Path) -> PathBuf {
-    run_config_with(dir, name, dataset, world, ckpt, 3072, "")
+/// A recipe for the tiny model through two phases of the fixture dataset:
+/// `short` at seq 64, then `long` (6,144 tokens) at seq 256.
+#[derive(Clone, Copy)]
+struct Recipe<'a> {
+    name: &'a str,
+    /// A built-in model name or a model TOML file.
+    model: &'a str,
+    /// `mlm`, `clm` or `mntp`.
+    objective: &'a str,
+    dataset: &'a str,
+    world: u32,
+    ckpt: &'a Path,
+    /// Tokens of the first phase.
+    short_tokens: u64,
+    global_batch: u32,
+    /// Checkpoint cadence; 0: only at phase ends.
+    every_tokens: u64,
+    /// More top-level keys.
+    extra: &'a str,
 }
 
-fn run_config_with(
-    dir: &Path,
-    name: &str,
-    dataset: &str,
-    world: u32,
-    ckpt: &Path,
-    short_tokens: u64,
-    extra: &str,
-) -> PathBuf {
-    // 8 x 64 x 6 = 3072 tokens (6 steps), then 8 x 256 x 3 = 6144 (3 steps).
-    let text = format!(
-        r#"
+const LONG_TOKENS: u64 = 6144;
+
+impl<'a> Recipe<'a> {
+    /// Batch 8: 8 x 64 x 6 = 3072 tokens (6 steps), then 8 x 256 x 3 = 6144
+    /// (3 steps), a checkpoint every 1024 tokens.
+    fn new(name: &'a str, dataset: &'a str, world: u32, ckpt: &'a Path) -> Self {
+        Recipe {
+            name,
+            model: "tiny",
+            objective: "mlm",
+            dataset,
+            world,
+            ckpt,
+            short_tokens: 3072,
+            global_batch: 8,
+            every_tokens: 1024,
+            extra: "",
+        }
+    }
+
+    /// Steps of each phase, by name.
+    fn steps(&self) -> [(&'static str, u64); 2] {
+        let batch = u64::from(self.global_batch);
+        [
+            ("short", self.short_tokens / (batch * 64)),
+            ("long", LONG_TOKENS / (batch * 256)),
+        ]
+    }
+
+    fn write(&self, dir: &Path) -> PathBuf {
+        let Recipe {
+            name,
+            model,
+            objective,
+            dataset,
+            world,
+            ckpt,
+            short_tokens,
+            global_batch,
+            every_tokens,
+            extra,
+        } = self;
+        // Causal LM masks nothing.
+        let (short_mask, long_mask) = if *objective == "clm" {
+            (0.0, 0.0)
+        } else {
+            (0.3, 0.15)
+        };
+        let text = format!(
+            r#"
 name = "{name}"
-model = "tiny"
-objective = "mlm"
+model = "{model}"
+objective = "{objective}"
 dataset = "{dataset}"
 seed = 7
 world_size = {world}
-global_batch = 8
+global_batch = {global_batch}
 micro_batch = 2
 {extra}
 [optimizer]
@@ -150,28 +211,29 @@ peak_lr = 3e-3
 weight_decay = 1e-2
 [checkpoint]
 root = "file://{ckpt}"
-every_tokens = 1024
+every_tokens = {every_tokens}
 [[phases]]
 name = "short"
 tokens = {short_tokens}
 seq_len = 64
-mask_ratio = 0.3
+mask_ratio = {short_mask:?}
 global_rope_theta = 10000.0
 local_rope_theta = 10000.0
 lr = {{ shape = "constant", warmup_tokens = 1024 }}
 [[phases]]
 name = "long"
-tokens = 6144
+tokens = {LONG_TOKENS}
 seq_len = 256
-mask_ratio = 0.15
+mask_ratio = {long_mask:?}
 global_rope_theta = 160000.0
 lr = {{ shape = "one_minus_sqrt", start_factor = 1.0, end_factor = 0.1 }}
 "#,
-        ckpt = ckpt.display()
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).expect("run config");
-    path
+            ckpt = ckpt.display()
+        );
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("run config");
+        path
+    }
 }
 
 fn submit(url: &str, config: &Path) -> String {
@@ -250,15 +312,15 @@ fn final_weights(status: &serde_json::Value) -> BTreeMap<String, Vec<f32>> {
 }
 
 /// Every row of each phase was consumed exactly once by the run.
-fn assert_rows_once(ckpt: &Path, run: &str, phases: &[(&str, u64)]) {
-    for (i, (name, steps)) in phases.iter().enumerate() {
+fn assert_rows_once(recipe: &Recipe, run: &str) {
+    for (i, (name, steps)) in recipe.steps().into_iter().enumerate() {
         let report = twinhead_worker::loader::order::verify_run(
-            &format!("file://{}", ckpt.display()),
+            &format!("file://{}", recipe.ckpt.display()),
             run,
             i as u32,
             name,
-            *steps,
-            8,
+            steps,
+            u64::from(recipe.global_batch),
         )
         .expect("data-order log reads");
         assert!(report.is_ok(), "{run} phase {name}: {report:?}");
@@ -273,38 +335,50 @@ fn max_difference(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>
         .fold(0.0f32, f32::max)
 }
 
-#[test]
-fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
+/// `world` worker processes end where one process ends when both train the
+/// same global batches (`global_batch` divides by `world`).
+fn assert_workers_match_one(world: u32, global_batch: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dataset(dir.path());
     let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
 
-    // Two worker processes, world of two.
-    let ckpt2 = dir.path().join("ckpt-2");
-    let run2 = submit(&url, &run_config(dir.path(), "two", &data, 2, &ckpt2));
-    let logs: Vec<PathBuf> = (0..2)
+    // `world` worker processes, one world.
+    let ckpt_many = dir.path().join("ckpt-many");
+    let many = Recipe {
+        global_batch,
+        ..Recipe::new("many", &data, world, &ckpt_many)
+    };
+    let run_many = submit(&url, &many.write(dir.path()));
+    let logs: Vec<PathBuf> = (0..world)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
     let workers: Vec<Proc> = logs.iter().map(|l| worker(&url, l)).collect();
-    let two = wait_completed(&url, &run2, &logs);
+    let trained_many = wait_completed(&url, &run_many, &logs);
     drop(workers);
 
     // One worker process on the same global batches.
-    let ckpt1 = dir.path().join("ckpt-1");
-    let run1 = submit(&url, &run_config(dir.path(), "one", &data, 1, &ckpt1));
+    let ckpt_one = dir.path().join("ckpt-one");
+    let one = Recipe {
+        world: 1,
+        ckpt: &ckpt_one,
+        name: "one",
+        ..many
+    };
+    let run_one = submit(&url, &one.write(dir.path()));
     let log1 = vec![dir.path().join("w-single.log")];
     let single = worker(&url, &log1[0]);
-    let one = wait_completed(&url, &run1, &log1);
+    let trained_one = wait_completed(&url, &run_one, &log1);
     drop(single);
 
-    // (d) both phases ran with their own shapes: tokens per phase follow
-    // each phase's seq_len, and each phase ended with a checkpoint.
-    for s in [&two, &one] {
+    // Both phases ran with their own shapes: tokens per phase follow each
+    // phase's seq_len, and each phase ended with a checkpoint.
+    let [(_, short_steps), (_, long_steps)] = many.steps();
+    for s in [&trained_many, &trained_one] {
         let phases = s["phases"].as_array().expect("phases");
-        assert_eq!(phases[0]["tokens_done"], 3072);
-        assert_eq!(phases[1]["tokens_done"], 6144);
-        assert_eq!(phases[0]["steps_done"], 6);
-        assert_eq!(phases[1]["steps_done"], 3);
+        assert_eq!(phases[0]["tokens_done"], many.short_tokens);
+        assert_eq!(phases[1]["tokens_done"], LONG_TOKENS);
+        assert_eq!(phases[0]["steps_done"], short_steps);
+        assert_eq!(phases[1]["steps_done"], long_steps);
         let ends: Vec<(u64, u64)> = s["checkpoints"]
             .as_array()
             .expect("checkpoints")
@@ -316,37 +390,59 @@ fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
                 )
             })
             .collect();
-        assert!(ends.contains(&(0, 6)) && ends.contains(&(1, 3)), "{ends:?}");
+        assert!(
+            ends.contains(&(0, short_steps)) && ends.contains(&(1, long_steps)),
+            "{ends:?}"
+        );
         assert!(
             phases[0]["loss"]
                 .as_f64()
                 .is_some_and(|l| l > 0.0 && l.is_finite())
         );
     }
+    assert_eq!(
+        trained_many["attempts"][0]["workers"]
+            .as_array()
+            .map(Vec::len),
+        Some(world as usize),
+        "one world of {world} ranks: {trained_many}"
+    );
 
-    // (a) two ranks end where one process ends, within float tolerance.
-    let (w2, w1) = (final_weights(&two), final_weights(&one));
-    let worst = max_difference(&w2, &w1);
+    // `world` ranks end where one process ends, within float tolerance.
+    let (w_many, w_one) = (final_weights(&trained_many), final_weights(&trained_one));
+    let worst = max_difference(&w_many, &w_one);
     assert!(worst < 1e-4, "largest weight difference {worst}");
     // And training moved the weights: the comparison is not of two inits.
     let init = twinhead_worker::checkpoint::load(
-        two["checkpoints"][0]["url"]
+        trained_many["checkpoints"][0]["url"]
             .as_str()
             .expect("first checkpoint"),
     )
     .expect("loads");
-    let moved = init
-        .model
-        .iter()
-        .any(|(name, _, v)| v.iter().zip(&w2[name]).any(|(x, y)| (x - y).abs() > 1e-3));
+    let moved = init.model.iter().any(|(name, _, v)| {
+        v.iter()
+            .zip(&w_many[name])
+            .any(|(x, y)| (x - y).abs() > 1e-3)
+    });
     assert!(
         moved,
         "the weights changed between the first and the last checkpoint"
     );
 
-    // (c) every row of each phase consumed exactly once, by both runs.
-    assert_rows_once(&ckpt2, &run2, &[("short", 6), ("long", 3)]);
-    assert_rows_once(&ckpt1, &run1, &[("short", 6), ("long", 3)]);
+    // Every row of each phase consumed exactly once, by both runs.
+    assert_rows_once(&many, &run_many);
+    assert_rows_once(&one, &run_one);
+}
+
+#[test]
+fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
+    assert_workers_match_one(2, 8);
+}
+
+#[test]
+fn three_workers_match_one_through_both_phases_and_consume_every_row_once() {
+    // 12 x 64 x 4 = 3072 tokens (4 steps), then 12 x 256 x 2 = 6144 (2).
+    assert_workers_match_one(3, 12);
 }
 
 #[test]
@@ -356,16 +452,12 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
     // 12 steps in the first phase, so there is time to kill a rank.
     let ckpt2 = dir.path().join("ckpt-2");
-    let config = run_config_with(
-        dir.path(),
-        "elastic",
-        &data,
-        2,
-        &ckpt2,
-        6144,
-        "min_world_size = 1",
-    );
-    let run2 = submit(&url, &config);
+    let elastic = Recipe {
+        short_tokens: 6144,
+        extra: "min_world_size = 1",
+        ..Recipe::new("elastic", &data, 2, &ckpt2)
+    };
+    let run2 = submit(&url, &elastic.write(dir.path()));
     let logs: Vec<PathBuf> = (0..2)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
@@ -403,10 +495,11 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
 
     // The same recipe, one rank, never interrupted.
     let ckpt1 = dir.path().join("ckpt-1");
-    let run1 = submit(
-        &url,
-        &run_config_with(dir.path(), "steady", &data, 1, &ckpt1, 6144, ""),
-    );
+    let steady = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("steady", &data, 1, &ckpt1)
+    };
+    let run1 = submit(&url, &steady.write(dir.path()));
     let log1 = vec![dir.path().join("w-single.log")];
     let single = worker(&url, &log1[0]);
     let one = wait_completed(&url, &run1, &log1);
@@ -416,7 +509,7 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     let worst = max_difference(&w2, &w1);
     assert!(worst < 1e-4, "largest weight difference {worst}");
     // The resumed history still consumes every row exactly once.
-    assert_rows_once(&ckpt2, &run2, &[("short", 12), ("long", 3)]);
+    assert_rows_once(&elastic, &run2);
 }
 
 #[test]
@@ -425,10 +518,11 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
     let data = dataset(dir.path());
     let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
     let ckpt = dir.path().join("ckpt");
-    let run = submit(
-        &url,
-        &run_config_with(dir.path(), "corrupt", &data, 1, &ckpt, 6144, ""),
-    );
+    let recipe = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("corrupt", &data, 1, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
     let logs = vec![dir.path().join("w0.log"), dir.path().join("w1.log")];
     let mut first = worker(&url, &logs[0]);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -482,7 +576,7 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
         from < newest["step"].as_u64().unwrap_or(0),
         "resumed from {from}, before the corrupt one"
     );
-    assert_rows_once(&ckpt, &run, &[("short", 12), ("long", 3)]);
+    assert_rows_once(&recipe, &run);
 }
 
 #[test]
@@ -492,10 +586,11 @@ fn workers_carry_a_run_through_a_killed_and_restarted_coordinator() {
     let db = dir.path().join("c.db");
     let (coordinator, url) = coordinator(&db);
     let ckpt = dir.path().join("ckpt");
-    let run = submit(
-        &url,
-        &run_config_with(dir.path(), "outage", &data, 2, &ckpt, 6144, ""),
-    );
+    let recipe = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("outage", &data, 2, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
     let logs: Vec<PathBuf> = (0..2)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
@@ -528,5 +623,337 @@ fn workers_carry_a_run_through_a_killed_and_restarted_coordinator() {
     );
     let phases = done["phases"].as_array().expect("phases");
     assert_eq!(phases[1]["steps_done"], 3);
-    assert_rows_once(&ckpt, &run, &[("short", 12), ("long", 3)]);
+    assert_rows_once(&recipe, &run);
+}
+
+/// Sends `signal` (e.g. "TERM") to a worker process.
+fn signal(worker: &Proc, signal: &str) {
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(worker.0.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill -{signal} failed");
+}
+
+/// Waits for a worker process to exit on its own and returns its status.
+fn wait_exit(worker: &mut Proc, logs: &[PathBuf]) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = worker.0.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not exit\n{}",
+            dump(logs)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls the run until `ready` holds of its status.
+fn wait_for(
+    url: &str,
+    run: &str,
+    logs: &[PathBuf],
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = status(url, run);
+        if ready(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s}\n{}", dump(logs));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_worker_sent_sigterm_checkpoints_its_step_leaves_and_the_run_resumes_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    // 12 steps in the first phase and checkpoints only at phase ends, so a
+    // checkpoint inside the phase can only come from the signal.
+    let recipe = Recipe {
+        short_tokens: 6144,
+        every_tokens: 0,
+        ..Recipe::new("requeue", &data, 2, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
+    let logs: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    let _stays = worker(&url, &logs[0]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut leaves = worker(&url, &logs[1]);
+    let trained = wait_for(&url, &run, &logs, "no progress", |s| {
+        s["phases"][0]["steps_done"].as_u64().unwrap_or(0) >= 2
+    });
+    // The replacement waits, free, for the next world.
+    let _replacement = worker(&url, &logs[2]);
+    let seen = trained["phases"][0]["steps_done"].as_u64().unwrap_or(0);
+    assert!(seen < 12, "the phase ended before the signal: {trained}");
+    signal(&leaves, "TERM");
+    let exit = wait_exit(&mut leaves, &logs);
+    assert_eq!(exit.code(), Some(75), "exit status\n{}", dump(&logs));
+
+    let done = wait_completed(&url, &run, &logs);
+    let attempts = done["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "one stop, one resume: {attempts:?}");
+    let first = &attempts[0];
+    assert_eq!(first["failed"].as_bool(), Some(false), "{first}");
+    assert!(
+        first["end_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("left")),
+        "{first}"
+    );
+    // A committed checkpoint inside the first phase, at or after the step
+    // the signal found the world at.
+    let stop = done["checkpoints"]
+        .as_array()
+        .expect("checkpoints")
+        .iter()
+        .find(|c| c["phase_index"] == 0 && c["step"].as_u64().is_some_and(|s| s < 12))
+        .unwrap_or_else(|| panic!("no checkpoint from the stop: {done}"));
+    let stopped_at = stop["step"].as_u64().unwrap_or(0);
+    assert!(stopped_at >= seen, "stopped at {stopped_at}, saw {seen}");
+    assert_eq!(stop["world_id"], first["world_id"], "{stop}");
+    // It is the step the first world stopped at: no trained step was thrown
+    // away (its data-order log ends there) ...
+    let attempt_logs = twinhead_worker::loader::order::read_attempts(
+        &format!("file://{}", ckpt.display()),
+        &run,
+        0,
+        "short",
+    )
+    .expect("data-order logs read");
+    let first_world = first["world_id"].as_str().expect("world id");
+    let last_logged = attempt_logs
+        .iter()
+        .filter(|a| a.attempt == first_world)
+        .flat_map(|a| a.entries.iter().map(|e| e.step))
+        .max();
+    assert_eq!(last_logged, Some(stopped_at - 1), "{attempt_logs:?}");
+    // ... and the next world started from it.
+    let second = &attempts[1];
+    assert_eq!(
+        second["start_checkpoint"]["step"].as_u64(),
+        Some(stopped_at)
+    );
+    assert_eq!(second["start_checkpoint"]["phase_index"].as_u64(), Some(0));
+    assert_eq!(second["workers"].as_array().map(Vec::len), Some(2));
+    assert_rows_once(&recipe, &run);
+}
+
+#[test]
+fn a_worker_killed_while_writing_a_checkpoint_leaves_it_unused_and_the_run_resumes_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    let recipe = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("torn", &data, 1, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
+    let logs = vec![dir.path().join("w0.log"), dir.path().join("w1.log")];
+    // Every checkpoint write of this worker pauses before its marker.
+    let mut doomed = worker_with_env(
+        &url,
+        &logs[0],
+        &[("TWINHEAD_TEST_STALL_CHECKPOINT_MS", "4000")],
+    );
+    let committed = wait_for(&url, &run, &logs, "no committed checkpoint", |s| {
+        s["checkpoints"].as_array().is_some_and(|c| !c.is_empty())
+    });
+    let committed_step = committed["checkpoints"][0]["step"].as_u64().unwrap_or(0);
+    // Wait for a later checkpoint folder whose files are written but whose
+    // COMMITTED marker is not, then SIGKILL the worker inside that window.
+    let phase_dir = ckpt.join(&run).join("0-short");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let torn = loop {
+        let half_written = std::fs::read_dir(&phase_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("state.json").exists() && !p.join("COMMITTED").exists());
+        if let Some(dir) = half_written {
+            doomed.0.kill().expect("kill");
+            doomed.0.wait().expect("reap");
+            break dir;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint caught mid-write under {}\n{}",
+            phase_dir.display(),
+            dump(&logs)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        !torn.join("COMMITTED").exists(),
+        "the kill landed after the marker"
+    );
+    let torn_url = format!("file://{}", torn.display());
+    assert!(
+        twinhead_worker::checkpoint::load(&torn_url).is_err(),
+        "a folder without COMMITTED loads"
+    );
+
+    let _replacement = worker(&url, &logs[1]);
+    let done = wait_completed(&url, &run, &logs);
+    let attempts = done["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    let resumed = &attempts[1]["start_checkpoint"];
+    let from = resumed["step"].as_u64().unwrap_or(0);
+    assert!(from >= committed_step, "resumed from {from}: {resumed}");
+    let torn_step: u64 = torn
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse().ok())
+        .expect("step-NNNNNNN folder");
+    assert!(
+        from < torn_step,
+        "resumed from step {from}, not the half-written {torn_step}"
+    );
+    assert_eq!(resumed["phase_index"].as_u64(), Some(0), "{resumed}");
+    assert_rows_once(&recipe, &run);
+}
+
+/// The run's first checkpoint, loaded.
+fn first_checkpoint(status: &serde_json::Value) -> twinhead_worker::checkpoint::LoadedCheckpoint {
+    let url = status["checkpoints"][0]["url"]
+        .as_str()
+        .expect("a checkpoint");
+    twinhead_worker::checkpoint::load(url).expect("checkpoint loads")
+}
+
+/// The run's last checkpoint URL.
+fn last_checkpoint_url(status: &serde_json::Value) -> String {
+    status["checkpoints"]
+        .as_array()
+        .and_then(|c| c.last())
+        .and_then(|c| c["url"].as_str())
+        .expect("a checkpoint")
+        .to_string()
+}
+
+#[test]
+fn runs_start_from_another_runs_checkpoint_across_objectives_and_refuse_bad_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    let logs: Vec<PathBuf> = (0..5)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    // 1,024 tokens (2 steps) of the short phase, then the long phase.
+    let base = Recipe {
+        short_tokens: 1024,
+        ..Recipe::new("encoder", &data, 1, &ckpt)
+    };
+    // One worker per run, gone (deregistered) before the next is submitted.
+    let train = |recipe: &Recipe, log: &Path| {
+        let run = submit(&url, &recipe.write(dir.path()));
+        let mut worker = worker(&url, log);
+        let done = wait_completed(&url, &run, &[log.to_path_buf()]);
+        wait_exit(&mut worker, &[log.to_path_buf()]);
+        done
+    };
+    let encoder = train(&base, &logs[0]);
+    let encoder_url = last_checkpoint_url(&encoder);
+
+    // A decoder (CLM) from the encoder, then an encoder (MNTP) from that
+    // decoder: each starts from the other's final weights, with a fresh
+    // optimizer.
+    let mut parent = (final_weights(&encoder), encoder_url.clone());
+    for (i, (name, objective)) in [("decoder", "clm"), ("mntp", "mntp")]
+        .into_iter()
+        .enumerate()
+    {
+        let init = format!("init_from = \"{}\"", parent.1);
+        let recipe = Recipe {
+            name,
+            objective,
+            extra: &init,
+            ..base
+        };
+        let child = train(&recipe, &logs[1 + i]);
+        let first = first_checkpoint(&child);
+        assert_eq!(
+            first.optimizer.step, first.state.info.step,
+            "{name}: a fresh optimizer has taken only this run's steps"
+        );
+        let early: BTreeMap<String, Vec<f32>> =
+            first.model.into_iter().map(|(n, _, v)| (n, v)).collect();
+        // Two warm-up steps move a weight by about the LR (3e-3) at most;
+        // a random start would be ~0.02 away from the parent.
+        let moved = max_difference(&early, &parent.0);
+        assert!(
+            moved < 1e-2,
+            "{name} moved {moved} from its parent's weights"
+        );
+        parent = (final_weights(&child), last_checkpoint_url(&child));
+    }
+
+    // Refused, naming what is wrong: a checkpoint without its COMMITTED
+    // marker, and one whose shapes do not fit the model.
+    let uncommitted = dir.path().join("uncommitted");
+    std::fs::create_dir(&uncommitted).expect("mkdir");
+    let committed_dir = PathBuf::from(encoder_url.trim_start_matches("file://"));
+    for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        std::fs::copy(committed_dir.join(file), uncommitted.join(file)).expect("copy");
+    }
+    let wider = dir.path().join("wider.toml");
+    let tiny = std::fs::read_to_string(repo().join("configs/models/tiny.toml")).expect("tiny");
+    std::fs::write(
+        &wider,
+        tiny.replace("intermediate_size = 96", "intermediate_size = 128"),
+    )
+    .expect("model file");
+    let wider = wider.display().to_string();
+    let cases = [
+        (
+            "uncommitted",
+            "tiny",
+            format!(
+                "init_from = \"file://{}\"\nmax_restarts = 0",
+                uncommitted.display()
+            ),
+            "not committed".to_string(),
+        ),
+        (
+            "misshapen",
+            wider.as_str(),
+            format!("init_from = \"{encoder_url}\"\nmax_restarts = 0"),
+            "does not match".to_string(),
+        ),
+    ];
+    for (i, (name, model, extra, expected)) in cases.iter().enumerate() {
+        let recipe = Recipe {
+            name,
+            model,
+            extra,
+            ..base
+        };
+        let run = submit(&url, &recipe.write(dir.path()));
+        let mut worker = worker(&url, &logs[3 + i]);
+        let failed = wait_for(&url, &run, &logs, "the run did not fail", |s| {
+            s["state"] == "failed"
+        });
+        wait_exit(&mut worker, &logs);
+        let message = failed["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("init_from") && message.contains(expected.as_str()),
+            "{name}: {message}"
+        );
+    }
 }

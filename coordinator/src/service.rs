@@ -12,11 +12,11 @@ use twinhead_proto::v1::run_service_server::RunService;
 use twinhead_proto::v1::worker_service_server::WorkerService;
 use twinhead_proto::v1::{
     CancelRunRequest, GetAssignmentRequest, GetAssignmentResponse, GetProgressRequest,
-    GetProgressResponse, GetRunRequest, HeartbeatRequest, HeartbeatResponse, ListRunsRequest,
-    ListRunsResponse, ProgressPoint, RegisterRequest, RegisterResponse, RendezvousRequest,
-    RendezvousResponse, ReportCheckpointRequest, ReportFailureRequest, ReportProgressRequest, Run,
-    RunEvent, RunEventKind, RunState, SubmitRunRequest, SubmitRunResponse, WatchRunRequest,
-    WorkerAck, WorkerAction,
+    GetProgressResponse, GetRunRequest, HeartbeatRequest, HeartbeatResponse, LeaveRequest,
+    ListRunsRequest, ListRunsResponse, ProgressPoint, RegisterRequest, RegisterResponse,
+    RendezvousRequest, RendezvousResponse, ReportCheckpointRequest, ReportFailureRequest,
+    ReportProgressRequest, Run, RunEvent, RunEventKind, RunState, SubmitRunRequest,
+    SubmitRunResponse, WatchRunRequest, WorkerAck, WorkerAction,
 };
 
 use crate::Coordinator;
@@ -331,5 +331,15 @@ impl WorkerService for Services {
             })
             .await?;
         Ok(ack(result))
+    }
+
+    #[instrument(skip_all)]
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<WorkerAck>, Status> {
+        let LeaveRequest { worker_id, reason } = request.into_inner();
+        required("worker_id", &worker_id)?;
+        self.coordinator
+            .apply(|s, now, fx| s.leave(&worker_id, &reason, now, fx))
+            .await?;
+        Ok(ack((WorkerAction::Continue, String::new())))
     }
 }

@@ -853,6 +853,40 @@ impl State {
         Ok((WorkerAction::Abort, reason))
     }
 
+    /// A worker leaves for good (asked to stop, e.g. before a Slurm
+    /// pre-emption), after its world committed a checkpoint. Its world ends
+    /// without counting as a failure and is re-formed from that checkpoint
+    /// when enough workers are free.
+    pub fn leave(
+        &mut self,
+        worker_id: &str,
+        reason: &str,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> Result<(), Error> {
+        self.live_worker(worker_id)?;
+        let reason = match reason.trim() {
+            "" => "asked to stop".to_string(),
+            r => r.to_string(),
+        };
+        let Some(worker) = self.workers.get_mut(worker_id) else {
+            return Ok(());
+        };
+        worker.row.status = WorkerStatus::Dead;
+        worker.row.dead_reason = format!("left: {reason}");
+        fx.writes.push(Write::Worker(worker.row.clone()));
+        let world = worker.world.clone();
+        tracing::info!(worker = %worker_id, %reason, "worker left");
+        if let Some((world_id, rank)) = world
+            && let Some(run_id) = self.worlds.get(&world_id).cloned()
+        {
+            let reason = format!("worker {worker_id} (rank {rank}) left: {reason}");
+            self.end_world(&run_id, &reason, false, now_ms, fx);
+        }
+        self.form_worlds(now_ms, fx);
+        Ok(())
+    }
+
     /// Drops an unusable checkpoint and every later one, moving the run
     /// back to the phase and step of the newest checkpoint left.
     fn forget_checkpoint(&mut self, run_id: &str, url: &str, fx: &mut Effects) {

@@ -9,9 +9,9 @@ use common::{Coordinator, SimWorker, fast_leases, spec_with, tiny_spec};
 use tokio_stream::StreamExt;
 use twinhead_coordinator::ServerConfig;
 use twinhead_proto::v1::{
-    CancelRunRequest, GetAssignmentRequest, GetRunRequest, ListRunsRequest, RendezvousRequest,
-    ReportFailureRequest, Run, RunEventKind, RunState, SubmitRunRequest, WatchRunRequest,
-    WorkerAction,
+    CancelRunRequest, GetAssignmentRequest, GetRunRequest, LeaveRequest, ListRunsRequest,
+    RendezvousRequest, ReportFailureRequest, Run, RunEventKind, RunState, SubmitRunRequest,
+    WatchRunRequest, WorkerAction,
 };
 
 async fn get(c: &Coordinator, id: &str) -> Run {
@@ -477,6 +477,50 @@ async fn a_silent_worker_is_declared_dead_and_the_world_reforms_from_the_checkpo
     assert_eq!(run.attempts.len(), 2);
     assert!(run.attempts[0].failed && run.attempts[0].end_reason.contains(&b.id));
     assert_eq!(run.state, RunState::Running as i32);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_leaving_worker_ends_its_world_without_a_failure_and_the_run_reforms_from_its_checkpoint()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Coordinator::start(&dir.path().join("c.db")).await;
+    // No restarts allowed: a leave must not count as one.
+    let id = submit(&c, spec_with("leave", &["max_restarts=0"])).await;
+    let mut a = SimWorker::register(&c, "a").await;
+    let mut b = SimWorker::register(&c, "b").await;
+    a.next_assignment().await;
+    b.next_assignment().await;
+    let world = a.world();
+    a.checkpoint(1).await.expect("checkpoint");
+    b.client
+        .leave(LeaveRequest {
+            worker_id: b.id.clone(),
+            reason: "SIGTERM".into(),
+        })
+        .await
+        .expect("leave");
+    let (action, reason) = a.heartbeat().await.expect("heartbeat");
+    assert_eq!(action, WorkerAction::Abort as i32, "{reason}");
+    let run = get(&c, &id).await;
+    assert_eq!(run.state, RunState::Running as i32, "{}", run.message);
+    let ended = &run.attempts[0];
+    assert!(!ended.failed, "{ended:?}");
+    assert!(
+        ended.end_reason.contains(&b.id) && ended.end_reason.contains("left: SIGTERM"),
+        "{}",
+        ended.end_reason
+    );
+    // The one who left is gone; a newcomer and the one who stayed re-form
+    // the run from the checkpoint committed before the leave.
+    let gone = b.heartbeat().await.expect_err("b left");
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone}");
+    let mut newcomer = SimWorker::register(&c, "c").await;
+    let (again, joined) = (a.next_assignment().await, newcomer.next_assignment().await);
+    assert_eq!(again.world_id, joined.world_id);
+    assert_ne!(again.world_id, world);
+    let from = again.start_checkpoint.expect("a start checkpoint");
+    assert_eq!((from.phase_index, from.step), (0, 1));
     c.stop().await;
 }
 

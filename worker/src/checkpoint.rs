@@ -349,11 +349,30 @@ pub fn write(root: &Location, snapshot: &CheckpointSnapshot) -> Result<Committed
     dir.put(MODEL_FILE, model)?;
     dir.put(OPTIMIZER_FILE, optimizer)?;
     dir.put(STATE_FILE, state_json)?;
+    stall_before_commit();
     dir.put(COMMITTED_FILE, marker)?;
     Ok(Committed {
         url: dir.url().to_string(),
         state,
     })
+}
+
+/// Test hook, off unless set: `TWINHEAD_TEST_STALL_CHECKPOINT_MS=N` makes
+/// every checkpoint write wait N ms between its files and its `COMMITTED`
+/// marker, so a process-level test can kill a worker mid-write.
+const STALL_CHECKPOINT_ENV: &str = "TWINHEAD_TEST_STALL_CHECKPOINT_MS";
+
+fn stall_before_commit() {
+    let stall = std::env::var(STALL_CHECKPOINT_ENV)
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok());
+    if let Some(ms) = stall {
+        tracing::warn!(
+            ms,
+            "test hook {STALL_CHECKPOINT_ENV}: stalling before COMMITTED"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 fn read_state(dir: &Location) -> Result<CheckpointState, CheckpointError> {

@@ -15,20 +15,27 @@
 //! A coordinator that restarts is waited for: calls are retried while it is
 //! unreachable, and its restart keeps this worker's id and lease. A worker
 //! that was declared dead registers again under a new id.
+//!
+//! A worker asked to leave (SIGTERM, or Slurm's pre-emption SIGUSR1) does
+//! not drop its step: the request rides on the step's all-reduce, so every
+//! rank of the world stops after the same step, rank 0 commits and reports
+//! a checkpoint there, and the leaving worker calls `Leave`. The coordinator
+//! ends the world without counting a failure; the others wait for that and
+//! stay available for the next world, which starts from that checkpoint.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use twinhead_proto::auth::Bearer;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
 use twinhead_proto::v1::{
-    Assignment, Checkpoint, GetAssignmentRequest, HeartbeatRequest, RegisterRequest,
+    Assignment, Checkpoint, GetAssignmentRequest, HeartbeatRequest, LeaveRequest, RegisterRequest,
     RendezvousRequest, ReportCheckpointRequest, ReportFailureRequest, ReportProgressRequest,
     WorkerAction,
 };
@@ -64,12 +71,25 @@ pub enum WorkerError {
     TrainerPanicked(String),
 }
 
+/// How a worker's life ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Shut down, or idle after its run (`exit_when_idle`).
+    Stopped,
+    /// Asked to leave: its world committed a checkpoint first (when it had
+    /// one) and the coordinator was told. A scheduler may requeue it.
+    Left,
+}
+
 /// How a phase ended on this rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PhaseEnd {
     /// The assignment's last step is trained (and, on rank 0, its
     /// checkpoint committed and reported).
     Finished,
+    /// A rank asked to leave: the world stopped after `step` steps of the
+    /// phase, whose checkpoint rank 0 committed and reported.
+    Stopped { step: u64 },
     /// The coordinator or a peer ended the world.
     Aborted(String),
 }
@@ -124,12 +144,19 @@ enum LinkMessage {
 pub struct Link {
     messages: mpsc::UnboundedSender<LinkMessage>,
     abort: Arc<AbortState>,
+    leave: watch::Receiver<bool>,
 }
 
 impl Link {
     /// Why the world ended, once it has.
     pub fn aborted(&self) -> Option<String> {
         self.abort.reason()
+    }
+
+    /// Whether this worker was asked to leave: the trainer stops the whole
+    /// world after the current step, with a checkpoint.
+    pub fn leave_requested(&self) -> bool {
+        *self.leave.borrow()
     }
 
     /// Sends a progress report without waiting for it.
@@ -240,13 +267,15 @@ fn transient(status: &Status) -> bool {
 
 const RETRY: Duration = Duration::from_millis(250);
 
-/// Runs a worker until `shutdown` resolves (or, with `exit_when_idle`, until
-/// its run has ended).
+/// Runs a worker until `shutdown` resolves (abandoning any step in flight),
+/// `leave` resolves (finishing the step, committing a checkpoint and leaving
+/// the coordinator), or, with `exit_when_idle`, until its run has ended.
 pub async fn run_worker(
     config: WorkerConfig,
     trainer: Box<dyn Trainer>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), WorkerError> {
+    leave: impl Future<Output = ()> + Send + 'static,
+) -> Result<WorkerExit, WorkerError> {
     let bearer = Bearer::new(config.token.as_deref()).map_err(|e| WorkerError::Url {
         url: config.coordinator.clone(),
         message: e.to_string(),
@@ -270,23 +299,44 @@ pub async fn run_worker(
             abort.abort(&world, "worker shutting down");
         });
     }
+    let (leave_tx, leave_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        leave.await;
+        tracing::info!("asked to leave: finishing the step and checkpointing");
+        let _ = leave_tx.send(true);
+        // Keep the sender: a dropped one would wake waiters spuriously.
+        std::future::pending::<()>().await;
+    });
     let mut trainer = Some(trainer);
     while !stop.load(Ordering::Acquire) {
-        let session =
-            Session::register(&config, client.clone(), abort.clone(), stop.clone()).await?;
+        if *leave_rx.borrow() {
+            // Never registered (or forgotten): nothing to hand over.
+            return Ok(WorkerExit::Left);
+        }
+        let session = Session::register(
+            &config,
+            client.clone(),
+            abort.clone(),
+            stop.clone(),
+            leave_rx.clone(),
+        )
+        .await?;
         let Some(session) = session else { break };
         match session.serve(&mut trainer).await? {
             SessionEnd::Stopped => break,
+            SessionEnd::Left => return Ok(WorkerExit::Left),
             SessionEnd::Forgotten => {
                 tracing::warn!("the coordinator no longer knows this worker; registering again");
             }
         }
     }
-    Ok(())
+    Ok(WorkerExit::Stopped)
 }
 
 enum SessionEnd {
     Stopped,
+    /// Asked to leave, and the coordinator was told.
+    Left,
     /// The coordinator declared this worker dead or lost it: register again.
     Forgotten,
 }
@@ -298,6 +348,7 @@ struct Session<'a> {
     worker_id: String,
     abort: Arc<AbortState>,
     stop: Arc<AtomicBool>,
+    leave: watch::Receiver<bool>,
     forgotten: Arc<AtomicBool>,
     heartbeat: tokio::task::JoinHandle<()>,
 }
@@ -314,6 +365,7 @@ impl<'a> Session<'a> {
         mut client: Client,
         abort: Arc<AbortState>,
         stop: Arc<AtomicBool>,
+        leave: watch::Receiver<bool>,
     ) -> Result<Option<Session<'a>>, WorkerError> {
         let request = RegisterRequest {
             hostname: config.hostname.clone(),
@@ -354,6 +406,7 @@ impl<'a> Session<'a> {
             worker_id,
             abort,
             stop,
+            leave,
             forgotten,
             heartbeat,
         }))
@@ -380,6 +433,10 @@ impl<'a> Session<'a> {
             if let Some(end) = self.ended() {
                 return Ok(end);
             }
+            if self.leave_requested() {
+                // Idle, or between phases (whose end is committed).
+                return Ok(self.leave("asked to stop between steps").await);
+            }
             let assignment = match self.next_assignment(&known).await {
                 Ok(Some(a)) => a,
                 Ok(None) => {
@@ -390,7 +447,14 @@ impl<'a> Session<'a> {
                         self.abort.leave();
                         known.clear();
                     }
-                    if self.config.exit_when_idle && trained_any && world.is_none() {
+                    if self.config.exit_when_idle
+                        && trained_any
+                        && world.is_none()
+                        && !self.leave_requested()
+                    {
+                        // Deregister, so no run waits on a lease to expire.
+                        self.deregister("idle after its run (--exit-when-idle)")
+                            .await;
                         return Ok(SessionEnd::Stopped);
                     }
                     continue;
@@ -406,6 +470,9 @@ impl<'a> Session<'a> {
                 self.abort.enter(&assignment.world_id);
                 match self.join_world(&assignment).await {
                     Ok(collective) => world = Some((assignment.world_id.clone(), collective)),
+                    Err(_) if self.leave_requested() => {
+                        return Ok(self.leave("asked to stop while joining a world").await);
+                    }
                     Err(e) => {
                         self.fail(
                             &assignment.world_id,
@@ -432,6 +499,25 @@ impl<'a> Session<'a> {
                 Ok(PhaseEnd::Finished) => {
                     world = Some((world_id, collective));
                 }
+                Ok(PhaseEnd::Stopped { step }) if self.leave_requested() => {
+                    let reason = format!(
+                        "asked to stop; phase {} checkpoint at step {step} committed",
+                        assignment.phase_index
+                    );
+                    drop(collective);
+                    return Ok(self.leave(&reason).await);
+                }
+                Ok(PhaseEnd::Stopped { step }) => {
+                    // A peer is leaving: it ends the world once rank 0's
+                    // checkpoint is recorded. Wait for that, so this worker
+                    // is not handed the old world again.
+                    tracing::info!(world = %world_id, step, "a peer is leaving; waiting for the world to end");
+                    drop(collective);
+                    while self.abort.reason().is_none() && self.ended().is_none() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    self.abort.leave();
+                }
                 Ok(PhaseEnd::Aborted(reason)) | Err(TrainError::Aborted(reason)) => {
                     tracing::warn!(world = %world_id, %reason, "world ended");
                     self.abort.leave();
@@ -453,6 +539,43 @@ impl<'a> Session<'a> {
         }
     }
 
+    fn leave_requested(&self) -> bool {
+        *self.leave.borrow()
+    }
+
+    /// Leaves for good after a leave request.
+    async fn leave(&self, reason: &str) -> SessionEnd {
+        self.deregister(reason).await;
+        SessionEnd::Left
+    }
+
+    /// Tells the coordinator this worker is gone (retrying while it is
+    /// unreachable, until the lease would have ended it anyway).
+    async fn deregister(&self, reason: &str) {
+        let mut client = self.client.clone();
+        let request = LeaveRequest {
+            worker_id: self.worker_id.clone(),
+            reason: reason.to_string(),
+        };
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.leave(request.clone()).await {
+                Ok(_) => {
+                    tracing::info!(worker = %self.worker_id, %reason, "left the coordinator");
+                    break;
+                }
+                Err(s) if transient(&s) && tokio::time::Instant::now() < give_up => {
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "could not leave; the lease will end this worker");
+                    break;
+                }
+            }
+        }
+        self.abort.leave();
+    }
+
     async fn next_assignment(&self, known: &str) -> Result<Option<Assignment>, SessionEnd> {
         let mut client = self.client.clone();
         let request = GetAssignmentRequest {
@@ -460,7 +583,13 @@ impl<'a> Session<'a> {
             known_assignment_id: known.to_string(),
             wait_ms: 10_000,
         };
-        match client.get_assignment(request).await {
+        let mut leave = self.leave.clone();
+        let reply = tokio::select! {
+            reply = client.get_assignment(request) => reply,
+            // An idle worker leaves at once rather than after the long poll.
+            _ = leave.wait_for(|asked| *asked) => return Ok(None),
+        };
+        match reply {
             Ok(reply) => Ok(reply.into_inner().assignment),
             Err(s) if s.code() == Code::NotFound => Err(SessionEnd::Forgotten),
             Err(s) => {
@@ -546,6 +675,9 @@ impl<'a> Session<'a> {
             if let Some(reason) = self.abort.reason() {
                 return Err(reason);
             }
+            if self.leave_requested() {
+                return Err("asked to leave".into());
+            }
             let request = RendezvousRequest {
                 worker_id: self.worker_id.clone(),
                 world_id: world_id.to_string(),
@@ -583,6 +715,7 @@ impl<'a> Session<'a> {
         let link = Link {
             messages,
             abort: self.abort.clone(),
+            leave: self.leave.clone(),
         };
         let job = assignment.clone();
         let mut thread = tokio::task::spawn_blocking(move || {

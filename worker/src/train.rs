@@ -16,6 +16,11 @@
 //!    back; the rows are appended to the data-order log;
 //! 6. progress to the coordinator; on the checkpoint policy (and at the
 //!    phase's last step) rank 0 writes a checkpoint and reports it.
+//!
+//! The all-reduce also carries each rank's "asked to leave" flag, so every
+//! rank learns in the same step that the world must stop: that step gets a
+//! checkpoint, and all ranks return [`PhaseEnd::Stopped`] once rank 0 has
+//! reported it.
 
 use std::time::Instant;
 
@@ -223,6 +228,8 @@ struct Session<B: AutodiffBackend> {
     optimizer: StableAdamW,
     /// (phase, steps done) the in-memory state corresponds to.
     at: (u32, u64),
+    /// The world whose ranks last agreed on these weights.
+    world_id: String,
 }
 
 /// Trains Ettin models on backend `B` (CPU: [`crate::CpuAutodiff`]).
@@ -310,15 +317,7 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
                     .restore(loaded.optimizer.step, loaded.optimizer.tensors)
                     .map_err(|e| bad(format!("optimizer state: {e}")))?;
             } else if !spec.init_from.is_empty() {
-                let path = spec.init_from.trim_start_matches("file://");
-                let imported = crate::hf::load::<B>(std::path::Path::new(path), &self.device)
-                    .map_err(failed(&format!("init_from {}", spec.init_from)))?;
-                values = read_params(&imported);
-            }
-            collective.check_fingerprint(fingerprint(&params))?;
-            // Every rank starts from rank 0's weights.
-            for buf in values.iter_mut() {
-                collective.broadcast(buf, 0)?;
+                values = init_weights::<B>(&spec.init_from, &params, &self.device)?;
             }
             let model = write_params(model, &values, &self.device);
             self.session = Some(Session {
@@ -327,7 +326,22 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
                 params,
                 optimizer,
                 at: start.unwrap_or((a.phase_index, 0)),
+                world_id: String::new(),
             });
+        }
+        if let Some(s) = self.session.as_mut()
+            && s.world_id != a.world_id
+        {
+            // A new world: a rank that kept its model in memory and one that
+            // loaded the checkpoint both get here, so their collective calls
+            // match. They agree on the layout and take rank 0's weights.
+            collective.check_fingerprint(fingerprint(&s.params))?;
+            let mut values = read_params(&s.model);
+            for buf in values.iter_mut() {
+                collective.broadcast(buf, 0)?;
+            }
+            s.model = write_params(s.model.clone(), &values, &self.device);
+            s.world_id = a.world_id.clone();
         }
         if let Some(s) = self.session.as_mut() {
             if a.phase_start {
@@ -348,6 +362,44 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
         }
         Ok(())
     }
+}
+
+/// The weights `init_from` names, in the order of `params`: a Hugging Face
+/// folder (it has `config.json`) or a committed twinhead checkpoint of any
+/// run and objective. Weights only; the caller's optimizer starts fresh.
+fn init_weights<B: Backend>(
+    init_from: &str,
+    params: &[(String, Vec<usize>, ParamId)],
+    device: &B::Device,
+) -> Result<Vec<Vec<f32>>, TrainError> {
+    let refused = |message: String| TrainError::Failed(format!("init_from {init_from}: {message}"));
+    let folder =
+        crate::store::Location::open(init_from, false).map_err(|e| refused(e.to_string()))?;
+    let is_hf = folder
+        .exists("config.json")
+        .map_err(|e| refused(e.to_string()))?;
+    let tensors: NamedTensors = if is_hf {
+        let path = init_from.trim_start_matches("file://");
+        let imported = crate::hf::load::<B>(std::path::Path::new(path), device)
+            .map_err(|e| refused(e.to_string()))?;
+        let mut names = ParamNames {
+            path: Vec::new(),
+            out: Vec::new(),
+        };
+        imported.visit(&mut names);
+        names
+            .out
+            .into_iter()
+            .zip(read_params(&imported))
+            .map(|((name, shape, _), values)| (name, shape, values))
+            .collect()
+    } else {
+        // Refuses a folder without COMMITTED or whose files do not hash.
+        checkpoint::load(init_from)
+            .map_err(|e| refused(e.to_string()))?
+            .model
+    };
+    match_tensors(params, tensors).map_err(|e| refused(e.to_string()))
 }
 
 fn read_params<B: Backend>(model: &ModernBert<B>) -> Vec<Vec<f32>> {
@@ -579,14 +631,17 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 let grads = GradientsParams::from_grads(total.backward(), &session.model);
                 add_grads(&session.model, &grads, &session.params, &mut flat);
             }
-            // One all-reduce for gradients, loss and target count.
-            let mut packed: Vec<f32> = Vec::with_capacity(param_count + 2);
+            // One all-reduce for gradients, loss, target count and whether
+            // any rank was asked to leave.
+            let mut packed: Vec<f32> = Vec::with_capacity(param_count + 3);
             for g in &flat {
                 packed.extend_from_slice(g);
             }
             packed.push(loss_sum as f32);
             packed.push(count as f32);
+            packed.push(if link.leave_requested() { 1.0 } else { 0.0 });
             collective.all_reduce_mean(&mut packed)?;
+            let stopping = packed[param_count + 2] > 0.0;
             let mean_count = f64::from(packed[param_count + 1]);
             let mean_loss = f64::from(packed[param_count]) / mean_count.max(f64::MIN_POSITIVE);
             let scale = (1.0 / mean_count.max(f64::MIN_POSITIVE)) as f32;
@@ -641,10 +696,12 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 window = (now, 0);
             }
 
-            // Checkpoints: every `every_tokens`, and always at the phase end.
+            // Checkpoints: every `every_tokens`, always at the phase end, and
+            // where the world stops for a leaving rank.
             let every = checkpoint_policy.every_tokens;
             let phase_end = done == a.num_steps;
-            let due = phase_end || (every > 0 && tokens / every > tokens_before / every);
+            let due =
+                phase_end || stopping || (every > 0 && tokens / every > tokens_before / every);
             if due {
                 order.flush().map_err(failed("data-order log"))?;
             }
@@ -676,10 +733,11 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 };
                 pending.push(writer.write_async(snapshot).map_err(failed("checkpoint"))?);
             }
-            // Report checkpoints as they commit; the phase end waits for all.
+            // Report checkpoints as they commit; the phase end (and a stop)
+            // waits for all.
             let mut still = Vec::new();
             for handle in pending.drain(..) {
-                let finished = if phase_end {
+                let finished = if phase_end || stopping {
                     Some(handle.wait())
                 } else {
                     match handle.try_wait() {
@@ -706,6 +764,11 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 }
             }
             pending = still;
+            if stopping {
+                // Nobody leaves before rank 0 has reported the checkpoint.
+                collective.barrier()?;
+                return Ok(PhaseEnd::Stopped { step: done });
+            }
         }
         order.flush().map_err(failed("data-order log"))?;
         Ok(PhaseEnd::Finished)

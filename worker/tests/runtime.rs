@@ -196,6 +196,7 @@ async fn two_workers_train_both_phases_over_a_real_collective() {
             worker_config(&c.url, name),
             trainer,
             std::future::pending(),
+            std::future::pending(),
         )));
     }
     let run = wait_for_state(
@@ -254,6 +255,7 @@ async fn a_vanished_worker_is_replaced_and_training_resumes_from_the_checkpoint(
         tokio::spawn(run_worker(
             worker_config(&c.url, name),
             trainer,
+            std::future::pending(),
             std::future::pending(),
         ))
     };
