@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 import time
 
 from datatrove.executor import LocalPipelineExecutor
