@@ -22,6 +22,23 @@ struct RawConfig {
     output: RawOutput,
     sources: Vec<RawSource>,
     phases: Vec<RawPhase>,
+    decontamination: Option<RawDecontamination>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDecontamination {
+    ngram: Option<usize>,
+    references: Vec<RawReference>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReference {
+    input: String,
+    format: Format,
+    text_field: Option<String>,
+    text_fields: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +168,16 @@ pub struct NgramRule {
     pub max_fraction: f64,
 }
 
+/// Documents that share a word n-gram with a reference set (evaluation
+/// data) are dropped from every source, counted as `decontaminated`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decontamination {
+    /// Words per n-gram (13, as GPT-3's overlap analysis used).
+    pub ngram: usize,
+    /// Reference inputs, read like sources (named `reference-N`, no filters).
+    pub references: Vec<SourceConfig>,
+}
+
 /// How the tokenizer is obtained.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenizerSpec {
@@ -235,6 +262,8 @@ pub struct DatasetConfig {
     pub sources: Vec<SourceConfig>,
     /// Phases, in config order.
     pub phases: Vec<PhaseConfig>,
+    /// Decontamination against reference sets, if configured.
+    pub decontamination: Option<Decontamination>,
 }
 
 impl DatasetConfig {
@@ -282,6 +311,40 @@ fn resolve_input(base: &Path, input: &str) -> String {
     } else {
         base.join(p).to_string_lossy().into_owned()
     }
+}
+
+/// The text fields of a source: none for `text`, else `text_field`,
+/// `text_fields` or `text`. An error names the key (relative to the source).
+fn text_fields(
+    format: Format,
+    one: Option<String>,
+    many: Option<Vec<String>>,
+) -> std::result::Result<Vec<String>, (&'static str, String)> {
+    let fields = match (format, one, many) {
+        (Format::Text, None, None) => Vec::new(),
+        (Format::Text, _, _) => {
+            return Err(("text_field", "format \"text\" takes no text field".into()));
+        }
+        (_, Some(_), Some(_)) => {
+            return Err((
+                "text_fields",
+                "set `text_field` or `text_fields`, not both".into(),
+            ));
+        }
+        (_, Some(f), None) => vec![f],
+        (_, None, Some(fs)) if !fs.is_empty() => fs,
+        (_, None, _) => vec!["text".to_string()],
+    };
+    if fields
+        .iter()
+        .any(|f| f.is_empty() || f.split('.').any(str::is_empty))
+    {
+        return Err((
+            "text_fields",
+            "field paths must be non-empty, dotted like `doc.text`".into(),
+        ));
+    }
+    Ok(fields)
 }
 
 fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<DatasetConfig> {
@@ -373,33 +436,8 @@ fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<Data
                 format!("{:?} is used by an earlier source", s.name),
             ));
         }
-        let text_fields = match (s.format, s.text_field, s.text_fields) {
-            (Format::Text, None, None) => Vec::new(),
-            (Format::Text, _, _) => {
-                return Err(bad(
-                    &key("text_field"),
-                    "format \"text\" takes no text field".into(),
-                ));
-            }
-            (_, Some(_), Some(_)) => {
-                return Err(bad(
-                    &key("text_fields"),
-                    "set `text_field` or `text_fields`, not both".into(),
-                ));
-            }
-            (_, Some(f), None) => vec![f],
-            (_, None, Some(fs)) if !fs.is_empty() => fs,
-            (_, None, _) => vec!["text".to_string()],
-        };
-        if text_fields
-            .iter()
-            .any(|f| f.is_empty() || f.split('.').any(str::is_empty))
-        {
-            return Err(bad(
-                &key("text_fields"),
-                "field paths must be non-empty, dotted like `doc.text`".into(),
-            ));
-        }
+        let text_fields =
+            text_fields(s.format, s.text_field, s.text_fields).map_err(|(k, m)| bad(&key(k), m))?;
         if s.format != Format::Text && (s.extensions.is_some() || s.files_per_part.is_some()) {
             return Err(bad(
                 &key("extensions"),
@@ -545,6 +583,48 @@ fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<Data
         });
     }
 
+    let decontamination = match raw.decontamination {
+        None => None,
+        Some(d) => {
+            let ngram = d.ngram.unwrap_or(13);
+            if !(4..=64).contains(&ngram) {
+                return Err(bad(
+                    "decontamination.ngram",
+                    format!("{ngram} must be in 4..=64 words"),
+                ));
+            }
+            if d.references.is_empty() {
+                return Err(bad(
+                    "decontamination.references",
+                    "at least one reference input is needed".into(),
+                ));
+            }
+            let mut references = Vec::with_capacity(d.references.len());
+            for (i, r) in d.references.into_iter().enumerate() {
+                let key = |k: &str| format!("decontamination.references[{i}].{k}");
+                if r.input.trim().is_empty() {
+                    return Err(bad(&key("input"), "must not be empty".into()));
+                }
+                let text_fields = text_fields(r.format, r.text_field, r.text_fields)
+                    .map_err(|(k, m)| bad(&key(k), m))?;
+                references.push(SourceConfig {
+                    name: format!("reference-{i}"),
+                    input: resolve_input(base, &r.input),
+                    format: r.format,
+                    text_fields,
+                    id_field: None,
+                    extensions: Vec::new(),
+                    files_per_part: 1,
+                    max_files: None,
+                    max_docs: None,
+                    max_chars: None,
+                    filters: Filters::default(),
+                });
+            }
+            Some(Decontamination { ngram, references })
+        }
+    };
+
     Ok(DatasetConfig {
         path: path.to_path_buf(),
         text: text.to_string(),
@@ -556,5 +636,6 @@ fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<Data
         rows_per_row_group,
         sources,
         phases,
+        decontamination,
     })
 }

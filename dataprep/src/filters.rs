@@ -53,6 +53,24 @@ impl Hasher for PassThrough {
 
 type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
 
+/// Hashes of a text's word n-grams for decontamination: words are runs of
+/// letters and digits, lowercased, so punctuation and case do not hide an
+/// overlap. A text of fewer than `n` words has none.
+pub fn word_ngrams(text: &str, n: usize) -> Vec<u64> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    if n == 0 || words.len() < n {
+        return Vec::new();
+    }
+    words
+        .windows(n)
+        .map(|w| xxh3_64(w.join(" ").as_bytes()))
+        .collect()
+}
+
 /// Why a document was dropped by a filter; the string is the counter name in
 /// reports and the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -235,6 +253,18 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn word_ngrams_ignore_case_and_punctuation() {
+        let a = word_ngrams("The quick, brown fox -- jumps!", 3);
+        let b = word_ngrams("the QUICK brown fox jumps", 3);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a, b);
+        assert!(word_ngrams("two words", 3).is_empty());
+        let c = word_ngrams("the quick brown cat jumps", 3);
+        assert_eq!(a[0], c[0]);
+        assert_ne!(a[1], c[1]);
+    }
     use crate::config::NgramRule;
 
     #[test]

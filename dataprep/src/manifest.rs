@@ -143,6 +143,24 @@ pub struct Manifest {
     pub sources: Vec<SourceStats>,
     /// Phases in config order.
     pub phases: Vec<PhaseStats>,
+    /// The reference sets documents were checked against, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decontamination: Option<DecontaminationInfo>,
+}
+
+/// What a build decontaminated against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecontaminationInfo {
+    /// Words per n-gram.
+    pub ngram: usize,
+    /// Reference documents read.
+    pub reference_docs: u64,
+    /// Reference documents shorter than `ngram` words (they cannot match).
+    pub reference_docs_too_short: u64,
+    /// Distinct reference n-grams.
+    pub ngrams: u64,
+    /// sha256 of the sorted n-gram hashes: equal sets give equal digests.
+    pub sha256: String,
 }
 
 /// Marker written after a file (or a stage) completed.

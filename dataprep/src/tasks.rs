@@ -15,7 +15,7 @@
 //! whose result is already stored for this config finds it and does
 //! nothing, which is how an interrupted build resumes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{DatasetConfig, TokenizerSpec};
 use crate::error::{Error, Result};
 use crate::formats::{self, Doc, ScanDoc};
-use crate::manifest::{self, Manifest, PhaseStats, SourceStats, TokenizerInfo};
+use crate::manifest::{
+    self, DecontaminationInfo, Manifest, PhaseStats, SourceStats, TokenizerInfo,
+};
 use crate::read::{Issue, ReadOutput};
 use crate::stage1::{self, Counters, Dedup, MarkerLite, PartPlan, Written};
 use crate::stage2;
@@ -141,6 +143,9 @@ struct SourcePlan {
 struct ScanDone {
     config_sha256: String,
     files: Vec<String>,
+    /// The decontamination set it was checked against ("" for none).
+    #[serde(default)]
+    reference_sha256: String,
     records: u64,
     rejected: BTreeMap<String, u64>,
     issues: Vec<Issue>,
@@ -172,13 +177,20 @@ struct Tokenizer {
     build_key: String,
 }
 
+/// The decontamination reference: n-gram hashes of every reference document.
+struct Reference {
+    grams: HashSet<u64>,
+    info: DecontaminationInfo,
+}
+
 /// A dataset build in one location: the config, where it goes, and the
-/// tokenizer once loaded.
+/// tokenizer and decontamination set once loaded.
 pub struct Build {
     cfg: DatasetConfig,
     out: Location,
     url: String,
     tokenizer: OnceLock<Arc<Tokenizer>>,
+    reference: OnceLock<Option<Arc<Reference>>>,
 }
 
 fn plan_path(source: &str) -> String {
@@ -249,6 +261,7 @@ impl Build {
             out,
             url,
             tokenizer: OnceLock::new(),
+            reference: OnceLock::new(),
         })
     }
 
@@ -356,10 +369,76 @@ impl Build {
     }
 
     fn scan_done(&self, source: &str, part: usize, files: &[String]) -> Result<Option<ScanDone>> {
+        let reference = self.reference_sha256()?;
         Ok(
-            from_json::<ScanDone>(&self.out, &scan_marker_path(source, part))?
-                .filter(|d| d.config_sha256 == self.cfg.sha256 && d.files == files),
+            from_json::<ScanDone>(&self.out, &scan_marker_path(source, part))?.filter(|d| {
+                d.config_sha256 == self.cfg.sha256
+                    && d.files == files
+                    && d.reference_sha256 == reference
+            }),
         )
+    }
+
+    /// The decontamination set, read once per build (every reference input
+    /// must be readable: a silently smaller set would let evaluation text
+    /// through).
+    fn reference(&self) -> Result<Option<Arc<Reference>>> {
+        if let Some(r) = self.reference.get() {
+            return Ok(r.clone());
+        }
+        let Some(d) = &self.cfg.decontamination else {
+            return Ok(self.reference.get_or_init(|| None).clone());
+        };
+        let mut grams = HashSet::new();
+        let (mut docs, mut too_short) = (0u64, 0u64);
+        for src in &d.references {
+            let (loc, files) = store::list_input(&src.input)?;
+            if files.is_empty() {
+                return Err(Error::Input {
+                    source_name: src.name.clone(),
+                    input: src.input.clone(),
+                    message: "decontamination reference matches no file".into(),
+                });
+            }
+            for f in files {
+                let mut read = ReadOutput::default();
+                crate::read::read_input(
+                    &loc,
+                    &f.rel,
+                    src,
+                    crate::config::OnError::Fail,
+                    &mut read,
+                )?;
+                for doc in read.docs {
+                    docs += 1;
+                    let g =
+                        crate::filters::word_ngrams(&crate::filters::normalize(&doc.text), d.ngram);
+                    if g.is_empty() {
+                        too_short += 1;
+                    }
+                    grams.extend(g);
+                }
+            }
+        }
+        let mut sorted: Vec<u64> = grams.iter().copied().collect();
+        sorted.sort_unstable();
+        let bytes: Vec<u8> = sorted.iter().flat_map(|g| g.to_le_bytes()).collect();
+        let info = DecontaminationInfo {
+            ngram: d.ngram,
+            reference_docs: docs,
+            reference_docs_too_short: too_short,
+            ngrams: sorted.len() as u64,
+            sha256: stage1::sha256(&bytes),
+        };
+        let loaded = Some(Arc::new(Reference { grams, info }));
+        Ok(self.reference.get_or_init(|| loaded).clone())
+    }
+
+    fn reference_sha256(&self) -> Result<String> {
+        Ok(self
+            .reference()?
+            .map(|r| r.info.sha256.clone())
+            .unwrap_or_default())
     }
 
     fn scan(&self, source: usize, part: usize, progress: &dyn ProgressSink) -> Result<()> {
@@ -377,7 +456,19 @@ impl Build {
             index: part,
             files: files.clone(),
         };
-        let scanned = stage1::scan_part(&loc, &part_plan, src, self.cfg.on_error)?;
+        let mut scanned = stage1::scan_part(&loc, &part_plan, src, self.cfg.on_error)?;
+        if let (Some(reference), Some(d)) = (self.reference()?, &self.cfg.decontamination) {
+            let before = scanned.docs.len();
+            scanned.docs.retain(|doc| {
+                !crate::filters::word_ngrams(&doc.text, d.ngram)
+                    .iter()
+                    .any(|g| reference.grams.contains(g))
+            });
+            let dropped = (before - scanned.docs.len()) as u64;
+            if dropped > 0 {
+                *scanned.dropped.entry("decontaminated".into()).or_insert(0) += dropped;
+            }
+        }
         let bytes_read: u64 = scanned.docs.iter().map(|d| d.text.len() as u64).sum();
         progress.read(scanned.read.records, bytes_read);
         let docs: Vec<ScanDoc> = scanned
@@ -402,6 +493,7 @@ impl Build {
         let done = ScanDone {
             config_sha256: self.cfg.sha256.clone(),
             files: files.clone(),
+            reference_sha256: self.reference_sha256()?,
             records,
             rejected,
             issues,
@@ -759,6 +851,7 @@ impl Build {
             },
             sources,
             phases,
+            decontamination: self.reference()?.map(|r| r.info.clone()),
         };
         self.out.put(
             manifest::MANIFEST,

@@ -338,6 +338,20 @@ weights = { web = 1.0 }
             "sources[0].filters.max_digit_ratio",
             "[0, 1]",
         ),
+        (
+            format!(
+                "{base}[decontamination]\nngram = 2\n[[decontamination.references]]\ninput = \"e.jsonl\"\nformat = \"jsonl\"\n"
+            ),
+            "decontamination.ngram",
+            "4..=64",
+        ),
+        (
+            format!(
+                "{base}[decontamination]\n[[decontamination.references]]\ninput = \"e\"\nformat = \"text\"\ntext_field = \"q\"\n"
+            ),
+            "decontamination.references[0].text_field",
+            "no text field",
+        ),
     ];
     for (text, key, what) in cases {
         let e = DatasetConfig::parse(&path, &text).unwrap_err().to_string();

@@ -408,3 +408,87 @@ fn a_changed_tokenizer_file_is_never_mixed_with_old_files() {
     let e = build(&cfg_b, out.to_str().unwrap(), 2, &NoProgress).unwrap_err();
     assert!(e.to_string().contains("another version"), "{e}");
 }
+
+#[test]
+fn documents_overlapping_a_reference_set_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    // 30 words from the middle of one chapter, re-punctuated and upper-cased:
+    // the overlap is found on words, whatever the case and punctuation.
+    let chapter = std::fs::read_to_string(common::fixtures().join("books/chapter_2.txt")).unwrap();
+    let words: Vec<&str> = chapter
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let passage = words[200..230].join(", ").to_uppercase();
+    let reference = dir.path().join("evals.jsonl");
+    std::fs::write(
+        &reference,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({ "question": passage }),
+            serde_json::json!({ "question": "too short to match anything" })
+        ),
+    )
+    .unwrap();
+    let block = format!(
+        "\n[decontamination]\nngram = 13\n[[decontamination.references]]\ninput = {:?}\nformat = \"jsonl\"\ntext_field = \"question\"\n",
+        reference.to_str().unwrap()
+    );
+    let plain = build(
+        &common::fixture_config(dir.path(), ""),
+        dir.path().join("plain").to_str().unwrap(),
+        2,
+        &NoProgress,
+    )
+    .unwrap();
+    let clean_dir = dir.path().join("clean");
+    std::fs::create_dir_all(&clean_dir).unwrap();
+    let clean = build(
+        &common::fixture_config(&clean_dir, &block),
+        dir.path().join("clean").to_str().unwrap(),
+        2,
+        &NoProgress,
+    )
+    .unwrap();
+    let books = |m: &twinhead_dataprep::Manifest| {
+        m.sources
+            .iter()
+            .find(|s| s.name == "books")
+            .unwrap()
+            .clone()
+    };
+    let (before, after) = (books(&plain.manifest), books(&clean.manifest));
+    assert_eq!(after.dropped.get("decontaminated"), Some(&1));
+    assert_eq!(after.kept, before.kept - 1);
+    // No other source shares those n-grams.
+    for s in &clean.manifest.sources {
+        if s.name != "books" {
+            assert_eq!(s.dropped.get("decontaminated"), None, "{}", s.name);
+        }
+    }
+    let info = clean.manifest.decontamination.as_ref().unwrap();
+    assert_eq!(
+        (
+            info.ngram,
+            info.reference_docs,
+            info.reference_docs_too_short
+        ),
+        (13, 2, 1)
+    );
+    assert_eq!(info.ngrams, 30 - 13 + 1);
+    assert!(plain.manifest.decontamination.is_none());
+    assert!(verify(&clean.url).unwrap().ok);
+
+    // A missing reference fails the build rather than checking nothing.
+    let missing = block.replace("evals.jsonl", "no-such-evals.jsonl");
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let e = build(
+        &common::fixture_config(&other, &missing),
+        other.join("out").to_str().unwrap(),
+        2,
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no-such-evals.jsonl"), "{e}");
+}
