@@ -45,6 +45,8 @@ struct RawReference {
 #[serde(deny_unknown_fields)]
 struct RawTokenizer {
     path: Option<String>,
+    /// A base tokenizer.json (the OLMo BPE) turned into the Ettin layout.
+    ettin_from: Option<String>,
     train: Option<RawTrain>,
     cls_token: Option<String>,
     sep_token: Option<String>,
@@ -187,6 +189,9 @@ pub enum TokenizerSpec {
         cls_token: String,
         sep_token: String,
     },
+    /// The Ettin layout (specials and unused tokens appended, `[CLS] $A
+    /// [SEP]`) built from a base `tokenizer.json`, the OLMo BPE.
+    Ettin { base: PathBuf },
     /// Train a byte-level BPE on the kept documents.
     Train {
         vocab_size: u32,
@@ -364,15 +369,35 @@ fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<Data
             .unwrap_or_else(|| "dataset".to_string()),
     };
 
+    let given = [
+        raw.tokenizer.path.is_some(),
+        raw.tokenizer.ettin_from.is_some(),
+        raw.tokenizer.train.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(bad(
+            "tokenizer",
+            "set exactly one of `path`, `ettin_from` and `train`".into(),
+        ));
+    }
+    if let Some(b) = &raw.tokenizer.ettin_from
+        && (raw.tokenizer.cls_token.is_some() || raw.tokenizer.sep_token.is_some())
+    {
+        return Err(bad(
+            "tokenizer.cls_token",
+            format!(
+                "the Ettin layout built from {b:?} always frames documents with [CLS] and [SEP]"
+            ),
+        ));
+    }
     let tokenizer = match (raw.tokenizer.path, raw.tokenizer.train) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                "tokenizer",
-                "set either `path` or `train`, not both".into(),
-            ));
-        }
-        (None, None) => return Err(bad("tokenizer", "set `path` or `train`".into())),
-        (Some(p), None) => TokenizerSpec::Path {
+        (_, _) if raw.tokenizer.ettin_from.is_some() => TokenizerSpec::Ettin {
+            base: PathBuf::from(resolve_input(
+                base,
+                raw.tokenizer.ettin_from.as_deref().unwrap_or_default(),
+            )),
+        },
+        (Some(p), _) => TokenizerSpec::Path {
             path: PathBuf::from(resolve_input(base, &p)),
             cls_token: raw.tokenizer.cls_token.unwrap_or_else(|| "[CLS]".into()),
             sep_token: raw.tokenizer.sep_token.unwrap_or_else(|| "[SEP]".into()),
@@ -398,6 +423,12 @@ fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<Data
                 min_frequency: t.min_frequency.unwrap_or(2),
                 max_chars: t.max_chars.unwrap_or(50_000_000),
             }
+        }
+        (None, None) => {
+            return Err(bad(
+                "tokenizer",
+                "set `path`, `ettin_from` or `train`".into(),
+            ));
         }
     };
 

@@ -235,6 +235,18 @@ fn missing(out: &Location, rel: &str, what: &str) -> Error {
     }
 }
 
+/// A file named by a local path or a storage URL (tokenizers).
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    let p = path.to_string_lossy();
+    if p.contains("://") {
+        let spec = store::split_input(&p);
+        let loc = Location::open(&spec.base, false)?;
+        return loc.get(spec.pattern.as_deref().unwrap_or_default());
+    }
+    std::fs::read(path)
+        .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))
+}
+
 /// Kept-document runs from a keep mask.
 fn runs(mask: &[bool]) -> Vec<[u64; 2]> {
     let mut out: Vec<[u64; 2]> = Vec::new();
@@ -293,8 +305,17 @@ impl Build {
                 this: self.cfg.sha256.clone(),
             });
         }
-        if let TokenizerSpec::Path { path, .. } = &self.cfg.tokenizer
-            && let Ok(bytes) = std::fs::read(path)
+        let given = match &self.cfg.tokenizer {
+            TokenizerSpec::Path { path, .. } => Some((path, read_file(path).ok())),
+            TokenizerSpec::Ettin { base } => Some((
+                base,
+                read_file(base)
+                    .ok()
+                    .and_then(|b| tokenizer::ettin_layout(&b).ok()),
+            )),
+            TokenizerSpec::Train { .. } => None,
+        };
+        if let Some((path, Some(bytes))) = given
             && stage1::sha256(&bytes) != m.tokenizer.sha256
         {
             return Err(Error::Tokenizer(format!(
@@ -565,21 +586,9 @@ impl Build {
     /// bytes of text) unless an earlier run already did.
     fn store_tokenizer(&self) -> Result<()> {
         match &self.cfg.tokenizer {
-            TokenizerSpec::Path { path, .. } => {
-                let p = path.to_string_lossy();
-                let bytes = if p.contains("://") {
-                    let spec = store::split_input(&p);
-                    let loc = Location::open(&spec.base, false)?;
-                    loc.get(spec.pattern.as_deref().unwrap_or_default())?
-                } else {
-                    std::fs::read(path).map_err(|e| {
-                        Error::Tokenizer(format!("cannot read {}: {e}", path.display()))
-                    })?
-                };
-                if self.out.get_opt(manifest::TOKENIZER)?.as_deref() != Some(&bytes[..]) {
-                    self.out.put(manifest::TOKENIZER, bytes)?;
-                }
-                Ok(())
+            TokenizerSpec::Path { path, .. } => self.put_tokenizer(read_file(path)?),
+            TokenizerSpec::Ettin { base } => {
+                self.put_tokenizer(tokenizer::ettin_layout(&read_file(base)?)?)
             }
             TokenizerSpec::Train {
                 vocab_size,
@@ -630,6 +639,13 @@ impl Build {
         }
     }
 
+    fn put_tokenizer(&self, bytes: Vec<u8>) -> Result<()> {
+        if self.out.get_opt(manifest::TOKENIZER)?.as_deref() != Some(&bytes[..]) {
+            self.out.put(manifest::TOKENIZER, bytes)?;
+        }
+        Ok(())
+    }
+
     fn bad_runs(&self, source: &str, part: usize) -> Error {
         Error::Corrupt {
             location: self.out.name(&merge_path(source)),
@@ -656,7 +672,9 @@ impl Build {
         }
         let bytes = match self.cfg.tokenizer {
             TokenizerSpec::Train { .. } => self.trained_tokenizer()?,
-            TokenizerSpec::Path { .. } => self.out.get_opt(manifest::TOKENIZER)?,
+            TokenizerSpec::Path { .. } | TokenizerSpec::Ettin { .. } => {
+                self.out.get_opt(manifest::TOKENIZER)?
+            }
         }
         .ok_or_else(|| missing(&self.out, manifest::TOKENIZER, "the tokenizer"))?;
         let (cls, sep) = match &self.cfg.tokenizer {
@@ -665,7 +683,7 @@ impl Build {
                 sep_token,
                 ..
             } => (cls_token.as_str(), sep_token.as_str()),
-            TokenizerSpec::Train { .. } => ("[CLS]", "[SEP]"),
+            TokenizerSpec::Train { .. } | TokenizerSpec::Ettin { .. } => ("[CLS]", "[SEP]"),
         };
         let tok = Tok::from_bytes(&bytes, cls, sep)?;
         let sha256 = stage1::sha256(&bytes);

@@ -1,6 +1,7 @@
-//! The dataset's tokenizer: a `tokenizer.json` given by path, or a byte-level
-//! BPE trained (deterministically) on the kept documents. Either way its
-//! bytes are stored with the dataset as `tokenizer.json`.
+//! The dataset's tokenizer: a `tokenizer.json` given by path, the Ettin
+//! layout built from a base tokenizer (the OLMo BPE), or a byte-level BPE
+//! trained (deterministically) on the kept documents. Either way its bytes
+//! are stored with the dataset as `tokenizer.json`.
 
 use std::collections::HashSet;
 
@@ -65,6 +66,52 @@ impl Tok {
         out.push(self.sep);
         Ok(out)
     }
+}
+
+/// Specials the Ettin layout appends to its base vocabulary, in id order,
+/// followed by `[unused0]` … `[unused82]`: on the OLMo BPE (50,280 ids)
+/// that is `[UNK]` 50280, `[CLS]` 50281, `[SEP]` 50282, `[PAD]` 50283,
+/// `[MASK]` 50284 and a vocabulary of 50,368.
+pub const ETTIN_SPECIALS: [&str; 5] = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"];
+
+/// `[unused0]` … `[unused82]` after the specials.
+pub const ETTIN_UNUSED: usize = 83;
+
+/// The Ettin tokenizer from its base (`tokenizer.json` bytes of the OLMo
+/// BPE): the specials and unused tokens appended after the base vocabulary,
+/// `[MASK]` stripping the space before it as ModernBERT's does, and a
+/// `[CLS] $A [SEP]` post-processor. Deterministic for the same base.
+pub fn ettin_layout(base: &[u8]) -> Result<Vec<u8>> {
+    let mut tok = Tokenizer::from_bytes(base).map_err(|e| terr(format!("base tokenizer: {e}")))?;
+    let first = u32::try_from(tok.get_vocab_size(true)).map_err(terr)?;
+    let mut added: Vec<AddedToken> = ETTIN_SPECIALS
+        .iter()
+        .map(|s| AddedToken::from(*s, true).lstrip(*s == "[MASK]"))
+        .collect();
+    added.extend((0..ETTIN_UNUSED).map(|i| AddedToken::from(format!("[unused{i}]"), true)));
+    tok.add_special_tokens(&added);
+    let (cls, sep) = (first + 1, first + 2);
+    let post = TemplateProcessing::builder()
+        .try_single("[CLS] $A [SEP]")
+        .map_err(terr)?
+        .try_pair("[CLS] $A [SEP] $B [SEP]")
+        .map_err(terr)?
+        .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
+        .build()
+        .map_err(terr)?;
+    tok.with_post_processor(Some(post));
+    let json = tok.to_string(false).map_err(terr)?;
+    // The layout is promised by id: check it before anyone relies on it.
+    let check = Tokenizer::from_bytes(json.as_bytes()).map_err(terr)?;
+    for (i, s) in ETTIN_SPECIALS.iter().enumerate() {
+        if check.token_to_id(s) != Some(first + i as u32) {
+            return Err(terr(format!(
+                "the base tokenizer already has {s} (at {:?}); the Ettin layout needs a base without it",
+                check.token_to_id(s)
+            )));
+        }
+    }
+    Ok(json.into_bytes())
 }
 
 /// Train a byte-level BPE of `vocab_size` on `texts` (in the given order) and
@@ -145,6 +192,41 @@ mod tests {
         assert_eq!(ids.first(), Some(&1));
         assert_eq!(ids.last(), Some(&2));
         assert!(ids.len() >= 3);
+        Ok(())
+    }
+
+    #[test]
+    fn ettin_layout_appends_specials_and_unused_after_the_base() -> Result<()> {
+        // A base without [CLS] and friends, as the OLMo BPE is.
+        let corpus: Vec<String> = (0..100).map(|i| format!("ship {i} sails west")).collect();
+        let trained = train_bpe(corpus.iter().map(String::as_str), 320, 2)?;
+        let mut json: serde_json::Value = serde_json::from_slice(&trained).map_err(terr)?;
+        json["added_tokens"] = serde_json::json!([]);
+        json["post_processor"] = serde_json::Value::Null;
+        if let Some(vocab) = json["model"]["vocab"].as_object_mut() {
+            for s in SPECIALS {
+                vocab.remove(s);
+            }
+        }
+        let base = serde_json::to_vec(&json).map_err(terr)?;
+        let base_size = Tokenizer::from_bytes(&base)
+            .map_err(terr)?
+            .get_vocab_size(true) as u32;
+
+        let a = ettin_layout(&base)?;
+        assert_eq!(a, ettin_layout(&base)?, "deterministic");
+        let tok = Tok::from_bytes(&a, "[CLS]", "[SEP]")?;
+        assert_eq!((tok.cls, tok.sep), (base_size + 1, base_size + 2));
+        assert_eq!(tok.vocab_size, base_size + 5 + ETTIN_UNUSED as u32);
+        let t = Tokenizer::from_bytes(&a).map_err(terr)?;
+        assert_eq!(t.token_to_id("[MASK]"), Some(base_size + 4));
+        assert_eq!(t.token_to_id("[unused82]"), Some(base_size + 87));
+        let framed = t.encode("ship west", true).map_err(terr)?;
+        assert_eq!(framed.get_ids().first(), Some(&(base_size + 1)));
+        assert_eq!(framed.get_ids().last(), Some(&(base_size + 2)));
+        // A base that already has the specials is refused by name.
+        let e = ettin_layout(&trained).unwrap_err().to_string();
+        assert!(e.contains("[UNK]"), "{e}");
         Ok(())
     }
 }
