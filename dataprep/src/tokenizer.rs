@@ -225,7 +225,9 @@ mod tests {
         assert_eq!(framed.get_ids().first(), Some(&(base_size + 1)));
         assert_eq!(framed.get_ids().last(), Some(&(base_size + 2)));
         // A base that already has the specials is refused by name.
-        let e = ettin_layout(&trained).unwrap_err().to_string();
+        let e = ettin_layout(&trained)
+            .expect_err("a base with the specials")
+            .to_string();
         assert!(e.contains("[UNK]"), "{e}");
         Ok(())
     }
