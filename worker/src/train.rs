@@ -41,7 +41,7 @@ use crate::checkpoint::{
 use crate::collective::Collective;
 use crate::loader::order::DataOrderLog;
 use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOptions};
-use crate::model::{Flavour, ModelConfig, ModernBert, RawModelConfig, TokenBatch};
+use crate::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 use crate::objectives::{self, MaskingConfig, PredictionBatch};
 use crate::optim::{StableAdamW, StableAdamWConfig, TensorSpec};
 use crate::runtime::{Link, PhaseEnd, Progress, TrainError, Trainer};
@@ -57,29 +57,7 @@ pub fn model_config(spec: &RunSpec) -> Result<ModelConfig, TrainError> {
         .model
         .as_ref()
         .ok_or_else(|| TrainError::Failed("spec.model is missing".into()))?;
-    let raw = RawModelConfig {
-        name: m.name.clone(),
-        vocab_size: m.vocab_size as usize,
-        hidden_size: m.hidden_size as usize,
-        num_layers: m.num_layers as usize,
-        num_heads: m.num_heads as usize,
-        intermediate_size: m.intermediate_size as usize,
-        max_position_embeddings: m.max_position_embeddings as usize,
-        local_attention: m.local_attention as usize,
-        global_attn_every_n_layers: m.global_attn_every_n_layers as usize,
-        global_rope_theta: m.global_rope_theta,
-        local_rope_theta: m.local_rope_theta,
-        norm_eps: m.norm_eps,
-        initializer_range: m.initializer_range,
-        attention_dropout: m.attention_dropout,
-        embedding_dropout: m.embedding_dropout,
-        mlp_dropout: m.mlp_dropout,
-        pad_token_id: m.pad_token_id,
-        cls_token_id: m.cls_token_id,
-        sep_token_id: m.sep_token_id,
-        mask_token_id: m.mask_token_id,
-    };
-    ModelConfig::validate(raw, "spec.model").map_err(|e| TrainError::Failed(e.to_string()))
+    ModelConfig::from_spec(m).map_err(|e| TrainError::Failed(e.to_string()))
 }
 
 /// Which network a run's objective trains.

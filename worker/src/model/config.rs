@@ -1,64 +1,24 @@
-//! Model shape configuration: the `configs/models/*.toml` files.
+//! Model shape configuration, as the model code takes it.
 //!
-//! A file is parsed into [`RawModelConfig`] (serde, unknown keys refused)
-//! and then validated into [`ModelConfig`], whose values are known to build
-//! a model. Every error names the file and the key. The field names are the
-//! same as the proto `ModelSpec`'s, so a spec converts field by field.
+//! The `configs/models/*.toml` files (and the built-ins embedded from them)
+//! have one parser, the proto crate's, which gives a `ModelSpec`;
+//! [`ModelConfig::from_spec`] turns that into a [`ModelConfig`] whose
+//! values are known to build a model. Hugging Face `config.json` files go
+//! through [`RawModelConfig`] (see `hf.rs`). Every error names the file and
+//! the key.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-
-/// The model configs shipped in `configs/models/`, embedded in the binary.
-const BUILTINS: &[(&str, &str)] = &[
-    ("tiny", include_str!("../../../configs/models/tiny.toml")),
-    (
-        "ettin-17m",
-        include_str!("../../../configs/models/ettin-17m.toml"),
-    ),
-    (
-        "ettin-32m",
-        include_str!("../../../configs/models/ettin-32m.toml"),
-    ),
-    (
-        "ettin-68m",
-        include_str!("../../../configs/models/ettin-68m.toml"),
-    ),
-    (
-        "ettin-150m",
-        include_str!("../../../configs/models/ettin-150m.toml"),
-    ),
-    (
-        "ettin-400m",
-        include_str!("../../../configs/models/ettin-400m.toml"),
-    ),
-    (
-        "ettin-1b",
-        include_str!("../../../configs/models/ettin-1b.toml"),
-    ),
-];
+use twinhead_proto::v1::ModelSpec;
 
 /// Errors from reading or validating a model config.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read model config {file}: {source}")]
-    Io {
-        /// The path as given.
-        file: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The TOML did not parse into the expected keys and types.
-    #[error("model config {file}: key `{key}`: {message}")]
-    Parse {
-        /// File name or `builtin:<name>`.
-        file: String,
-        /// Path of the offending key (`.` when the whole file is wrong).
-        key: String,
-        /// What was wrong.
-        message: String,
-    },
+    /// The TOML file or name was refused by the config parser (the message
+    /// names the file and key).
+    #[error("{0}")]
+    Spec(String),
     /// A value is outside what the model can be built with.
     #[error("model config {file}: key `{key}`: {message}")]
     Invalid {
@@ -69,12 +29,12 @@ pub enum ConfigError {
         /// What was wrong and what is allowed.
         message: String,
     },
-    /// Neither a built-in name nor an existing file.
-    #[error("unknown model config `{0}`: not a file and not one of the built-ins ({builtins})", builtins = builtin_names().join(", "))]
+    /// Not one of the built-in names.
+    #[error("unknown model config `{0}`: not one of the built-ins ({builtins})", builtins = builtin_names().join(", "))]
     Unknown(String),
 }
 
-/// A model config exactly as written in a `configs/models/*.toml` file.
+/// A model config with every field a model needs, before validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModelConfig {
@@ -104,7 +64,7 @@ pub struct RawModelConfig {
 }
 
 /// A validated model config. Construct with [`ModelConfig::builtin`],
-/// [`ModelConfig::from_file`], [`ModelConfig::load`] or
+/// [`ModelConfig::load`], [`ModelConfig::from_spec`] or
 /// [`ModelConfig::validate`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
@@ -132,55 +92,51 @@ pub struct ModelConfig {
 
 /// Names of the built-in configs, in size order.
 pub fn builtin_names() -> Vec<&'static str> {
-    BUILTINS.iter().map(|(n, _)| *n).collect()
+    twinhead_proto::config::builtin_model_names().collect()
 }
 
 impl ModelConfig {
     /// A built-in config by name (`tiny`, `ettin-17m`, … `ettin-1b`).
     pub fn builtin(name: &str) -> Result<Self, ConfigError> {
-        let (_, text) = BUILTINS
-            .iter()
-            .find(|(n, _)| *n == name)
-            .ok_or_else(|| ConfigError::Unknown(name.to_string()))?;
-        Self::from_toml_str(text, &format!("builtin:{name}"))
+        if !builtin_names().contains(&name) {
+            return Err(ConfigError::Unknown(name.to_string()));
+        }
+        Self::load(name)
     }
 
-    /// Reads and validates a TOML file.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            file: file.clone(),
-            source,
-        })?;
-        Self::from_toml_str(&text, &file)
-    }
-
-    /// A built-in name, or else a path to a TOML file.
+    /// A built-in name, or else a path to a TOML file (relative to the
+    /// current folder).
     pub fn load(name_or_path: &str) -> Result<Self, ConfigError> {
-        if BUILTINS.iter().any(|(n, _)| *n == name_or_path) {
-            return Self::builtin(name_or_path);
-        }
-        let path = Path::new(name_or_path);
-        if path.is_file() {
-            return Self::from_file(path);
-        }
-        Err(ConfigError::Unknown(name_or_path.to_string()))
+        let spec = twinhead_proto::config::load_model(name_or_path, Path::new("."))
+            .map_err(|e| ConfigError::Spec(e.to_string()))?;
+        Self::from_spec(&spec)
     }
 
-    /// Parses TOML text; `file` names the source in errors.
-    pub fn from_toml_str(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
-            file: file.to_string(),
-            key: ".".to_string(),
-            message: e.message().to_string(),
-        })?;
-        let raw: RawModelConfig =
-            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
-                file: file.to_string(),
-                key: e.path().to_string(),
-                message: e.inner().message().to_string(),
-            })?;
-        Self::validate(raw, file)
+    /// The model of a run spec (or of a parsed model file).
+    pub fn from_spec(m: &ModelSpec) -> Result<Self, ConfigError> {
+        let raw = RawModelConfig {
+            name: m.name.clone(),
+            vocab_size: m.vocab_size as usize,
+            hidden_size: m.hidden_size as usize,
+            num_layers: m.num_layers as usize,
+            num_heads: m.num_heads as usize,
+            intermediate_size: m.intermediate_size as usize,
+            max_position_embeddings: m.max_position_embeddings as usize,
+            local_attention: m.local_attention as usize,
+            global_attn_every_n_layers: m.global_attn_every_n_layers as usize,
+            global_rope_theta: m.global_rope_theta,
+            local_rope_theta: m.local_rope_theta,
+            norm_eps: m.norm_eps,
+            initializer_range: m.initializer_range,
+            attention_dropout: m.attention_dropout,
+            embedding_dropout: m.embedding_dropout,
+            mlp_dropout: m.mlp_dropout,
+            pad_token_id: m.pad_token_id,
+            cls_token_id: m.cls_token_id,
+            sep_token_id: m.sep_token_id,
+            mask_token_id: m.mask_token_id,
+        };
+        Self::validate(raw, &format!("model {}", m.name))
     }
 
     /// Checks every value; `file` names the source in errors.
@@ -414,50 +370,24 @@ mod tests {
         assert_eq!(c.half_window(), 64);
     }
 
-    fn tiny_text() -> String {
-        BUILTINS[0].1.to_string()
-    }
-
-    #[test]
-    fn unknown_key_is_refused_and_named() {
-        let text = format!("{}\nnum_experts = 4\n", tiny_text());
-        let err = ModelConfig::from_toml_str(&text, "x.toml").expect_err("unknown key");
-        let msg = err.to_string();
-        assert!(
-            msg.contains("x.toml") && msg.contains("num_experts"),
-            "{msg}"
-        );
-    }
-
-    #[test]
-    fn wrong_type_names_the_key() {
-        let text = tiny_text().replace("hidden_size = 64", "hidden_size = \"wide\"");
-        let err = ModelConfig::from_toml_str(&text, "x.toml").expect_err("bad type");
-        let msg = err.to_string();
-        assert!(msg.contains("hidden_size"), "{msg}");
-    }
-
     #[test]
     fn bad_values_name_the_key() {
-        let cases = [
-            ("num_heads = 2", "num_heads = 3", "num_heads"),
-            (
-                "local_attention = 16",
-                "local_attention = 15",
-                "local_attention",
-            ),
-            ("mask_token_id = 4", "mask_token_id = 4096", "mask_token_id"),
-            ("mlp_dropout = 0.0", "mlp_dropout = 1.5", "mlp_dropout"),
-            ("norm_eps = 1e-5", "norm_eps = 0.0", "norm_eps"),
+        let tiny = ModelConfig::builtin("tiny").expect("tiny").to_raw();
+        type Edit = fn(&mut RawModelConfig);
+        let cases: [(Edit, &str); 5] = [
+            (|r| r.num_heads = 3, "num_heads"),
+            (|r| r.local_attention = 15, "local_attention"),
+            (|r| r.mask_token_id = 4096, "mask_token_id"),
+            (|r| r.mlp_dropout = 1.5, "mlp_dropout"),
+            (|r| r.norm_eps = 0.0, "norm_eps"),
         ];
-        for (from, to, key) in cases {
-            let text = tiny_text().replace(from, to);
-            assert_ne!(text, tiny_text(), "fixture edit {from} did not apply");
-            let err = ModelConfig::from_toml_str(&text, "x.toml").expect_err(key);
-            match &err {
+        for (edit, key) in cases {
+            let mut raw = tiny.clone();
+            edit(&mut raw);
+            match ModelConfig::validate(raw, "x.toml").expect_err(key) {
                 ConfigError::Invalid { file, key: k, .. } => {
                     assert_eq!(file, "x.toml");
-                    assert_eq!(*k, key);
+                    assert_eq!(k, key);
                 }
                 other => panic!("expected Invalid for {key}, got {other}"),
             }
@@ -469,13 +399,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("twinhead-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmp");
         let path = dir.join("m.toml");
-        std::fs::write(&path, tiny_text()).expect("write");
+        let tiny = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/tiny.toml"),
+        )
+        .expect("tiny.toml");
+        std::fs::write(&path, &tiny).expect("write");
         let c = ModelConfig::load(path.to_str().expect("utf8")).expect("load path");
         assert_eq!(c, ModelConfig::builtin("tiny").expect("tiny"));
         assert!(matches!(
-            ModelConfig::load("ettin-9b"),
+            ModelConfig::builtin("ettin-9b"),
             Err(ConfigError::Unknown(_))
         ));
+        let e = ModelConfig::load("ettin-9b")
+            .expect_err("unknown")
+            .to_string();
+        assert!(e.contains("ettin-9b") && e.contains("ettin-17m"), "{e}");
+        std::fs::write(&path, format!("{tiny}\nnum_experts = 4\n")).expect("write");
+        let e = ModelConfig::load(path.to_str().expect("utf8")).expect_err("unknown key");
+        assert!(e.to_string().contains("num_experts"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
