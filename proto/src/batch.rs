@@ -25,7 +25,7 @@ use crate::v1::{BatchWarmup, RunSpec};
 
 /// The most steps a batch warmup may take (validation refuses longer
 /// ramps, so the summed offsets stay small).
-pub const MAX_RAMP_STEPS: u64 = 10_000_000;
+pub const MAX_RAMP_STEPS: u64 = 1_000_000;
 
 /// Sizes and row offsets of the steps of one phase.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -920,5 +920,16 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
                 "{warmup}: {err}"
             );
         }
+        // A ramp that could take millions of steps is refused up front.
+        let err = parse(
+            &with_warmup(r#"{ start = 2, tokens = "1T" }"#),
+            &["phases[0].tokens=\"1T\""],
+        )
+        .expect_err("must fail")
+        .to_string();
+        assert!(
+            err.contains("run.toml: batch_warmup.start") && err.contains("steps"),
+            "{err}"
+        );
     }
 }
