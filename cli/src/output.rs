@@ -352,6 +352,7 @@ pub fn spec_json(spec: &RunSpec) -> Value {
         "min_world_size": spec.min_world_size,
         "global_batch": spec.global_batch,
         "micro_batch": spec.micro_batch,
+        "batch_warmup": spec.batch_warmup.map(|w| json!({"start": w.start, "tokens": w.tokens})),
         "init_from": spec.init_from,
         "max_restarts": spec.max_restarts,
         "optimizer": {
@@ -368,13 +369,13 @@ pub fn spec_json(spec: &RunSpec) -> Value {
             "every_tokens": checkpoint.every_tokens,
             "keep_last": checkpoint.keep_last,
         },
-        "phases": spec.phases.iter().map(|p| {
+        "phases": spec.phases.iter().enumerate().map(|(i, p)| {
             let lr = p.lr.unwrap_or_default();
             json!({
                 "name": p.name,
                 "dataset_phase": p.dataset_phase,
                 "tokens": p.tokens,
-                "steps": twinhead_proto::num_steps(spec, p),
+                "steps": twinhead_proto::num_steps(spec, i),
                 "seq_len": p.seq_len,
                 "mask_ratio": p.mask_ratio,
                 "global_rope_theta": p.global_rope_theta,

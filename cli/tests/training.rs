@@ -167,12 +167,18 @@ impl<'a> Recipe<'a> {
         }
     }
 
-    /// Steps of each phase, by name.
+    /// The run spec the recipe's TOML parses into.
+    fn spec(&self) -> twinhead_proto::v1::RunSpec {
+        let dir = tempfile::tempdir().expect("tempdir");
+        twinhead_proto::config::load_run(&self.write(dir.path()), &[]).expect("recipe parses")
+    }
+
+    /// Steps of each phase, by name (with the batch warmup, if any).
     fn steps(&self) -> [(&'static str, u64); 2] {
-        let batch = u64::from(self.global_batch);
+        let spec = self.spec();
         [
-            ("short", self.short_tokens / (batch * 64)),
-            ("long", LONG_TOKENS / (batch * 256)),
+            ("short", twinhead_proto::num_steps(&spec, 0)),
+            ("long", twinhead_proto::num_steps(&spec, 1)),
         ]
     }
 
@@ -313,6 +319,7 @@ fn final_weights(status: &serde_json::Value) -> BTreeMap<String, Vec<f32>> {
 
 /// Every row of each phase was consumed exactly once by the run.
 fn assert_rows_once(recipe: &Recipe, run: &str) {
+    let spec = recipe.spec();
     for (i, (name, steps)) in recipe.steps().into_iter().enumerate() {
         let report = twinhead_worker::loader::order::verify_run(
             &format!("file://{}", recipe.ckpt.display()),
@@ -320,7 +327,7 @@ fn assert_rows_once(recipe: &Recipe, run: &str) {
             i as u32,
             name,
             steps,
-            u64::from(recipe.global_batch),
+            &twinhead_proto::BatchSchedule::for_phase(&spec, i),
         )
         .expect("data-order log reads");
         assert!(report.is_ok(), "{run} phase {name}: {report:?}");
@@ -443,6 +450,49 @@ fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {
 fn three_workers_match_one_through_both_phases_and_consume_every_row_once() {
     // 12 x 64 x 4 = 3072 tokens (4 steps), then 12 x 256 x 2 = 6144 (2).
     assert_workers_match_one(3, 12);
+}
+
+/// A batch warmup over the first 1024 tokens: two workers take batches of
+/// 4 sequences (the ramp moves in world × micro_batch = 4) before the global
+/// 8, so the short phase has 4 + 4 steps instead of 6; the long phase has
+/// no warmup. Every row is still consumed once.
+#[test]
+fn a_batch_warmup_takes_smaller_batches_first_and_consumes_every_row_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    let recipe = Recipe {
+        extra: r#"batch_warmup = { start = 4, tokens = "1K" }"#,
+        ..Recipe::new("warm", &data, 2, &ckpt)
+    };
+    // By hand: 4 x 64 tokens per ramp step until 1024, then 8 x 64.
+    assert_eq!(recipe.steps(), [("short", 8), ("long", 3)]);
+    let run = submit(&url, &recipe.write(dir.path()));
+    let logs: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    let workers: Vec<Proc> = logs.iter().map(|l| worker(&url, l)).collect();
+    let trained = wait_completed(&url, &run, &logs);
+    drop(workers);
+
+    let phases = trained["phases"].as_array().expect("phases");
+    assert_eq!(phases[0]["num_steps"], 8);
+    assert_eq!(phases[0]["steps_done"], 8);
+    assert_eq!(phases[0]["tokens_done"], recipe.short_tokens);
+    assert_eq!(phases[1]["steps_done"], 3);
+    assert_eq!(phases[1]["tokens_done"], LONG_TOKENS);
+    assert_rows_once(&recipe, &run);
+
+    // The data-order log shows the ramp: rows taken per step, both ranks.
+    let ckpt_url = format!("file://{}", ckpt.display());
+    let attempts =
+        twinhead_worker::loader::order::read_attempts(&ckpt_url, &run, 0, "short").expect("log");
+    let per_step: Vec<u64> = twinhead_worker::loader::order::history(&attempts)
+        .values()
+        .map(|entries| entries.iter().map(|e| e.rows[1] - e.rows[0]).sum())
+        .collect();
+    assert_eq!(per_step, vec![4, 4, 4, 4, 8, 8, 8, 8]);
 }
 
 #[test]

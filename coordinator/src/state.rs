@@ -222,10 +222,11 @@ impl State {
         let phases = spec
             .phases
             .iter()
-            .map(|p| PhaseProgress {
+            .enumerate()
+            .map(|(i, p)| PhaseProgress {
                 name: p.name.clone(),
                 token_budget: p.tokens,
-                num_steps: num_steps(&spec, p),
+                num_steps: num_steps(&spec, i),
                 ..Default::default()
             })
             .collect();
@@ -587,10 +588,10 @@ impl State {
         let (Some(spec), Some(attempt)) = (run.spec.as_ref(), active(run)) else {
             return Ok(None);
         };
-        let Some(phase) = spec.phases.get(run.phase_index as usize) else {
+        if spec.phases.get(run.phase_index as usize).is_none() {
             return Ok(None);
-        };
-        let steps = num_steps(spec, phase);
+        }
+        let steps = num_steps(spec, run.phase_index as usize);
         let checkpoint = run.checkpoints.last();
         let (first_step, phase_start) = match checkpoint {
             Some(c) if c.phase_index == run.phase_index => (c.step, false),

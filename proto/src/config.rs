@@ -12,7 +12,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
 use crate::v1::{
-    CheckpointPolicy, LrSchedule, LrShape, ModelSpec, Objective, OptimizerSpec, PhaseSpec, RunSpec,
+    BatchWarmup, CheckpointPolicy, LrSchedule, LrShape, ModelSpec, Objective, OptimizerSpec,
+    PhaseSpec, RunSpec,
 };
 
 /// Built-in model sizes: `configs/models/<name>.toml`, compiled in.
@@ -253,6 +254,8 @@ struct RunFile {
     init_from: String,
     #[serde(default = "default_max_restarts")]
     max_restarts: u32,
+    #[serde(default)]
+    batch_warmup: Option<BatchWarmupFile>,
     optimizer: OptimizerFile,
     checkpoint: CheckpointFile,
     #[serde(default)]
@@ -269,6 +272,14 @@ enum ObjectiveName {
     Mlm,
     Clm,
     Mntp,
+}
+
+/// `batch_warmup = { start = 2, tokens = "64K" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchWarmupFile {
+    start: u32,
+    tokens: Tokens,
 }
 
 #[derive(Debug, Deserialize)]
@@ -472,6 +483,10 @@ fn run_spec(run: RunFile, model: ModelSpec) -> RunSpec {
         seed: run.seed,
         init_from: run.init_from,
         max_restarts: run.max_restarts,
+        batch_warmup: run.batch_warmup.map(|w| BatchWarmup {
+            start: w.start,
+            tokens: w.tokens.0,
+        }),
     }
 }
 
@@ -835,5 +850,86 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
             .to_string();
         let err = parse(&no_phases, &[]).expect_err("must fail").to_string();
         assert!(err.contains("run.toml: phases:"), "{err}");
+    }
+
+    fn with_warmup(warmup: &str) -> String {
+        TINY.replace(
+            "[optimizer]",
+            &format!("batch_warmup = {warmup}\n[optimizer]"),
+        )
+    }
+
+    #[test]
+    fn batch_warmup_parses_with_token_suffixes() {
+        let spec = parse(&with_warmup(r#"{ start = 2, tokens = "64K" }"#), &[]).expect("valid");
+        assert_eq!(
+            spec.batch_warmup,
+            Some(BatchWarmup {
+                start: 2,
+                tokens: 64_000
+            })
+        );
+        // tiny phase 0: 1M tokens of 128; the ramp 2→8 in moves of 2 over
+        // 64K tokens takes more, smaller steps than 1M / (8 × 128) = 976.
+        assert!(crate::num_steps(&spec, 0) > 976);
+        assert_eq!(crate::num_steps(&spec, 1), 100_000 / (8 * 256));
+        assert_eq!(parse(TINY, &[]).expect("valid").batch_warmup, None);
+    }
+
+    #[test]
+    fn bad_batch_warmups_name_the_key_and_the_rule() {
+        let cases = [
+            (
+                r#"{ start = 0, tokens = "64K" }"#,
+                "batch_warmup.start",
+                "at least 1",
+            ),
+            (
+                r#"{ start = 3, tokens = "64K" }"#,
+                "batch_warmup.start",
+                "multiple",
+            ),
+            (
+                r#"{ start = 10, tokens = "64K" }"#,
+                "batch_warmup.start",
+                "global_batch 8",
+            ),
+            (
+                r#"{ start = 2, tokens = "2M" }"#,
+                "batch_warmup.tokens",
+                "phase 0",
+            ),
+            (
+                r#"{ start = 2, tokens = 0 }"#,
+                "batch_warmup.tokens",
+                "positive",
+            ),
+            (
+                r#"{ start = 2, tokens = "-1K" }"#,
+                "batch_warmup.tokens",
+                "negative",
+            ),
+            (r#"{ start = 2, tokenz = 5 }"#, "batch_warmup", "tokenz"),
+        ];
+        for (warmup, key, rule) in cases {
+            let err = parse(&with_warmup(warmup), &[])
+                .expect_err("must fail")
+                .to_string();
+            assert!(
+                err.contains(&format!("run.toml: {key}")) && err.contains(rule),
+                "{warmup}: {err}"
+            );
+        }
+        // A ramp that could take millions of steps is refused up front.
+        let err = parse(
+            &with_warmup(r#"{ start = 2, tokens = "1T" }"#),
+            &["phases[0].tokens=\"1T\""],
+        )
+        .expect_err("must fail")
+        .to_string();
+        assert!(
+            err.contains("run.toml: batch_warmup.start") && err.contains("steps"),
+            "{err}"
+        );
     }
 }

@@ -8,12 +8,15 @@
 //! # Layout
 //! - [`v1`]: generated messages, clients and servers (`proto/twinhead/v1`).
 //! - [`auth`]: the bearer token clients send.
+//! - [`batch`]: the batch size and first row of every step (batch-size
+//!   warmup).
 //! - [`config`]: TOML files (`configs/models`, `configs/runs`) and
 //!   `--set key=value` overrides into proto messages.
 //! - [`validate`]: the rules a run spec must satisfy, with errors that name
 //!   the offending key.
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod validate;
 
@@ -27,4 +30,5 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("twinhead_v1_descriptor");
 }
 
+pub use batch::BatchSchedule;
 pub use validate::{SpecError, num_steps, validate_run_spec};

@@ -2,6 +2,7 @@
 //! spec and the coordinator checks them again on arrival (a client may send
 //! any message), so both report the same key and the same words.
 
+use crate::batch::{BatchSchedule, MAX_RAMP_STEPS, ramp_increment};
 use crate::v1::{LrShape, ModelSpec, Objective, PhaseSpec, RunSpec};
 
 /// The shortest sequence a phase may train on.
@@ -38,10 +39,17 @@ fn in_unit_interval(key: &str, value: f64) -> Result<(), SpecError> {
     }
 }
 
-/// Steps in phase `phase`: whole global batches that fit its token budget.
-pub fn num_steps(spec: &RunSpec, phase: &PhaseSpec) -> u64 {
-    let per_step = u64::from(spec.global_batch) * u64::from(phase.seq_len);
-    phase.tokens.checked_div(per_step).unwrap_or(0)
+/// Steps in phase `phase_index`: whole batches that fit its token budget
+/// (global batches, after the batch warmup in phase 0).
+pub fn num_steps(spec: &RunSpec, phase_index: usize) -> u64 {
+    let Some(phase) = spec.phases.get(phase_index) else {
+        return 0;
+    };
+    let budget_rows = phase
+        .tokens
+        .checked_div(u64::from(phase.seq_len))
+        .unwrap_or(0);
+    BatchSchedule::for_phase(spec, phase_index).steps_within(budget_rows)
 }
 
 /// Checks a model shape.
@@ -217,6 +225,7 @@ pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
             "at least one phase is required ([[phases]] with name, tokens, seq_len)",
         );
     }
+    validate_batch_warmup(spec)?;
     for (i, phase) in spec.phases.iter().enumerate() {
         validate_phase(spec, model, objective, i, phase)?;
     }
@@ -227,6 +236,65 @@ pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
                 format!("{:?} is used by an earlier phase", phase.name),
             );
         }
+    }
+    Ok(())
+}
+
+/// Checks `batch_warmup`: it ramps the batch over the start of phase 0 in
+/// moves of `world_size × micro_batch` sequences (see [`crate::batch`]).
+fn validate_batch_warmup(spec: &RunSpec) -> Result<(), SpecError> {
+    let Some(warmup) = spec.batch_warmup.as_ref() else {
+        return Ok(());
+    };
+    let increment = ramp_increment(spec.world_size, spec.micro_batch);
+    let start = u64::from(warmup.start);
+    if start == 0 {
+        return fail("batch_warmup.start", "must be at least 1");
+    }
+    if warmup.start > spec.global_batch {
+        return fail(
+            "batch_warmup.start",
+            format!(
+                "must not exceed global_batch {}, got {}",
+                spec.global_batch, warmup.start
+            ),
+        );
+    }
+    if !start.is_multiple_of(increment) {
+        return fail(
+            "batch_warmup.start",
+            format!(
+                "must be a multiple of world_size x micro_batch ({increment} sequences; \
+                 the ramp grows in such steps so every rank gets whole micro-batches), got {start}"
+            ),
+        );
+    }
+    if warmup.tokens == 0 {
+        return fail("batch_warmup.tokens", "must be a positive token count");
+    }
+    let phase_tokens = spec.phases.first().map_or(0, |p| p.tokens);
+    if warmup.tokens > phase_tokens {
+        return fail(
+            "batch_warmup.tokens",
+            format!(
+                "must fit in the first phase's {phase_tokens} tokens (the ramp belongs to phase 0), got {}",
+                warmup.tokens
+            ),
+        );
+    }
+    // Every ramp step takes at least `start` rows: a bound on its length.
+    let seq_len = spec
+        .phases
+        .first()
+        .map_or(1, |p| u64::from(p.seq_len.max(1)));
+    let longest = warmup.tokens.div_ceil(start.saturating_mul(seq_len));
+    if longest > MAX_RAMP_STEPS {
+        return fail(
+            "batch_warmup.start",
+            format!(
+                "the ramp could take {longest} steps, more than {MAX_RAMP_STEPS}; raise start or lower tokens"
+            ),
+        );
     }
     Ok(())
 }
@@ -254,12 +322,14 @@ fn validate_phase(
             ),
         );
     }
-    if num_steps(spec, phase) == 0 {
+    if num_steps(spec, i) == 0 {
         return fail(
             key("tokens"),
             format!(
                 "budget {} is less than one global batch ({} sequences x {} tokens)",
-                phase.tokens, spec.global_batch, phase.seq_len
+                phase.tokens,
+                BatchSchedule::for_phase(spec, i).smallest_batch(),
+                phase.seq_len
             ),
         );
     }

@@ -31,6 +31,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use twinhead_proto::BatchSchedule;
 use twinhead_proto::v1::{
     Assignment, Checkpoint, LrShape, Objective as SpecObjective, PhaseSpec, RunSpec,
 };
@@ -520,12 +521,13 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
         let config = model_config(&spec)?;
         let checkpoint_policy = spec.checkpoint.clone().unwrap_or_default();
         let seq_len = phase.seq_len as usize;
-        let tokens_per_step = u64::from(spec.global_batch) * u64::from(phase.seq_len);
+        let seq_tokens = u64::from(phase.seq_len);
         let schedule = lr_schedule(&phase)?;
         let peak_lr = spec.optimizer.as_ref().map_or(0.0, |o| o.peak_lr);
 
-        let plan = BatchPlan::new(
-            u64::from(spec.global_batch),
+        // Step sizes follow the batch warmup in phase 0.
+        let plan = BatchPlan::with_schedule(
+            BatchSchedule::for_phase(&spec, a.phase_index as usize),
             a.world_size,
             a.rank,
             u64::from(spec.micro_batch),
@@ -538,7 +540,7 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
             ReaderOptions::default(),
         )
         .map_err(failed("dataset"))?;
-        let mut batches = Prefetcher::spawn(reader, plan, a.first_step..a.last_step + 1, 4)
+        let mut batches = Prefetcher::spawn(reader, plan.clone(), a.first_step..a.last_step + 1, 4)
             .map_err(failed("prefetch"))?;
         let root = &checkpoint_policy.root;
         let mut order = DataOrderLog::open(
@@ -631,7 +633,7 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 }
                 offset += len;
             }
-            let tokens_before = step * tokens_per_step;
+            let tokens_before = plan.cursor_after(step) * seq_tokens;
             let lr = schedule.lr(peak_lr, tokens_before);
             let mut values = read_params(&session.model);
             let stats = {
@@ -648,10 +650,10 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 .record(step, batch.rows.clone())
                 .map_err(failed("data-order log"))?;
             let done = step + 1;
-            let tokens = done * tokens_per_step;
+            let tokens = plan.cursor_after(done) * seq_tokens;
             session.at = (a.phase_index, done);
 
-            window.1 += tokens_per_step;
+            window.1 += tokens - tokens_before;
             let now = Instant::now();
             if now.duration_since(last_report) >= self.report_every || done == a.num_steps {
                 let secs = now.duration_since(window.0).as_secs_f64().max(1e-9);

@@ -11,12 +11,18 @@
 //! order does not depend on `N`, so a run resumed with another world size
 //! sees the same global batches.
 //!
+//! With a batch warmup (phase 0 of a run with `batch_warmup`), step `s`
+//! takes `b(s)` rows starting at `o(s)`, the sum of the batches before it
+//! ([`twinhead_proto::batch`] has the law): global batch `s` is
+//! `[o(s), o(s) + b(s))` and rank `r` takes `[o(s) + r·b(s)/N, o(s) +
+//! (r+1)·b(s)/N)`. Rows stay contiguous and each is used once.
+//!
 //! Row numbers past the end of the phase wrap around: logical row `L` is
 //! physical row `L mod sequences` (another epoch over the same order). The
 //! logical numbers are what [`Batch::rows`] reports and what the data-order
 //! log records, so a wrapped run still consumes each *logical* row once.
-//! The coordinator's `num_steps = tokens / (B × seq_len)` normally fits in
-//! one epoch.
+//! The coordinator's `num_steps` (`tokens / (B × seq_len)` without a
+//! warmup) normally fits in one epoch.
 //!
 //! Reaching a step is O(1) in the number of steps before it: the shard and
 //! the row within it come from the manifest's cumulative row counts, and
@@ -35,12 +41,15 @@ pub mod order;
 mod shard;
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 pub use manifest::{MANIFEST, Manifest, ManifestPhase, ManifestShard};
 pub use shard::sha256_hex;
 use shard::{DecodedGroup, OpenShard};
+
+use twinhead_proto::BatchSchedule;
 
 use crate::store::{Location, StoreError};
 
@@ -110,11 +119,11 @@ pub enum LoaderError {
     OrderLog { location: String, message: String },
 }
 
-/// How a step's global batch is split across ranks and micro-batches.
+/// How each step's global batch is split across ranks and micro-batches.
 /// Pure arithmetic; see the module docs for the rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchPlan {
-    global_batch: u64,
+    schedule: Arc<BatchSchedule>,
     world_size: u32,
     rank: u32,
     micro_batch: u64,
@@ -129,26 +138,44 @@ impl BatchPlan {
         rank: u32,
         micro_batch: u64,
     ) -> Result<Self, LoaderError> {
+        Self::with_schedule(
+            BatchSchedule::constant(global_batch),
+            world_size,
+            rank,
+            micro_batch,
+        )
+    }
+
+    /// Like [`BatchPlan::new`], with step sizes from `schedule` (a batch
+    /// warmup).
+    pub fn with_schedule(
+        schedule: BatchSchedule,
+        world_size: u32,
+        rank: u32,
+        micro_batch: u64,
+    ) -> Result<Self, LoaderError> {
         if world_size == 0 || rank >= world_size {
             return Err(LoaderError::Plan(format!(
                 "rank {rank} is not in a world of {world_size}"
             )));
         }
-        if global_batch < u64::from(world_size) {
+        let smallest = schedule.smallest_batch();
+        if smallest < u64::from(world_size) {
             return Err(LoaderError::Plan(format!(
-                "global batch {global_batch} has fewer rows than the {world_size} ranks"
+                "global batch {smallest} has fewer rows than the {world_size} ranks"
             )));
         }
         Ok(Self {
-            global_batch,
+            schedule: Arc::new(schedule),
             world_size,
             rank,
             micro_batch,
         })
     }
 
-    pub fn global_batch(&self) -> u64 {
-        self.global_batch
+    /// Sizes and offsets of the steps.
+    pub fn schedule(&self) -> &BatchSchedule {
+        &self.schedule
     }
 
     pub fn world_size(&self) -> u32 {
@@ -161,15 +188,16 @@ impl BatchPlan {
 
     /// Logical rows of global batch `step`.
     pub fn global_rows(&self, step: u64) -> Range<u64> {
-        step * self.global_batch..(step + 1) * self.global_batch
+        self.schedule.rows(step)
     }
 
     /// Logical rows this rank takes from global batch `step`.
     pub fn rank_rows(&self, step: u64) -> Range<u64> {
-        let base = step * self.global_batch;
+        let base = self.schedule.offset(step);
+        let batch = self.schedule.batch(step);
         let n = u64::from(self.world_size);
         let r = u64::from(self.rank);
-        base + r * self.global_batch / n..base + (r + 1) * self.global_batch / n
+        base + r * batch / n..base + (r + 1) * batch / n
     }
 
     /// This rank's rows of `step`, cut into micro-batches.
@@ -193,7 +221,7 @@ impl BatchPlan {
     /// Rows consumed by the whole world once `steps` steps are done (the
     /// checkpoint's data cursor).
     pub fn cursor_after(&self, steps: u64) -> u64 {
-        steps * self.global_batch
+        self.schedule.offset(steps)
     }
 }
 

@@ -39,6 +39,8 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+use twinhead_proto::BatchSchedule;
+
 use super::LoaderError;
 use crate::store::Location;
 
@@ -318,12 +320,13 @@ pub fn history(attempts: &[AttemptLog]) -> BTreeMap<u64, Vec<OrderEntry>> {
 }
 
 /// Checks that the surviving history of `attempts` of phase `phase_index`
-/// consumed every row of `[0, steps·global_batch)` exactly once.
+/// consumed every row of `[0, schedule.offset(steps))` exactly once, each
+/// within its step's global batch.
 pub fn verify(
     attempts: &[AttemptLog],
     phase_index: u32,
     steps: u64,
-    global_batch: u64,
+    schedule: &BatchSchedule,
 ) -> DataOrderReport {
     let mut report = DataOrderReport::default();
     for attempt in attempts {
@@ -340,7 +343,7 @@ pub fn verify(
     }
     let mut events: Vec<(u64, i64)> = Vec::new();
     for (step, entries) in history(attempts) {
-        let batch = step * global_batch..(step + 1) * global_batch;
+        let batch = schedule.rows(step);
         for e in entries {
             let [first, last] = e.rows;
             if e.phase != phase_index {
@@ -361,7 +364,7 @@ pub fn verify(
             }
         }
     }
-    let end = steps * global_batch;
+    let end = schedule.offset(steps);
     events.sort_unstable();
     let mut count = 0i64;
     let mut at = 0u64;
@@ -407,10 +410,10 @@ pub fn verify_run(
     phase_index: u32,
     phase_name: &str,
     steps: u64,
-    global_batch: u64,
+    schedule: &BatchSchedule,
 ) -> Result<DataOrderReport, LoaderError> {
     let attempts = read_attempts(ckpt_root, run_id, phase_index, phase_name)?;
-    Ok(verify(&attempts, phase_index, steps, global_batch))
+    Ok(verify(&attempts, phase_index, steps, schedule))
 }
 
 #[cfg(test)]
@@ -453,7 +456,12 @@ mod tests {
 
     #[test]
     fn a_complete_run_passes() {
-        let report = verify(&[attempt("a", 1, 0, entries(0..10, 6, 3))], 0, 10, 6);
+        let report = verify(
+            &[attempt("a", 1, 0, entries(0..10, 6, 3))],
+            0,
+            10,
+            &BatchSchedule::constant(6),
+        );
         assert!(report.is_ok(), "{report:?}");
     }
 
@@ -462,11 +470,21 @@ mod tests {
         let mut log = entries(0..10, 6, 3);
         // Rank 1 of step 4 (rows 26..28) never logged.
         log.retain(|e| !(e.step == 4 && e.rank == 1));
-        let report = verify(&[attempt("a", 1, 0, log)], 0, 10, 6);
+        let report = verify(
+            &[attempt("a", 1, 0, log)],
+            0,
+            10,
+            &BatchSchedule::constant(6),
+        );
         assert_eq!(report.missing, vec![26..28]);
         assert!(report.duplicated.is_empty());
         // Stopping early misses the tail.
-        let report = verify(&[attempt("a", 1, 0, entries(0..8, 6, 3))], 0, 10, 6);
+        let report = verify(
+            &[attempt("a", 1, 0, entries(0..8, 6, 3))],
+            0,
+            10,
+            &BatchSchedule::constant(6),
+        );
         assert_eq!(report.missing, vec![48..60]);
     }
 
@@ -476,13 +494,23 @@ mod tests {
         let mut dup = log[7];
         dup.rank = 9;
         log.push(dup);
-        let report = verify(&[attempt("a", 1, 0, log)], 0, 10, 6);
+        let report = verify(
+            &[attempt("a", 1, 0, log)],
+            0,
+            10,
+            &BatchSchedule::constant(6),
+        );
         assert_eq!(report.duplicated, vec![dup.rows[0]..dup.rows[1]]);
         assert!(report.missing.is_empty());
         // Rows outside the step's global batch are a problem too.
         let mut log = entries(0..10, 6, 3);
         log[0].rows = [6, 8];
-        let report = verify(&[attempt("a", 1, 0, log)], 0, 10, 6);
+        let report = verify(
+            &[attempt("a", 1, 0, log)],
+            0,
+            10,
+            &BatchSchedule::constant(6),
+        );
         assert_eq!(report.duplicated, vec![6..8]);
         assert_eq!(report.missing, vec![0..2]);
         assert_eq!(report.problems.len(), 1);
@@ -498,7 +526,7 @@ mod tests {
             attempt("w-a", 100, 0, entries(0..13, 12, 3)),
             attempt("w-b", 200, 8, entries(8..16, 12, 2)),
         ];
-        let report = verify(&attempts, 0, 20, 12);
+        let report = verify(&attempts, 0, 20, &BatchSchedule::constant(12));
         assert!(report.is_ok(), "{report:?}");
         let h = history(&attempts);
         assert_eq!(h[&9].len(), 2, "step 9 comes from w-b's two ranks");
@@ -506,9 +534,14 @@ mod tests {
         // Without the supersession rule the crashed tails would duplicate.
         let naive: Vec<OrderEntry> = attempts.iter().flat_map(|a| a.entries.clone()).collect();
         assert!(
-            !verify(&[attempt("all", 0, 0, naive)], 0, 20, 12)
-                .duplicated
-                .is_empty()
+            !verify(
+                &[attempt("all", 0, 0, naive)],
+                0,
+                20,
+                &BatchSchedule::constant(12)
+            )
+            .duplicated
+            .is_empty()
         );
     }
 
@@ -520,7 +553,7 @@ mod tests {
             attempt("a", 1, 0, entries(0..9, 4, 1)),
             attempt("b", 2, 10, entries(10..12, 4, 1)),
         ];
-        let report = verify(&attempts, 0, 12, 4);
+        let report = verify(&attempts, 0, 12, &BatchSchedule::constant(4));
         assert_eq!(report.missing, vec![36..40]);
     }
 
@@ -551,7 +584,7 @@ mod tests {
         let attempts = read_attempts(&url, "run", 0, "pretrain")?;
         assert_eq!(attempts.len(), 2);
         assert_eq!(attempts[0].entries.len(), 12);
-        let report = verify_run(&url, "run", 0, "pretrain", 10, 8)?;
+        let report = verify_run(&url, "run", 0, "pretrain", 10, &BatchSchedule::constant(8))?;
         assert!(report.is_ok(), "{report:?}");
         // A rank process of world b that restarts and redoes steps 8..10
         // writes a new attempt folder instead of overwriting its log.
@@ -564,7 +597,7 @@ mod tests {
                 .join("run/data-order/0-pretrain/world-b.1/rank-00000.part-00000.jsonl")
                 .exists()
         );
-        let report = verify_run(&url, "run", 0, "pretrain", 10, 8)?;
+        let report = verify_run(&url, "run", 0, "pretrain", 10, &BatchSchedule::constant(8))?;
         assert!(report.is_ok(), "{report:?}");
         // The lines are the documented JSON.
         let text = std::fs::read_to_string(
@@ -580,7 +613,7 @@ mod tests {
             dir.path()
                 .join("run/data-order/0-pretrain/world-a/rank-00001.part-00000.jsonl"),
         )?;
-        let report = verify_run(&url, "run", 0, "pretrain", 10, 8)?;
+        let report = verify_run(&url, "run", 0, "pretrain", 10, &BatchSchedule::constant(8))?;
         assert_eq!(report.missing, vec![4..8, 12..16, 20..24, 28..32]);
         Ok(())
     }
