@@ -279,9 +279,10 @@ pub fn split_input(input: &str) -> InputSpec {
 }
 
 /// The folder holding an input's objects (the names [`list_input`] gives
-/// are relative to it).
-pub fn input_location(input: &str) -> Result<Location> {
-    Location::open(&split_input(input).base, false)
+/// are relative to it), sharing `io`'s runtime so that opening it per task
+/// starts no thread.
+pub fn input_location(input: &str, io: &Location) -> Result<Location> {
+    Location::open_with(io.rt.clone(), &split_input(input).base, false)
 }
 
 /// List the objects an input names: `(location, relative paths)` sorted.

@@ -472,7 +472,7 @@ impl Build {
         if self.scan_done(&src.name, part, files)?.is_some() {
             return Ok(());
         }
-        let loc = store::input_location(&src.input)?;
+        let loc = store::input_location(&src.input, &self.out)?;
         let part_plan = PartPlan {
             index: part,
             files: files.clone(),
