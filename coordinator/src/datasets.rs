@@ -292,6 +292,16 @@ impl Builds {
         let task = Task::from_key(&request.key).ok_or_else(|| {
             Error::InvalidArgument(format!("key: {:?} is not a task", request.key))
         })?;
+        let sources = build.record_sources();
+        if task == Task::Plan
+            && !request.already_complete
+            && request.parts_per_source.len() != sources
+        {
+            return Err(Error::InvalidArgument(format!(
+                "parts_per_source: {} sources reported, the config has {sources}",
+                request.parts_per_source.len()
+            )));
+        }
         build.leases.remove(&request.key);
         build.record.done_tasks.push(request.key.clone());
         build.record.step_tasks_done += 1;
@@ -304,13 +314,6 @@ impl Builds {
                 build.finish(DatasetState::Complete, String::new(), now_ms);
             }
             Task::Plan => {
-                if request.parts_per_source.len() != build.record_sources() {
-                    return Err(Error::InvalidArgument(format!(
-                        "parts_per_source: {} sources reported, the config has {}",
-                        request.parts_per_source.len(),
-                        build.record_sources()
-                    )));
-                }
                 build.record.parts_per_source = request.parts_per_source.clone();
                 build.advance(now_ms);
             }
@@ -639,6 +642,19 @@ b = 1.0
         assert_eq!(writes, 1, "a new build is persisted");
         assert_eq!((d.id.as_str(), d.url.as_str()), ("ds-000001", "/out/t"));
         assert_eq!(claim_all(&mut b), ["plan"]);
+        // A plan for the wrong number of sources is refused and changes nothing.
+        let wrong = CompleteTaskRequest {
+            dataset_id: d.id.clone(),
+            key: "plan".into(),
+            process: "p1".into(),
+            parts_per_source: vec![2],
+            ..Default::default()
+        };
+        assert!(matches!(
+            b.complete(&wrong, 2, &mut Vec::new()),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(b.get(&d.id).unwrap().step_tasks_done, 0);
         complete(&mut b, &d.id, "plan", vec![2, 0]);
         // Scan step: two parts of source a, none of b; nothing else yet.
         assert_eq!(claim_all(&mut b), ["scan/0/0", "scan/0/1"]);
