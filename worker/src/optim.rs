@@ -1,6 +1,6 @@
 //! StableAdamW (Wortsman et al. 2023) as Ettin trained with it: the optimi
 //! implementation with fully LR-decoupled weight decay (`decouple_lr=True`),
-//! on flat `f32` slices, one per tensor.
+//! with the moments on the weights' device (any Burn backend).
 //!
 //! Per tensor, at step `t` (1-based), with the learning rate `lr` of this
 //! step and the schedule's peak `max_lr`:
@@ -23,6 +23,9 @@
 //! matrices only: pass `decay: false` for tensors with ≤ 1 dimension and
 //! for biases ([`TensorSpec::for_shape`]).
 
+use burn::prelude::Backend;
+use burn::tensor::{Tensor, TensorData};
+
 /// Hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StableAdamWConfig {
@@ -42,6 +45,28 @@ pub struct StableAdamWConfig {
 }
 
 impl StableAdamWConfig {
+    /// Refuses values outside each hyper-parameter's range, naming it.
+    pub fn validate(&self) -> Result<(), OptimError> {
+        let checks = [
+            ("beta1", self.beta1, (0.0..1.0).contains(&self.beta1)),
+            ("beta2", self.beta2, (0.0..1.0).contains(&self.beta2)),
+            ("eps", self.eps, self.eps >= 0.0),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0.0),
+            ("max_lr", self.max_lr, self.max_lr > 0.0),
+            (
+                "max_grad_norm",
+                self.max_grad_norm.unwrap_or(1.0),
+                self.max_grad_norm.is_none_or(|m| m > 0.0),
+            ),
+        ];
+        for (name, value, ok) in checks {
+            if !ok || !value.is_finite() {
+                return Err(OptimError::BadConfig { name, value });
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(max_lr: f64, weight_decay: f64) -> Self {
         Self {
             beta1: 0.9,
@@ -82,22 +107,43 @@ pub enum OptimError {
         expected: usize,
         got: usize,
     },
+    #[error("optimizer: the gradient buffer has {got} values, the tensors {expected}")]
+    GradientLen { expected: usize, got: usize },
     #[error("optimizer: bad hyper-parameter {name} = {value}")]
     BadConfig { name: &'static str, value: f64 },
 }
 
-/// What one step did, for logging.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepStats {
+/// What one step did, as one-element tensors on the optimizer's device so
+/// that reading them is the caller's choice (one host sync per read).
+#[derive(Debug, Clone)]
+pub struct StepStats<B: Backend> {
     /// Global L2 norm of the gradients before clipping.
-    pub grad_norm: f64,
+    pub grad_norm: Tensor<B, 1>,
     /// The factor the gradients were multiplied by (1 unless clipped).
-    pub clip_scale: f64,
+    pub clip_scale: Tensor<B, 1>,
     /// The largest per-tensor `√r` (above 1 means update clipping acted).
-    pub max_rms: f64,
+    pub max_rms: Tensor<B, 1>,
 }
 
-/// The first and second moments of one tensor.
+impl<B: Backend> StepStats<B> {
+    /// `[grad_norm, clip_scale, max_rms]` on the host, in one read.
+    pub fn read(&self) -> [f64; 3] {
+        let all = Tensor::cat(
+            vec![
+                self.grad_norm.clone(),
+                self.clip_scale.clone(),
+                self.max_rms.clone(),
+            ],
+            0,
+        );
+        let values = all.into_data().into_vec::<f32>().unwrap_or_default();
+        let at = |i: usize| values.get(i).copied().map_or(f64::NAN, f64::from);
+        [at(0), at(1), at(2)]
+    }
+}
+
+/// The first and second moments of one tensor, on the host (the form
+/// checkpoints hold).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorState {
     pub decay: bool,
@@ -105,11 +151,26 @@ pub struct TensorState {
     pub exp_avg_sq: Vec<f32>,
 }
 
+/// The moments of one tensor on the device, flat.
 #[derive(Debug, Clone)]
-pub struct StableAdamW {
+struct Moments<B: Backend> {
+    decay: bool,
+    len: usize,
+    exp_avg: Tensor<B, 1>,
+    exp_avg_sq: Tensor<B, 1>,
+}
+
+/// StableAdamW whose moments live on the device of backend `B` next to the
+/// weights: a step reads and writes no host memory, so on a GPU nothing
+/// crosses the bus. Parameters go in and out as flat tensors, one per
+/// model tensor in module order; gradients as one flat tensor with the
+/// same order (the buffer the all-reduce produced).
+#[derive(Debug, Clone)]
+pub struct StableAdamW<B: Backend> {
     config: StableAdamWConfig,
     step: u64,
-    tensors: Vec<TensorState>,
+    tensors: Vec<Moments<B>>,
+    device: B::Device,
 }
 
 /// `(β^t − β) / (β^t − 1)`, i.e. `β(1 − β^(t−1)) / (1 − β^t)`.
@@ -118,41 +179,27 @@ fn debias(beta: f64, step: u64) -> f64 {
     (bt - beta) / (bt - 1.0)
 }
 
-impl StableAdamW {
-    pub fn new(config: StableAdamWConfig, tensors: &[TensorSpec]) -> Result<Self, OptimError> {
-        let checks = [
-            ("beta1", config.beta1, (0.0..1.0).contains(&config.beta1)),
-            ("beta2", config.beta2, (0.0..1.0).contains(&config.beta2)),
-            ("eps", config.eps, config.eps >= 0.0),
-            (
-                "weight_decay",
-                config.weight_decay,
-                config.weight_decay >= 0.0,
-            ),
-            ("max_lr", config.max_lr, config.max_lr > 0.0),
-            (
-                "max_grad_norm",
-                config.max_grad_norm.unwrap_or(1.0),
-                config.max_grad_norm.is_none_or(|m| m > 0.0),
-            ),
-        ];
-        for (name, value, ok) in checks {
-            if !ok || !value.is_finite() {
-                return Err(OptimError::BadConfig { name, value });
-            }
-        }
+impl<B: Backend> StableAdamW<B> {
+    pub fn new(
+        config: StableAdamWConfig,
+        tensors: &[TensorSpec],
+        device: &B::Device,
+    ) -> Result<Self, OptimError> {
+        config.validate()?;
         let tensors = tensors
             .iter()
-            .map(|t| TensorState {
+            .map(|t| Moments {
                 decay: t.decay,
-                exp_avg: vec![0.0; t.len],
-                exp_avg_sq: vec![0.0; t.len],
+                len: t.len,
+                exp_avg: Tensor::zeros([t.len], device),
+                exp_avg_sq: Tensor::zeros([t.len], device),
             })
             .collect();
         Ok(Self {
             config,
             step: 0,
             tensors,
+            device: device.clone(),
         })
     }
 
@@ -160,14 +207,38 @@ impl StableAdamW {
         &self.config
     }
 
+    /// New hyper-parameters (a phase's LR), keeping moments and step count.
+    pub fn set_config(&mut self, config: StableAdamWConfig) -> Result<(), OptimError> {
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step
     }
 
-    /// The moments, in tensor order (for checkpoints).
-    pub fn state(&self) -> &[TensorState] {
-        &self.tensors
+    /// Values in all tensors together (the length of the gradient buffer).
+    pub fn len(&self) -> usize {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A host copy of the moments, in tensor order (for checkpoints).
+    pub fn state(&self) -> Vec<TensorState> {
+        let host = |t: &Tensor<B, 1>| t.clone().into_data().into_vec::<f32>().unwrap_or_default();
+        self.tensors
+            .iter()
+            .map(|t| TensorState {
+                decay: t.decay,
+                exp_avg: host(&t.exp_avg),
+                exp_avg_sq: host(&t.exp_avg_sq),
+            })
+            .collect()
     }
 
     /// Restores the moments and the step counter from a checkpoint.
@@ -180,110 +251,153 @@ impl StableAdamW {
         }
         for (index, (new, old)) in tensors.iter().zip(&self.tensors).enumerate() {
             for got in [new.exp_avg.len(), new.exp_avg_sq.len()] {
-                if got != old.exp_avg.len() {
+                if got != old.len {
                     return Err(OptimError::TensorLen {
                         index,
-                        expected: old.exp_avg.len(),
+                        expected: old.len,
                         got,
                     });
                 }
             }
         }
+        let device = self.device.clone();
+        let upload = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::<B, 1>::from_data(TensorData::new(v, [n]), &device)
+        };
+        for (moments, state) in self.tensors.iter_mut().zip(tensors) {
+            moments.decay = state.decay;
+            moments.exp_avg = upload(state.exp_avg);
+            moments.exp_avg_sq = upload(state.exp_avg_sq);
+        }
         self.step = step;
-        self.tensors = tensors;
         Ok(())
     }
 
     /// One step over every tensor with this step's learning rate `lr`
-    /// (peak × schedule factor). `params[i]` and `grads[i]` belong to
-    /// tensor `i` of the specs given to [`StableAdamW::new`].
+    /// (peak × schedule factor): `params[i]` is tensor `i` of the specs
+    /// given to [`StableAdamW::new`], flat; `grads` holds all gradients
+    /// end to end in the same order. Returns the updated parameters.
     pub fn step(
         &mut self,
         lr: f64,
-        params: &mut [&mut [f32]],
-        grads: &[&[f32]],
-    ) -> Result<StepStats, OptimError> {
+        params: Vec<Tensor<B, 1>>,
+        grads: Tensor<B, 1>,
+    ) -> Result<(Vec<Tensor<B, 1>>, StepStats<B>), OptimError> {
         let n = self.tensors.len();
-        for got in [params.len(), grads.len()] {
-            if got != n {
-                return Err(OptimError::TensorCount { expected: n, got });
+        if params.len() != n {
+            return Err(OptimError::TensorCount {
+                expected: n,
+                got: params.len(),
+            });
+        }
+        for (index, (p, s)) in params.iter().zip(&self.tensors).enumerate() {
+            let [got] = p.dims();
+            if got != s.len {
+                return Err(OptimError::TensorLen {
+                    index,
+                    expected: s.len,
+                    got,
+                });
             }
         }
-        for (index, ((p, g), s)) in params.iter().zip(grads).zip(&self.tensors).enumerate() {
-            let expected = s.exp_avg.len();
-            for got in [p.len(), g.len()] {
-                if got != expected {
-                    return Err(OptimError::TensorLen {
-                        index,
-                        expected,
-                        got,
-                    });
-                }
-            }
+        let [total] = grads.dims();
+        if total != self.len() {
+            return Err(OptimError::GradientLen {
+                expected: self.len(),
+                got: total,
+            });
         }
 
-        let grad_norm = grads
-            .iter()
-            .flat_map(|g| g.iter())
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt();
+        let grad_norm = grads.clone().square().sum().sqrt();
         let clip_scale = match self.config.max_grad_norm {
-            // torch.nn.utils.clip_grad_norm_'s rule.
-            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
-            _ => 1.0,
+            // torch.nn.utils.clip_grad_norm_'s rule: max / (norm + 1e-6)
+            // where the norm exceeds max, else 1.
+            Some(max) => {
+                let scaled = grad_norm.clone().add_scalar(1e-6).recip().mul_scalar(max);
+                let over = grad_norm.clone().greater_elem(max);
+                Tensor::ones([1], &self.device).mask_where(over, scaled)
+            }
+            None => Tensor::ones([1], &self.device),
+        };
+        let grads = match self.config.max_grad_norm {
+            Some(_) => grads * clip_scale.clone(),
+            None => grads,
         };
 
         self.step += 1;
-        let b1 = debias(self.config.beta1, self.step) as f32;
-        let b2 = debias(self.config.beta2, self.step) as f32;
-        let eps = self.config.eps as f32;
-        let eps_sq = self.config.eps * self.config.eps;
-        let scale = clip_scale as f32;
-        let mut max_rms: f64 = 0.0;
+        let b1 = debias(self.config.beta1, self.step);
+        let b2 = debias(self.config.beta2, self.step);
+        let eps = self.config.eps;
+        let eps_sq = eps * eps;
+        let decay_per_lr = self.config.weight_decay / self.config.max_lr;
 
-        for ((param, grad), st) in params.iter_mut().zip(grads).zip(self.tensors.iter_mut()) {
-            let mut ratio_sum = 0.0f64;
-            for ((&g, m), v) in grad
-                .iter()
-                .zip(st.exp_avg.iter_mut())
-                .zip(st.exp_avg_sq.iter_mut())
-            {
-                let g = g * scale;
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                let g2 = f64::from(g) * f64::from(g);
-                ratio_sum += g2 / f64::from(*v).max(eps_sq);
-            }
-            let rms = if grad.is_empty() {
-                0.0
-            } else {
-                (ratio_sum / grad.len() as f64).sqrt()
-            };
-            max_rms = max_rms.max(rms);
-            let lr_t = lr / rms.max(1.0);
+        let mut out = Vec::with_capacity(n);
+        let mut rms_all = Vec::with_capacity(n);
+        let mut offset = 0;
+        for (param, st) in params.into_iter().zip(self.tensors.iter_mut()) {
+            let g = grads.clone().slice(offset..offset + st.len);
+            offset += st.len;
+            let g2 = g.clone().square();
+            st.exp_avg = st.exp_avg.clone().mul_scalar(b1) + g.mul_scalar(1.0 - b1);
+            st.exp_avg_sq = st.exp_avg_sq.clone().mul_scalar(b2) + g2.clone().mul_scalar(1.0 - b2);
+            // r with the new v; lr_t = lr / max(1, √r), all on the device.
+            let rms = (g2 / st.exp_avg_sq.clone().clamp_min(eps_sq)).mean().sqrt();
+            let lr_t = rms.clone().clamp_min(1.0).recip().mul_scalar(lr);
+            rms_all.push(rms);
+            let mut p = param;
             if st.decay && self.config.weight_decay != 0.0 {
-                let keep = (1.0 - (lr_t / self.config.max_lr) * self.config.weight_decay) as f32;
-                for p in param.iter_mut() {
-                    *p *= keep;
-                }
+                let keep = lr_t.clone().mul_scalar(-decay_per_lr).add_scalar(1.0);
+                p = p * keep;
             }
-            let lr_t = lr_t as f32;
-            for ((p, &m), &v) in param.iter_mut().zip(&st.exp_avg).zip(&st.exp_avg_sq) {
-                *p -= lr_t * m / (v.sqrt() + eps);
-            }
+            let update = st.exp_avg.clone() / st.exp_avg_sq.clone().sqrt().add_scalar(eps);
+            out.push(p - update * lr_t);
         }
-        Ok(StepStats {
-            grad_norm,
-            clip_scale,
-            max_rms,
-        })
+        let max_rms = if rms_all.is_empty() {
+            Tensor::zeros([1], &self.device)
+        } else {
+            Tensor::cat(rms_all, 0).max()
+        };
+        Ok((
+            out,
+            StepStats {
+                grad_norm,
+                clip_scale,
+                max_rms,
+            },
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type B = crate::CpuBackend;
+
+    fn dev() -> burn::tensor::Device<B> {
+        Default::default()
+    }
+
+    fn flat(values: &[f32]) -> Tensor<B, 1> {
+        Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), &dev())
+    }
+
+    fn host(t: &Tensor<B, 1>) -> Vec<f32> {
+        t.clone().into_data().into_vec::<f32>().expect("f32")
+    }
+
+    /// Takes one step and returns the new parameters on the host.
+    fn step(
+        opt: &mut StableAdamW<B>,
+        lr: f64,
+        params: &[&[f32]],
+        grads: &[f32],
+    ) -> (Vec<Vec<f32>>, [f64; 3]) {
+        let params = params.iter().map(|p| flat(p)).collect();
+        let (out, stats) = opt.step(lr, params, flat(grads)).expect("step");
+        (out.iter().map(host).collect(), stats.read())
+    }
 
     fn close(got: &[f32], want: &[f64]) {
         assert_eq!(got.len(), want.len());
@@ -314,13 +428,13 @@ mod tests {
             TensorSpec::for_shape("final_norm.weight", &[2]),
         ];
         assert!(specs[0].decay && !specs[1].decay);
-        let mut opt = StableAdamW::new(cfg, &specs).expect("valid");
+        let mut opt = StableAdamW::<B>::new(cfg, &specs, &dev()).expect("valid");
         let mut a = vec![1.0f32, -0.5, 0.25];
         let mut b = vec![0.5f32, -1.0];
-        let grads: [([f32; 3], [f32; 2]); 3] = [
-            ([0.1, -0.2, 0.05], [0.3, 0.0]),
-            ([0.3, 0.1, -0.05], [-0.1, 0.2]),
-            ([0.0, 0.4, 0.1], [0.05, -0.3]),
+        let grads: [[f32; 5]; 3] = [
+            [0.1, -0.2, 0.05, 0.3, 0.0],
+            [0.3, 0.1, -0.05, -0.1, 0.2],
+            [0.0, 0.4, 0.1, 0.05, -0.3],
         ];
         let lrs = [1e-3, 2e-3, 1.5e-3];
         let want: [([f64; 3], [f64; 2]); 3] = [
@@ -341,38 +455,26 @@ mod tests {
                 [0.4976354697, -1.0011106084],
             ),
         ];
-        for ((ga, gb), (lr, (wa, wb))) in grads.iter().zip(lrs.iter().zip(want.iter())) {
-            let stats = opt
-                .step(*lr, &mut [&mut a[..], &mut b[..]], &[&ga[..], &gb[..]])
-                .expect("step");
-            assert_eq!(stats.clip_scale, 1.0);
+        for (g, (lr, (wa, wb))) in grads.iter().zip(lrs.iter().zip(want.iter())) {
+            let (out, [_, clip_scale, _]) = step(&mut opt, *lr, &[&a, &b], g);
+            assert_eq!(clip_scale, 1.0);
+            a = out[0].clone();
+            b = out[1].clone();
             close(&a, wa);
             close(&b, wb);
         }
         assert_eq!(opt.steps(), 3);
-        // Step 2's r for A was 1.062670056 (√r = 1.03086).
-        let mut again = StableAdamW::new(StableAdamWConfig::new(2e-3, 0.1), &specs).expect("valid");
-        let mut a = [1.0f32, -0.5, 0.25];
-        let mut b = [0.5f32, -1.0];
-        again
-            .step(
-                1e-3,
-                &mut [&mut a[..], &mut b[..]],
-                &[&grads[0].0[..], &grads[0].1[..]],
-            )
-            .expect("step");
-        let s = again
-            .step(
-                2e-3,
-                &mut [&mut a[..], &mut b[..]],
-                &[&grads[1].0[..], &grads[1].1[..]],
-            )
-            .expect("step");
-        assert!(
-            (s.max_rms - 1.090814664f64.sqrt()).abs() < 1e-6,
-            "{}",
-            s.max_rms
+        // Step 2's r for B was 1.090814664: the largest of the two.
+        let mut again = StableAdamW::<B>::new(StableAdamWConfig::new(2e-3, 0.1), &specs, &dev())
+            .expect("valid");
+        let (out, _) = step(
+            &mut again,
+            1e-3,
+            &[&[1.0, -0.5, 0.25], &[0.5, -1.0]],
+            &grads[0],
         );
+        let (_, [_, _, max_rms]) = step(&mut again, 2e-3, &[&out[0], &out[1]], &grads[1]);
+        assert!((max_rms - 1.090814664f64.sqrt()).abs() < 1e-6, "{max_rms}");
     }
 
     #[test]
@@ -383,22 +485,42 @@ mod tests {
             len: 2,
             decay: false,
         }];
-        let mut clipped = StableAdamW::new(cfg.clone(), &specs).expect("valid");
-        let mut p = [0.0f32; 2];
+        let mut clipped = StableAdamW::<B>::new(cfg.clone(), &specs, &dev()).expect("valid");
         // Norm 5 -> scale 1/(5 + 1e-6).
-        let s = clipped
-            .step(1e-3, &mut [&mut p[..]], &[&[3.0, 4.0][..]])
-            .expect("step");
-        assert!((s.grad_norm - 5.0).abs() < 1e-12);
-        assert!((s.clip_scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        let (p, [grad_norm, clip_scale, _]) = step(&mut clipped, 1e-3, &[&[0.0, 0.0]], &[3.0, 4.0]);
+        assert!((grad_norm - 5.0).abs() < 1e-6);
+        assert!((clip_scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);
         // The moments saw the clipped gradient.
         let m = &clipped.state()[0].exp_avg;
         assert!((f64::from(m[0]) - 0.6).abs() < 1e-6 && (f64::from(m[1]) - 0.8).abs() < 1e-6);
         // Below the threshold nothing changes.
-        let s = clipped
-            .step(1e-3, &mut [&mut p[..]], &[&[0.3, 0.4][..]])
-            .expect("step");
-        assert_eq!(s.clip_scale, 1.0);
+        let (_, [_, clip_scale, _]) = step(&mut clipped, 1e-3, &[&p[0]], &[0.3, 0.4]);
+        assert_eq!(clip_scale, 1.0);
+    }
+
+    #[test]
+    fn state_round_trips_through_the_host() {
+        let specs = [
+            TensorSpec::for_shape("w", &[2, 2]),
+            TensorSpec::for_shape("b", &[2]),
+        ];
+        let config = StableAdamWConfig::new(1e-3, 0.01);
+        let mut opt = StableAdamW::<B>::new(config.clone(), &specs, &dev()).expect("valid");
+        let mut w = vec![0.5f32, -0.25, 1.0, 2.0];
+        let mut b = vec![0.1f32, 0.2];
+        let grads = [0.1, 0.2, -0.3, 0.4, 0.5, -0.6];
+        for _ in 0..2 {
+            let (out, _) = step(&mut opt, 1e-3, &[&w, &b], &grads);
+            w = out[0].clone();
+            b = out[1].clone();
+        }
+        let mut restored = StableAdamW::<B>::new(config, &specs, &dev()).expect("valid");
+        restored.restore(opt.steps(), opt.state()).expect("restore");
+        assert_eq!(restored.state(), opt.state());
+        // The next step is the same from either.
+        let (want, _) = step(&mut opt, 1e-3, &[&w, &b], &grads);
+        let (got, _) = step(&mut restored, 1e-3, &[&w, &b], &grads);
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -407,28 +529,45 @@ mod tests {
             len: 2,
             decay: true,
         }];
-        let mut opt = StableAdamW::new(StableAdamWConfig::new(1e-3, 0.0), &specs).expect("valid");
-        let mut p = [0.0f32; 3];
+        let mut opt = StableAdamW::<B>::new(StableAdamWConfig::new(1e-3, 0.0), &specs, &dev())
+            .expect("valid");
+        let err = |r: Result<_, OptimError>| r.err().expect("refused");
         assert_eq!(
-            opt.step(1e-3, &mut [&mut p[..]], &[&[1.0, 2.0, 3.0][..]]),
-            Err(OptimError::TensorLen {
+            err(opt.step(1e-3, vec![flat(&[0.0; 3])], flat(&[1.0, 2.0, 3.0]))),
+            OptimError::TensorLen {
                 index: 0,
                 expected: 2,
                 got: 3
-            })
+            }
         );
-        assert!(matches!(
-            opt.step(1e-3, &mut [], &[]),
-            Err(OptimError::TensorCount {
+        assert_eq!(
+            err(opt.step(1e-3, vec![flat(&[0.0; 2])], flat(&[1.0, 2.0, 3.0]))),
+            OptimError::GradientLen {
+                expected: 2,
+                got: 3
+            }
+        );
+        assert_eq!(
+            err(opt.step(1e-3, vec![], flat(&[]))),
+            OptimError::TensorCount {
                 expected: 1,
                 got: 0
-            })
-        ));
+            }
+        );
         assert!(matches!(
-            StableAdamW::new(StableAdamWConfig::new(0.0, 0.0), &specs),
+            StableAdamW::<B>::new(StableAdamWConfig::new(0.0, 0.0), &specs, &dev()),
             Err(OptimError::BadConfig { name: "max_lr", .. })
         ));
         assert_eq!(opt.steps(), 0, "a rejected step must not count");
+        let short = vec![TensorState {
+            decay: true,
+            exp_avg: vec![0.0; 3],
+            exp_avg_sq: vec![0.0; 2],
+        }];
+        assert!(matches!(
+            opt.restore(1, short),
+            Err(OptimError::TensorLen { index: 0, .. })
+        ));
         assert!(!TensorSpec::for_shape("decoder.bias", &[5, 1]).decay);
     }
 }

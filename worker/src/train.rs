@@ -1,19 +1,22 @@
 //! The training loop: one assignment (a phase's steps on one rank) of an
 //! Ettin model on Burn, with gradients all-reduced through the world's
-//! collective and StableAdamW applied on flat host buffers.
+//! collective and StableAdamW applied on the weights' device.
 //!
 //! Per step:
 //! 1. the prefetcher hands over this rank's rows of global batch `g`;
 //! 2. each row is masked with an RNG seeded by (run seed, phase, global
 //!    row), so the same row gets the same mask whatever the world size;
 //! 3. per micro-batch: loss = sum of token losses, backward, gradients
-//!    added to flat buffers in module order;
-//! 4. one all-reduce of [gradients…, loss sum, target count]; gradients are
-//!    divided by the world's mean target count, so the update is the
-//!    gradient of the global batch's mean loss, exactly as one process
-//!    training the whole batch would compute it;
-//! 5. StableAdamW at the phase's LR for the tokens seen, weights written
-//!    back; the rows are appended to the data-order log;
+//!    summed per parameter on the device;
+//! 4. one all-reduce of one flat device buffer [gradients in module order…,
+//!    loss sum, target count, leave flag] (NCCL reduces it in place; the
+//!    CPU engines stage it through the host); gradients are divided by the
+//!    world's mean target count, so the update is the gradient of the
+//!    global batch's mean loss, exactly as one process training the whole
+//!    batch would compute it. Reading the last three values is the step's
+//!    one host sync;
+//! 5. StableAdamW at the phase's LR for the tokens seen, on the device;
+//!    the rows are appended to the data-order log;
 //! 6. progress to the coordinator; on the checkpoint policy (and at the
 //!    phase's last step) rank 0 writes a checkpoint and reports it.
 //!
@@ -134,44 +137,88 @@ impl<B: Backend> ModuleMapper<B> for WriteParams<'_, B> {
     }
 }
 
-/// Adds each parameter's gradient to the matching flat buffer.
-fn add_grads<B: AutodiffBackend>(
-    model: &ModernBert<B>,
-    grads: &GradientsParams,
-    ids: &[(String, Vec<usize>, ParamId)],
-    into: &mut [Vec<f32>],
-) {
-    struct Grads<'a, B: AutodiffBackend> {
-        grads: &'a GradientsParams,
-        into: &'a mut [Vec<f32>],
-        next: usize,
-        _b: std::marker::PhantomData<B>,
+/// Every float parameter as a flat tensor on the inner backend (no copy,
+/// no autodiff graph), in module order.
+struct FlatParams<B: AutodiffBackend>(Vec<Tensor<B::InnerBackend, 1>>);
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for FlatParams<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let inner = param.val().inner();
+        let n = inner.shape().num_elements();
+        self.0.push(inner.reshape([n]));
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let index = self.next;
-            self.next += 1;
-            let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else {
-                return;
-            };
-            let Ok(values) = g.into_data().into_vec::<f32>() else {
-                return;
-            };
-            if let Some(acc) = self.into.get_mut(index) {
-                for (a, v) in acc.iter_mut().zip(values) {
-                    *a += v;
-                }
-            }
+}
+
+/// Replaces every float parameter by the next flat tensor, in module order.
+struct SetFlatParams<B: AutodiffBackend> {
+    values: std::vec::IntoIter<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for SetFlatParams<B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(flat) = self.values.next() else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let fresh = Tensor::<B, D>::from_inner(flat.reshape(tensor.dims()));
+        let fresh = if tensor.is_require_grad() {
+            fresh.require_grad()
+        } else {
+            fresh
+        };
+        Param::from_mapped_value(id, fresh, mapper)
+    }
+}
+
+/// Adds each parameter's gradient (taken out of `grads`) to its running
+/// sum on the device, in module order.
+struct AddGrads<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    sums: &'a mut [Option<Tensor<B::InnerBackend, 1>>],
+    next: usize,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for AddGrads<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let index = self.next;
+        self.next += 1;
+        let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        let n = g.shape().num_elements();
+        let g = g.reshape([n]);
+        if let Some(sum) = self.sums.get_mut(index) {
+            *sum = Some(match sum.take() {
+                Some(s) => s + g,
+                None => g,
+            });
         }
     }
-    debug_assert_eq!(ids.len(), into.len());
-    let mut visitor = Grads::<B> {
-        grads,
-        into,
-        next: 0,
-        _b: std::marker::PhantomData,
-    };
-    model.visit(&mut visitor);
+}
+
+/// Mean over the world's ranks of a flat device buffer. NCCL reduces a
+/// CUDA buffer in place; other engines and backends go through the host.
+fn all_reduce_flat<B: Backend>(
+    collective: &mut dyn Collective,
+    flat: Tensor<B, 1>,
+) -> Result<Tensor<B, 1>, TrainError> {
+    if collective.world_size() == 1 {
+        return Ok(flat);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(engine) = collective.as_nccl() {
+        if crate::collective::nccl::all_reduce_mean_tensor(engine, &flat)? {
+            return Ok(flat);
+        }
+    }
+    let device = flat.device();
+    let [n] = flat.dims();
+    let mut host = flat
+        .into_data()
+        .into_vec::<f32>()
+        .map_err(|e| TrainError::Failed(format!("gradient buffer: {e:?}")))?;
+    collective.all_reduce_mean(&mut host)?;
+    Ok(Tensor::from_data(TensorData::new(host, [n]), &device))
 }
 
 /// FNV-1a over names and shapes: ranks must agree on the model's layout.
@@ -204,7 +251,7 @@ struct Session<B: AutodiffBackend> {
     run_id: String,
     model: ModernBert<B>,
     params: Vec<(String, Vec<usize>, ParamId)>,
-    optimizer: StableAdamW,
+    optimizer: StableAdamW<B::InnerBackend>,
     /// (phase, steps done) the in-memory state corresponds to.
     at: (u32, u64),
     /// The world whose ranks last agreed on these weights.
@@ -235,11 +282,7 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
         }
     }
 
-    fn optimizer_for(
-        spec: &RunSpec,
-        phase: &PhaseSpec,
-        params: &[(String, Vec<usize>, ParamId)],
-    ) -> Result<StableAdamW, TrainError> {
+    fn optimizer_config(spec: &RunSpec, phase: &PhaseSpec) -> StableAdamWConfig {
         let o = spec.optimizer.clone().unwrap_or_default();
         let start = phase.lr.as_ref().map_or(1.0, |l| l.start_factor);
         let mut config = StableAdamWConfig::new(o.peak_lr * start, o.weight_decay);
@@ -247,11 +290,7 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
         config.beta2 = o.beta2;
         config.eps = o.eps;
         config.max_grad_norm = (o.grad_clip > 0.0).then_some(o.grad_clip);
-        let specs: Vec<TensorSpec> = params
-            .iter()
-            .map(|(n, s, _)| TensorSpec::for_shape(n, s))
-            .collect();
-        StableAdamW::new(config, &specs).map_err(|e| TrainError::Failed(format!("optimizer: {e}")))
+        config
     }
 
     /// Model and optimizer for the assignment: kept from the last phase,
@@ -283,7 +322,13 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
             };
             model.visit(&mut names);
             let params = names.out;
-            let mut optimizer = Self::optimizer_for(spec, phase, &params)?;
+            let specs: Vec<TensorSpec> = params
+                .iter()
+                .map(|(n, s, _)| TensorSpec::for_shape(n, s))
+                .collect();
+            let mut optimizer =
+                StableAdamW::new(Self::optimizer_config(spec, phase), &specs, &self.device)
+                    .map_err(failed("optimizer"))?;
             let mut values = read_params(&model);
             if let Some(c) = &a.start_checkpoint {
                 let bad = |message: String| TrainError::BadCheckpoint {
@@ -324,14 +369,10 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
         }
         if let Some(s) = self.session.as_mut() {
             if a.phase_start {
-                // A new phase restarts its clock and LR law, keeps moments.
-                let fresh_config = Self::optimizer_for(spec, phase, &s.params)?;
-                let state = s.optimizer.state().to_vec();
-                let steps = s.optimizer.steps();
-                s.optimizer = fresh_config;
+                // A new phase restarts its LR law and keeps the moments.
                 s.optimizer
-                    .restore(steps, state)
-                    .map_err(failed("optimizer state"))?;
+                    .set_config(Self::optimizer_config(spec, phase))
+                    .map_err(failed("optimizer"))?;
             }
             let model = s
                 .model
@@ -583,12 +624,10 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 .next_batch()
                 .ok_or_else(|| TrainError::Failed(format!("no batch for step {step}")))?
                 .map_err(failed("data"))?;
-            let mut flat: Vec<Vec<f32>> = session
-                .params
-                .iter()
-                .map(|(_, s, _)| vec![0.0; s.iter().product()])
-                .collect();
-            let (mut loss_sum, mut count) = (0.0f64, 0usize);
+            let mut sums: Vec<Option<Tensor<B::InnerBackend, 1>>> =
+                vec![None; session.params.len()];
+            let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
+            let mut count = 0usize;
             for micro in &batch.micro_batches {
                 let prediction =
                     prediction_batch(&spec, a.phase_index, &phase, &config, micro, seq_len)?;
@@ -600,52 +639,64 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                     objectives::loss(&session.model, &prediction).map_err(failed("forward"))?;
                 // Sum of token losses: normalised by the global count below.
                 let total = mean.mul_scalar(n as f64);
-                loss_sum += total
-                    .clone()
-                    .into_data()
-                    .into_vec::<f32>()
-                    .ok()
-                    .and_then(|v| v.first().copied())
-                    .map_or(0.0, f64::from);
+                let detached = total.clone().inner();
+                loss_sum = Some(match loss_sum.take() {
+                    Some(l) => l + detached,
+                    None => detached,
+                });
                 count += n;
-                let grads = GradientsParams::from_grads(total.backward(), &session.model);
-                add_grads(&session.model, &grads, &session.params, &mut flat);
+                let mut grads = GradientsParams::from_grads(total.backward(), &session.model);
+                session.model.visit(&mut AddGrads::<B> {
+                    grads: &mut grads,
+                    sums: &mut sums,
+                    next: 0,
+                });
             }
             // One all-reduce for gradients, loss, target count and whether
             // any rank was asked to leave.
-            let mut packed: Vec<f32> = Vec::with_capacity(param_count + 3);
-            for g in &flat {
-                packed.extend_from_slice(g);
-            }
-            packed.push(loss_sum as f32);
-            packed.push(count as f32);
-            packed.push(if link.leave_requested() { 1.0 } else { 0.0 });
-            collective.all_reduce_mean(&mut packed)?;
-            let stopping = packed[param_count + 2] > 0.0;
-            let mean_count = f64::from(packed[param_count + 1]);
-            let mean_loss = f64::from(packed[param_count]) / mean_count.max(f64::MIN_POSITIVE);
-            let scale = (1.0 / mean_count.max(f64::MIN_POSITIVE)) as f32;
-            let mut offset = 0;
-            for g in flat.iter_mut() {
-                let len = g.len();
-                for (dst, src) in g.iter_mut().zip(&packed[offset..offset + len]) {
-                    *dst = src * scale;
-                }
-                offset += len;
-            }
+            let inner_device = &self.device;
+            let mut parts: Vec<Tensor<B::InnerBackend, 1>> = sums
+                .into_iter()
+                .zip(&session.params)
+                .map(|(sum, (_, shape, _))| {
+                    sum.unwrap_or_else(|| {
+                        Tensor::zeros([shape.iter().product::<usize>()], inner_device)
+                    })
+                })
+                .collect();
+            parts.push(loss_sum.unwrap_or_else(|| Tensor::zeros([1], inner_device)));
+            parts.push(Tensor::from_data(
+                TensorData::new(
+                    vec![count as f32, if link.leave_requested() { 1.0 } else { 0.0 }],
+                    [2],
+                ),
+                inner_device,
+            ));
+            let packed = all_reduce_flat(collective, Tensor::cat(parts, 0))?;
+            let extras = packed
+                .clone()
+                .slice(param_count..param_count + 3)
+                .into_data()
+                .into_vec::<f32>()
+                .map_err(|e| TrainError::Failed(format!("gradient buffer: {e:?}")))?;
+            let [loss_total, mean_count, leave] = [0, 1, 2].map(|i| f64::from(extras[i]));
+            let stopping = leave > 0.0;
+            let mean_count = mean_count.max(f64::MIN_POSITIVE);
+            let mean_loss = loss_total / mean_count;
+            let grads = packed
+                .slice(0..param_count)
+                .mul_scalar((1.0 / mean_count) as f32);
             let tokens_before = plan.cursor_after(step) * seq_tokens;
             let lr = schedule.lr(peak_lr, tokens_before);
-            let mut values = read_params(&session.model);
-            let stats = {
-                let mut params: Vec<&mut [f32]> =
-                    values.iter_mut().map(Vec::as_mut_slice).collect();
-                let grads: Vec<&[f32]> = flat.iter().map(Vec::as_slice).collect();
-                session
-                    .optimizer
-                    .step(lr, &mut params, &grads)
-                    .map_err(failed("optimizer"))?
-            };
-            session.model = write_params(session.model.clone(), &values, &self.device);
+            let mut params = FlatParams::<B>(Vec::with_capacity(session.params.len()));
+            session.model.visit(&mut params);
+            let (updated, stats) = session
+                .optimizer
+                .step(lr, params.0, grads)
+                .map_err(failed("optimizer"))?;
+            session.model = session.model.clone().map(&mut SetFlatParams::<B> {
+                values: updated.into_iter(),
+            });
             order
                 .record(step, batch.rows.clone())
                 .map_err(failed("data-order log"))?;
@@ -669,7 +720,7 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                     loss: mean_loss,
                     tokens_per_sec,
                     lr,
-                    grad_norm: stats.grad_norm,
+                    grad_norm: stats.read()[0],
                     mfu,
                 });
                 last_report = now;
@@ -700,15 +751,17 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                         attempt: a.world_id.clone(),
                         phase_end,
                     },
+                    // The host copy is the snapshot; the write runs on a
+                    // background task.
                     model: session
                         .params
                         .iter()
-                        .zip(&values)
-                        .map(|((n, s, _), v)| (n.clone(), s.clone(), v.clone()))
+                        .zip(read_params(&session.model))
+                        .map(|((n, s, _), v)| (n.clone(), s.clone(), v))
                         .collect(),
                     optimizer: OptimizerState {
                         step: session.optimizer.steps(),
-                        tensors: session.optimizer.state().to_vec(),
+                        tensors: session.optimizer.state(),
                     },
                 };
                 pending.push(writer.write_async(snapshot).map_err(failed("checkpoint"))?);

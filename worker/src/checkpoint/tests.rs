@@ -304,29 +304,31 @@ fn a_bad_snapshot_is_reported_through_the_handle() -> TestResult {
 #[test]
 fn optimizer_state_restores_into_stable_adamw() -> TestResult {
     use crate::optim::{StableAdamW, StableAdamWConfig, TensorSpec};
+    use burn::tensor::{Tensor, TensorData};
+    type B = crate::CpuBackend;
+    let device = Default::default();
+    let flat =
+        |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device);
     let specs = [
         TensorSpec::for_shape("w", &[2, 2]),
         TensorSpec::for_shape("b", &[2]),
     ];
-    let mut opt = StableAdamW::new(StableAdamWConfig::new(1e-3, 0.01), &specs)?;
-    let mut w = vec![0.5f32, -0.25, 1.0, 2.0];
-    let mut b = vec![0.1f32, 0.2];
+    let mut opt = StableAdamW::<B>::new(StableAdamWConfig::new(1e-3, 0.01), &specs, &device)?;
+    let mut params = vec![flat(&[0.5, -0.25, 1.0, 2.0]), flat(&[0.1, 0.2])];
     for _ in 0..3 {
-        opt.step(
-            1e-3,
-            &mut [&mut w, &mut b],
-            &[&[0.1, 0.2, -0.3, 0.4], &[0.5, -0.6]],
-        )?;
+        params = opt
+            .step(1e-3, params, flat(&[0.1, 0.2, -0.3, 0.4, 0.5, -0.6]))?
+            .0;
     }
     let mut snap = snapshot(3, false);
     snap.optimizer = OptimizerState {
         step: opt.steps(),
-        tensors: opt.state().to_vec(),
+        tensors: opt.state(),
     };
     let dir = tempfile::tempdir()?;
     let committed = write(&Location::open(&root_url(&dir), true)?, &snap)?;
     let loaded = load(&committed.url)?;
-    let mut restored = StableAdamW::new(StableAdamWConfig::new(1e-3, 0.01), &specs)?;
+    let mut restored = StableAdamW::<B>::new(StableAdamWConfig::new(1e-3, 0.01), &specs, &device)?;
     restored.restore(loaded.optimizer.step, loaded.optimizer.tensors)?;
     assert_eq!(restored.steps(), 3);
     assert_eq!(restored.state(), opt.state());

@@ -198,6 +198,13 @@ pub trait Collective: Send {
     /// A handle that aborts this engine from another thread.
     fn abort_handle(&self) -> AbortHandle;
 
+    /// The NCCL engine behind this collective, for buffers that are already
+    /// on the GPU ([`nccl::all_reduce_mean_tensor`]).
+    #[cfg(feature = "cuda")]
+    fn as_nccl(&mut self) -> Option<&mut NcclEngine> {
+        None
+    }
+
     /// Aborts this engine (see [`AbortHandle`]).
     fn abort(&self) {
         self.abort_handle().abort();

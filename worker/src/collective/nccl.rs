@@ -39,6 +39,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use std::any::Any;
+
+use burn::prelude::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor};
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
 use cudarc::nccl::{result as nccl, sys};
 
@@ -423,6 +428,59 @@ impl Collective for NcclEngine {
     fn abort_handle(&self) -> AbortHandle {
         AbortHandle::new(self.aborted.clone())
     }
+
+    fn as_nccl(&mut self) -> Option<&mut NcclEngine> {
+        Some(self)
+    }
+}
+
+/// Burn's CUDA backend without its fusion layer: the tensors that own
+/// device buffers.
+type CudaCube = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+/// In-place mean over ranks of a flat tensor on Burn's CUDA backend
+/// ([`crate::CudaBackend`]): NCCL reads and writes the tensor's own device
+/// buffer, nothing is copied to the host. Returns `Ok(false)`, touching
+/// nothing, when `tensor` is not an `f32` tensor of that backend (the
+/// caller then stages it through the host).
+///
+/// The tensor must own its buffer (a fresh result, such as the `cat` of
+/// the gradients): every tensor sharing the buffer sees the reduced values.
+pub fn all_reduce_mean_tensor<B: Backend>(
+    engine: &mut NcclEngine,
+    tensor: &Tensor<B, 1>,
+) -> Result<bool> {
+    let [len] = tensor.dims();
+    // A second reference keeps the fusion tensor registered after it is
+    // resolved, so `tensor` stays valid and now names the reduced buffer.
+    let primitive: Box<dyn Any> = Box::new(tensor.clone().into_primitive().tensor());
+    let Ok(fused) = primitive.downcast::<FloatTensor<crate::CudaBackend>>() else {
+        return Ok(false);
+    };
+    if fused.dtype != DType::F32 {
+        return Ok(false);
+    }
+    let client = fused.client.clone();
+    // Runs what is queued for the tensor and hands over its buffer.
+    let cube = client.resolve_tensor_float::<CudaCube>(*fused);
+    if !cube.is_contiguous() {
+        return Ok(false);
+    }
+    // The kernels that wrote it run on CubeCL's stream: wait for them.
+    <CudaCube as Backend>::sync(&cube.device)
+        .map_err(|e| CollectiveError::Backend(format!("cuda: sync before all-reduce: {e:?}")))?;
+    let resource = cube
+        .client
+        .get_resource(cube.handle.clone())
+        .map_err(|e| CollectiveError::Backend(format!("cuda: gradient buffer: {e:?}")))?;
+    let ptr = resource.resource().ptr;
+    // SAFETY: `ptr` addresses the tensor's `len` f32 in the primary CUDA
+    // context that CubeCL and this engine share; its writers have finished
+    // (sync above), `resource` keeps the allocation alive, and no Burn
+    // work is queued until this call has waited for NCCL to finish.
+    unsafe { engine.all_reduce_mean_device(ptr, len) }?;
+    drop(resource);
+    Ok(true)
 }
 
 impl Drop for NcclEngine {
