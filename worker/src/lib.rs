@@ -9,7 +9,7 @@
 //! - [`infer`]: fill-mask and generation (KV cache, seeded sampling).
 //! - [`collective`]: all-reduce and friends: single process, CPU ring over
 //!   TCP, NCCL (feature `cuda`).
-//! - [`optim`], [`schedule`]: StableAdamW on flat buffers; token-driven LR laws.
+//! - [`optim`], [`schedule`]: StableAdamW on the weights' device; token-driven LR laws.
 //! - [`loader`]: a phase's rows for each rank and step, prefetched; the
 //!   data-order log.
 //! - [`checkpoint`], [`store`]: checkpoints on object storage.

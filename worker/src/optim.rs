@@ -136,7 +136,11 @@ impl<B: Backend> StepStats<B> {
             ],
             0,
         );
-        let values = all.into_data().into_vec::<f32>().unwrap_or_default();
+        let values = all
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default();
         let at = |i: usize| values.get(i).copied().map_or(f64::NAN, f64::from);
         [at(0), at(1), at(2)]
     }
@@ -224,13 +228,24 @@ impl<B: Backend> StableAdamW<B> {
         self.tensors.iter().map(|t| t.len).sum()
     }
 
+    /// Values in each tensor, in order.
+    pub fn tensor_lens(&self) -> Vec<usize> {
+        self.tensors.iter().map(|t| t.len).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// A host copy of the moments, in tensor order (for checkpoints).
     pub fn state(&self) -> Vec<TensorState> {
-        let host = |t: &Tensor<B, 1>| t.clone().into_data().into_vec::<f32>().unwrap_or_default();
+        let host = |t: &Tensor<B, 1>| {
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap_or_default()
+        };
         self.tensors
             .iter()
             .map(|t| TensorState {
@@ -531,7 +546,7 @@ mod tests {
         }];
         let mut opt = StableAdamW::<B>::new(StableAdamWConfig::new(1e-3, 0.0), &specs, &dev())
             .expect("valid");
-        let err = |r: Result<_, OptimError>| r.err().expect("refused");
+        let err = |r: Result<_, OptimError>| r.expect_err("refused");
         assert_eq!(
             err(opt.step(1e-3, vec![flat(&[0.0; 3])], flat(&[1.0, 2.0, 3.0]))),
             OptimError::TensorLen {

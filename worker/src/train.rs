@@ -47,7 +47,7 @@ use crate::loader::order::DataOrderLog;
 use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOptions};
 use crate::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 use crate::objectives::{self, MaskingConfig, PredictionBatch};
-use crate::optim::{StableAdamW, StableAdamWConfig, TensorSpec};
+use crate::optim::{StableAdamW, StableAdamWConfig, StepStats, TensorSpec};
 use crate::runtime::{Link, PhaseEnd, Progress, TrainError, Trainer};
 use crate::schedule::{DecayLaw, LrSchedule};
 
@@ -106,6 +106,7 @@ impl<B: Backend> ModuleVisitor<B> for ReadParams {
             param
                 .val()
                 .into_data()
+                .convert::<f32>()
                 .into_vec::<f32>()
                 .unwrap_or_default(),
         );
@@ -206,19 +207,113 @@ fn all_reduce_flat<B: Backend>(
         return Ok(flat);
     }
     #[cfg(feature = "cuda")]
-    if let Some(engine) = collective.as_nccl() {
-        if crate::collective::nccl::all_reduce_mean_tensor(engine, &flat)? {
-            return Ok(flat);
-        }
+    if let Some(engine) = collective.as_nccl()
+        && crate::collective::nccl::all_reduce_mean_tensor(engine, &flat)?
+    {
+        return Ok(flat);
     }
     let device = flat.device();
     let [n] = flat.dims();
     let mut host = flat
         .into_data()
+        .convert::<f32>()
         .into_vec::<f32>()
         .map_err(|e| TrainError::Failed(format!("gradient buffer: {e:?}")))?;
     collective.all_reduce_mean(&mut host)?;
     Ok(Tensor::from_data(TensorData::new(host, [n]), &device))
+}
+
+/// What one step of the world produced.
+#[derive(Debug, Clone)]
+pub struct StepOutcome<B: Backend> {
+    /// The global batch's mean loss per target token.
+    pub mean_loss: f64,
+    /// Some rank was asked to leave: the world stops after this step.
+    pub stopping: bool,
+    /// The optimizer's statistics, still on the device.
+    pub stats: StepStats<B>,
+}
+
+/// One data-parallel step on the weights' device: forward and backward
+/// over this rank's micro-batches (loss = sum of token losses, gradients
+/// summed per parameter), one all-reduce of the flat buffer [gradients in
+/// module order…, loss sum, target count, leave flag], gradients divided by
+/// the world's mean target count, StableAdamW at `lr`. Reading the last
+/// three values is the step's one host sync. Returns the updated model.
+pub fn train_step<B: AutodiffBackend>(
+    model: ModernBert<B>,
+    optimizer: &mut StableAdamW<B::InnerBackend>,
+    micro_batches: &[PredictionBatch],
+    lr: f64,
+    leave: bool,
+    collective: &mut dyn Collective,
+    device: &B::Device,
+) -> Result<(ModernBert<B>, StepOutcome<B::InnerBackend>), TrainError> {
+    let lens = optimizer.tensor_lens();
+    let mut sums: Vec<Option<Tensor<B::InnerBackend, 1>>> = vec![None; lens.len()];
+    let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
+    let mut count = 0usize;
+    for prediction in micro_batches {
+        let n = prediction.targets.len();
+        if n == 0 {
+            continue;
+        }
+        let mean = objectives::loss(&model, prediction).map_err(failed("forward"))?;
+        // Sum of token losses: normalised by the global count below.
+        let total = mean.mul_scalar(n as f64);
+        let detached = total.clone().inner();
+        loss_sum = Some(match loss_sum.take() {
+            Some(l) => l + detached,
+            None => detached,
+        });
+        count += n;
+        let mut grads = GradientsParams::from_grads(total.backward(), &model);
+        model.visit(&mut AddGrads::<B> {
+            grads: &mut grads,
+            sums: &mut sums,
+            next: 0,
+        });
+    }
+    let param_count: usize = lens.iter().sum();
+    let mut parts: Vec<Tensor<B::InnerBackend, 1>> = sums
+        .into_iter()
+        .zip(&lens)
+        .map(|(sum, &len)| sum.unwrap_or_else(|| Tensor::zeros([len], device)))
+        .collect();
+    parts.push(loss_sum.unwrap_or_else(|| Tensor::zeros([1], device)));
+    parts.push(Tensor::from_data(
+        TensorData::new(vec![count as f32, if leave { 1.0 } else { 0.0 }], [2]),
+        device,
+    ));
+    let packed = all_reduce_flat(collective, Tensor::cat(parts, 0))?;
+    let extras = packed
+        .clone()
+        .slice(param_count..param_count + 3)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| TrainError::Failed(format!("gradient buffer: {e:?}")))?;
+    let [loss_total, mean_count, leave_any] = [0, 1, 2].map(|i| f64::from(extras[i]));
+    let mean_count = mean_count.max(f64::MIN_POSITIVE);
+    let grads = packed
+        .slice(0..param_count)
+        .mul_scalar((1.0 / mean_count) as f32);
+    let mut params = FlatParams::<B>(Vec::with_capacity(lens.len()));
+    model.visit(&mut params);
+    let (updated, stats) = optimizer
+        .step(lr, params.0, grads)
+        .map_err(failed("optimizer"))?;
+    let model = model.map(&mut SetFlatParams::<B> {
+        values: updated.into_iter(),
+    });
+    Ok((
+        model,
+        StepOutcome {
+            mean_loss: loss_total / mean_count,
+            stopping: leave_any > 0.0,
+            stats,
+        },
+    ))
 }
 
 /// FNV-1a over names and shapes: ranks must agree on the model's layout.
@@ -624,79 +719,34 @@ impl<B: AutodiffBackend> Trainer for BurnTrainer<B> {
                 .next_batch()
                 .ok_or_else(|| TrainError::Failed(format!("no batch for step {step}")))?
                 .map_err(failed("data"))?;
-            let mut sums: Vec<Option<Tensor<B::InnerBackend, 1>>> =
-                vec![None; session.params.len()];
-            let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
-            let mut count = 0usize;
+            let mut predictions = Vec::with_capacity(batch.micro_batches.len());
             for micro in &batch.micro_batches {
-                let prediction =
-                    prediction_batch(&spec, a.phase_index, &phase, &config, micro, seq_len)?;
-                let n = prediction.targets.len();
-                if n == 0 {
-                    continue;
-                }
-                let mean =
-                    objectives::loss(&session.model, &prediction).map_err(failed("forward"))?;
-                // Sum of token losses: normalised by the global count below.
-                let total = mean.mul_scalar(n as f64);
-                let detached = total.clone().inner();
-                loss_sum = Some(match loss_sum.take() {
-                    Some(l) => l + detached,
-                    None => detached,
-                });
-                count += n;
-                let mut grads = GradientsParams::from_grads(total.backward(), &session.model);
-                session.model.visit(&mut AddGrads::<B> {
-                    grads: &mut grads,
-                    sums: &mut sums,
-                    next: 0,
-                });
+                predictions.push(prediction_batch(
+                    &spec,
+                    a.phase_index,
+                    &phase,
+                    &config,
+                    micro,
+                    seq_len,
+                )?);
             }
-            // One all-reduce for gradients, loss, target count and whether
-            // any rank was asked to leave.
-            let inner_device = &self.device;
-            let mut parts: Vec<Tensor<B::InnerBackend, 1>> = sums
-                .into_iter()
-                .zip(&session.params)
-                .map(|(sum, (_, shape, _))| {
-                    sum.unwrap_or_else(|| {
-                        Tensor::zeros([shape.iter().product::<usize>()], inner_device)
-                    })
-                })
-                .collect();
-            parts.push(loss_sum.unwrap_or_else(|| Tensor::zeros([1], inner_device)));
-            parts.push(Tensor::from_data(
-                TensorData::new(
-                    vec![count as f32, if link.leave_requested() { 1.0 } else { 0.0 }],
-                    [2],
-                ),
-                inner_device,
-            ));
-            let packed = all_reduce_flat(collective, Tensor::cat(parts, 0))?;
-            let extras = packed
-                .clone()
-                .slice(param_count..param_count + 3)
-                .into_data()
-                .into_vec::<f32>()
-                .map_err(|e| TrainError::Failed(format!("gradient buffer: {e:?}")))?;
-            let [loss_total, mean_count, leave] = [0, 1, 2].map(|i| f64::from(extras[i]));
-            let stopping = leave > 0.0;
-            let mean_count = mean_count.max(f64::MIN_POSITIVE);
-            let mean_loss = loss_total / mean_count;
-            let grads = packed
-                .slice(0..param_count)
-                .mul_scalar((1.0 / mean_count) as f32);
             let tokens_before = plan.cursor_after(step) * seq_tokens;
             let lr = schedule.lr(peak_lr, tokens_before);
-            let mut params = FlatParams::<B>(Vec::with_capacity(session.params.len()));
-            session.model.visit(&mut params);
-            let (updated, stats) = session
-                .optimizer
-                .step(lr, params.0, grads)
-                .map_err(failed("optimizer"))?;
-            session.model = session.model.clone().map(&mut SetFlatParams::<B> {
-                values: updated.into_iter(),
-            });
+            let (model, outcome) = train_step(
+                session.model.clone(),
+                &mut session.optimizer,
+                &predictions,
+                lr,
+                link.leave_requested(),
+                collective,
+                &self.device,
+            )?;
+            session.model = model;
+            let StepOutcome {
+                mean_loss,
+                stopping,
+                stats,
+            } = outcome;
             order
                 .record(step, batch.rows.clone())
                 .map_err(failed("data-order log"))?;
