@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 4 and 5, as one script for a machine with one
-# NVIDIA GPU and no network (no Rust there): the binaries are built on a
-# CPU machine and carried.
+# The GPU checks of issues 4 and 5 as one script, for a machine with one
+# NVIDIA GPU, no network and no Rust: the binaries and the sample dataset
+# are built on a CPU machine and carried as one compressed bundle.
 #
-# On the build machine (x86-64, from the repo root):
-#   bench/gpu/run.sh --prepare      # builds .gpu/{device_step,twinhead} (stripped, --features cuda)
-#                                   # and .gpu/data (the sample dataset), ignored by git
-# On the GPU machine (repo root, .gpu carried):
-#   bench/gpu/run.sh [OUT_DIR]      # writes device_step-*.json, run-17m.json and a log to OUT_DIR
+# On the build machine (x86-64, repo root; about 7 minutes on 2 cores):
+#   bench/gpu/run.sh --prepare
+#       builds twinhead and device_step with --features cuda, strips them,
+#       builds the sample dataset, and packs all three into
+#       .gpu/bundle.tar.gz (about 35 MB; .gpu/ is git-ignored locally).
+# On the GPU machine (repo root, with .gpu/bundle.tar.gz carried):
+#   bench/gpu/run.sh OUT_DIR [CHECK ...]
+#       CHECK: step150 (ettin-150m, seq 1024, bf16 and f32), step17
+#       (ettin-17m, seq 1024, f32), run17 (ettin-17m through the real
+#       system); all three by default. Each has its own timeout; together
+#       at most about 8 minutes. Results: OUT_DIR/*.json and OUT_DIR/log.txt.
 #
 # What it measures
 #   - device_step (twinhead's own training step: forward, backward, the flat
 #     gradient buffer through NCCL in place, StableAdamW on the device):
-#     ettin-150m at seq 1024 in bf16 and f32 (tokens/s, MFU against the
-#     H200's dense peak: 989 TFLOP/s bf16, 67 f32), and ettin-17m in f32;
-#     each also times the all-reduce of a gradient-sized buffer through NCCL
-#     in place on Burn's buffer against a copy through the host;
-#   - a short ettin-17m run through the real system (coordinator, one
-#     `twinhead worker --device cuda:0`, checkpoints, three phases of
+#     tokens/s and MFU against the H200's dense peak (989 TFLOP/s bf16,
+#     67 f32); each also times the all-reduce of a gradient-sized buffer
+#     through NCCL in place on Burn's buffer against a copy through the host;
+#   - run17: ettin-17m through the coordinator and one
+#     `twinhead worker --device cuda:0` (checkpoints, the three phases of
 #     configs/runs/tiny-cpu.toml) on the sample dataset, tokens/s per phase
 #     from `twinhead status --json`.
 # NCCL: the wheel ships libnccl.so.2 only; the script links libnccl.so next
@@ -30,20 +35,26 @@ gpu="$root/.gpu"
 if [ "${1:-}" = "--prepare" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   cargo build --release --features cuda -p twinhead -p twinhead-bench --bin twinhead --bin device_step
-  mkdir -p "$gpu"
-  strip -o "$gpu/twinhead" target/release/twinhead
-  strip -o "$gpu/device_step" target/release/device_step
-  rm -rf "$gpu/data"
+  stage="$(mktemp -d)"
+  strip -o "$stage/twinhead" target/release/twinhead
+  strip -o "$stage/device_step" target/release/device_step
   [ -d .cache/corpora/sotu ] || dataprep/fetch-sample.sh
-  "$gpu/twinhead" dataset build configs/data/sample.toml --out "$gpu/data" --threads 2 --json >/dev/null
-  du -sh "$gpu"/* "$gpu"
-  echo "carry .gpu (the whole working tree must stay under 64 MiB)"
+  "$stage/twinhead" dataset build configs/data/sample.toml --out "$stage/data" --threads 2 --json >/dev/null
+  mkdir -p "$gpu"
+  tar czf "$gpu/bundle.tar.gz" -C "$stage" twinhead device_step data
+  rm -rf "$stage"
+  ls -la "$gpu/bundle.tar.gz"
+  echo "carry .gpu/bundle.tar.gz (the working tree and carried files must stay under 64 MiB)"
   exit 0
 fi
 
-out="${1:-${OUT:-$root/gpu-out}}"
+out="${1:?usage: bench/gpu/run.sh OUT_DIR [step150] [step17] [run17] | --prepare}"
+shift
+checks="${*:-step150 step17 run17}"
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
+gpu=/tmp/twinhead-gpu
+rm -rf "$gpu" && mkdir -p "$gpu" && tar xzf "$root/.gpu/bundle.tar.gz" -C "$gpu"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 # libnccl.so for cudarc's loader.
@@ -53,18 +64,24 @@ if [ -n "$nccl_dir" ] && [ -e "$nccl_dir/libnccl.so.2" ]; then
   export LD_LIBRARY_PATH="/tmp/nccl:$nccl_dir:${LD_LIBRARY_PATH:-}"
 fi
 
-step() { # name args...
-  local name="$1"; shift
+step() { # name timeout args...
+  local name="$1" limit="$2"; shift 2
   echo "== device_step $name: $*"
-  timeout 240 "$gpu/device_step" --device cuda:0 "$@" >"$out/device_step-$name.json" || echo "device_step $name failed ($?)"
+  timeout "$limit" "$gpu/device_step" --device cuda:0 "$@" >"$out/device_step-$name.json" || echo "device_step $name failed ($?)"
   cat "$out/device_step-$name.json"; echo
 }
-step 150m-bf16 --model ettin-150m --seq 1024 --batch 32 --steps 10 --warmup 3 --precision bf16 --peak-tflops 989
-step 150m-f32 --model ettin-150m --seq 1024 --batch 16 --steps 10 --warmup 3 --precision f32 --peak-tflops 67
-step 17m-f32 --model ettin-17m --seq 1024 --batch 32 --steps 10 --warmup 3 --precision f32 --peak-tflops 67
+case " $checks " in *" step150 "*)
+  step 150m-bf16 150 --model ettin-150m --seq 1024 --batch 32 --steps 10 --warmup 3 --precision bf16 --peak-tflops 989
+  step 150m-f32 120 --model ettin-150m --seq 1024 --batch 16 --steps 10 --warmup 3 --precision f32 --peak-tflops 67
+esac
+case " $checks " in *" step17 "*)
+  step 17m-f32 90 --model ettin-17m --seq 1024 --batch 32 --steps 10 --warmup 3 --precision f32 --peak-tflops 67
+esac
+case " $checks " in *" run17 "*) ;; *) exit 0 ;; esac
 
 echo "== ettin-17m through the coordinator and one CUDA worker"
 work="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 export TWINHEAD_LOG=warn
 "$gpu/twinhead" coordinator --listen 127.0.0.1:0 --db "$work/c.db" >"$work/coordinator.out" 2>&1 &
 url=""
@@ -73,10 +90,10 @@ for _ in $(seq 100); do url="$(grep -o 'http://[0-9.:]*' "$work/coordinator.out"
 # The tiny recipe's three phases on the sample dataset (its 4,096-token
 # vocabulary fits ettin-17m's embeddings; a throughput check, not a model).
 id="$("$gpu/twinhead" submit configs/runs/tiny-cpu.toml --coordinator "$url" --json \
-  --set model=ettin-17m --set world_size=1 --set global_batch=64 --set micro_batch=64 \
+  --set model=ettin-17m --set world_size=1 --set global_batch=32 --set micro_batch=32 \
   --set "dataset=file://$gpu/data/sample" --set "checkpoint.root=file://$work/ckpt" \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')"
-timeout 300 "$gpu/twinhead" watch "$id" --coordinator "$url" --json >/dev/null || echo "watch ended with $?"
+timeout 180 "$gpu/twinhead" watch "$id" --coordinator "$url" --json >/dev/null || echo "watch ended with $?"
 "$gpu/twinhead" status "$id" --coordinator "$url" --json | tee "$out/run-17m.json" | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
