@@ -25,8 +25,9 @@
 #     `twinhead worker --device cuda:0` (checkpoints, the three phases of
 #     configs/runs/tiny-cpu.toml) on the sample dataset, tokens/s per phase
 #     from `twinhead status --json`.
-# NCCL: the wheel ships libnccl.so.2 only; the script links libnccl.so next
-# to it (see worker/src/collective/nccl.rs).
+# Libraries: cudarc loads libcuda, libnvrtc (CubeCL's kernel compiler) and
+# libnccl at run time; the script links their plain names to the versioned
+# files it finds (toolkit, driver, the nvidia-* wheels).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -57,12 +58,28 @@ gpu=/tmp/twinhead-gpu
 rm -rf "$gpu" && mkdir -p "$gpu" && tar xzf "$root/.gpu/bundle.tar.gz" -C "$gpu"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-# libnccl.so for cudarc's loader.
-nccl_dir="$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)"
-if [ -n "$nccl_dir" ] && [ -e "$nccl_dir/libnccl.so.2" ]; then
-  mkdir -p /tmp/nccl && ln -sf "$nccl_dir/libnccl.so.2" /tmp/nccl/libnccl.so
-  export LD_LIBRARY_PATH="/tmp/nccl:$nccl_dir:${LD_LIBRARY_PATH:-}"
-fi
+# cudarc opens libcuda.so, libnvrtc.so and libnccl.so by their plain names
+# (or .so.<its build's CUDA major>); toolkits and wheels often ship only
+# versioned files. Link the plain names to what is there.
+libs=/tmp/twinhead-cudalibs
+mkdir -p "$libs"
+search="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu /usr/local/nvidia/lib64"
+search="$search $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in os.listdir(p)))' 2>/dev/null || true)"
+for name in libcuda libnvrtc libnccl; do
+  found=""
+  for dir in $search; do
+    found="$(ls "$dir/$name.so" "$dir/$name.so."* 2>/dev/null | head -1 || true)"
+    [ -n "$found" ] && break
+  done
+  if [ -n "$found" ]; then
+    ln -sf "$found" "$libs/$name.so"
+    search_dirs="${search_dirs:-}:$(dirname "$found")"
+    echo "$name: $found"
+  else
+    echo "$name: not found in $search"
+  fi
+done
+export LD_LIBRARY_PATH="$libs${search_dirs:-}:${LD_LIBRARY_PATH:-}"
 
 step() { # name timeout args...
   local name="$1" limit="$2"; shift 2
