@@ -294,10 +294,13 @@ pub fn train_step<B: AutodiffBackend>(
         .into_vec::<f32>()
         .map_err(|e| TrainError::Failed(format!("gradient buffer: {e:?}")))?;
     let [loss_total, mean_count, leave_any] = [0, 1, 2].map(|i| f64::from(extras[i]));
-    let mean_count = mean_count.max(f64::MIN_POSITIVE);
-    let grads = packed
-        .slice(0..param_count)
-        .mul_scalar((1.0 / mean_count) as f32);
+    // A step without a single target anywhere has a zero gradient, not 0/0.
+    let per_target = if mean_count > 0.0 {
+        1.0 / mean_count
+    } else {
+        0.0
+    };
+    let grads = packed.slice(0..param_count).mul_scalar(per_target as f32);
     let mut params = FlatParams::<B>(Vec::with_capacity(lens.len()));
     model.visit(&mut params);
     let (updated, stats) = optimizer
@@ -309,7 +312,7 @@ pub fn train_step<B: AutodiffBackend>(
     Ok((
         model,
         StepOutcome {
-            mean_loss: loss_total / mean_count,
+            mean_loss: loss_total * per_target,
             stopping: leave_any > 0.0,
             stats,
         },
@@ -883,4 +886,111 @@ pub fn model_from_checkpoint<B: Backend>(
         Some(p) => model.with_rope_theta(p.global_rope_theta, p.local_rope_theta),
         None => model,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::SingleProcess;
+    use crate::{CpuAutodiff, CpuBackend};
+
+    type B = CpuAutodiff;
+
+    fn tiny() -> (ModernBert<B>, StableAdamW<CpuBackend>, ModelConfig) {
+        let config = ModelConfig::builtin("tiny").expect("tiny");
+        let model = ModernBert::<B>::new(&config, Flavour::Encoder, 7, &Default::default());
+        let mut names = ParamNames {
+            path: Vec::new(),
+            out: Vec::new(),
+        };
+        model.visit(&mut names);
+        let specs: Vec<TensorSpec> = names
+            .out
+            .iter()
+            .map(|(n, s, _)| TensorSpec::for_shape(n, s))
+            .collect();
+        let optimizer = StableAdamW::new(
+            StableAdamWConfig::new(3e-3, 0.01),
+            &specs,
+            &Default::default(),
+        )
+        .expect("optimizer");
+        (model, optimizer, config)
+    }
+
+    fn batch(config: &ModelConfig) -> PredictionBatch {
+        let rows: Vec<Vec<u32>> = (0..2u32)
+            .map(|r| (0..32u32).map(|i| 5 + (r * 31 + i * 7) % 200).collect())
+            .collect();
+        let tokens = TokenBatch::new(&rows, None).expect("batch");
+        let masking = MaskingConfig::from_model(config, 0.3);
+        objectives::mlm_batch(&tokens, &masking, &mut ChaCha8Rng::seed_from_u64(3)).expect("mlm")
+    }
+
+    #[test]
+    fn repeated_steps_on_one_batch_lower_its_loss() {
+        let (mut model, mut optimizer, config) = tiny();
+        let prediction = batch(&config);
+        let mut losses = Vec::new();
+        for _ in 0..4 {
+            let (next, outcome) = train_step(
+                model,
+                &mut optimizer,
+                std::slice::from_ref(&prediction),
+                3e-3,
+                false,
+                &mut SingleProcess::new(),
+                &Default::default(),
+            )
+            .expect("step");
+            model = next;
+            assert!(!outcome.stopping);
+            losses.push(outcome.mean_loss);
+        }
+        assert_eq!(optimizer.steps(), 4);
+        assert!(
+            losses[3] < losses[0] - 0.05,
+            "the loss on the batch trained on did not fall: {losses:?}"
+        );
+        let [grad_norm, clip_scale, _] = train_step(
+            model,
+            &mut optimizer,
+            std::slice::from_ref(&prediction),
+            3e-3,
+            true,
+            &mut SingleProcess::new(),
+            &Default::default(),
+        )
+        .map(|(_, o)| {
+            assert!(o.stopping, "the leave flag travels with the step");
+            o.stats.read()
+        })
+        .expect("step");
+        assert!(grad_norm > 0.0 && grad_norm.is_finite(), "{grad_norm}");
+        assert_eq!(clip_scale, 1.0);
+    }
+
+    #[test]
+    fn a_step_without_targets_keeps_the_weights_finite() {
+        let (model, mut optimizer, _) = tiny();
+        let before = read_params(&model);
+        let (model, outcome) = train_step(
+            model,
+            &mut optimizer,
+            &[],
+            3e-3,
+            false,
+            &mut SingleProcess::new(),
+            &Default::default(),
+        )
+        .expect("step");
+        assert_eq!(outcome.mean_loss, 0.0);
+        let after = read_params(&model);
+        assert_eq!(before.len(), after.len());
+        for (b, a) in before.iter().zip(&after) {
+            assert!(a.iter().all(|x| x.is_finite()));
+            // No gradient: at most weight decay moves a weight, towards zero.
+            assert!(a.iter().zip(b).all(|(a, b)| a.abs() <= b.abs()));
+        }
+    }
 }
