@@ -423,6 +423,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         >::new(Default::default())),
         #[cfg(feature = "cuda")]
         twinhead_worker::device::Device::Cuda(ordinal) => {
+            twinhead_worker::device::check_cuda(ordinal).map_err(anyhow::Error::msg)?;
             Box::new(twinhead_worker::train::BurnTrainer::<
                 twinhead_worker::CudaAutodiff,
             >::new(burn::backend::cuda::CudaDevice::new(

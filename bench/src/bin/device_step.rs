@@ -207,6 +207,7 @@ mod cuda {
     use super::Options;
 
     pub fn run(o: &Options, ordinal: usize, precision: &str) -> anyhow::Result<serde_json::Value> {
+        twinhead_worker::device::check_cuda(ordinal).map_err(anyhow::Error::msg)?;
         let device = burn::backend::cuda::CudaDevice::new(ordinal);
         let id = NcclEngine::unique_id()?;
         let mut engine = NcclEngine::new(ordinal, 0, 1, &id, Duration::from_secs(60))?;
