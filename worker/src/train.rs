@@ -212,14 +212,41 @@ fn all_reduce_flat<B: Backend>(
     {
         return Ok(flat);
     }
+    through_host(flat, |host| collective.all_reduce_mean(host))
+}
+
+/// Rank `root`'s flat device buffer on every rank, the same way.
+fn broadcast_flat<B: Backend>(
+    collective: &mut dyn Collective,
+    flat: Tensor<B, 1>,
+    root: usize,
+) -> Result<Tensor<B, 1>, TrainError> {
+    if collective.world_size() == 1 {
+        return Ok(flat);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(engine) = collective.as_nccl()
+        && crate::collective::nccl::broadcast_tensor(engine, &flat, root)?
+    {
+        return Ok(flat);
+    }
+    through_host(flat, |host| collective.broadcast(host, root))
+}
+
+/// Runs a host collective on a copy of `flat` and returns the result on
+/// `flat`'s device.
+fn through_host<B: Backend>(
+    flat: Tensor<B, 1>,
+    op: impl FnOnce(&mut [f32]) -> Result<(), crate::collective::CollectiveError>,
+) -> Result<Tensor<B, 1>, TrainError> {
     let device = flat.device();
     let [n] = flat.dims();
     let mut host = flat
         .into_data()
         .convert::<f32>()
         .into_vec::<f32>()
-        .map_err(|e| TrainError::Failed(format!("gradient buffer: {e:?}")))?;
-    collective.all_reduce_mean(&mut host)?;
+        .map_err(|e| TrainError::Failed(format!("collective buffer: {e:?}")))?;
+    op(&mut host)?;
     Ok(Tensor::from_data(TensorData::new(host, [n]), &device))
 }
 
@@ -458,11 +485,21 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
             // loaded the checkpoint both get here, so their collective calls
             // match. They agree on the layout and take rank 0's weights.
             collective.check_fingerprint(fingerprint(&s.params))?;
-            let mut values = read_params(&s.model);
-            for buf in values.iter_mut() {
-                collective.broadcast(buf, 0)?;
-            }
-            s.model = write_params(s.model.clone(), &values, &self.device);
+            let mut params = FlatParams::<B>(Vec::with_capacity(s.params.len()));
+            s.model.visit(&mut params);
+            let lens = s.optimizer.tensor_lens();
+            let all = broadcast_flat(collective, Tensor::cat(params.0, 0), 0)?;
+            let mut offset = 0;
+            let parts: Vec<_> = lens
+                .iter()
+                .map(|&len| {
+                    offset += len;
+                    all.clone().slice(offset - len..offset)
+                })
+                .collect();
+            s.model = s.model.clone().map(&mut SetFlatParams::<B> {
+                values: parts.into_iter(),
+            });
             s.world_id = a.world_id.clone();
         }
         if let Some(s) = self.session.as_mut() {

@@ -450,9 +450,37 @@ pub fn all_reduce_mean_tensor<B: Backend>(
     engine: &mut NcclEngine,
     tensor: &Tensor<B, 1>,
 ) -> Result<bool> {
+    // SAFETY: `on_device_buffer` hands over the address of the tensor's
+    // `len` f32, complete and kept alive for the call.
+    on_device_buffer(tensor, |ptr, len| unsafe {
+        engine.all_reduce_mean_device(ptr, len)
+    })
+}
+
+/// Rank `root`'s values of a flat tensor on Burn's CUDA backend, written in
+/// place into the tensor's device buffer on every rank; as
+/// [`all_reduce_mean_tensor`] otherwise.
+pub fn broadcast_tensor<B: Backend>(
+    engine: &mut NcclEngine,
+    tensor: &Tensor<B, 1>,
+    root: usize,
+) -> Result<bool> {
+    // SAFETY: as above, for `len` f32 = `4 len` bytes.
+    on_device_buffer(tensor, |ptr, len| unsafe {
+        engine.broadcast_device(ptr, len * std::mem::size_of::<f32>(), root)
+    })
+}
+
+/// Calls `op(device address, f32 count)` on the device buffer of a flat
+/// `f32` tensor of Burn's CUDA backend once every kernel writing it has
+/// finished; `Ok(false)` without calling it for any other tensor.
+fn on_device_buffer<B: Backend>(
+    tensor: &Tensor<B, 1>,
+    op: impl FnOnce(u64, usize) -> Result<()>,
+) -> Result<bool> {
     let [len] = tensor.dims();
     // A second reference keeps the fusion tensor registered after it is
-    // resolved, so `tensor` stays valid and now names the reduced buffer.
+    // resolved, so `tensor` stays valid and names the buffer `op` wrote.
     let primitive: Box<dyn Any> = Box::new(tensor.clone().into_primitive().tensor());
     let Ok(fused) = primitive.downcast::<FloatTensor<crate::CudaBackend>>() else {
         return Ok(false);
@@ -468,17 +496,16 @@ pub fn all_reduce_mean_tensor<B: Backend>(
     }
     // The kernels that wrote it run on CubeCL's stream: wait for them.
     <CudaCube as Backend>::sync(&cube.device)
-        .map_err(|e| CollectiveError::Backend(format!("cuda: sync before all-reduce: {e:?}")))?;
+        .map_err(|e| CollectiveError::Backend(format!("cuda: sync before a collective: {e:?}")))?;
     let resource = cube
         .client
         .get_resource(cube.handle.clone())
-        .map_err(|e| CollectiveError::Backend(format!("cuda: gradient buffer: {e:?}")))?;
-    let ptr = resource.resource().ptr;
-    // SAFETY: `ptr` addresses the tensor's `len` f32 in the primary CUDA
-    // context that CubeCL and this engine share; its writers have finished
-    // (sync above), `resource` keeps the allocation alive, and no Burn
-    // work is queued until this call has waited for NCCL to finish.
-    unsafe { engine.all_reduce_mean_device(ptr, len) }?;
+        .map_err(|e| CollectiveError::Backend(format!("cuda: tensor buffer: {e:?}")))?;
+    // `ptr` addresses the tensor's `len` f32 in the primary CUDA context
+    // that CubeCL and the engine share; `resource` keeps the allocation
+    // alive, and no Burn work is queued until `op` has returned (the
+    // engine waits for NCCL to finish).
+    op(resource.resource().ptr, len)?;
     drop(resource);
     Ok(true)
 }
