@@ -78,6 +78,39 @@ fn worker_with_env(url: &str, log: &Path, env: &[(&str, &str)]) -> Proc {
     )
 }
 
+/// What every test here starts from: a temporary folder with the two-phase
+/// dataset, a coordinator on its own database there, and log paths for
+/// `workers` worker processes (`w0.log`, …).
+struct Setup {
+    // Fields drop in order: the coordinator stops before the folder goes.
+    _coordinator: Proc,
+    url: String,
+    data: String,
+    logs: Vec<PathBuf>,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// The coordinator's database, in `dir`.
+    const DB: &str = "c.db";
+
+    fn new(workers: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dataset(dir.path());
+        let (coordinator, url) = coordinator(&dir.path().join(Self::DB));
+        let logs = (0..workers)
+            .map(|i| dir.path().join(format!("w{i}.log")))
+            .collect();
+        Self {
+            _coordinator: coordinator,
+            url,
+            data,
+            logs,
+            dir,
+        }
+    }
+}
+
 /// A two-phase dataset (seq 64, then 256) from the committed fixtures.
 fn dataset(dir: &Path) -> String {
     let f = repo().join("dataprep/tests/fixtures");
@@ -345,36 +378,31 @@ fn max_difference(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>
 /// `world` worker processes end where one process ends when both train the
 /// same global batches (`global_batch` divides by `world`).
 fn assert_workers_match_one(world: u32, global_batch: u32) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dataset(dir.path());
-    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let setup = Setup::new(world as usize);
 
     // `world` worker processes, one world.
-    let ckpt_many = dir.path().join("ckpt-many");
+    let ckpt_many = setup.dir.path().join("ckpt-many");
     let many = Recipe {
         global_batch,
-        ..Recipe::new("many", &data, world, &ckpt_many)
+        ..Recipe::new("many", &setup.data, world, &ckpt_many)
     };
-    let run_many = submit(&url, &many.write(dir.path()));
-    let logs: Vec<PathBuf> = (0..world)
-        .map(|i| dir.path().join(format!("w{i}.log")))
-        .collect();
-    let workers: Vec<Proc> = logs.iter().map(|l| worker(&url, l)).collect();
-    let trained_many = wait_completed(&url, &run_many, &logs);
+    let run_many = submit(&setup.url, &many.write(setup.dir.path()));
+    let workers: Vec<Proc> = setup.logs.iter().map(|l| worker(&setup.url, l)).collect();
+    let trained_many = wait_completed(&setup.url, &run_many, &setup.logs);
     drop(workers);
 
     // One worker process on the same global batches.
-    let ckpt_one = dir.path().join("ckpt-one");
+    let ckpt_one = setup.dir.path().join("ckpt-one");
     let one = Recipe {
         world: 1,
         ckpt: &ckpt_one,
         name: "one",
         ..many
     };
-    let run_one = submit(&url, &one.write(dir.path()));
-    let log1 = vec![dir.path().join("w-single.log")];
-    let single = worker(&url, &log1[0]);
-    let trained_one = wait_completed(&url, &run_one, &log1);
+    let run_one = submit(&setup.url, &one.write(setup.dir.path()));
+    let log1 = vec![setup.dir.path().join("w-single.log")];
+    let single = worker(&setup.url, &log1[0]);
+    let trained_one = wait_completed(&setup.url, &run_one, &log1);
     drop(single);
 
     // Both phases ran with their own shapes: tokens per phase follow each
@@ -458,22 +486,17 @@ fn three_workers_match_one_through_both_phases_and_consume_every_row_once() {
 /// no warmup. Every row is still consumed once.
 #[test]
 fn a_batch_warmup_takes_smaller_batches_first_and_consumes_every_row_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dataset(dir.path());
-    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
-    let ckpt = dir.path().join("ckpt");
+    let setup = Setup::new(2);
+    let ckpt = setup.dir.path().join("ckpt");
     let recipe = Recipe {
         extra: r#"batch_warmup = { start = 4, tokens = "1K" }"#,
-        ..Recipe::new("warm", &data, 2, &ckpt)
+        ..Recipe::new("warm", &setup.data, 2, &ckpt)
     };
     // By hand: 4 x 64 tokens per ramp step until 1024, then 8 x 64.
     assert_eq!(recipe.steps(), [("short", 8), ("long", 3)]);
-    let run = submit(&url, &recipe.write(dir.path()));
-    let logs: Vec<PathBuf> = (0..2)
-        .map(|i| dir.path().join(format!("w{i}.log")))
-        .collect();
-    let workers: Vec<Proc> = logs.iter().map(|l| worker(&url, l)).collect();
-    let trained = wait_completed(&url, &run, &logs);
+    let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+    let workers: Vec<Proc> = setup.logs.iter().map(|l| worker(&setup.url, l)).collect();
+    let trained = wait_completed(&setup.url, &run, &setup.logs);
     drop(workers);
 
     let phases = trained["phases"].as_array().expect("phases");
@@ -484,7 +507,7 @@ fn a_batch_warmup_takes_smaller_batches_first_and_consumes_every_row_once() {
     assert_eq!(phases[1]["tokens_done"], LONG_TOKENS);
     assert_rows_once(&recipe, &run);
 
-    // The data-order log shows the ramp: rows taken per step, both ranks.
+    // The setup.data-order log shows the ramp: rows taken per step, both ranks.
     let ckpt_url = format!("file://{}", ckpt.display());
     let attempts =
         twinhead_worker::loader::order::read_attempts(&ckpt_url, &run, 0, "short").expect("log");
@@ -497,27 +520,22 @@ fn a_batch_warmup_takes_smaller_batches_first_and_consumes_every_row_once() {
 
 #[test]
 fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_does() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dataset(dir.path());
-    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let setup = Setup::new(2);
     // 12 steps in the first phase, so there is time to kill a rank.
-    let ckpt2 = dir.path().join("ckpt-2");
+    let ckpt2 = setup.dir.path().join("ckpt-2");
     let elastic = Recipe {
         short_tokens: 6144,
         extra: "min_world_size = 1",
-        ..Recipe::new("elastic", &data, 2, &ckpt2)
+        ..Recipe::new("elastic", &setup.data, 2, &ckpt2)
     };
-    let run2 = submit(&url, &elastic.write(dir.path()));
-    let logs: Vec<PathBuf> = (0..2)
-        .map(|i| dir.path().join(format!("w{i}.log")))
-        .collect();
-    let keep = worker(&url, &logs[0]);
+    let run2 = submit(&setup.url, &elastic.write(setup.dir.path()));
+    let keep = worker(&setup.url, &setup.logs[0]);
     std::thread::sleep(Duration::from_millis(300));
-    let mut doomed = worker(&url, &logs[1]);
+    let mut doomed = worker(&setup.url, &setup.logs[1]);
     // Kill the second rank with SIGKILL once a checkpoint is committed.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let s = status(&url, &run2);
+        let s = status(&setup.url, &run2);
         if s["checkpoints"].as_array().is_some_and(|c| !c.is_empty()) {
             assert_ne!(s["state"], "completed", "the run finished before the kill");
             break;
@@ -525,13 +543,13 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
         assert!(
             Instant::now() < deadline,
             "no checkpoint: {s}\n{}",
-            dump(&logs)
+            dump(&setup.logs)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     doomed.0.kill().expect("kill");
     doomed.0.wait().expect("reap");
-    let two = wait_completed(&url, &run2, &logs);
+    let two = wait_completed(&setup.url, &run2, &setup.logs);
     drop(keep);
     let attempts = two["attempts"].as_array().expect("attempts");
     assert!(attempts.len() >= 2, "the world was re-formed: {attempts:?}");
@@ -544,15 +562,15 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     assert!(attempts[0]["failed"].as_bool().unwrap_or(false));
 
     // The same recipe, one rank, never interrupted.
-    let ckpt1 = dir.path().join("ckpt-1");
+    let ckpt1 = setup.dir.path().join("ckpt-1");
     let steady = Recipe {
         short_tokens: 6144,
-        ..Recipe::new("steady", &data, 1, &ckpt1)
+        ..Recipe::new("steady", &setup.data, 1, &ckpt1)
     };
-    let run1 = submit(&url, &steady.write(dir.path()));
-    let log1 = vec![dir.path().join("w-single.log")];
-    let single = worker(&url, &log1[0]);
-    let one = wait_completed(&url, &run1, &log1);
+    let run1 = submit(&setup.url, &steady.write(setup.dir.path()));
+    let log1 = vec![setup.dir.path().join("w-single.log")];
+    let single = worker(&setup.url, &log1[0]);
+    let one = wait_completed(&setup.url, &run1, &log1);
     drop(single);
 
     let (w2, w1) = (final_weights(&two), final_weights(&one));
@@ -564,26 +582,23 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
 
 #[test]
 fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dataset(dir.path());
-    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
-    let ckpt = dir.path().join("ckpt");
+    let setup = Setup::new(2);
+    let ckpt = setup.dir.path().join("ckpt");
     let recipe = Recipe {
         short_tokens: 6144,
-        ..Recipe::new("corrupt", &data, 1, &ckpt)
+        ..Recipe::new("corrupt", &setup.data, 1, &ckpt)
     };
-    let run = submit(&url, &recipe.write(dir.path()));
-    let logs = vec![dir.path().join("w0.log"), dir.path().join("w1.log")];
-    let mut first = worker(&url, &logs[0]);
+    let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+    let mut first = worker(&setup.url, &setup.logs[0]);
     let deadline = Instant::now() + Duration::from_secs(300);
     let newest = loop {
-        let s = status(&url, &run);
+        let s = status(&setup.url, &run);
         let checkpoints = s["checkpoints"].as_array().cloned().unwrap_or_default();
         if checkpoints.len() >= 2 {
             first.0.kill().expect("kill");
             first.0.wait().expect("reap");
             // The list may have grown before the kill landed.
-            let s = status(&url, &run);
+            let s = status(&setup.url, &run);
             break s["checkpoints"]
                 .as_array()
                 .and_then(|c| c.last().cloned())
@@ -592,7 +607,7 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
         assert!(
             Instant::now() < deadline,
             "no checkpoints: {s}\n{}",
-            dump(&logs)
+            dump(&setup.logs)
         );
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -603,8 +618,8 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
     bytes[last] ^= 0xff;
     std::fs::write(&model, bytes).expect("corrupt");
 
-    let _second = worker(&url, &logs[1]);
-    let done = wait_completed(&url, &run, &logs);
+    let _second = worker(&setup.url, &setup.logs[1]);
+    let done = wait_completed(&setup.url, &run, &setup.logs);
     let attempts = done["attempts"].as_array().expect("attempts");
     let refused = attempts
         .iter()
@@ -631,19 +646,20 @@ fn a_corrupt_checkpoint_is_refused_and_the_previous_one_is_used() {
 
 #[test]
 fn workers_carry_a_run_through_a_killed_and_restarted_coordinator() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dataset(dir.path());
-    let db = dir.path().join("c.db");
-    let (coordinator, url) = coordinator(&db);
+    let Setup {
+        dir,
+        data,
+        _coordinator: coordinator,
+        url,
+        logs,
+    } = Setup::new(2);
+    let db = dir.path().join(Setup::DB);
     let ckpt = dir.path().join("ckpt");
     let recipe = Recipe {
         short_tokens: 6144,
         ..Recipe::new("outage", &data, 2, &ckpt)
     };
     let run = submit(&url, &recipe.write(dir.path()));
-    let logs: Vec<PathBuf> = (0..2)
-        .map(|i| dir.path().join(format!("w{i}.log")))
-        .collect();
     let _workers: Vec<Proc> = logs.iter().map(|l| worker(&url, l)).collect();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -723,36 +739,31 @@ fn wait_for(
 
 #[test]
 fn a_worker_sent_sigterm_checkpoints_its_step_leaves_and_the_run_resumes_there() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dataset(dir.path());
-    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
-    let ckpt = dir.path().join("ckpt");
+    let setup = Setup::new(3);
+    let ckpt = setup.dir.path().join("ckpt");
     // 12 steps in the first phase and checkpoints only at phase ends, so a
     // checkpoint inside the phase can only come from the signal.
     let recipe = Recipe {
         short_tokens: 6144,
         every_tokens: 0,
-        ..Recipe::new("requeue", &data, 2, &ckpt)
+        ..Recipe::new("requeue", &setup.data, 2, &ckpt)
     };
-    let run = submit(&url, &recipe.write(dir.path()));
-    let logs: Vec<PathBuf> = (0..3)
-        .map(|i| dir.path().join(format!("w{i}.log")))
-        .collect();
-    let _stays = worker(&url, &logs[0]);
+    let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+    let _stays = worker(&setup.url, &setup.logs[0]);
     std::thread::sleep(Duration::from_millis(300));
-    let mut leaves = worker(&url, &logs[1]);
-    let trained = wait_for(&url, &run, &logs, "no progress", |s| {
+    let mut leaves = worker(&setup.url, &setup.logs[1]);
+    let trained = wait_for(&setup.url, &run, &setup.logs, "no progress", |s| {
         s["phases"][0]["steps_done"].as_u64().unwrap_or(0) >= 2
     });
     // The replacement waits, free, for the next world.
-    let _replacement = worker(&url, &logs[2]);
+    let _replacement = worker(&setup.url, &setup.logs[2]);
     let seen = trained["phases"][0]["steps_done"].as_u64().unwrap_or(0);
     assert!(seen < 12, "the phase ended before the signal: {trained}");
     signal(&leaves, "TERM");
-    let exit = wait_exit(&mut leaves, &logs);
-    assert_eq!(exit.code(), Some(75), "exit status\n{}", dump(&logs));
+    let exit = wait_exit(&mut leaves, &setup.logs);
+    assert_eq!(exit.code(), Some(75), "exit status\n{}", dump(&setup.logs));
 
-    let done = wait_completed(&url, &run, &logs);
+    let done = wait_completed(&setup.url, &run, &setup.logs);
     let attempts = done["attempts"].as_array().expect("attempts");
     assert_eq!(attempts.len(), 2, "one stop, one resume: {attempts:?}");
     let first = &attempts[0];
@@ -775,14 +786,14 @@ fn a_worker_sent_sigterm_checkpoints_its_step_leaves_and_the_run_resumes_there()
     assert!(stopped_at >= seen, "stopped at {stopped_at}, saw {seen}");
     assert_eq!(stop["world_id"], first["world_id"], "{stop}");
     // It is the step the first world stopped at: no trained step was thrown
-    // away (its data-order log ends there) ...
+    // away (its setup.data-order log ends there) ...
     let attempt_logs = twinhead_worker::loader::order::read_attempts(
         &format!("file://{}", ckpt.display()),
         &run,
         0,
         "short",
     )
-    .expect("data-order logs read");
+    .expect("data-order setup.logs read");
     let first_world = first["world_id"].as_str().expect("world id");
     let last_logged = attempt_logs
         .iter()
@@ -803,25 +814,26 @@ fn a_worker_sent_sigterm_checkpoints_its_step_leaves_and_the_run_resumes_there()
 
 #[test]
 fn a_worker_killed_while_writing_a_checkpoint_leaves_it_unused_and_the_run_resumes_before_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dataset(dir.path());
-    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
-    let ckpt = dir.path().join("ckpt");
+    let setup = Setup::new(2);
+    let ckpt = setup.dir.path().join("ckpt");
     let recipe = Recipe {
         short_tokens: 6144,
-        ..Recipe::new("torn", &data, 1, &ckpt)
+        ..Recipe::new("torn", &setup.data, 1, &ckpt)
     };
-    let run = submit(&url, &recipe.write(dir.path()));
-    let logs = vec![dir.path().join("w0.log"), dir.path().join("w1.log")];
+    let run = submit(&setup.url, &recipe.write(setup.dir.path()));
     // Every checkpoint write of this worker pauses before its marker.
     let mut doomed = worker_with_env(
-        &url,
-        &logs[0],
+        &setup.url,
+        &setup.logs[0],
         &[("TWINHEAD_TEST_STALL_CHECKPOINT_MS", "4000")],
     );
-    let committed = wait_for(&url, &run, &logs, "no committed checkpoint", |s| {
-        s["checkpoints"].as_array().is_some_and(|c| !c.is_empty())
-    });
+    let committed = wait_for(
+        &setup.url,
+        &run,
+        &setup.logs,
+        "no committed checkpoint",
+        |s| s["checkpoints"].as_array().is_some_and(|c| !c.is_empty()),
+    );
     let committed_step = committed["checkpoints"][0]["step"].as_u64().unwrap_or(0);
     // Wait for a later checkpoint folder whose files are written but whose
     // COMMITTED marker is not, then SIGKILL the worker inside that window.
@@ -834,16 +846,16 @@ fn a_worker_killed_while_writing_a_checkpoint_leaves_it_unused_and_the_run_resum
             .flatten()
             .map(|e| e.path())
             .find(|p| p.join("state.json").exists() && !p.join("COMMITTED").exists());
-        if let Some(dir) = half_written {
+        if let Some(folder) = half_written {
             doomed.0.kill().expect("kill");
             doomed.0.wait().expect("reap");
-            break dir;
+            break folder;
         }
         assert!(
             Instant::now() < deadline,
             "no checkpoint caught mid-write under {}\n{}",
             phase_dir.display(),
-            dump(&logs)
+            dump(&setup.logs)
         );
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -857,8 +869,8 @@ fn a_worker_killed_while_writing_a_checkpoint_leaves_it_unused_and_the_run_resum
         "a folder without COMMITTED loads"
     );
 
-    let _replacement = worker(&url, &logs[1]);
-    let done = wait_completed(&url, &run, &logs);
+    let _replacement = worker(&setup.url, &setup.logs[1]);
+    let done = wait_completed(&setup.url, &run, &setup.logs);
     let attempts = done["attempts"].as_array().expect("attempts");
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     let resumed = &attempts[1]["start_checkpoint"];
@@ -898,27 +910,22 @@ fn last_checkpoint_url(status: &serde_json::Value) -> String {
 
 #[test]
 fn runs_start_from_another_runs_checkpoint_across_objectives_and_refuse_bad_ones() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dataset(dir.path());
-    let (_coordinator, url) = coordinator(&dir.path().join("c.db"));
-    let ckpt = dir.path().join("ckpt");
-    let logs: Vec<PathBuf> = (0..5)
-        .map(|i| dir.path().join(format!("w{i}.log")))
-        .collect();
+    let setup = Setup::new(5);
+    let ckpt = setup.dir.path().join("ckpt");
     // 1,024 tokens (2 steps) of the short phase, then the long phase.
     let base = Recipe {
         short_tokens: 1024,
-        ..Recipe::new("encoder", &data, 1, &ckpt)
+        ..Recipe::new("encoder", &setup.data, 1, &ckpt)
     };
     // One worker per run, gone (deregistered) before the next is submitted.
     let train = |recipe: &Recipe, log: &Path| {
-        let run = submit(&url, &recipe.write(dir.path()));
-        let mut worker = worker(&url, log);
-        let done = wait_completed(&url, &run, &[log.to_path_buf()]);
+        let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+        let mut worker = worker(&setup.url, log);
+        let done = wait_completed(&setup.url, &run, &[log.to_path_buf()]);
         wait_exit(&mut worker, &[log.to_path_buf()]);
         done
     };
-    let encoder = train(&base, &logs[0]);
+    let encoder = train(&base, &setup.logs[0]);
     let encoder_url = last_checkpoint_url(&encoder);
 
     // A decoder (CLM) from the encoder, then an encoder (MNTP) from that
@@ -936,7 +943,7 @@ fn runs_start_from_another_runs_checkpoint_across_objectives_and_refuse_bad_ones
             extra: &init,
             ..base
         };
-        let child = train(&recipe, &logs[1 + i]);
+        let child = train(&recipe, &setup.logs[1 + i]);
         let first = first_checkpoint(&child);
         assert_eq!(
             first.optimizer.step, first.state.info.step,
@@ -956,13 +963,13 @@ fn runs_start_from_another_runs_checkpoint_across_objectives_and_refuse_bad_ones
 
     // Refused, naming what is wrong: a checkpoint without its COMMITTED
     // marker, and one whose shapes do not fit the model.
-    let uncommitted = dir.path().join("uncommitted");
+    let uncommitted = setup.dir.path().join("uncommitted");
     std::fs::create_dir(&uncommitted).expect("mkdir");
     let committed_dir = PathBuf::from(encoder_url.trim_start_matches("file://"));
     for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
         std::fs::copy(committed_dir.join(file), uncommitted.join(file)).expect("copy");
     }
-    let wider = dir.path().join("wider.toml");
+    let wider = setup.dir.path().join("wider.toml");
     let tiny = std::fs::read_to_string(repo().join("configs/models/tiny.toml")).expect("tiny");
     std::fs::write(
         &wider,
@@ -994,12 +1001,12 @@ fn runs_start_from_another_runs_checkpoint_across_objectives_and_refuse_bad_ones
             extra,
             ..base
         };
-        let run = submit(&url, &recipe.write(dir.path()));
-        let mut worker = worker(&url, &logs[3 + i]);
-        let failed = wait_for(&url, &run, &logs, "the run did not fail", |s| {
+        let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+        let mut worker = worker(&setup.url, &setup.logs[3 + i]);
+        let failed = wait_for(&setup.url, &run, &setup.logs, "the run did not fail", |s| {
             s["state"] == "failed"
         });
-        wait_exit(&mut worker, &logs);
+        wait_exit(&mut worker, &setup.logs);
         let message = failed["message"].as_str().unwrap_or_default();
         assert!(
             message.contains("init_from") && message.contains(expected.as_str()),
