@@ -97,6 +97,29 @@ impl<B: Backend> ModuleVisitor<B> for ParamNames {
     }
 }
 
+/// Name, shape and id of every float parameter, in module order.
+fn param_names<B: Backend>(model: &ModernBert<B>) -> Vec<(String, Vec<usize>, ParamId)> {
+    let mut names = ParamNames {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut names);
+    names.out
+}
+
+fn specs_of(params: &[(String, Vec<usize>, ParamId)]) -> Vec<TensorSpec> {
+    params
+        .iter()
+        .map(|(n, s, _)| TensorSpec::for_shape(n, s))
+        .collect()
+}
+
+/// What StableAdamW needs to know of each float parameter of `model` (its
+/// size, and Ettin's rule for weight decay), in module order.
+pub fn optimizer_specs<B: Backend>(model: &ModernBert<B>) -> Vec<TensorSpec> {
+    specs_of(&param_names(model))
+}
+
 /// Copies every float parameter to the host, in module order.
 struct ReadParams(Vec<Vec<f32>>);
 
@@ -441,34 +464,33 @@ impl<B: AutodiffBackend> BurnTrainer<B> {
         if !keep {
             let config = model_config(spec)?;
             let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, &self.device);
-            let mut names = ParamNames {
-                path: Vec::new(),
-                out: Vec::new(),
-            };
-            model.visit(&mut names);
-            let params = names.out;
-            let specs: Vec<TensorSpec> = params
-                .iter()
-                .map(|(n, s, _)| TensorSpec::for_shape(n, s))
-                .collect();
-            let mut optimizer =
-                StableAdamW::new(Self::optimizer_config(spec, phase), &specs, &self.device)
-                    .map_err(failed("optimizer"))?;
-            let mut values = read_params(&model);
+            let params = param_names(&model);
+            let mut optimizer = StableAdamW::new(
+                Self::optimizer_config(spec, phase),
+                &specs_of(&params),
+                &self.device,
+            )
+            .map_err(failed("optimizer"))?;
+            // Weights from a checkpoint or `init_from`; else the fresh ones.
+            let mut values = None;
             if let Some(c) = &a.start_checkpoint {
                 let bad = |message: String| TrainError::BadCheckpoint {
                     url: c.url.clone(),
                     message,
                 };
                 let loaded = checkpoint::load(&c.url).map_err(|e| bad(e.to_string()))?;
-                values = match_tensors(&params, loaded.model).map_err(|e| bad(e.to_string()))?;
+                values =
+                    Some(match_tensors(&params, loaded.model).map_err(|e| bad(e.to_string()))?);
                 optimizer
                     .restore(loaded.optimizer.step, loaded.optimizer.tensors)
                     .map_err(|e| bad(format!("optimizer state: {e}")))?;
             } else if !spec.init_from.is_empty() {
-                values = init_weights::<B>(&spec.init_from, &params, &self.device)?;
+                values = Some(init_weights::<B>(&spec.init_from, &params, &self.device)?);
             }
-            let model = write_params(model, &values, &self.device);
+            let model = match values {
+                Some(values) => write_params(model, &values, &self.device),
+                None => model,
+            };
             self.session = Some(Session {
                 run_id: a.run_id.clone(),
                 model,
@@ -537,13 +559,7 @@ fn init_weights<B: Backend>(
         let path = init_from.trim_start_matches("file://");
         let imported = crate::hf::load::<B>(std::path::Path::new(path), device)
             .map_err(|e| refused(e.to_string()))?;
-        let mut names = ParamNames {
-            path: Vec::new(),
-            out: Vec::new(),
-        };
-        imported.visit(&mut names);
-        names
-            .out
+        param_names(&imported)
             .into_iter()
             .zip(read_params(&imported))
             .map(|((name, shape, _), values)| (name, shape, values))
@@ -907,17 +923,13 @@ pub fn model_from_checkpoint<B: Backend>(
 ) -> Result<ModernBert<B>, TrainError> {
     let config = model_config(spec)?;
     let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, device);
-    let mut names = ParamNames {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    model.visit(&mut names);
+    let params = param_names(&model);
     let loaded = checkpoint::load(url).map_err(|e| TrainError::BadCheckpoint {
         url: url.to_string(),
         message: e.to_string(),
     })?;
     let phase = spec.phases.get(loaded.state.info.phase_index as usize);
-    let values = match_tensors(&names.out, loaded.model)?;
+    let values = match_tensors(&params, loaded.model)?;
     let model = write_params(model, &values, device);
     Ok(match phase {
         Some(p) => model.with_rope_theta(p.global_rope_theta, p.local_rope_theta),
@@ -936,19 +948,9 @@ mod tests {
     fn tiny() -> (ModernBert<B>, StableAdamW<CpuBackend>, ModelConfig) {
         let config = ModelConfig::builtin("tiny").expect("tiny");
         let model = ModernBert::<B>::new(&config, Flavour::Encoder, 7, &Default::default());
-        let mut names = ParamNames {
-            path: Vec::new(),
-            out: Vec::new(),
-        };
-        model.visit(&mut names);
-        let specs: Vec<TensorSpec> = names
-            .out
-            .iter()
-            .map(|(n, s, _)| TensorSpec::for_shape(n, s))
-            .collect();
         let optimizer = StableAdamW::new(
             StableAdamWConfig::new(3e-3, 0.01),
-            &specs,
+            &optimizer_specs(&model),
             &Default::default(),
         )
         .expect("optimizer");

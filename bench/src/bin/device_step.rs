@@ -25,8 +25,8 @@ use rand_chacha::ChaCha8Rng;
 use twinhead_worker::collective::{Collective, SingleProcess};
 use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 use twinhead_worker::objectives::{MaskingConfig, clm_batch, mlm_batch};
-use twinhead_worker::optim::{StableAdamW, StableAdamWConfig, TensorSpec};
-use twinhead_worker::train::train_step;
+use twinhead_worker::optim::{StableAdamW, StableAdamWConfig};
+use twinhead_worker::train::{optimizer_specs, train_step};
 
 struct Options {
     device: String,
@@ -114,7 +114,7 @@ fn run<B: AutodiffBackend>(
         other => bail!("--objective {other:?}: expected mlm or clm"),
     };
     let mut model = ModernBert::<B>::new(&config, flavour, 0, &device);
-    let specs = model_specs(&model);
+    let specs = optimizer_specs(&model);
     let params: usize = specs.iter().map(|s| s.len).sum();
     let mut optimizer =
         StableAdamW::<B::InnerBackend>::new(StableAdamWConfig::new(1e-3, 1e-5), &specs, &device)?;
@@ -177,22 +177,6 @@ fn run<B: AutodiffBackend>(
         "mfu": mfu,
         "last_loss": last_loss,
     }))
-}
-
-fn model_specs<B: burn::tensor::backend::Backend>(model: &ModernBert<B>) -> Vec<TensorSpec> {
-    use burn::module::{Module, ModuleVisitor, Param};
-    use burn::tensor::Tensor;
-    struct Shapes(Vec<TensorSpec>);
-    impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Shapes {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            // The trainer's rule needs names; shapes alone decide here (the
-            // biases are 1-D), which is the same set for these models.
-            self.0.push(TensorSpec::for_shape("", &param.val().dims()));
-        }
-    }
-    let mut shapes = Shapes(Vec::new());
-    model.visit(&mut shapes);
-    shapes.0
 }
 
 #[cfg(feature = "cuda")]
