@@ -13,8 +13,12 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::packing::{MASKED, rope_tables};
-use crate::model::{AttentionKind, Flavour, ModelError, ModernBert, TokenBatch};
+use std::sync::Arc;
+
+use crate::model::packing::rope_tables;
+use crate::model::{
+    AttentionKind, AttentionPlan, Flavour, ModelBackend, ModelError, ModernBert, TokenBatch,
+};
 
 /// Errors from the inference helpers.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +57,7 @@ pub struct MaskPrediction {
 }
 
 /// The `top_k` most likely tokens at every `[MASK]` of `ids`.
-pub fn fill_mask<B: Backend>(
+pub fn fill_mask<B: ModelBackend>(
     model: &ModernBert<B>,
     ids: &[u32],
     top_k: usize,
@@ -125,9 +129,9 @@ pub struct GenerateConfig {
     pub stop_token: Option<u32>,
 }
 
-/// Per-layer keys and values seen so far: `[1, heads, t, head_dim]`.
+/// Per-layer keys and values seen so far: `[t, heads, head_dim]`.
 struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
     len: usize,
 }
 
@@ -136,7 +140,7 @@ struct KvCache<B: Backend> {
 ///
 /// # Shapes
 /// - returns `[vocab]`
-fn decode_step<B: Backend>(
+fn decode_step<B: ModelBackend>(
     model: &ModernBert<B>,
     tokens: &[u32],
     cache: &mut KvCache<B>,
@@ -151,25 +155,16 @@ fn decode_step<B: Backend>(
     let rope = |theta: f64| {
         let (cos, sin) = rope_tables(&positions, hd, theta);
         (
-            Tensor::<B, 4>::from_data(TensorData::new(cos, [1, 1, n, hd]), &device),
-            Tensor::<B, 4>::from_data(TensorData::new(sin, [1, 1, n, hd]), &device),
+            Tensor::<B, 3>::from_data(TensorData::new(cos, [n, 1, hd]), &device),
+            Tensor::<B, 3>::from_data(TensorData::new(sin, [n, 1, hd]), &device),
         )
     };
     let global_rope = rope(config.global_rope_theta);
     let local_rope = rope(config.local_rope_theta);
-    let mask = |window: Option<usize>| {
-        let mut m = vec![MASKED; n * total];
-        for q in 0..n {
-            let i = start + q;
-            let lo = window.map_or(0, |w| i.saturating_sub(w));
-            for j in lo..=i {
-                m[q * total + j] = 0.0;
-            }
-        }
-        Tensor::<B, 4>::from_data(TensorData::new(m, [1, 1, n, total]), &device)
-    };
-    let global_mask = mask(None);
-    let local_mask = mask(Some(config.half_window()));
+    let plan =
+        |window: Option<usize>| Arc::new(AttentionPlan::decode(start, n, window, config.num_heads));
+    let global_plan = plan(None);
+    let local_plan = plan(Some(config.half_window()));
 
     let mut x = model.embed(ids);
     for (layer, slot) in model.layers.iter().zip(cache.layers.iter_mut()) {
@@ -177,14 +172,12 @@ fn decode_step<B: Backend>(
         let (cos, sin) = if global { &global_rope } else { &local_rope };
         let (q, k, v) = layer.attn.qkv(layer.pre_attn(x.clone()), (cos, sin));
         let (k, v) = match slot.take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 0), Tensor::cat(vec![pv, v], 0)),
             None => (k, v),
         };
         *slot = Some((k.clone(), v.clone()));
-        let attn = layer
-            .attn
-            .attend(q, k, v, if global { &global_mask } else { &local_mask });
-        x = x + attn;
+        let plan = if global { &global_plan } else { &local_plan };
+        x = x + layer.attn.attend(plan, q, k, v, 1);
         x = x.clone() + layer.mlp.forward(layer.mlp_norm.forward(x));
     }
     cache.len = total;
@@ -225,7 +218,7 @@ fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut ChaCha8Rng) -> u32 {
 }
 
 /// Continues `prompt` with a decoder; returns only the new tokens.
-pub fn generate<B: Backend>(
+pub fn generate<B: ModelBackend>(
     model: &ModernBert<B>,
     prompt: &[u32],
     cfg: &GenerateConfig,

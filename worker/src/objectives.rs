@@ -26,7 +26,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{AttentionKind, ModelError, ModernBert, TokenBatch};
+use crate::model::{AttentionKind, ModelBackend, ModelError, ModernBert, TokenBatch};
 
 /// Errors from building or scoring an objective batch.
 #[derive(Debug, thiserror::Error)]
@@ -217,7 +217,7 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int
 ///
 /// # Shapes
 /// - returns `[positions.len(), vocab]`
-pub fn prediction_logits<B: Backend>(
+pub fn prediction_logits<B: ModelBackend>(
     model: &ModernBert<B>,
     batch: &PredictionBatch,
 ) -> Result<Tensor<B, 2>, ObjectiveError> {
@@ -238,7 +238,7 @@ pub fn prediction_logits<B: Backend>(
 ///
 /// # Shapes
 /// - returns `[1]`
-pub fn loss<B: Backend>(
+pub fn loss<B: ModelBackend>(
     model: &ModernBert<B>,
     batch: &PredictionBatch,
 ) -> Result<Tensor<B, 1>, ObjectiveError> {

@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Times `steps` training steps after `warmup` ones; returns the report.
-fn run<B: AutodiffBackend>(
+fn run<B: AutodiffBackend + twinhead_worker::model::ModelBackend>(
     o: &Options,
     device: B::Device,
     collective: &mut dyn Collective,

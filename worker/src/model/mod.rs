@@ -5,6 +5,8 @@
 //!   (embedded as built-ins), validation, parameter count.
 //! - [`packing`]: document boundaries in packed rows: positions, masks,
 //!   rotary tables (host side).
+//! - [`attention`]: blocked attention per document and window, with a
+//!   recomputing backward ([`ModelBackend`]), and its plans.
 //! - [`modernbert`]: the modules (attention, GeGLU MLP, layers, head) and
 //!   [`ModernBert`] itself.
 //!
@@ -18,16 +20,20 @@
 //!   `w = local_attention / 2` (65 keys for Ettin's 128), which is what
 //!   Ettin's FlashAttention training did; transformers' decoder sees one
 //!   key fewer (see [`crate::hf`]).
-//! - **Masks** are additive f32 tensors `[batch, 1, seq, seq]` built on the
-//!   host once per forward (memory grows with seq²: fine at 1K, heavy at
-//!   8K; a fused varlen kernel is the long-context answer).
+//! - **Attention** is computed in blocks that only score the keys a query
+//!   can see (its document, its window): memory and time grow with
+//!   seq × window in local layers and with the documents' lengths squared
+//!   in global ones, never with seq² of a packed row, and the backward
+//!   recomputes scores instead of keeping them (see [`attention`]).
 //! - **Sparse prediction.** Objectives run the head only at the positions
 //!   that predict (see [`crate::objectives`]).
 
+pub mod attention;
 pub mod config;
 pub mod modernbert;
 pub mod packing;
 
+pub use attention::{AttentionPlan, ModelBackend, Visibility};
 pub use config::{ConfigError, ModelConfig, RawModelConfig};
 pub use modernbert::{Flavour, ModernBert, TokenBatch};
 pub use packing::{AttentionKind, PackedLayout};

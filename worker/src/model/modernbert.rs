@@ -19,14 +19,17 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use super::ModelError;
+use super::attention::{AttentionPlan, ModelBackend, Visibility};
 use super::config::ModelConfig;
 use super::packing::{AttentionKind, PackedLayout};
 
@@ -181,42 +184,52 @@ fn layer_norm<B: Backend>(config: &ModelConfig, device: &B::Device) -> LayerNorm
 
 // ---------------------------------------------------------------- blocks
 
-/// Per-forward tensors shared by every layer: masks and rotary tables for
-/// global and local layers.
+/// Per-forward inputs shared by every layer: the attention plans and
+/// rotary tables of global and local layers.
 #[derive(Debug, Clone)]
 pub struct AttentionInputs<B: Backend> {
-    /// `[batch, 1, seq, seq]` additive mask for global layers.
-    pub global_mask: Tensor<B, 4>,
-    /// `[batch, 1, seq, seq]` additive mask for local layers.
-    pub local_mask: Tensor<B, 4>,
-    /// `[batch, 1, seq, head_dim]` cos / sin with the global θ.
-    pub global_rope: (Tensor<B, 4>, Tensor<B, 4>),
-    /// `[batch, 1, seq, head_dim]` cos / sin with the local θ.
-    pub local_rope: (Tensor<B, 4>, Tensor<B, 4>),
+    /// Rows in the batch.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Which keys each query of a global layer sees.
+    pub global_plan: Arc<AttentionPlan>,
+    /// Which keys each query of a local (sliding-window) layer sees.
+    pub local_plan: Arc<AttentionPlan>,
+    /// `[tokens, 1, head_dim]` cos / signed sin with the global θ.
+    pub global_rope: (Tensor<B, 3>, Tensor<B, 3>),
+    /// `[tokens, 1, head_dim]` cos / signed sin with the local θ.
+    pub local_rope: (Tensor<B, 3>, Tensor<B, 3>),
 }
 
 impl<B: Backend> AttentionInputs<B> {
-    /// Builds masks and rotary tables for `layout`.
+    /// Builds plans and rotary tables for `layout`.
     pub fn new(
         config: &ModelConfig,
         layout: &PackedLayout,
         kind: AttentionKind,
         device: &B::Device,
     ) -> Self {
-        let (b, s, hd) = (layout.batch, layout.seq_len, config.head_dim());
-        let mask = |w: Option<usize>| {
-            Tensor::<B, 4>::from_data(TensorData::new(layout.mask(kind, w), [b, 1, s, s]), device)
-        };
+        let (n, hd) = (layout.batch * layout.seq_len, config.head_dim());
         let rope = |theta: f64| {
             let (cos, sin) = layout.rope(hd, theta);
             (
-                Tensor::<B, 4>::from_data(TensorData::new(cos, [b, 1, s, hd]), device),
-                Tensor::<B, 4>::from_data(TensorData::new(sin, [b, 1, s, hd]), device),
+                Tensor::<B, 3>::from_data(TensorData::new(cos, [n, 1, hd]), device),
+                Tensor::<B, 3>::from_data(TensorData::new(sin, [n, 1, hd]), device),
             )
         };
+        let plan = |window: Option<usize>| {
+            Arc::new(AttentionPlan::packed(
+                layout,
+                Visibility::new(kind, window),
+                config.num_heads,
+            ))
+        };
         Self {
-            global_mask: mask(None),
-            local_mask: mask(Some(config.half_window())),
+            batch: layout.batch,
+            seq_len: layout.seq_len,
+            global_plan: plan(None),
+            local_plan: plan(Some(config.half_window())),
             global_rope: rope(config.global_rope_theta),
             local_rope: rope(config.local_rope_theta),
         }
@@ -229,17 +242,18 @@ impl<B: Backend> AttentionInputs<B> {
 /// table of [`super::packing::rope_tables`].
 ///
 /// # Shapes
-/// - `x`: `[batch, heads, seq, head_dim]`
-/// - `cos`, `signed_sin`: `[batch, 1, seq, head_dim]` (broadcast over heads)
-pub fn apply_rope<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: &Tensor<B, 4>,
-    signed_sin: &Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let swapped = Tensor::cat(vec![x2, x1], 3);
+/// - `x`: `[..., heads, head_dim]`
+/// - `cos`, `signed_sin`: `[..., 1, head_dim]` (broadcast over heads)
+pub fn apply_rope<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    cos: &Tensor<B, D>,
+    signed_sin: &Tensor<B, D>,
+) -> Tensor<B, D> {
+    let last = D - 1;
+    let half = x.dims()[last] / 2;
+    let x1 = x.clone().narrow(last, 0, half);
+    let x2 = x.clone().narrow(last, half, half);
+    let swapped = Tensor::cat(vec![x2, x1], last);
     x * cos.clone() + swapped * signed_sin.clone()
 }
 
@@ -251,32 +265,27 @@ pub struct Attention<B: Backend> {
     pub wqkv: Linear<B>,
     /// `[hidden, hidden]`.
     pub wo: Linear<B>,
-    attn_drop: Dropout,
     out_drop: Dropout,
     num_heads: usize,
     global: bool,
 }
 
-impl<B: Backend> Attention<B> {
-    /// Projects `x` to rotated queries, rotated keys and values.
+impl<B: ModelBackend> Attention<B> {
+    /// Projects `x` to rotated queries, rotated keys and values, token-major.
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
-    /// - returns three `[batch, heads, seq, head_dim]`
+    /// - `rope`: `[batch · seq, 1, head_dim]` each
+    /// - returns three `[batch · seq, heads, head_dim]`
     pub fn qkv(
         &self,
         x: Tensor<B, 3>,
-        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
-    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        rope: (&Tensor<B, 3>, &Tensor<B, 3>),
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let [b, s, h] = x.dims();
-        let hd = h / self.num_heads;
         let nh = self.num_heads;
-        // [b, s, 3h] -> [b, 3·heads, s, head_dim]: q heads, then k, then v.
-        let qkv = self
-            .wqkv
-            .forward(x)
-            .reshape([b, s, 3 * nh, hd])
-            .swap_dims(1, 2);
+        // [b, s, 3h] -> [b·s, 3·heads, head_dim]: q heads, then k, then v.
+        let qkv = self.wqkv.forward(x).reshape([b * s, 3 * nh, h / nh]);
         // One rotary pass over q and k together.
         let qk = apply_rope(qkv.clone().narrow(1, 0, 2 * nh), rope.0, rope.1);
         let q = qk.clone().narrow(1, 0, nh);
@@ -285,40 +294,40 @@ impl<B: Backend> Attention<B> {
         (q, k, v)
     }
 
-    /// Scaled dot-product attention over given keys and values, then `Wo`.
+    /// Scaled dot-product attention of `q` over `k`, `v` as `plan` says
+    /// (see [`super::attention`]), then `Wo`.
     ///
     /// # Shapes
-    /// - `q`: `[batch, heads, q_len, head_dim]`
-    /// - `k`, `v`: `[batch, heads, kv_len, head_dim]`
-    /// - `mask`: `[batch, 1, q_len, kv_len]` additive
+    /// - `q`: `[batch · q_len, heads, head_dim]`
+    /// - `k`, `v`: `[keys, heads, head_dim]`
     /// - returns `[batch, q_len, hidden]`
     pub fn attend(
         &self,
-        q: Tensor<B, 4>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        mask: &Tensor<B, 4>,
+        plan: &Arc<AttentionPlan>,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        batch: usize,
     ) -> Tensor<B, 3> {
-        let [b, nh, s, hd] = q.dims();
-        let scale = (hd as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask.clone();
-        let probs = self.attn_drop.forward(softmax(scores, 3));
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, nh * hd]);
+        let [n, nh, hd] = q.dims();
+        let out = B::block_attention(plan, q, k, v).reshape([batch, n / batch, nh * hd]);
         self.out_drop.forward(self.wo.forward(out))
     }
 
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
-        let (rope, mask) = if self.global {
-            (&inputs.global_rope, &inputs.global_mask)
+        let (rope, plan) = if self.global {
+            (&inputs.global_rope, &inputs.global_plan)
         } else {
-            (&inputs.local_rope, &inputs.local_mask)
+            (&inputs.local_rope, &inputs.local_plan)
         };
         let (q, k, v) = self.qkv(x, (&rope.0, &rope.1));
-        self.attend(q, k, v, mask)
+        self.attend(plan, q, k, v, inputs.batch)
     }
+}
 
+impl<B: Backend> Attention<B> {
     /// Whether this layer attends globally.
     pub fn is_global(&self) -> bool {
         self.global
@@ -358,7 +367,7 @@ pub struct Layer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-impl<B: Backend> Layer<B> {
+impl<B: ModelBackend> Layer<B> {
     /// Applies `attn_norm` (or nothing for layer 0).
     pub fn pre_attn(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.attn_norm {
@@ -432,7 +441,6 @@ impl<B: Backend> ModernBert<B> {
                 attn: Attention {
                     wqkv: linear(&mut fill, h, 3 * h, std_in, device),
                     wo: linear(&mut fill, h, h, std_out, device),
-                    attn_drop: DropoutConfig::new(config.attention_dropout).init(),
                     out_drop: DropoutConfig::new(config.attention_dropout).init(),
                     num_heads: config.num_heads,
                     global: config.is_global_layer(l),
@@ -484,7 +492,9 @@ impl<B: Backend> ModernBert<B> {
         self.config.local_rope_theta = local;
         self
     }
+}
 
+impl<B: ModelBackend> ModernBert<B> {
     /// Embedding lookup, embedding norm and dropout.
     ///
     /// # Shapes
