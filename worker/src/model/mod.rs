@@ -6,7 +6,9 @@
 //! - [`packing`]: document boundaries in packed rows: positions, masks,
 //!   rotary tables (host side).
 //! - [`attention`]: blocked attention per document and window, with a
-//!   recomputing backward ([`ModelBackend`]), and its plans.
+//!   recomputing backward, and its plans.
+//! - [`backend`]: [`ModelBackend`], the operations the model adds to a
+//!   Burn backend (blocked attention, GELU with its exact derivative).
 //! - [`modernbert`]: the modules (attention, GeGLU MLP, layers, head) and
 //!   [`ModernBert`] itself.
 //!
@@ -29,11 +31,13 @@
 //!   that predict (see [`crate::objectives`]).
 
 pub mod attention;
+pub mod backend;
 pub mod config;
 pub mod modernbert;
 pub mod packing;
 
-pub use attention::{AttentionPlan, ModelBackend, Visibility};
+pub use attention::{AttentionPlan, Visibility};
+pub use backend::ModelBackend;
 pub use config::{ConfigError, ModelConfig, RawModelConfig};
 pub use modernbert::{Flavour, ModernBert, TokenBatch};
 pub use packing::{AttentionKind, PackedLayout};

@@ -19,7 +19,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -29,7 +28,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use super::ModelError;
-use super::attention::{AttentionPlan, ModelBackend, Visibility};
+use super::attention::{AttentionPlan, Visibility};
+use super::backend::ModelBackend;
 use super::config::ModelConfig;
 use super::packing::{AttentionKind, PackedLayout};
 
@@ -345,7 +345,7 @@ pub struct Mlp<B: Backend> {
     drop: Dropout,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: ModelBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -353,7 +353,8 @@ impl<B: Backend> Mlp<B> {
         let i = h.dims()[2] / 2;
         let input = h.clone().narrow(2, 0, i);
         let gate = h.narrow(2, i, i);
-        self.wo.forward(self.drop.forward(gelu(input) * gate))
+        self.wo
+            .forward(self.drop.forward(B::exact_gelu(input) * gate))
     }
 }
 
@@ -532,7 +533,7 @@ impl<B: ModelBackend> ModernBert<B> {
     pub fn head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         let h = self
             .head_norm
-            .forward(gelu(self.head_dense.forward(hidden)));
+            .forward(B::exact_gelu(self.head_dense.forward(hidden)));
         burn::tensor::module::linear(
             h,
             self.tok_embeddings.val().transpose(),

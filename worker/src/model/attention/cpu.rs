@@ -128,7 +128,7 @@ fn is_query(g: &Group, block: usize, i: usize) -> bool {
 }
 
 /// Output `[queries, heads, hd]` and log-sum-exp `[queries, heads]`.
-pub(super) fn forward(
+pub(crate) fn forward(
     plan: &AttentionPlan,
     q: &[f32],
     k: &[f32],
@@ -196,7 +196,7 @@ pub(super) fn forward(
 
 /// Gradients of q, k, v, each `[tokens, heads, hd]`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn backward(
+pub(crate) fn backward(
     plan: &AttentionPlan,
     [q, k, v, out, lse, grad]: [&[f32]; 6],
     heads: usize,

@@ -26,8 +26,10 @@
 //! their queries (a long document in a bidirectional global layer) skip it.
 //!
 //! [`ModelBackend::block_attention`] is the entry point: plain backends run
-//! [`forward`]; [`Autodiff`] records one node whose backward is
-//! [`backward`].
+//! [`forward`]; `Autodiff` records one node whose backward is [`backward`];
+//! the CPU backend runs the same blocks as a host kernel ([`cpu`]).
+//!
+//! [`ModelBackend::block_attention`]: super::backend::ModelBackend::block_attention
 //!
 //! # Layout
 //! Queries, keys and values are token-major, `[tokens, heads, head_dim]`,
@@ -37,18 +39,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::packing::{AttentionKind, MASKED, PackedLayout};
 
-mod cpu;
+pub(super) mod cpu;
 
 /// The most score values (`blocks × heads × block × keys`) one group
 /// materialises at a time: 16M f32 values, 64 MB per tensor of the group.
@@ -554,193 +550,10 @@ pub fn backward<B: Backend>(
     (Tensor::cat(dqs, 0).select(0, order), dk, dv)
 }
 
-// --------------------------------------------------------- the backend op
-
-/// What the model needs of a backend beyond Burn's own operations: blocked
-/// attention, plain on inference backends and as one autodiff node with a
-/// recomputing backward under [`Autodiff`]. The provided methods are the
-/// tensor version ([`forward`], [`backward`]); the CPU backend replaces them
-/// with a host kernel that reuses its buffers.
-pub trait ModelBackend: Backend {
-    /// Attention of `q` over `k`, `v` (`[tokens, heads, head_dim]`) as
-    /// `plan` says; returns `[queries, heads, head_dim]`.
-    fn block_attention(
-        plan: &Arc<AttentionPlan>,
-        q: Tensor<Self, 3>,
-        k: Tensor<Self, 3>,
-        v: Tensor<Self, 3>,
-    ) -> Tensor<Self, 3> {
-        Self::block_attention_forward(plan, q, k, v).0
-    }
-
-    /// The output and the log-sum-exp of every query (see [`forward`]).
-    fn block_attention_forward(
-        plan: &AttentionPlan,
-        q: Tensor<Self, 3>,
-        k: Tensor<Self, 3>,
-        v: Tensor<Self, 3>,
-    ) -> (Tensor<Self, 3>, Tensor<Self, 2>) {
-        forward(plan, q, k, v)
-    }
-
-    /// Gradients of q, k, v (see [`backward`]).
-    #[allow(clippy::too_many_arguments)]
-    fn block_attention_backward(
-        plan: &AttentionPlan,
-        q: Tensor<Self, 3>,
-        k: Tensor<Self, 3>,
-        v: Tensor<Self, 3>,
-        out: Tensor<Self, 3>,
-        lse: Tensor<Self, 2>,
-        grad: Tensor<Self, 3>,
-    ) -> (Tensor<Self, 3>, Tensor<Self, 3>, Tensor<Self, 3>) {
-        backward(plan, q, k, v, out, lse, grad)
-    }
-}
-
-type Cpu = burn::backend::NdArray<f32>;
-
-fn host<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
-    t.into_data().into_vec::<f32>().unwrap_or_default()
-}
-
-fn device_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<Cpu, D> {
-    Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
-
-impl ModelBackend for Cpu {
-    fn block_attention_forward(
-        plan: &AttentionPlan,
-        q: Tensor<Self, 3>,
-        k: Tensor<Self, 3>,
-        v: Tensor<Self, 3>,
-    ) -> (Tensor<Self, 3>, Tensor<Self, 2>) {
-        let [n, h, hd] = q.dims();
-        let (out, lse) = cpu::forward(plan, &host(q), &host(k), &host(v), h, hd);
-        (device_tensor(out, [n, h, hd]), device_tensor(lse, [n, h]))
-    }
-
-    fn block_attention_backward(
-        plan: &AttentionPlan,
-        q: Tensor<Self, 3>,
-        k: Tensor<Self, 3>,
-        v: Tensor<Self, 3>,
-        out: Tensor<Self, 3>,
-        lse: Tensor<Self, 2>,
-        grad: Tensor<Self, 3>,
-    ) -> (Tensor<Self, 3>, Tensor<Self, 3>, Tensor<Self, 3>) {
-        let ([nq, h, hd], [nk, _, _]) = (q.dims(), k.dims());
-        let (q, k, v, out, lse, grad) =
-            (host(q), host(k), host(v), host(out), host(lse), host(grad));
-        let (dq, dk, dv) = cpu::backward(plan, [&q, &k, &v, &out, &lse, &grad], h, hd);
-        (
-            device_tensor(dq, [nq, h, hd]),
-            device_tensor(dk, [nk, h, hd]),
-            device_tensor(dv, [nk, h, hd]),
-        )
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl<B: burn_fusion::FusionBackend> ModelBackend for burn_fusion::Fusion<B> {}
-
-/// The autodiff node of [`ModelBackend::block_attention`].
-#[derive(Debug)]
-struct BlockAttentionBackward;
-
-/// What the backward needs: the inputs, the output and its log-sum-exp.
-#[derive(Debug, Clone)]
-struct BlockAttentionState<B: Backend> {
-    plan: Arc<AttentionPlan>,
-    q: FloatTensor<B>,
-    k: FloatTensor<B>,
-    v: FloatTensor<B>,
-    out: FloatTensor<B>,
-    lse: FloatTensor<B>,
-}
-
-fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
-}
-
-fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
-    tensor.into_primitive().tensor()
-}
-
-impl<B: ModelBackend> Backward<B, 3> for BlockAttentionBackward {
-    type State = BlockAttentionState<B>;
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 3>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let s = ops.state;
-        let (dq, dk, dv) = B::block_attention_backward(
-            &s.plan,
-            float(s.q),
-            float(s.k),
-            float(s.v),
-            float(s.out),
-            float(s.lse),
-            float(grad),
-        );
-        let [node_q, node_k, node_v] = ops.parents;
-        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, primitive(g));
-            }
-        }
-    }
-}
-
-impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
-    fn block_attention(
-        plan: &Arc<AttentionPlan>,
-        q: Tensor<Self, 3>,
-        k: Tensor<Self, 3>,
-        v: Tensor<Self, 3>,
-    ) -> Tensor<Self, 3> {
-        let (q, k, v) = (primitive(q), primitive(k), primitive(v));
-        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-        let (qi, ki, vi) = (q.primitive, k.primitive, v.primitive);
-        let output = match BlockAttentionBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (out, lse) = B::block_attention_forward(
-                    plan,
-                    float(qi.clone()),
-                    float(ki.clone()),
-                    float(vi.clone()),
-                );
-                let out = primitive(out);
-                let state = BlockAttentionState {
-                    plan: Arc::clone(plan),
-                    q: qi,
-                    k: ki,
-                    v: vi,
-                    out: out.clone(),
-                    lse: primitive(lse),
-                };
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => {
-                let out = B::block_attention(plan, float(qi), float(ki), float(vi));
-                prep.finish(primitive(out))
-            }
-        };
-        float(output)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::backend::ModelBackend;
     use crate::model::packing::PackedLayout;
     use crate::{CpuAutodiff, CpuBackend};
     use burn::tensor::activation::softmax;
