@@ -26,6 +26,46 @@
 use burn::prelude::Backend;
 use burn::tensor::{Tensor, TensorData};
 
+use crate::model::ModelBackend;
+
+/// The scalars of one tensor's update at one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWUpdate {
+    /// Debiased β1 and β2 of this step.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// This step's learning rate.
+    pub lr: f64,
+    /// `weight_decay / max_lr`, or 0 for a tensor without decay.
+    pub decay_per_lr: f64,
+}
+
+/// One tensor's StableAdamW update as tensor operations (the form every
+/// backend can run): returns the new parameter, moments and `√r`.
+pub fn stable_adamw_update<B: Backend>(
+    param: Tensor<B, 1>,
+    (exp_avg, exp_avg_sq): (Tensor<B, 1>, Tensor<B, 1>),
+    grad: Tensor<B, 1>,
+    u: &AdamWUpdate,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let g2 = grad.clone().square();
+    let exp_avg = exp_avg.mul_scalar(u.beta1) + grad.mul_scalar(1.0 - u.beta1);
+    let exp_avg_sq = exp_avg_sq.mul_scalar(u.beta2) + g2.clone().mul_scalar(1.0 - u.beta2);
+    // r with the new v; lr_t = lr / max(1, √r), all on the device.
+    let rms = (g2 / exp_avg_sq.clone().clamp_min(u.eps * u.eps))
+        .mean()
+        .sqrt();
+    let lr_t = rms.clone().clamp_min(1.0).recip().mul_scalar(u.lr);
+    let mut p = param;
+    if u.decay_per_lr != 0.0 {
+        let keep = lr_t.clone().mul_scalar(-u.decay_per_lr).add_scalar(1.0);
+        p = p * keep;
+    }
+    let update = exp_avg.clone() / exp_avg_sq.clone().sqrt().add_scalar(u.eps);
+    (p - update * lr_t, exp_avg, exp_avg_sq, rms)
+}
+
 /// Hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StableAdamWConfig {
@@ -288,7 +328,9 @@ impl<B: Backend> StableAdamW<B> {
         self.step = step;
         Ok(())
     }
+}
 
+impl<B: ModelBackend> StableAdamW<B> {
     /// One step over every tensor with this step's learning rate `lr`
     /// (peak × schedule factor): `params[i]` is tensor `i` of the specs
     /// given to [`StableAdamW::new`], flat; `grads` holds all gradients
@@ -344,7 +386,6 @@ impl<B: Backend> StableAdamW<B> {
         let b1 = debias(self.config.beta1, self.step);
         let b2 = debias(self.config.beta2, self.step);
         let eps = self.config.eps;
-        let eps_sq = eps * eps;
         let decay_per_lr = self.config.weight_decay / self.config.max_lr;
 
         let mut out = Vec::with_capacity(n);
@@ -353,20 +394,24 @@ impl<B: Backend> StableAdamW<B> {
         for (param, st) in params.into_iter().zip(self.tensors.iter_mut()) {
             let g = grads.clone().slice(offset..offset + st.len);
             offset += st.len;
-            let g2 = g.clone().square();
-            st.exp_avg = st.exp_avg.clone().mul_scalar(b1) + g.mul_scalar(1.0 - b1);
-            st.exp_avg_sq = st.exp_avg_sq.clone().mul_scalar(b2) + g2.clone().mul_scalar(1.0 - b2);
-            // r with the new v; lr_t = lr / max(1, √r), all on the device.
-            let rms = (g2 / st.exp_avg_sq.clone().clamp_min(eps_sq)).mean().sqrt();
-            let lr_t = rms.clone().clamp_min(1.0).recip().mul_scalar(lr);
+            let update = AdamWUpdate {
+                beta1: b1,
+                beta2: b2,
+                eps,
+                lr,
+                decay_per_lr: if st.decay { decay_per_lr } else { 0.0 },
+            };
+            // Moved out, not cloned: a backend that updates in place then
+            // holds the only reference.
+            let moments = (
+                std::mem::replace(&mut st.exp_avg, Tensor::empty([0], &self.device)),
+                std::mem::replace(&mut st.exp_avg_sq, Tensor::empty([0], &self.device)),
+            );
+            let (p, m, v, rms) = B::stable_adamw_update(param, moments, g, &update);
+            st.exp_avg = m;
+            st.exp_avg_sq = v;
             rms_all.push(rms);
-            let mut p = param;
-            if st.decay && self.config.weight_decay != 0.0 {
-                let keep = lr_t.clone().mul_scalar(-decay_per_lr).add_scalar(1.0);
-                p = p * keep;
-            }
-            let update = st.exp_avg.clone() / st.exp_avg_sq.clone().sqrt().add_scalar(eps);
-            out.push(p - update * lr_t);
+            out.push(p);
         }
         let max_rms = if rms_all.is_empty() {
             Tensor::zeros([1], &self.device)
@@ -384,11 +429,62 @@ impl<B: Backend> StableAdamW<B> {
     }
 }
 
+/// The CPU backend's update, on host slices in place.
+pub(crate) mod cpu {
+    use rayon::prelude::*;
+
+    use super::AdamWUpdate;
+
+    /// Values per parallel chunk: fixed, so that the sum of `r` is added in
+    /// the same order whatever the number of threads.
+    const CHUNK: usize = 1 << 16;
+
+    /// Updates `p`, `m`, `v` from `g`; returns `√r`.
+    pub fn update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], u: &AdamWUpdate) -> f32 {
+        let n = p.len();
+        if n == 0 || m.len() != n || v.len() != n || g.len() != n {
+            return f32::NAN;
+        }
+        let (b1, b2) = (u.beta1 as f32, u.beta2 as f32);
+        let (c1, c2) = ((1.0 - u.beta1) as f32, (1.0 - u.beta2) as f32);
+        let eps = u.eps as f32;
+        let eps_sq = (u.eps * u.eps) as f32;
+        let partial: Vec<f64> = m
+            .par_chunks_mut(CHUNK)
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .map(|((m, v), g)| {
+                let mut r = 0f32;
+                for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                    let g2 = g * g;
+                    *m = *m * b1 + g * c1;
+                    *v = *v * b2 + g2 * c2;
+                    r += g2 / v.max(eps_sq);
+                }
+                f64::from(r)
+            })
+            .collect();
+        let rms = (partial.iter().sum::<f64>() / n as f64).sqrt() as f32;
+        let lr_t = u.lr as f32 / rms.max(1.0);
+        let keep = 1.0 - lr_t * u.decay_per_lr as f32;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK))
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|((p, m), v)| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    *p = *p * keep - lr_t * (m / (v.sqrt() + eps));
+                }
+            });
+        rms
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     type B = crate::CpuBackend;
+    use crate::model::ModelBackend;
 
     fn dev() -> burn::tensor::Device<B> {
         Default::default()
@@ -421,6 +517,45 @@ mod tests {
                 (f64::from(*g) - w).abs() < 2e-7,
                 "got {got:?}, want {want:?}"
             );
+        }
+    }
+
+    /// The CPU backend's fused update and the tensor version other
+    /// backends run agree (the tests above hold the CPU one to hand values).
+    #[test]
+    fn fused_update_equals_the_tensor_version() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let n = 200_003;
+        let mut draw = |scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+                .collect()
+        };
+        let (p, m, g) = (draw(0.1), draw(0.01), draw(1.0));
+        let v: Vec<f32> = draw(1e-3).iter().map(|x| x.abs()).collect();
+        for decay_per_lr in [0.0, 0.3] {
+            let u = AdamWUpdate {
+                beta1: 0.85,
+                beta2: 0.97,
+                eps: 1e-6,
+                lr: 3e-3,
+                decay_per_lr,
+            };
+            let fused = B::stable_adamw_update(flat(&p), (flat(&m), flat(&v)), flat(&g), &u);
+            let plain = stable_adamw_update(flat(&p), (flat(&m), flat(&v)), flat(&g), &u);
+            for (name, a, b, tol) in [
+                ("param", fused.0, plain.0, 1e-6),
+                ("exp_avg", fused.1, plain.1, 1e-7),
+                ("exp_avg_sq", fused.2, plain.2, 1e-7),
+                ("rms", fused.3, plain.3, 1e-4),
+            ] {
+                let diff = host(&a)
+                    .iter()
+                    .zip(host(&b))
+                    .fold(0f32, |d, (x, y)| d.max((x - y).abs() / y.abs().max(1.0)));
+                assert!(diff < tol, "{name}: {diff}");
+            }
         }
     }
 

@@ -45,7 +45,7 @@ use crate::checkpoint::{
 use crate::collective::Collective;
 use crate::loader::order::DataOrderLog;
 use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOptions};
-use crate::model::{Flavour, ModelBackend, ModelConfig, ModernBert, TokenBatch};
+use crate::model::{Flavour, ModelConfig, ModernBert, TokenBatch, TrainBackend};
 use crate::objectives::{self, MaskingConfig, PredictionBatch};
 use crate::optim::{StableAdamW, StableAdamWConfig, StepStats, TensorSpec};
 use crate::runtime::{Link, PhaseEnd, Progress, TrainError, Trainer};
@@ -290,7 +290,7 @@ pub struct StepOutcome<B: Backend> {
 /// module order…, loss sum, target count, leave flag], gradients divided by
 /// the world's mean target count, StableAdamW at `lr`. Reading the last
 /// three values is the step's one host sync. Returns the updated model.
-pub fn train_step<B: AutodiffBackend + ModelBackend>(
+pub fn train_step<B: TrainBackend>(
     model: ModernBert<B>,
     optimizer: &mut StableAdamW<B::InnerBackend>,
     micro_batches: &[PredictionBatch],
@@ -395,7 +395,7 @@ fn row_seed(seed: u64, phase: u32, row: u64) -> u64 {
 // ----------------------------------------------------------- the trainer
 
 /// The model and optimizer between assignments of one run.
-struct Session<B: AutodiffBackend + ModelBackend> {
+struct Session<B: TrainBackend> {
     run_id: String,
     model: ModernBert<B>,
     params: Vec<(String, Vec<usize>, ParamId)>,
@@ -407,7 +407,7 @@ struct Session<B: AutodiffBackend + ModelBackend> {
 }
 
 /// Trains Ettin models on backend `B` (CPU: [`crate::CpuAutodiff`]).
-pub struct BurnTrainer<B: AutodiffBackend + ModelBackend> {
+pub struct BurnTrainer<B: TrainBackend> {
     device: B::Device,
     session: Option<Session<B>>,
     /// Progress reports at most this often.
@@ -416,7 +416,7 @@ pub struct BurnTrainer<B: AutodiffBackend + ModelBackend> {
     peak_flops: f64,
 }
 
-impl<B: AutodiffBackend + ModelBackend> BurnTrainer<B> {
+impl<B: TrainBackend> BurnTrainer<B> {
     pub fn new(device: B::Device) -> Self {
         let peak_flops = std::env::var("TWINHEAD_PEAK_FLOPS")
             .ok()
@@ -696,7 +696,7 @@ fn prediction_batch(
     merged.ok_or_else(|| TrainError::Failed("empty micro-batch".into()))
 }
 
-impl<B: AutodiffBackend + ModelBackend> Trainer for BurnTrainer<B> {
+impl<B: TrainBackend> Trainer for BurnTrainer<B> {
     fn train(
         &mut self,
         a: &Assignment,

@@ -19,7 +19,6 @@
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use burn::tensor::backend::AutodiffBackend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use twinhead_worker::collective::{Collective, SingleProcess};
@@ -102,7 +101,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Times `steps` training steps after `warmup` ones; returns the report.
-fn run<B: AutodiffBackend + twinhead_worker::model::ModelBackend>(
+fn run<B: twinhead_worker::model::TrainBackend>(
     o: &Options,
     device: B::Device,
     collective: &mut dyn Collective,

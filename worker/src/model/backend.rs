@@ -17,11 +17,16 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
+use burn::backend::ndarray::NdArrayTensor;
+
+use ndarray::linalg::general_mat_mul;
+
 use super::attention::{self, AttentionPlan, cpu};
+use crate::optim::{AdamWUpdate, cpu as cpu_optim};
 
 /// What the model needs of a backend beyond Burn's own operations: blocked
 /// attention, plain on inference backends and as one autodiff node with a
@@ -65,11 +70,78 @@ pub trait ModelBackend: Backend {
         attention::backward(plan, q, k, v, out, lse, grad)
     }
 
+    /// One tensor's StableAdamW update (see [`crate::optim`]): the new
+    /// parameter, moments and `√r`.
+    fn stable_adamw_update(
+        param: Tensor<Self, 1>,
+        moments: (Tensor<Self, 1>, Tensor<Self, 1>),
+        grad: Tensor<Self, 1>,
+        update: &AdamWUpdate,
+    ) -> (
+        Tensor<Self, 1>,
+        Tensor<Self, 1>,
+        Tensor<Self, 1>,
+        Tensor<Self, 1>,
+    ) {
+        crate::optim::stable_adamw_update(param, moments, grad, update)
+    }
+
+    /// Logits against the tied embedding, `hidden · Eᵀ + bias`.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[rows, hidden]`, `embedding`: `[vocab, hidden]`,
+    ///   `bias`: `[vocab]` → `[rows, vocab]`
+    fn tied_logits(
+        hidden: Tensor<Self, 2>,
+        embedding: Tensor<Self, 2>,
+        bias: Tensor<Self, 1>,
+    ) -> Tensor<Self, 2> {
+        tied_logits(hidden, embedding, bias)
+    }
+
+    /// Gradients of [`ModelBackend::tied_logits`]'s inputs from the
+    /// logits' gradient: `(grad · E, gradᵀ · hidden, Σ_rows grad)`.
+    fn tied_logits_backward(
+        hidden: Tensor<Self, 2>,
+        embedding: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 1>) {
+        tied_logits_backward(hidden, embedding, grad)
+    }
+
     /// GELU, exact erf form: `x · Φ(x)`.
     fn exact_gelu<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
         burn::tensor::activation::gelu(x)
     }
 }
+
+/// [`ModelBackend::tied_logits`] as tensor operations.
+pub fn tied_logits<B: Backend>(
+    hidden: Tensor<B, 2>,
+    embedding: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    burn::tensor::module::linear(hidden, embedding.transpose(), Some(bias))
+}
+
+/// [`ModelBackend::tied_logits_backward`] as tensor operations.
+pub fn tied_logits_backward<B: Backend>(
+    hidden: Tensor<B, 2>,
+    embedding: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1>) {
+    let [_, vocab] = grad.dims();
+    let d_hidden = grad.clone().matmul(embedding);
+    let d_embedding = grad.clone().transpose().matmul(hidden);
+    (d_hidden, d_embedding, grad.sum_dim(0).reshape([vocab]))
+}
+
+/// A backend the trainer runs on: autodiff over a [`ModelBackend`], itself
+/// a [`ModelBackend`] (the model runs on the first, the optimizer on the
+/// inner one).
+pub trait TrainBackend: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
+
+impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend> TrainBackend for B {}
 
 type Cpu = burn::backend::NdArray<f32>;
 
@@ -81,7 +153,112 @@ fn device_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<
     Tensor::from_data(TensorData::new(values, shape), &Default::default())
 }
 
+/// A float tensor's values as an owned host array, without a copy when
+/// nothing else holds them.
+fn owned<const D: usize>(t: Tensor<Cpu, D>) -> ndarray::ArrayD<f32> {
+    let shape = t.dims().to_vec();
+    match t.into_primitive().tensor() {
+        NdArrayTensor::F32(storage) => storage.into_owned().into_owned(),
+        other => {
+            let data = Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(other)).into_data();
+            let values = data.convert::<f32>().into_vec::<f32>().unwrap_or_default();
+            ndarray::ArrayD::from_shape_vec(shape, values)
+                .unwrap_or_else(|_| ndarray::ArrayD::zeros(vec![0; D]))
+        }
+    }
+}
+
+/// A float tensor's values as a shared host array (no copy).
+fn shared<const D: usize>(t: Tensor<Cpu, D>) -> ndarray::ArcArray<f32, ndarray::IxDyn> {
+    match t.into_primitive().tensor() {
+        NdArrayTensor::F32(storage) => storage.into_shared(),
+        other => owned(Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(
+            other,
+        )))
+        .into_shared(),
+    }
+}
+
+/// A 2-d view of a shared array (the shapes come from Burn tensors of rank 2).
+fn matrix(a: &ndarray::ArcArray<f32, ndarray::IxDyn>) -> ndarray::ArrayView2<'_, f32> {
+    a.view()
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap_or_else(|_| ndarray::ArrayView2::from_shape((0, 0), &[]).expect("empty view"))
+}
+
+fn from_owned<const D: usize>(a: ndarray::ArrayD<f32>) -> Tensor<Cpu, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(a.into_shared())))
+}
+
 impl ModelBackend for Cpu {
+    /// The product with `Eᵀ` as a strided view: Burn's matmul would first
+    /// copy the transposed `[hidden, vocab]` matrix, a fixed cost of every
+    /// step whatever its tokens.
+    fn tied_logits(
+        hidden: Tensor<Self, 2>,
+        embedding: Tensor<Self, 2>,
+        bias: Tensor<Self, 1>,
+    ) -> Tensor<Self, 2> {
+        let (h, e, b) = (shared(hidden), shared(embedding), shared(bias));
+        let (h, e) = (matrix(&h), matrix(&e));
+        let mut out = ndarray::Array2::<f32>::zeros((h.nrows(), e.nrows()));
+        if let Some(b) = b.as_slice_memory_order() {
+            out.rows_mut()
+                .into_iter()
+                .for_each(|mut row| row.iter_mut().zip(b).for_each(|(o, b)| *o = *b));
+        }
+        general_mat_mul(1.0, &h, &e.t(), 1.0, &mut out);
+        from_owned(out.into_dyn())
+    }
+
+    fn tied_logits_backward(
+        hidden: Tensor<Self, 2>,
+        embedding: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 1>) {
+        let (h, e, g) = (shared(hidden), shared(embedding), shared(grad));
+        let (h, e, g) = (matrix(&h), matrix(&e), matrix(&g));
+        let mut d_hidden = ndarray::Array2::<f32>::zeros((g.nrows(), e.ncols()));
+        general_mat_mul(1.0, &g, &e, 0.0, &mut d_hidden);
+        let mut d_embedding = ndarray::Array2::<f32>::zeros((e.nrows(), e.ncols()));
+        general_mat_mul(1.0, &g.t(), &h, 0.0, &mut d_embedding);
+        let d_bias = g.sum_axis(ndarray::Axis(0));
+        (
+            from_owned(d_hidden.into_dyn()),
+            from_owned(d_embedding.into_dyn()),
+            from_owned(d_bias.into_dyn()),
+        )
+    }
+
+    /// Two passes over the tensor in place (moments and `r`, then the
+    /// parameter) instead of a dozen tensor operations each allocating a
+    /// tensor of its size; exact division throughout.
+    fn stable_adamw_update(
+        param: Tensor<Self, 1>,
+        (exp_avg, exp_avg_sq): (Tensor<Self, 1>, Tensor<Self, 1>),
+        grad: Tensor<Self, 1>,
+        u: &AdamWUpdate,
+    ) -> (
+        Tensor<Self, 1>,
+        Tensor<Self, 1>,
+        Tensor<Self, 1>,
+        Tensor<Self, 1>,
+    ) {
+        let (mut p, mut m, mut v) = (owned(param), owned(exp_avg), owned(exp_avg_sq));
+        let g = shared(grad);
+        let rms = match (
+            p.as_slice_memory_order_mut(),
+            m.as_slice_memory_order_mut(),
+            v.as_slice_memory_order_mut(),
+            g.as_slice_memory_order(),
+        ) {
+            (Some(p), Some(m), Some(v), Some(g)) => cpu_optim::update(p, m, v, g, u),
+            _ => f32::NAN,
+        };
+        let rms = Tensor::from_data(TensorData::new(vec![rms], [1]), &Default::default());
+        (from_owned(p), from_owned(m), from_owned(v), rms)
+    }
+
     fn block_attention_forward(
         plan: &AttentionPlan,
         q: Tensor<Self, 3>,
@@ -170,6 +347,35 @@ impl<B: ModelBackend> Backward<B, 3> for BlockAttentionBackward {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn tied_logits(
+        hidden: Tensor<Self, 2>,
+        embedding: Tensor<Self, 2>,
+        bias: Tensor<Self, 1>,
+    ) -> Tensor<Self, 2> {
+        let (h, e, b) = (primitive(hidden), primitive(embedding), primitive(bias));
+        let nodes = [h.node.clone(), e.node.clone(), b.node.clone()];
+        let output = match TiedLogitsBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::tied_logits(
+                    float(h.primitive.clone()),
+                    float(e.primitive.clone()),
+                    float(b.primitive),
+                );
+                prep.finish((h.primitive, e.primitive), primitive(out))
+            }
+            OpsKind::UnTracked(prep) => {
+                let out =
+                    B::tied_logits(float(h.primitive), float(e.primitive), float(b.primitive));
+                prep.finish(primitive(out))
+            }
+        };
+        float(output)
+    }
+
     fn exact_gelu<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
         let x = primitive(x);
         let output = match GeluBackward::<D>
@@ -226,6 +432,36 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
             }
         };
         float(output)
+    }
+}
+
+/// The autodiff node of [`ModelBackend::tied_logits`]: keeps the hidden
+/// states and the embedding (a reference, not a copy).
+#[derive(Debug)]
+struct TiedLogitsBackward;
+
+impl<B: ModelBackend> Backward<B, 3> for TiedLogitsBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (hidden, embedding) = ops.state;
+        let (dh, de, db) = B::tied_logits_backward(float(hidden), float(embedding), float(grad));
+        let [node_h, node_e, node_b] = ops.parents;
+        if let Some(node) = node_h {
+            grads.register::<B>(node.id, primitive(dh));
+        }
+        if let Some(node) = node_e {
+            grads.register::<B>(node.id, primitive(de));
+        }
+        if let Some(node) = node_b {
+            grads.register::<B>(node.id, primitive(db));
+        }
     }
 }
 
@@ -287,6 +523,35 @@ mod tests {
             sum += term / (2 * n + 1) as f64;
         }
         sum * std::f64::consts::FRAC_2_SQRT_PI
+    }
+
+    #[test]
+    fn cpu_tied_logits_equal_the_tensor_version() {
+        use rand::{Rng, SeedableRng};
+        type B = crate::CpuBackend;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let mut t = |shape: [usize; 2]| {
+            let values: Vec<f32> = (0..shape[0] * shape[1])
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            Tensor::<B, 2>::from_data(TensorData::new(values, shape), &Default::default())
+        };
+        let (h, e, g) = (t([7, 16]), t([50, 16]), t([7, 50]));
+        let b = t([1, 50]).reshape([50]);
+        let close = |a: Vec<f32>, b: Vec<f32>| {
+            a.iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        };
+        let host = |x: Tensor<B, 2>| x.into_data().into_vec::<f32>().expect("f32");
+        let got = B::tied_logits(h.clone(), e.clone(), b.clone());
+        let want = tied_logits(h.clone(), e.clone(), b);
+        assert!(close(host(got), host(want)) < 1e-5);
+        let (dh, de, db) = B::tied_logits_backward(h.clone(), e.clone(), g.clone());
+        let (wh, we, wb) = tied_logits_backward(h, e, g);
+        assert!(close(host(dh), host(wh)) < 1e-5);
+        assert!(close(host(de), host(we)) < 1e-5);
+        assert!(close(host(db.reshape([1, 50])), host(wb.reshape([1, 50]))) < 1e-5);
     }
 
     #[test]

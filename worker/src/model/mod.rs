@@ -37,7 +37,7 @@ pub mod modernbert;
 pub mod packing;
 
 pub use attention::{AttentionPlan, Visibility};
-pub use backend::ModelBackend;
+pub use backend::{ModelBackend, TrainBackend};
 pub use config::{ConfigError, ModelConfig, RawModelConfig};
 pub use modernbert::{Flavour, ModernBert, TokenBatch};
 pub use packing::{AttentionKind, PackedLayout};

@@ -534,11 +534,16 @@ impl<B: ModelBackend> ModernBert<B> {
         let h = self
             .head_norm
             .forward(B::exact_gelu(self.head_dense.forward(hidden)));
-        burn::tensor::module::linear(
-            h,
-            self.tok_embeddings.val().transpose(),
-            Some(self.decoder_bias.val()),
-        )
+        let dims = h.dims();
+        let rows = dims[..D - 1].iter().product();
+        let logits = B::tied_logits(
+            h.reshape([rows, dims[D - 1]]),
+            self.tok_embeddings.val(),
+            self.decoder_bias.val(),
+        );
+        let mut out = dims;
+        out[D - 1] = self.config.vocab_size;
+        logits.reshape(out)
     }
 
     /// Logits for every position with this flavour's attention.

@@ -37,7 +37,6 @@
 //! before or after.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
@@ -552,6 +551,8 @@ pub fn backward<B: Backend>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::model::backend::ModelBackend;
     use crate::model::packing::PackedLayout;
