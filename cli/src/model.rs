@@ -126,6 +126,7 @@ fn config_json(c: &ModelConfig, flavour: Option<Flavour>) -> Value {
             "cls": c.cls_token_id,
             "sep": c.sep_token_id,
             "mask": c.mask_token_id,
+            "unk": c.unk_token_id,
         },
         "parameters": c.num_params(),
     })
@@ -194,8 +195,14 @@ pub fn info(name_or_file: &str, json: bool) -> anyhow::Result<ExitCode> {
         vec![
             "special ids".into(),
             format!(
-                "pad {}, cls {}, sep {}, mask {}",
-                c.pad_token_id, c.cls_token_id, c.sep_token_id, c.mask_token_id
+                "pad {}, cls {}, sep {}, mask {}{}",
+                c.pad_token_id,
+                c.cls_token_id,
+                c.sep_token_id,
+                c.mask_token_id,
+                c.unk_token_id
+                    .map(|u| format!(", unk {u}"))
+                    .unwrap_or_default()
             ),
         ],
         vec![

@@ -166,6 +166,8 @@ struct ModelFile {
     cls_token_id: u32,
     sep_token_id: u32,
     mask_token_id: u32,
+    #[serde(default)]
+    unk_token_id: Option<u32>,
 }
 
 impl From<ModelFile> for ModelSpec {
@@ -191,6 +193,7 @@ impl From<ModelFile> for ModelSpec {
             cls_token_id: m.cls_token_id,
             sep_token_id: m.sep_token_id,
             mask_token_id: m.mask_token_id,
+            unk_token_id: m.unk_token_id,
         }
     }
 }
@@ -256,6 +259,8 @@ struct RunFile {
     max_restarts: u32,
     #[serde(default)]
     batch_warmup: Option<BatchWarmupFile>,
+    #[serde(default)]
+    activation_checkpointing: bool,
     optimizer: OptimizerFile,
     checkpoint: CheckpointFile,
     #[serde(default)]
@@ -487,6 +492,7 @@ fn run_spec(run: RunFile, model: ModelSpec) -> RunSpec {
             start: w.start,
             tokens: w.tokens.0,
         }),
+        activation_checkpointing: run.activation_checkpointing,
     }
 }
 

@@ -105,6 +105,7 @@ pub fn validate_model(m: &ModelSpec) -> Result<(), SpecError> {
         ("cls_token_id", m.cls_token_id),
         ("sep_token_id", m.sep_token_id),
         ("mask_token_id", m.mask_token_id),
+        ("unk_token_id", m.unk_token_id.unwrap_or(0)),
     ] {
         if id >= m.vocab_size {
             return fail(

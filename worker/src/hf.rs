@@ -151,6 +151,9 @@ struct HfConfig {
     cls_token_id: Option<u32>,
     sep_token_id: Option<u32>,
     mask_token_id: Option<u32>,
+    /// Not in transformers' schema; twinhead writes it (see `config_json`).
+    #[serde(default)]
+    unk_token_id: Option<u32>,
     #[serde(default)]
     norm_bias: bool,
     #[serde(default)]
@@ -310,6 +313,7 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, Flavour), HfError> {
         cls_token_id: hf.cls_token_id.unwrap_or(50281),
         sep_token_id: hf.sep_token_id.unwrap_or(50282),
         mask_token_id: hf.mask_token_id.unwrap_or(pad_token_id + 1),
+        unk_token_id: hf.unk_token_id,
     };
     let config = ModelConfig::validate(raw, &path.display().to_string())?;
     if let Some(types) = &hf.layer_types {
@@ -551,6 +555,7 @@ pub fn config_json(config: &ModelConfig, flavour: Flavour) -> serde_json::Value 
         "sep_token_id": config.sep_token_id,
         "eos_token_id": config.sep_token_id,
         "mask_token_id": config.mask_token_id,
+        "unk_token_id": config.unk_token_id,
         "dtype": "float32",
     })
 }

@@ -26,7 +26,11 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{AttentionKind, ModelBackend, ModelError, ModernBert, TokenBatch};
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+
+use crate::model::modernbert::AttentionInputs;
+use crate::model::{AttentionKind, ModelBackend, ModelError, ModernBert, TokenBatch, TrainBackend};
 
 /// Errors from building or scoring an objective batch.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,9 @@ pub enum ObjectiveError {
     /// Nothing in the batch is predicted (e.g. every token is special).
     #[error("the batch has no positions to predict")]
     NoTargets,
+    /// A recomputed segment produced no gradient for its input.
+    #[error("activation checkpointing: no gradient reached the input of {0}")]
+    NoGradient(&'static str),
 }
 
 /// Which objective a run trains with.
@@ -224,14 +231,32 @@ pub fn prediction_logits<B: ModelBackend>(
     if batch.positions.is_empty() {
         return Err(ObjectiveError::NoTargets);
     }
-    let device = model.tok_embeddings.device();
     let hidden = model.hidden_states(&batch.input, batch.attention)?;
+    Ok(logits_of_hidden(model, hidden, batch))
+}
+
+/// The head at the predicting positions of final hidden states.
+fn logits_of_hidden<B: ModelBackend>(
+    model: &ModernBert<B>,
+    hidden: Tensor<B, 3>,
+    batch: &PredictionBatch,
+) -> Tensor<B, 2> {
+    let device = hidden.device();
     let [b, s, h] = hidden.dims();
     let index: Vec<i64> = batch.positions.iter().map(|&p| p as i64).collect();
     let index =
         Tensor::<B, 1, Int>::from_data(TensorData::new(index, [batch.positions.len()]), &device);
     let picked = hidden.reshape([b * s, h]).select(0, index);
-    Ok(model.head(picked))
+    model.head(picked)
+}
+
+/// Mean cross-entropy of `logits` against the batch's targets.
+fn loss_of_logits<B: Backend>(logits: Tensor<B, 2>, batch: &PredictionBatch) -> Tensor<B, 1> {
+    let device = logits.device();
+    let targets: Vec<i64> = batch.targets.iter().map(|&t| i64::from(t)).collect();
+    let targets =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [batch.targets.len()]), &device);
+    cross_entropy(logits, targets)
 }
 
 /// The objective's loss: mean cross-entropy over the predicting positions.
@@ -242,12 +267,65 @@ pub fn loss<B: ModelBackend>(
     model: &ModernBert<B>,
     batch: &PredictionBatch,
 ) -> Result<Tensor<B, 1>, ObjectiveError> {
-    let logits = prediction_logits(model, batch)?;
-    let device = logits.device();
-    let targets: Vec<i64> = batch.targets.iter().map(|&t| i64::from(t)).collect();
-    let targets =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [batch.targets.len()]), &device);
-    Ok(cross_entropy(logits, targets))
+    Ok(loss_of_logits(prediction_logits(model, batch)?, batch))
+}
+
+/// `scale ×` the loss, and the gradients of every parameter of `model`,
+/// with activation checkpointing: a forward without autodiff keeps only
+/// each layer's input; then the head and the loss run with autodiff from
+/// the last layer's output, and each layer, last to first, is run again
+/// from its input and differentiated against the gradient of its output.
+/// One layer's activations are alive at a time, for about one more
+/// forward. The gradients come in pieces (head, each layer, embedding);
+/// a parameter used in several (the tied embedding) appears in each.
+#[allow(clippy::type_complexity)]
+pub fn recomputed_gradients<B: TrainBackend>(
+    model: &ModernBert<B>,
+    batch: &PredictionBatch,
+    scale: f64,
+) -> Result<(Tensor<B::InnerBackend, 1>, Vec<GradientsParams>), ObjectiveError> {
+    if batch.positions.is_empty() {
+        return Err(ObjectiveError::NoTargets);
+    }
+    let config = model.config();
+    let device = model.tok_embeddings.device();
+    let layout = batch.input.layout()?;
+    let inner = model.valid();
+    let inner_device = inner.tok_embeddings.device();
+    let plain_inputs =
+        AttentionInputs::<B::InnerBackend>::new(config, &layout, batch.attention, &inner_device);
+    let mut x = inner.embed(batch.input.ids_tensor(config.vocab_size, &inner_device)?);
+    let mut layer_inputs = Vec::with_capacity(inner.layers.len());
+    for layer in &inner.layers {
+        layer_inputs.push(x.clone());
+        x = layer.forward(x, &plain_inputs);
+    }
+    drop(plain_inputs);
+
+    let top = Tensor::<B, 3>::from_inner(x).require_grad();
+    let hidden = model.final_norm.forward(top.clone());
+    let total = loss_of_logits(logits_of_hidden(model, hidden, batch), batch).mul_scalar(scale);
+    let value = total.clone().inner();
+    let grads = total.backward();
+    let mut upstream = top
+        .grad(&grads)
+        .ok_or(ObjectiveError::NoGradient("the last layer"))?;
+    let mut pieces = vec![GradientsParams::from_grads(grads, model)];
+
+    let inputs = AttentionInputs::<B>::new(config, &layout, batch.attention, &device);
+    for (layer, input) in model.layers.iter().zip(layer_inputs).rev() {
+        let x = Tensor::<B, 3>::from_inner(input).require_grad();
+        let y = layer.forward(x.clone(), &inputs);
+        let grads = (y * Tensor::from_inner(upstream)).sum().backward();
+        upstream = x
+            .grad(&grads)
+            .ok_or(ObjectiveError::NoGradient("a layer"))?;
+        pieces.push(GradientsParams::from_grads(grads, layer));
+    }
+    let embedded = model.embed(batch.input.ids_tensor(config.vocab_size, &device)?);
+    let grads = (embedded * Tensor::from_inner(upstream)).sum().backward();
+    pieces.push(GradientsParams::from_grads(grads, model));
+    Ok((value, pieces))
 }
 
 #[cfg(test)]
@@ -280,6 +358,25 @@ mod tests {
             })
             .collect();
         TokenBatch::new(&rows, Some(doc_lens)).expect("batch")
+    }
+
+    #[test]
+    fn unknown_tokens_are_never_masked_nor_drawn() {
+        let c = tiny();
+        let unk = c.unk_token_id.expect("the tiny layout has [UNK]");
+        // Half the tokens are [UNK], as in text the tokenizer could not cover.
+        let row: Vec<u32> = (0..400)
+            .map(|i| if i % 2 == 0 { unk } else { 100 + i })
+            .collect();
+        let batch = TokenBatch::new(&[row], None).expect("batch");
+        let cfg = MaskingConfig::from_model(&c, 0.5);
+        let m = mlm_batch(&batch, &cfg, &mut ChaCha8Rng::seed_from_u64(3)).expect("mlm");
+        assert!(m.positions.len() > 50);
+        assert!(
+            !m.targets.contains(&unk),
+            "[UNK] was selected for prediction"
+        );
+        assert!(m.positions.iter().all(|&p| p % 2 == 1));
     }
 
     #[test]

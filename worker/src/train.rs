@@ -273,6 +273,23 @@ fn through_host<B: Backend>(
     Ok(Tensor::from_data(TensorData::new(host, [n]), &device))
 }
 
+/// How a step computes its gradients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepOptions {
+    /// Recompute each layer's activations in the backward pass (see
+    /// [`objectives::recomputed_gradients`]).
+    pub activation_checkpointing: bool,
+}
+
+impl StepOptions {
+    /// The options a run spec asks for.
+    pub fn of(spec: &RunSpec) -> Self {
+        Self {
+            activation_checkpointing: spec.activation_checkpointing,
+        }
+    }
+}
+
 /// What one step of the world produced.
 #[derive(Debug, Clone)]
 pub struct StepOutcome<B: Backend> {
@@ -296,6 +313,7 @@ pub fn train_step<B: TrainBackend>(
     micro_batches: &[PredictionBatch],
     lr: f64,
     leave: bool,
+    options: StepOptions,
     collective: &mut dyn Collective,
     device: &B::Device,
 ) -> Result<(ModernBert<B>, StepOutcome<B::InnerBackend>), TrainError> {
@@ -308,21 +326,31 @@ pub fn train_step<B: TrainBackend>(
         if n == 0 {
             continue;
         }
-        let mean = objectives::loss(&model, prediction).map_err(failed("forward"))?;
         // Sum of token losses: normalised by the global count below.
-        let total = mean.mul_scalar(n as f64);
-        let detached = total.clone().inner();
+        let (detached, pieces) = if options.activation_checkpointing {
+            objectives::recomputed_gradients(&model, prediction, n as f64)
+                .map_err(failed("forward"))?
+        } else {
+            let mean = objectives::loss(&model, prediction).map_err(failed("forward"))?;
+            let total = mean.mul_scalar(n as f64);
+            let detached = total.clone().inner();
+            (
+                detached,
+                vec![GradientsParams::from_grads(total.backward(), &model)],
+            )
+        };
         loss_sum = Some(match loss_sum.take() {
             Some(l) => l + detached,
             None => detached,
         });
         count += n;
-        let mut grads = GradientsParams::from_grads(total.backward(), &model);
-        model.visit(&mut AddGrads::<B> {
-            grads: &mut grads,
-            sums: &mut sums,
-            next: 0,
-        });
+        for mut grads in pieces {
+            model.visit(&mut AddGrads::<B> {
+                grads: &mut grads,
+                sums: &mut sums,
+                next: 0,
+            });
+        }
     }
     let param_count: usize = lens.iter().sum();
     let mut parts: Vec<Tensor<B::InnerBackend, 1>> = sums
@@ -794,6 +822,7 @@ impl<B: TrainBackend> Trainer for BurnTrainer<B> {
                 &predictions,
                 lr,
                 link.leave_requested(),
+                StepOptions::of(&spec),
                 collective,
                 &self.device,
             )?;
@@ -978,6 +1007,7 @@ mod tests {
                 std::slice::from_ref(&prediction),
                 3e-3,
                 false,
+                StepOptions::default(),
                 &mut SingleProcess::new(),
                 &Default::default(),
             )
@@ -997,6 +1027,7 @@ mod tests {
             std::slice::from_ref(&prediction),
             3e-3,
             true,
+            StepOptions::default(),
             &mut SingleProcess::new(),
             &Default::default(),
         )
@@ -1010,6 +1041,46 @@ mod tests {
     }
 
     #[test]
+    fn activation_checkpointing_takes_the_same_step() {
+        for flavour in [Flavour::Encoder, Flavour::Decoder] {
+            let (model, optimizer, config) = tiny();
+            let model = model.with_flavour(flavour);
+            let prediction = match flavour {
+                Flavour::Encoder => batch(&config),
+                Flavour::Decoder => objectives::clm_batch(&batch(&config).input).expect("clm"),
+            };
+            let step = |recompute: bool| {
+                let mut optimizer = optimizer.clone();
+                let (model, outcome) = train_step(
+                    model.clone(),
+                    &mut optimizer,
+                    std::slice::from_ref(&prediction),
+                    3e-3,
+                    false,
+                    StepOptions {
+                        activation_checkpointing: recompute,
+                    },
+                    &mut SingleProcess::new(),
+                    &Default::default(),
+                )
+                .expect("step");
+                (read_params(&model), outcome.mean_loss)
+            };
+            let (plain, plain_loss) = step(false);
+            let (recomputed, recomputed_loss) = step(true);
+            assert!((plain_loss - recomputed_loss).abs() < 1e-5, "{flavour:?}");
+            let diff = plain
+                .iter()
+                .flatten()
+                .zip(recomputed.iter().flatten())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // One step at lr 3e-3 moves weights by up to 3e-3: the two
+            // gradients agree to float32 noise.
+            assert!(diff < 1e-6, "{flavour:?}: weights differ by {diff}");
+        }
+    }
+
+    #[test]
     fn a_step_without_targets_keeps_the_weights_finite() {
         let (model, mut optimizer, _) = tiny();
         let before = read_params(&model);
@@ -1019,6 +1090,7 @@ mod tests {
             &[],
             3e-3,
             false,
+            StepOptions::default(),
             &mut SingleProcess::new(),
             &Default::default(),
         )

@@ -8,7 +8,7 @@
 //! ```text
 //! device_step [--device cpu|cuda:N] [--model NAME|FILE.toml] [--objective mlm|clm]
 //!             [--batch 8] [--seq 512] [--steps 5] [--warmup 2]
-//!             [--precision f32|bf16] [--peak-tflops X]
+//!             [--precision f32|bf16] [--peak-tflops X] [--activation-checkpointing]
 //! ```
 //!
 //! MFU = 6 × parameters × tokens/s / peak, the trainer's estimate (it
@@ -25,7 +25,7 @@ use twinhead_worker::collective::{Collective, SingleProcess};
 use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 use twinhead_worker::objectives::{MaskingConfig, clm_batch, mlm_batch};
 use twinhead_worker::optim::{StableAdamW, StableAdamWConfig};
-use twinhead_worker::train::{optimizer_specs, train_step};
+use twinhead_worker::train::{StepOptions, optimizer_specs, train_step};
 
 struct Options {
     device: String,
@@ -37,6 +37,7 @@ struct Options {
     warmup: usize,
     precision: String,
     peak_tflops: Option<f64>,
+    activation_checkpointing: bool,
 }
 
 fn parse() -> anyhow::Result<Options> {
@@ -50,6 +51,7 @@ fn parse() -> anyhow::Result<Options> {
         warmup: 2,
         precision: "f32".into(),
         peak_tflops: None,
+        activation_checkpointing: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -67,6 +69,7 @@ fn parse() -> anyhow::Result<Options> {
             "--steps" => o.steps = number(value()?)?,
             "--warmup" => o.warmup = number(value()?)?,
             "--precision" => o.precision = value()?,
+            "--activation-checkpointing" => o.activation_checkpointing = true,
             "--peak-tflops" => {
                 let v = value()?;
                 o.peak_tflops = Some(v.parse().with_context(|| format!("--peak-tflops {v:?}"))?);
@@ -145,6 +148,9 @@ fn run<B: twinhead_worker::model::TrainBackend>(
             std::slice::from_ref(&prediction),
             1e-4,
             false,
+            StepOptions {
+                activation_checkpointing: o.activation_checkpointing,
+            },
             collective,
             &device,
         )?;
@@ -174,6 +180,7 @@ fn run<B: twinhead_worker::model::TrainBackend>(
         "tokens_per_sec": tokens_per_sec,
         "peak_tflops": o.peak_tflops,
         "mfu": mfu,
+        "activation_checkpointing": o.activation_checkpointing,
         "last_loss": last_loss,
     }))
 }

@@ -61,6 +61,9 @@ pub struct RawModelConfig {
     pub cls_token_id: u32,
     pub sep_token_id: u32,
     pub mask_token_id: u32,
+    /// `[UNK]`, when the tokenizer has one (masking never selects it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unk_token_id: Option<u32>,
 }
 
 /// A validated model config. Construct with [`ModelConfig::builtin`],
@@ -88,6 +91,9 @@ pub struct ModelConfig {
     pub cls_token_id: u32,
     pub sep_token_id: u32,
     pub mask_token_id: u32,
+    /// `[UNK]`, when the tokenizer has one (masking never selects it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unk_token_id: Option<u32>,
 }
 
 /// Names of the built-in configs, in size order.
@@ -135,6 +141,7 @@ impl ModelConfig {
             cls_token_id: m.cls_token_id,
             sep_token_id: m.sep_token_id,
             mask_token_id: m.mask_token_id,
+            unk_token_id: m.unk_token_id,
         };
         Self::validate(raw, &format!("model {}", m.name))
     }
@@ -213,6 +220,7 @@ impl ModelConfig {
             ("cls_token_id", raw.cls_token_id),
             ("sep_token_id", raw.sep_token_id),
             ("mask_token_id", raw.mask_token_id),
+            ("unk_token_id", raw.unk_token_id.unwrap_or(0)),
         ] {
             if v as usize >= raw.vocab_size {
                 return Err(bad(
@@ -245,6 +253,7 @@ impl ModelConfig {
             cls_token_id: raw.cls_token_id,
             sep_token_id: raw.sep_token_id,
             mask_token_id: raw.mask_token_id,
+            unk_token_id: raw.unk_token_id,
         })
     }
 
@@ -271,6 +280,7 @@ impl ModelConfig {
             cls_token_id: self.cls_token_id,
             sep_token_id: self.sep_token_id,
             mask_token_id: self.mask_token_id,
+            unk_token_id: self.unk_token_id,
         }
     }
 
@@ -289,14 +299,17 @@ impl ModelConfig {
         i.is_multiple_of(self.global_attn_every_n_layers)
     }
 
-    /// The special token ids, which MLM masking never selects.
-    pub fn special_token_ids(&self) -> [u32; 4] {
-        [
+    /// The special token ids, which MLM masking never selects: `[PAD]`,
+    /// `[CLS]`, `[SEP]`, `[MASK]` and `[UNK]` when the model has one.
+    pub fn special_token_ids(&self) -> Vec<u32> {
+        let mut ids = vec![
             self.pad_token_id,
             self.cls_token_id,
             self.sep_token_id,
             self.mask_token_id,
-        ]
+        ];
+        ids.extend(self.unk_token_id);
+        ids
     }
 
     /// Number of trainable parameters, counting the tied embedding /
