@@ -19,9 +19,9 @@ fn the_demo_runs_end_to_end_with_a_small_budget() {
             "--set",
             "phases[0].tokens=16384",
             "--set",
-            "phases[1].tokens=4096",
+            "phases[1].tokens=8192",
             "--set",
-            "phases[2].tokens=4096",
+            "phases[2].tokens=8192",
         ])
         .output()
         .expect("run the demo");

@@ -341,7 +341,7 @@ fn sample_builds_and_verifies() {
     );
     assert_eq!(
         m.phases.iter().map(|p| p.seq_len).collect::<Vec<_>>(),
-        [128, 512, 512]
+        [128, 1024, 1024]
     );
     assert!(verify(&r.url).unwrap().ok);
 }
