@@ -10,10 +10,13 @@
 #       .gpu/bundle.tar.gz (about 35 MB; .gpu/ is git-ignored locally).
 # On the GPU machine (repo root, with .gpu/bundle.tar.gz carried):
 #   bench/gpu/run.sh OUT_DIR [CHECK ...]
-#       CHECK: step150 (ettin-150m, seq 1024, bf16 and f32), step17
-#       (ettin-17m, seq 1024, f32), run17 (ettin-17m through the real
-#       system); all three by default. Each has its own timeout; together
-#       at most about 8 minutes. Results: OUT_DIR/*.json and OUT_DIR/log.txt.
+#       CHECK: step150 (ettin-150m, seq 1024, bf16 and f32), long150
+#       (ettin-150m at the extension phases' 7,999 tokens, f32, with and
+#       without activation checkpointing), step17 (ettin-17m, seq 1024,
+#       f32), run17 (ettin-17m through the real system); all by default.
+#       Each has its own timeout; together at most about 10 minutes.
+#       Results: OUT_DIR/*.json (with the GPU's peak memory in use, sampled
+#       by nvidia-smi) and OUT_DIR/log.txt.
 #
 # What it measures
 #   - device_step (twinhead's own training step: forward, backward, the flat
@@ -51,7 +54,7 @@ fi
 
 out="${1:?usage: bench/gpu/run.sh OUT_DIR [step150] [step17] [run17] | --prepare}"
 shift
-checks="${*:-step150 step17 run17}"
+checks="${*:-step150 long150 step17 run17}"
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
 gpu=/tmp/twinhead-gpu
@@ -84,12 +87,26 @@ export LD_LIBRARY_PATH="$libs${search_dirs:-}:${LD_LIBRARY_PATH:-}"
 step() { # name timeout args...
   local name="$1" limit="$2"; shift 2
   echo "== device_step $name: $*"
+  local mem="$out/device_step-$name.mem"
+  if command -v nvidia-smi >/dev/null; then
+    (while sleep 0.5; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; done) >"$mem" 2>/dev/null &
+  fi
+  local sampler=$!
   timeout "$limit" "$gpu/device_step" --device cuda:0 "$@" >"$out/device_step-$name.json" || echo "device_step $name failed ($?)"
+  kill "$sampler" 2>/dev/null || true
   cat "$out/device_step-$name.json"; echo
+  [ -s "$mem" ] && echo "peak GPU memory in use: $(sort -n "$mem" | tail -1) MiB"
 }
 case " $checks " in *" step150 "*)
   step 150m-bf16 150 --model ettin-150m --seq 1024 --batch 32 --steps 10 --warmup 3 --precision bf16 --peak-tflops 989
   step 150m-f32 120 --model ettin-150m --seq 1024 --batch 16 --steps 10 --warmup 3 --precision f32 --peak-tflops 67
+esac
+case " $checks " in *" long150 "*)
+  # Phases 2 and 3 of the recipe: 7,999-token rows. Blocked attention keeps
+  # memory linear in seq in local layers; f32 because mixed precision is
+  # not built yet (device_step's bf16 keeps weights in bf16).
+  step 150m-7999-f32 150 --model ettin-150m --seq 7999 --batch 4 --steps 3 --warmup 1 --precision f32 --peak-tflops 67
+  step 150m-7999-f32-recompute 150 --model ettin-150m --seq 7999 --batch 4 --steps 3 --warmup 1 --precision f32 --peak-tflops 67 --activation-checkpointing
 esac
 case " $checks " in *" step17 "*)
   step 17m-f32 90 --model ettin-17m --seq 1024 --batch 32 --steps 10 --warmup 3 --precision f32 --peak-tflops 67
