@@ -8,11 +8,11 @@
 //! process meanwhile.
 
 use burn::tensor::backend::Backend;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use twinhead_worker::CpuAutodiff as A;
 use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 use twinhead_worker::objectives::{self, MaskingConfig, clm_batch, mlm_batch};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 const SEQ: usize = 8192;
 const MIB: u64 = 1 << 20;
@@ -48,11 +48,16 @@ fn an_encoder_and_a_decoder_step_at_8k_tokens_stay_under_the_bound() {
     // layer, the [heads, seq, seq] scores and probabilities.
     let old_path = 2 * s * s * 4 + 2 * heads * s * s * 4;
     let bound = 1024 * MIB;
-    assert!(old_path > bound, "the bound must be one the old path could not meet");
+    assert!(
+        old_path > bound,
+        "the bound must be one the old path could not meet"
+    );
 
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     // Two documents of unequal length in the one row.
-    let row: Vec<u32> = (0..SEQ).map(|_| rng.random_range(5..config.vocab_size as u32)).collect();
+    let row: Vec<u32> = (0..SEQ)
+        .map(|_| rng.random_range(5..config.vocab_size as u32))
+        .collect();
     let batch = TokenBatch::new(&[row], Some(vec![vec![5000, SEQ - 5000]])).expect("batch");
     let masking = MaskingConfig::from_model(&config, 0.3);
     for flavour in [Flavour::Encoder, Flavour::Decoder] {
@@ -66,7 +71,10 @@ fn an_encoder_and_a_decoder_step_at_8k_tokens_stay_under_the_bound() {
         let loss = objectives::loss(&model, &prediction).expect("loss");
         let value: f32 = loss.clone().into_scalar();
         let grads = loss.backward();
-        let embedding_grad = model.tok_embeddings.grad(&grads).expect("embedding gradient");
+        let embedding_grad = model
+            .tok_embeddings
+            .grad(&grads)
+            .expect("embedding gradient");
         let norm: f32 = embedding_grad.powi_scalar(2).sum().into_scalar();
         A::sync(&Default::default()).expect("sync");
         let (peak, _) = memory().expect("status");
@@ -77,7 +85,10 @@ fn an_encoder_and_a_decoder_step_at_8k_tokens_stay_under_the_bound() {
             before / MIB,
             old_path / MIB
         );
-        assert!(value.is_finite() && norm.is_finite() && norm > 0.0, "{flavour:?}");
+        assert!(
+            value.is_finite() && norm.is_finite() && norm > 0.0,
+            "{flavour:?}"
+        );
         assert!(
             grown < bound,
             "{flavour:?}: the step grew memory by {} MiB, bound {} MiB",
