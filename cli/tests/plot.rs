@@ -232,15 +232,15 @@ async fn plot_draws_each_phase_in_its_colour() {
     let run_id = submit(&url, "plotted");
     let mut worker = FakeWorker::register(&url).await;
     worker.next_assignment().await;
-    // tiny-cpu: phase 0 is 256 steps of 1,024 tokens, phase 1 is 8 of 4,096.
+    // tiny-cpu: phase 0 is 256 steps of 1,024 tokens, phase 1 is 4 of 8,192.
     for (step, loss) in [(1, 9.0), (64, 7.0), (128, 6.2), (192, 5.9), (256, 5.7)] {
         worker.progress(step, step * 1024, loss).await;
     }
     worker.checkpoint(256, 256 * 1024).await;
     let second = worker.next_assignment().await;
     assert_eq!(second.phase_index, 1, "the checkpoint ended phase 0");
-    for (step, loss) in [(2, 5.9), (4, 5.5), (6, 5.3), (8, 5.2)] {
-        worker.progress(step, step * 4096, loss).await;
+    for (step, loss) in [(1, 5.9), (2, 5.5), (3, 5.3), (4, 5.2)] {
+        worker.progress(step, step * 8192, loss).await;
     }
 
     let out = dir.path().join("loss.png");

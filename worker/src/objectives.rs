@@ -235,31 +235,48 @@ pub fn prediction_logits<B: ModelBackend>(
     Ok(logits_of_hidden(model, hidden, batch))
 }
 
+/// Final hidden states at the predicting positions, `[positions, hidden]`.
+fn picked<B: Backend>(hidden: Tensor<B, 3>, batch: &PredictionBatch) -> Tensor<B, 2> {
+    let device = hidden.device();
+    let [b, s, h] = hidden.dims();
+    let index: Vec<i64> = batch.positions.iter().map(|&p| p as i64).collect();
+    let index =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(index, [batch.positions.len()]), &device);
+    hidden.reshape([b * s, h]).select(0, index)
+}
+
 /// The head at the predicting positions of final hidden states.
 fn logits_of_hidden<B: ModelBackend>(
     model: &ModernBert<B>,
     hidden: Tensor<B, 3>,
     batch: &PredictionBatch,
 ) -> Tensor<B, 2> {
-    let device = hidden.device();
-    let [b, s, h] = hidden.dims();
-    let index: Vec<i64> = batch.positions.iter().map(|&p| p as i64).collect();
-    let index =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(index, [batch.positions.len()]), &device);
-    let picked = hidden.reshape([b * s, h]).select(0, index);
-    model.head(picked)
+    model.head(picked(hidden, batch))
 }
 
-/// Mean cross-entropy of `logits` against the batch's targets.
-fn loss_of_logits<B: Backend>(logits: Tensor<B, 2>, batch: &PredictionBatch) -> Tensor<B, 1> {
-    let device = logits.device();
-    let targets: Vec<i64> = batch.targets.iter().map(|&t| i64::from(t)).collect();
-    let targets =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [batch.targets.len()]), &device);
-    cross_entropy(logits, targets)
+/// Mean cross-entropy at the predicting positions of final hidden states,
+/// through [`ModelBackend::tied_cross_entropy`] (the CPU never holds all
+/// the logits).
+fn loss_of_hidden<B: ModelBackend>(
+    model: &ModernBert<B>,
+    hidden: Tensor<B, 3>,
+    batch: &PredictionBatch,
+) -> Tensor<B, 1> {
+    let h = model.head_transform(picked(hidden, batch));
+    B::tied_cross_entropy(
+        h,
+        model.tok_embeddings.val(),
+        model.decoder_bias.val(),
+        &batch.targets,
+    )
+    .loss_sum
+    .div_scalar(batch.targets.len() as f64)
 }
 
-/// The objective's loss: mean cross-entropy over the predicting positions.
+/// The objective's loss for training: mean cross-entropy over the
+/// predicting positions. Its gradients are computed with it (see
+/// [`ModelBackend::tied_cross_entropy`]); to only score a batch, use
+/// [`prediction_logits`] and [`cross_entropy`].
 ///
 /// # Shapes
 /// - returns `[1]`
@@ -267,7 +284,11 @@ pub fn loss<B: ModelBackend>(
     model: &ModernBert<B>,
     batch: &PredictionBatch,
 ) -> Result<Tensor<B, 1>, ObjectiveError> {
-    Ok(loss_of_logits(prediction_logits(model, batch)?, batch))
+    if batch.positions.is_empty() {
+        return Err(ObjectiveError::NoTargets);
+    }
+    let hidden = model.hidden_states(&batch.input, batch.attention)?;
+    Ok(loss_of_hidden(model, hidden, batch))
 }
 
 /// `scale ×` the loss, and the gradients of every parameter of `model`,
@@ -304,7 +325,7 @@ pub fn recomputed_gradients<B: TrainBackend>(
 
     let top = Tensor::<B, 3>::from_inner(x).require_grad();
     let hidden = model.final_norm.forward(top.clone());
-    let total = loss_of_logits(logits_of_hidden(model, hidden, batch), batch).mul_scalar(scale);
+    let total = loss_of_hidden(model, hidden, batch).mul_scalar(scale);
     let value = total.clone().inner();
     let grads = total.backward();
     let mut upstream = top
@@ -358,6 +379,32 @@ mod tests {
             })
             .collect();
         TokenBatch::new(&rows, Some(doc_lens)).expect("batch")
+    }
+
+    #[test]
+    fn training_loss_equals_the_cross_entropy_of_the_logits() {
+        let c = tiny();
+        let batch = packed(&c, vec![vec![300, 212]; 3], 5);
+        let cfg = MaskingConfig::from_model(&c, 0.3);
+        for (flavour, prediction) in [
+            (
+                Flavour::Encoder,
+                mlm_batch(&batch, &cfg, &mut ChaCha8Rng::seed_from_u64(1)).expect("mlm"),
+            ),
+            (Flavour::Decoder, clm_batch(&batch).expect("clm")),
+        ] {
+            let m = ModernBert::<CpuBackend>::new(&c, flavour, 2, &Default::default());
+            let fused: f32 = loss(&m, &prediction).expect("loss").into_scalar();
+            let targets: Vec<i64> = prediction.targets.iter().map(|&t| i64::from(t)).collect();
+            let n = targets.len();
+            let targets = Tensor::from_data(TensorData::new(targets, [n]), &Default::default());
+            let logits = prediction_logits(&m, &prediction).expect("logits");
+            let plain: f32 = cross_entropy(logits, targets).into_scalar();
+            assert!(
+                (fused - plain).abs() < 1e-5,
+                "{flavour:?}: {fused} vs {plain}"
+            );
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use burn::backend::ndarray::NdArrayTensor;
 use ndarray::linalg::general_mat_mul;
 
 use super::attention::{self, AttentionPlan, cpu};
+use super::head_cpu as cpu_head;
 use crate::optim::{AdamWUpdate, cpu as cpu_optim};
 
 /// What the model needs of a backend beyond Burn's own operations: blocked
@@ -109,6 +110,18 @@ pub trait ModelBackend: Backend {
         tied_logits_backward(hidden, embedding, grad)
     }
 
+    /// The summed cross-entropy of the tied logits `hidden · Eᵀ + bias`
+    /// against `targets`, and its gradients with respect to `hidden`, `E`
+    /// and `bias` (the loss is a scalar, so they are known in the forward).
+    fn tied_cross_entropy(
+        hidden: Tensor<Self, 2>,
+        embedding: Tensor<Self, 2>,
+        bias: Tensor<Self, 1>,
+        targets: &[u32],
+    ) -> CrossEntropyGrads<Self> {
+        tied_cross_entropy(hidden, embedding, bias, targets)
+    }
+
     /// GELU, exact erf form: `x · Φ(x)`.
     fn exact_gelu<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
         burn::tensor::activation::gelu(x)
@@ -134,6 +147,49 @@ pub fn tied_logits_backward<B: Backend>(
     let d_hidden = grad.clone().matmul(embedding);
     let d_embedding = grad.clone().transpose().matmul(hidden);
     (d_hidden, d_embedding, grad.sum_dim(0).reshape([vocab]))
+}
+
+/// The loss sum `[1]` of [`ModelBackend::tied_cross_entropy`] and its
+/// gradients.
+#[derive(Debug, Clone)]
+pub struct CrossEntropyGrads<B: Backend> {
+    pub loss_sum: Tensor<B, 1>,
+    pub d_hidden: Tensor<B, 2>,
+    pub d_embedding: Tensor<B, 2>,
+    pub d_bias: Tensor<B, 1>,
+}
+
+/// [`ModelBackend::tied_cross_entropy`] as tensor operations (all logits
+/// at once).
+pub fn tied_cross_entropy<B: Backend>(
+    hidden: Tensor<B, 2>,
+    embedding: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+    targets: &[u32],
+) -> CrossEntropyGrads<B> {
+    let device = hidden.device();
+    let n = targets.len();
+    let logits = tied_logits(hidden.clone(), embedding.clone(), bias);
+    let [_, vocab] = logits.dims();
+    let index: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
+    let index = Tensor::<B, 1, burn::tensor::Int>::from_data(TensorData::new(index, [n]), &device)
+        .reshape([n, 1]);
+    let log_probs = burn::tensor::activation::log_softmax(logits, 1);
+    let loss_sum = log_probs.clone().gather(1, index.clone()).sum().neg();
+    let one_hot = Tensor::<B, 2>::zeros([n, vocab], &device).scatter(
+        1,
+        index,
+        Tensor::ones([n, 1], &device),
+        burn::tensor::IndexingUpdateOp::Add,
+    );
+    let g = log_probs.exp() - one_hot;
+    let (d_hidden, d_embedding, d_bias) = tied_logits_backward(hidden, embedding, g);
+    CrossEntropyGrads {
+        loss_sum,
+        d_hidden,
+        d_embedding,
+        d_bias,
+    }
 }
 
 /// A backend the trainer runs on: autodiff over a [`ModelBackend`], itself
@@ -209,6 +265,26 @@ impl ModelBackend for Cpu {
         }
         general_mat_mul(1.0, &h, &e.t(), 1.0, &mut out);
         from_owned(out.into_dyn())
+    }
+
+    /// Rows in chunks: one chunk's logits exist at a time, turned in place
+    /// into `softmax − one-hot`, multiplied into the gradients and dropped.
+    fn tied_cross_entropy(
+        hidden: Tensor<Self, 2>,
+        embedding: Tensor<Self, 2>,
+        bias: Tensor<Self, 1>,
+        targets: &[u32],
+    ) -> CrossEntropyGrads<Self> {
+        let (h, e, b) = (shared(hidden), shared(embedding), shared(bias));
+        let (h, e) = (matrix(&h), matrix(&e));
+        let b = b.as_slice_memory_order().unwrap_or(&[]);
+        let (loss, dh, de, db) = cpu_head::cross_entropy(h, e, b, targets);
+        CrossEntropyGrads {
+            loss_sum: from_owned(ndarray::arr1(&[loss]).into_dyn()),
+            d_hidden: from_owned(dh.into_dyn()),
+            d_embedding: from_owned(de.into_dyn()),
+            d_bias: from_owned(db.into_dyn()),
+        }
     }
 
     fn tied_logits_backward(
@@ -347,6 +423,46 @@ impl<B: ModelBackend> Backward<B, 3> for BlockAttentionBackward {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    /// One node whose backward scales the gradients the forward computed.
+    /// The gradients returned here are the inner ones, untracked.
+    fn tied_cross_entropy(
+        hidden: Tensor<Self, 2>,
+        embedding: Tensor<Self, 2>,
+        bias: Tensor<Self, 1>,
+        targets: &[u32],
+    ) -> CrossEntropyGrads<Self> {
+        let (h, e, b) = (primitive(hidden), primitive(embedding), primitive(bias));
+        let nodes = [h.node.clone(), e.node.clone(), b.node.clone()];
+        let inner = B::tied_cross_entropy(
+            float(h.primitive),
+            float(e.primitive),
+            float(b.primitive),
+            targets,
+        );
+        let loss = primitive(inner.loss_sum.clone());
+        let output = match CrossEntropyBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                (
+                    primitive(inner.d_hidden.clone()),
+                    primitive(inner.d_embedding.clone()),
+                    primitive(inner.d_bias.clone()),
+                ),
+                loss,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(loss),
+        };
+        CrossEntropyGrads {
+            loss_sum: float(output),
+            d_hidden: Tensor::from_inner(inner.d_hidden),
+            d_embedding: Tensor::from_inner(inner.d_embedding),
+            d_bias: Tensor::from_inner(inner.d_bias),
+        }
+    }
+
     fn tied_logits(
         hidden: Tensor<Self, 2>,
         embedding: Tensor<Self, 2>,
@@ -432,6 +548,38 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
             }
         };
         float(output)
+    }
+}
+
+/// The autodiff node of [`ModelBackend::tied_cross_entropy`]: holds the
+/// gradients for a loss gradient of 1.
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: ModelBackend> Backward<B, 3> for CrossEntropyBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        // The output is the scalar loss sum: its gradient scales all three.
+        let scale = float::<B, 1>(grads.consume::<B>(&ops.node));
+        let (dh, de, db) = ops.state;
+        let [node_h, node_e, node_b] = ops.parents;
+        if let Some(node) = node_h {
+            let g = float::<B, 2>(dh) * scale.clone().reshape([1, 1]);
+            grads.register::<B>(node.id, primitive(g));
+        }
+        if let Some(node) = node_e {
+            let g = float::<B, 2>(de) * scale.clone().reshape([1, 1]);
+            grads.register::<B>(node.id, primitive(g));
+        }
+        if let Some(node) = node_b {
+            grads.register::<B>(node.id, primitive(float::<B, 1>(db) * scale));
+        }
     }
 }
 
@@ -552,6 +700,38 @@ mod tests {
         assert!(close(host(dh), host(wh)) < 1e-5);
         assert!(close(host(de), host(we)) < 1e-5);
         assert!(close(host(db.reshape([1, 50])), host(wb.reshape([1, 50]))) < 1e-5);
+    }
+
+    #[test]
+    fn cpu_cross_entropy_equals_the_tensor_version() {
+        use rand::{Rng, SeedableRng};
+        type B = crate::CpuBackend;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        // More rows than one chunk, so chunks are stitched together.
+        let (rows, vocab, width) = (300, 70, 8);
+        let mut t = |shape: [usize; 2], scale: f32| {
+            let values: Vec<f32> = (0..shape[0] * shape[1])
+                .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+                .collect();
+            Tensor::<B, 2>::from_data(TensorData::new(values, shape), &Default::default())
+        };
+        let (h, e) = (t([rows, width], 2.0), t([vocab, width], 2.0));
+        let b = t([1, vocab], 1.0).reshape([vocab]);
+        let targets: Vec<u32> = (0..rows).map(|i| (i * 7 % vocab) as u32).collect();
+        let got = B::tied_cross_entropy(h.clone(), e.clone(), b.clone(), &targets);
+        let want = tied_cross_entropy(h, e, b, &targets);
+        let host = |x: Tensor<B, 2>| x.into_data().into_vec::<f32>().expect("f32");
+        let diff = |a: Vec<f32>, b: Vec<f32>| {
+            a.iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        };
+        let (l1, l2) = (got.loss_sum.into_scalar(), want.loss_sum.into_scalar());
+        assert!((l1 - l2).abs() < 1e-5 * l2.abs(), "loss {l1} vs {l2}");
+        assert!(diff(host(got.d_hidden), host(want.d_hidden)) < 1e-5);
+        assert!(diff(host(got.d_embedding), host(want.d_embedding)) < 1e-4);
+        let bias = |x: Tensor<B, 1>| host(x.reshape([1, vocab]));
+        assert!(diff(bias(got.d_bias), bias(want.d_bias)) < 1e-4);
     }
 
     #[test]

@@ -33,11 +33,12 @@
 pub mod attention;
 pub mod backend;
 pub mod config;
+mod head_cpu;
 pub mod modernbert;
 pub mod packing;
 
 pub use attention::{AttentionPlan, Visibility};
-pub use backend::{ModelBackend, TrainBackend};
+pub use backend::{CrossEntropyGrads, ModelBackend, TrainBackend};
 pub use config::{ConfigError, ModelConfig, RawModelConfig};
 pub use modernbert::{Flavour, ModernBert, TokenBatch};
 pub use packing::{AttentionKind, PackedLayout};

@@ -531,9 +531,7 @@ impl<B: ModelBackend> ModernBert<B> {
     /// # Shapes
     /// - `hidden`: `[..., hidden]` → `[..., vocab]`
     pub fn head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        let h = self
-            .head_norm
-            .forward(B::exact_gelu(self.head_dense.forward(hidden)));
+        let h = self.head_transform(hidden);
         let dims = h.dims();
         let rows = dims[..D - 1].iter().product();
         let logits = B::tied_logits(
@@ -544,6 +542,15 @@ impl<B: ModelBackend> ModernBert<B> {
         let mut out = dims;
         out[D - 1] = self.config.vocab_size;
         logits.reshape(out)
+    }
+
+    /// The head before the tied decoder: dense → GELU → LayerNorm.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[..., hidden]` → `[..., hidden]`
+    pub fn head_transform<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        self.head_norm
+            .forward(B::exact_gelu(self.head_dense.forward(hidden)))
     }
 
     /// Logits for every position with this flavour's attention.
