@@ -122,6 +122,16 @@ pub trait ModelBackend: Backend {
         tied_cross_entropy(hidden, embedding, bias, targets)
     }
 
+    /// Bias-free LayerNorm over the last dimension:
+    /// `(x − μ) / √(σ² + ε) · γ`.
+    fn exact_layer_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        gamma: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        layer_norm(x, gamma, eps).0
+    }
+
     /// GELU, exact erf form: `x · Φ(x)`.
     fn exact_gelu<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
         burn::tensor::activation::gelu(x)
@@ -147,6 +157,55 @@ pub fn tied_logits_backward<B: Backend>(
     let d_hidden = grad.clone().matmul(embedding);
     let d_embedding = grad.clone().transpose().matmul(hidden);
     (d_hidden, d_embedding, grad.sum_dim(0).reshape([vocab]))
+}
+
+/// [`ModelBackend::exact_layer_norm`] as tensor operations: the output, the
+/// normalised input `x̂` and `1 / √(σ² + ε)` (kept for the backward). The
+/// reciprocal is an exact division: Burn's CPU `recip` is a SIMD estimate.
+pub fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>) {
+    let last = D - 1;
+    let centred = x.clone() - x.mean_dim(last);
+    let std = centred
+        .clone()
+        .powi_scalar(2)
+        .mean_dim(last)
+        .add_scalar(eps)
+        .sqrt();
+    let rstd = std.ones_like().div(std);
+    let normed = centred * rstd.clone();
+    let y = normed.clone() * broadcast_last(gamma);
+    (y, normed, rstd)
+}
+
+/// `[h]` as `[1, …, 1, h]`, to broadcast over the last dimension.
+fn broadcast_last<B: Backend, const D: usize>(v: Tensor<B, 1>) -> Tensor<B, D> {
+    let [h] = v.dims();
+    let mut shape = [1usize; D];
+    shape[D - 1] = h;
+    v.reshape(shape)
+}
+
+/// The gradients of [`layer_norm`]'s input and scale from its output's:
+/// `dx = (g − mean(g) − x̂·mean(g·x̂)) / σ` with `g = dy·γ`, `dγ = Σ dy·x̂`.
+pub fn layer_norm_backward<B: Backend, const D: usize>(
+    normed: Tensor<B, D>,
+    rstd: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    grad: Tensor<B, D>,
+) -> (Tensor<B, D>, Tensor<B, 1>) {
+    let last = D - 1;
+    let [h] = gamma.dims();
+    let g = grad.clone() * broadcast_last(gamma);
+    let mean_g = g.clone().mean_dim(last);
+    let mean_gx = (g.clone() * normed.clone()).mean_dim(last);
+    let dx = (g - mean_g - normed.clone() * mean_gx) * rstd;
+    let rows = grad.dims()[..last].iter().product();
+    let d_gamma = (grad * normed).reshape([rows, h]).sum_dim(0).reshape([h]);
+    (dx, d_gamma)
 }
 
 /// The loss sum `[1]` of [`ModelBackend::tied_cross_entropy`] and its
@@ -423,6 +482,29 @@ impl<B: ModelBackend> Backward<B, 3> for BlockAttentionBackward {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn exact_layer_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        gamma: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        let (x, g) = (primitive(x), primitive(gamma));
+        let nodes = [x.node.clone(), g.node.clone()];
+        let (y, normed, rstd) =
+            layer_norm::<B, D>(float(x.primitive), float(g.primitive.clone()), eps);
+        let output = match LayerNormBackward::<D>
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                (primitive(normed), primitive(rstd), g.primitive),
+                primitive(y),
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(primitive(y)),
+        };
+        float(output)
+    }
+
     /// One node whose backward scales the gradients the forward computed.
     /// The gradients returned here are the inner ones, untracked.
     fn tied_cross_entropy(
@@ -548,6 +630,33 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
             }
         };
         float(output)
+    }
+}
+
+/// The autodiff node of [`ModelBackend::exact_layer_norm`]: keeps `x̂`,
+/// `1/σ` and `γ`.
+#[derive(Debug)]
+struct LayerNormBackward<const D: usize>;
+
+impl<B: ModelBackend, const D: usize> Backward<B, 2> for LayerNormBackward<D> {
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = float::<B, D>(grads.consume::<B>(&ops.node));
+        let (normed, rstd, gamma) = ops.state;
+        let (dx, d_gamma) = layer_norm_backward(float(normed), float(rstd), float(gamma), grad);
+        let [node_x, node_g] = ops.parents;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, primitive(dx));
+        }
+        if let Some(node) = node_g {
+            grads.register::<B>(node.id, primitive(d_gamma));
+        }
     }
 }
 
@@ -732,6 +841,76 @@ mod tests {
         assert!(diff(host(got.d_embedding), host(want.d_embedding)) < 1e-4);
         let bias = |x: Tensor<B, 1>| host(x.reshape([1, vocab]));
         assert!(diff(bias(got.d_bias), bias(want.d_bias)) < 1e-4);
+    }
+
+    /// LayerNorm's gradients against an f64 computation: `dx` per element
+    /// to 2e-6 relative, `dγ` (a sum over rows) to f32 summation noise.
+    #[test]
+    fn layer_norm_gradients_are_exact() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let (rows, h, eps) = (512usize, 64usize, 1e-5);
+        let mut draw = |n: usize, lo: f32, hi: f32| -> Vec<f32> {
+            (0..n).map(|_| rng.random_range(lo..hi)).collect()
+        };
+        let (xs, gs, dys) = (
+            draw(rows * h, -3.0, 3.0),
+            draw(h, 0.5, 1.5),
+            draw(rows * h, -1.0, 1.0),
+        );
+        let d = Default::default();
+        let x =
+            Tensor::<A, 2>::from_data(TensorData::new(xs.clone(), [rows, h]), &d).require_grad();
+        let gamma = Tensor::<A, 1>::from_data(TensorData::new(gs.clone(), [h]), &d).require_grad();
+        let dy = Tensor::<A, 2>::from_data(TensorData::new(dys.clone(), [rows, h]), &d);
+        let grads = (A::exact_layer_norm(x.clone(), gamma.clone(), eps) * dy)
+            .sum()
+            .backward();
+        let dx: Vec<f32> = x
+            .grad(&grads)
+            .expect("dx")
+            .into_data()
+            .into_vec()
+            .expect("f32");
+        let dg: Vec<f32> = gamma
+            .grad(&grads)
+            .expect("dg")
+            .into_data()
+            .into_vec()
+            .expect("f32");
+        let mut want_dg = vec![0f64; h];
+        let mut magnitude = vec![0f64; h];
+        for r in 0..rows {
+            let row: Vec<f64> = xs[r * h..(r + 1) * h]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let mean = row.iter().sum::<f64>() / h as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / h as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let xhat: Vec<f64> = row.iter().map(|v| (v - mean) * rstd).collect();
+            let g: Vec<f64> = (0..h)
+                .map(|i| f64::from(dys[r * h + i]) * f64::from(gs[i]))
+                .collect();
+            let mean_g = g.iter().sum::<f64>() / h as f64;
+            let mean_gx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / h as f64;
+            for i in 0..h {
+                let want = (g[i] - mean_g - xhat[i] * mean_gx) * rstd;
+                let got = f64::from(dx[r * h + i]);
+                assert!(
+                    (got - want).abs() <= 2e-6 * want.abs().max(1.0),
+                    "dx[{r},{i}] {got} vs {want}"
+                );
+                want_dg[i] += f64::from(dys[r * h + i]) * xhat[i];
+                magnitude[i] += (f64::from(dys[r * h + i]) * xhat[i]).abs();
+            }
+        }
+        for ((got, want), size) in dg.iter().zip(&want_dg).zip(&magnitude) {
+            assert!(
+                (f64::from(*got) - want).abs() <= 1e-6 * size,
+                "dγ {got} vs {want}"
+            );
+        }
     }
 
     #[test]

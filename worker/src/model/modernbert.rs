@@ -18,7 +18,7 @@
 //! Rows may pack several documents (`doc_lens`); see [`super::packing`].
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -176,10 +176,29 @@ fn linear<B: Backend>(
 }
 
 fn layer_norm<B: Backend>(config: &ModelConfig, device: &B::Device) -> LayerNorm<B> {
-    LayerNormConfig::new(config.hidden_size)
-        .with_epsilon(config.norm_eps)
-        .with_bias(false)
-        .init(device)
+    LayerNorm {
+        gamma: Param::from_tensor(Tensor::ones([config.hidden_size], device)),
+        eps: config.norm_eps,
+    }
+}
+
+/// Bias-free LayerNorm over the last dimension, through
+/// [`ModelBackend::exact_layer_norm`] so that its gradient is exact on every
+/// backend. The parameter keeps Burn's name, `gamma`.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    /// `[hidden]`, initialised to ones.
+    pub gamma: Param<Tensor<B, 1>>,
+    #[module(skip)]
+    eps: f64,
+}
+
+impl<B: ModelBackend> LayerNorm<B> {
+    /// # Shapes
+    /// - `x`: `[..., hidden]` → `[..., hidden]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        B::exact_layer_norm(x, self.gamma.val(), self.eps)
+    }
 }
 
 // ---------------------------------------------------------------- blocks
