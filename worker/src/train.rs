@@ -1081,6 +1081,37 @@ mod tests {
     }
 
     #[test]
+    fn a_step_is_bit_identical_whatever_the_thread_count() {
+        let (model, optimizer, config) = tiny();
+        let prediction = batch(&config);
+        let step = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
+            pool.install(|| {
+                let mut optimizer = optimizer.clone();
+                let (model, outcome) = train_step(
+                    model.clone(),
+                    &mut optimizer,
+                    std::slice::from_ref(&prediction),
+                    3e-3,
+                    false,
+                    StepOptions::default(),
+                    &mut SingleProcess::new(),
+                    &Default::default(),
+                )
+                .expect("step");
+                (read_params(&model), outcome.mean_loss.to_bits())
+            })
+        };
+        assert!(
+            step(1) == step(3),
+            "weights or loss depend on the thread count"
+        );
+    }
+
+    #[test]
     fn a_step_without_targets_keeps_the_weights_finite() {
         let (model, mut optimizer, _) = tiny();
         let before = read_params(&model);
