@@ -39,6 +39,8 @@ pub struct AdamWUpdate {
     pub lr: f64,
     /// `weight_decay / max_lr`, or 0 for a tensor without decay.
     pub decay_per_lr: f64,
+    /// The gradient is `grad × grad_scale`.
+    pub grad_scale: f64,
 }
 
 /// One tensor's StableAdamW update as tensor operations (the form every
@@ -49,6 +51,11 @@ pub fn stable_adamw_update<B: Backend>(
     grad: Tensor<B, 1>,
     u: &AdamWUpdate,
 ) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let grad = if u.grad_scale == 1.0 {
+        grad
+    } else {
+        grad.mul_scalar(u.grad_scale as f32)
+    };
     let g2 = grad.clone().square();
     let exp_avg = exp_avg.mul_scalar(u.beta1) + grad.mul_scalar(1.0 - u.beta1);
     let exp_avg_sq = exp_avg_sq.mul_scalar(u.beta2) + g2.clone().mul_scalar(1.0 - u.beta2);
@@ -341,6 +348,20 @@ impl<B: ModelBackend> StableAdamW<B> {
         params: Vec<Tensor<B, 1>>,
         grads: Tensor<B, 1>,
     ) -> Result<(Vec<Tensor<B, 1>>, StepStats<B>), OptimError> {
+        self.step_scaled(lr, params, grads, 1.0)
+    }
+
+    /// [`StableAdamW::step`] with the gradients `grads × scale` (a sum of
+    /// token losses' gradients and `1 / count`): the scale is applied
+    /// inside each tensor's update, not as a pass of its own over the
+    /// whole buffer.
+    pub fn step_scaled(
+        &mut self,
+        lr: f64,
+        params: Vec<Tensor<B, 1>>,
+        grads: Tensor<B, 1>,
+        scale: f64,
+    ) -> Result<(Vec<Tensor<B, 1>>, StepStats<B>), OptimError> {
         let n = self.tensors.len();
         if params.len() != n {
             return Err(OptimError::TensorCount {
@@ -366,7 +387,13 @@ impl<B: ModelBackend> StableAdamW<B> {
             });
         }
 
-        let grad_norm = grads.clone().square().sum().sqrt();
+        // With clipping the scale must be known before the norm is: apply it
+        // to the buffer as one pass, as without the scale.
+        let (grads, scale) = match self.config.max_grad_norm {
+            Some(_) if scale != 1.0 => (grads.mul_scalar(scale as f32), 1.0),
+            _ => (grads, scale),
+        };
+        let grad_norm = grads.clone().square().sum().sqrt().mul_scalar(scale);
         let clip_scale = match self.config.max_grad_norm {
             // torch.nn.utils.clip_grad_norm_'s rule: max / (norm + 1e-6)
             // where the norm exceeds max, else 1.
@@ -400,6 +427,7 @@ impl<B: ModelBackend> StableAdamW<B> {
                 eps,
                 lr,
                 decay_per_lr: if st.decay { decay_per_lr } else { 0.0 },
+                grad_scale: scale,
             };
             // Moved out, not cloned: a backend that updates in place then
             // holds the only reference.
@@ -449,6 +477,7 @@ pub(crate) mod cpu {
         let (c1, c2) = ((1.0 - u.beta1) as f32, (1.0 - u.beta2) as f32);
         let eps = u.eps as f32;
         let eps_sq = (u.eps * u.eps) as f32;
+        let scale = u.grad_scale as f32;
         let partial: Vec<f64> = m
             .par_chunks_mut(CHUNK)
             .zip(v.par_chunks_mut(CHUNK))
@@ -456,6 +485,7 @@ pub(crate) mod cpu {
             .map(|((m, v), g)| {
                 let mut r = 0f32;
                 for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                    let g = g * scale;
                     let g2 = g * g;
                     *m = *m * b1 + g * c1;
                     *v = *v * b2 + g2 * c2;
@@ -541,6 +571,7 @@ mod tests {
                 eps: 1e-6,
                 lr: 3e-3,
                 decay_per_lr,
+                grad_scale: 0.37,
             };
             let fused = B::stable_adamw_update(flat(&p), (flat(&m), flat(&v)), flat(&g), &u);
             let plain = stable_adamw_update(flat(&p), (flat(&m), flat(&v)), flat(&g), &u);

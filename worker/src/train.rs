@@ -378,11 +378,11 @@ pub fn train_step<B: TrainBackend>(
     } else {
         0.0
     };
-    let grads = packed.slice(0..param_count).mul_scalar(per_target as f32);
+    let grads = packed.slice(0..param_count);
     let mut params = FlatParams::<B>(Vec::with_capacity(lens.len()));
     model.visit(&mut params);
     let (updated, stats) = optimizer
-        .step(lr, params.0, grads)
+        .step_scaled(lr, params.0, grads, per_target)
         .map_err(failed("optimizer"))?;
     let model = model.map(&mut SetFlatParams::<B> {
         values: updated.into_iter(),
