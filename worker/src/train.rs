@@ -986,6 +986,27 @@ mod tests {
         (model, optimizer, config)
     }
 
+    /// One single-process step on `prediction` at LR 3e-3.
+    fn one_step(
+        model: ModernBert<B>,
+        optimizer: &mut StableAdamW<CpuBackend>,
+        prediction: &PredictionBatch,
+        leave: bool,
+        options: StepOptions,
+    ) -> (ModernBert<B>, StepOutcome<CpuBackend>) {
+        train_step(
+            model,
+            optimizer,
+            std::slice::from_ref(prediction),
+            3e-3,
+            leave,
+            options,
+            &mut SingleProcess::new(),
+            &Default::default(),
+        )
+        .expect("step")
+    }
+
     fn batch(config: &ModelConfig) -> PredictionBatch {
         let rows: Vec<Vec<u32>> = (0..2u32)
             .map(|r| (0..32u32).map(|i| 5 + (r * 31 + i * 7) % 200).collect())
@@ -1001,17 +1022,13 @@ mod tests {
         let prediction = batch(&config);
         let mut losses = Vec::new();
         for _ in 0..4 {
-            let (next, outcome) = train_step(
+            let (next, outcome) = one_step(
                 model,
                 &mut optimizer,
-                std::slice::from_ref(&prediction),
-                3e-3,
+                &prediction,
                 false,
                 StepOptions::default(),
-                &mut SingleProcess::new(),
-                &Default::default(),
-            )
-            .expect("step");
+            );
             model = next;
             assert!(!outcome.stopping);
             losses.push(outcome.mean_loss);
@@ -1021,21 +1038,15 @@ mod tests {
             losses[3] < losses[0] - 0.05,
             "the loss on the batch trained on did not fall: {losses:?}"
         );
-        let [grad_norm, clip_scale, _] = train_step(
+        let (_, outcome) = one_step(
             model,
             &mut optimizer,
-            std::slice::from_ref(&prediction),
-            3e-3,
+            &prediction,
             true,
             StepOptions::default(),
-            &mut SingleProcess::new(),
-            &Default::default(),
-        )
-        .map(|(_, o)| {
-            assert!(o.stopping, "the leave flag travels with the step");
-            o.stats.read()
-        })
-        .expect("step");
+        );
+        assert!(outcome.stopping, "the leave flag travels with the step");
+        let [grad_norm, clip_scale, _] = outcome.stats.read();
         assert!(grad_norm > 0.0 && grad_norm.is_finite(), "{grad_norm}");
         assert_eq!(clip_scale, 1.0);
     }
@@ -1051,19 +1062,15 @@ mod tests {
             };
             let step = |recompute: bool| {
                 let mut optimizer = optimizer.clone();
-                let (model, outcome) = train_step(
+                let (model, outcome) = one_step(
                     model.clone(),
                     &mut optimizer,
-                    std::slice::from_ref(&prediction),
-                    3e-3,
+                    &prediction,
                     false,
                     StepOptions {
                         activation_checkpointing: recompute,
                     },
-                    &mut SingleProcess::new(),
-                    &Default::default(),
-                )
-                .expect("step");
+                );
                 (read_params(&model), outcome.mean_loss)
             };
             let (plain, plain_loss) = step(false);
@@ -1091,17 +1098,13 @@ mod tests {
                 .expect("thread pool");
             pool.install(|| {
                 let mut optimizer = optimizer.clone();
-                let (model, outcome) = train_step(
+                let (model, outcome) = one_step(
                     model.clone(),
                     &mut optimizer,
-                    std::slice::from_ref(&prediction),
-                    3e-3,
+                    &prediction,
                     false,
                     StepOptions::default(),
-                    &mut SingleProcess::new(),
-                    &Default::default(),
-                )
-                .expect("step");
+                );
                 (read_params(&model), outcome.mean_loss.to_bits())
             })
         };
