@@ -10,11 +10,12 @@
 #       .gpu/bundle.tar.gz (about 35 MB; .gpu/ is git-ignored locally).
 # On the GPU machine (repo root, with .gpu/bundle.tar.gz carried):
 #   bench/gpu/run.sh OUT_DIR [CHECK ...]
-#       CHECK: step150 (ettin-150m, seq 1024, bf16 and f32), long150
-#       (ettin-150m at the extension phases' 7,999 tokens, f32, with and
-#       without activation checkpointing), step17 (ettin-17m, seq 1024,
+#       CHECK: step150 (ettin-150m, seq 1024, bf16-mixed, bf16 and f32),
+#       long150 (ettin-150m at the extension phases' 7,999 tokens,
+#       bf16-mixed, and f32 with and without activation checkpointing), step17 (ettin-17m, seq 1024,
 #       f32), run17 (ettin-17m through the real system); all by default.
-#       Each has its own timeout; together at most about 10 minutes.
+#       Each has its own timeout; together at most about 13 minutes (pass
+#       a subset of checks to fit a shorter lease).
 #       Results: OUT_DIR/*.json (with the GPU's peak memory in use, sampled
 #       by nvidia-smi) and OUT_DIR/log.txt.
 #
@@ -98,13 +99,14 @@ step() { # name timeout args...
   [ -s "$mem" ] && echo "peak GPU memory in use: $(sort -n "$mem" | tail -1) MiB"
 }
 case " $checks " in *" step150 "*)
+  step 150m-bf16-mixed 150 --model ettin-150m --seq 1024 --batch 32 --steps 10 --warmup 3 --precision bf16-mixed --peak-tflops 989
   step 150m-bf16 150 --model ettin-150m --seq 1024 --batch 32 --steps 10 --warmup 3 --precision bf16 --peak-tflops 989
   step 150m-f32 120 --model ettin-150m --seq 1024 --batch 16 --steps 10 --warmup 3 --precision f32 --peak-tflops 67
 esac
 case " $checks " in *" long150 "*)
   # Phases 2 and 3 of the recipe: 7,999-token rows. Blocked attention keeps
-  # memory linear in seq in local layers; f32 because mixed precision is
-  # not built yet (device_step's bf16 keeps weights in bf16).
+  # memory linear in seq in local layers.
+  step 150m-7999-bf16-mixed 150 --model ettin-150m --seq 7999 --batch 4 --steps 3 --warmup 1 --precision bf16-mixed --peak-tflops 989
   step 150m-7999-f32 150 --model ettin-150m --seq 7999 --batch 4 --steps 3 --warmup 1 --precision f32 --peak-tflops 67
   step 150m-7999-f32-recompute 150 --model ettin-150m --seq 7999 --batch 4 --steps 3 --warmup 1 --precision f32 --peak-tflops 67 --activation-checkpointing
 esac

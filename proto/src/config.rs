@@ -261,6 +261,8 @@ struct RunFile {
     batch_warmup: Option<BatchWarmupFile>,
     #[serde(default)]
     activation_checkpointing: bool,
+    #[serde(default)]
+    precision: String,
     optimizer: OptimizerFile,
     checkpoint: CheckpointFile,
     #[serde(default)]
@@ -493,6 +495,7 @@ fn run_spec(run: RunFile, model: ModelSpec) -> RunSpec {
             tokens: w.tokens.0,
         }),
         activation_checkpointing: run.activation_checkpointing,
+        precision: run.precision,
     }
 }
 

@@ -117,6 +117,9 @@ pub fn validate_model(m: &ModelSpec) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// The values of `RunSpec.precision` (empty means f32).
+pub const PRECISIONS: [&str; 3] = ["", "f32", "bf16-mixed"];
+
 /// Checks a whole run spec; the first broken rule is reported.
 pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
     if spec.name.trim().is_empty() {
@@ -142,6 +145,15 @@ pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
         key: format!("model.{}", e.key),
         message: e.message,
     })?;
+    if !PRECISIONS.contains(&spec.precision.as_str()) {
+        return fail(
+            "precision",
+            format!(
+                "must be \"f32\" or \"bf16-mixed\", got {:?}",
+                spec.precision
+            ),
+        );
+    }
     let objective = Objective::try_from(spec.objective).unwrap_or(Objective::Unspecified);
     if objective == Objective::Unspecified {
         return fail("objective", "must be one of mlm, clm, mntp");

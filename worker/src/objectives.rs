@@ -263,9 +263,10 @@ fn loss_of_hidden<B: ModelBackend>(
     batch: &PredictionBatch,
 ) -> Tensor<B, 1> {
     let h = model.head_transform(picked(hidden, batch));
+    let p = model.precision();
     B::tied_cross_entropy(
-        h,
-        model.tok_embeddings.val(),
+        p.operand(h),
+        p.operand(model.tok_embeddings.val()),
         model.decoder_bias.val(),
         &batch.targets,
     )

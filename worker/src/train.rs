@@ -45,7 +45,7 @@ use crate::checkpoint::{
 use crate::collective::Collective;
 use crate::loader::order::DataOrderLog;
 use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOptions};
-use crate::model::{Flavour, ModelConfig, ModernBert, TokenBatch, TrainBackend};
+use crate::model::{Flavour, ModelConfig, ModernBert, Precision, TokenBatch, TrainBackend};
 use crate::objectives::{self, MaskingConfig, PredictionBatch};
 use crate::optim::{StableAdamW, StableAdamWConfig, StepStats, TensorSpec};
 use crate::runtime::{Link, PhaseEnd, Progress, TrainError, Trainer};
@@ -491,7 +491,9 @@ impl<B: TrainBackend> BurnTrainer<B> {
             .is_some_and(|s| s.run_id == a.run_id && Some(s.at) == start);
         if !keep {
             let config = model_config(spec)?;
-            let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, &self.device);
+            let precision = Precision::parse(&spec.precision).map_err(TrainError::Failed)?;
+            let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, &self.device)
+                .with_precision(precision);
             let params = param_names(&model);
             let mut optimizer = StableAdamW::new(
                 Self::optimizer_config(spec, phase),
@@ -971,6 +973,7 @@ mod tests {
     use super::*;
     use crate::collective::SingleProcess;
     use crate::{CpuAutodiff, CpuBackend};
+    use rand::Rng;
 
     type B = CpuAutodiff;
 
@@ -1112,6 +1115,72 @@ mod tests {
             step(1) == step(3),
             "weights or loss depend on the thread count"
         );
+    }
+
+    /// MLM batches of a learnable stream: rows are walks in which each
+    /// token mostly determines the next.
+    fn walk_batch(config: &ModelConfig, seed: u64) -> PredictionBatch {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let rows: Vec<Vec<u32>> = (0..4)
+            .map(|_| {
+                let mut t = rng.random_range(0..64u32);
+                (0..64)
+                    .map(|_| {
+                        t = if rng.random::<f64>() < 0.9 {
+                            (t * 5 + 7) % 64
+                        } else {
+                            rng.random_range(0..64)
+                        };
+                        10 + t
+                    })
+                    .collect()
+            })
+            .collect();
+        let tokens = TokenBatch::new(&rows, None).expect("batch");
+        let masking = MaskingConfig::from_model(config, 0.3);
+        objectives::mlm_batch(&tokens, &masking, &mut rng).expect("mlm")
+    }
+
+    /// bf16-mixed trains like f32: over 200 steps its loss, averaged over
+    /// windows of 20 steps, stays within 2% of f32's.
+    #[test]
+    fn bf16_mixed_follows_the_f32_loss_curve() {
+        let (model, optimizer, config) = tiny();
+        let batches: Vec<PredictionBatch> = (0..200).map(|i| walk_batch(&config, i)).collect();
+        let curve = |precision: Precision| {
+            let mut model = model.clone().with_precision(precision);
+            let mut optimizer = optimizer.clone();
+            batches
+                .iter()
+                .map(|b| {
+                    let (next, outcome) = one_step(
+                        model.clone(),
+                        &mut optimizer,
+                        b,
+                        false,
+                        StepOptions::default(),
+                    );
+                    model = next;
+                    outcome.mean_loss
+                })
+                .collect::<Vec<f64>>()
+        };
+        let (f32_curve, bf16_curve) = (curve(Precision::F32), curve(Precision::Bf16Mixed));
+        assert_ne!(
+            f32_curve, bf16_curve,
+            "bf16-mixed computed exactly what f32 did"
+        );
+        let windows = |c: &[f64]| {
+            c.chunks(20)
+                .map(|w| w.iter().sum::<f64>() / w.len() as f64)
+                .collect::<Vec<f64>>()
+        };
+        let (a, b) = (windows(&f32_curve), windows(&bf16_curve));
+        assert!(a[9] < a[0] - 0.5, "the f32 run did not learn: {a:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 0.02 * x, "f32 {a:?}\nbf16-mixed {b:?}");
+        }
+        eprintln!("f32 {a:.4?}\nbf16-mixed {b:.4?}");
     }
 
     #[test]

@@ -8,13 +8,15 @@
 //! ```text
 //! device_step [--device cpu|cuda:N] [--model NAME|FILE.toml] [--objective mlm|clm]
 //!             [--batch 8] [--seq 512] [--steps 5] [--warmup 2]
-//!             [--precision f32|bf16] [--peak-tflops X] [--activation-checkpointing]
+//!             [--precision f32|bf16-mixed|bf16] [--peak-tflops X] [--activation-checkpointing]
 //! ```
 //!
 //! MFU = 6 × parameters × tokens/s / peak, the trainer's estimate (it
 //! leaves attention's own FLOPs out, so it reads low at long sequences).
-//! `bf16` keeps weights and optimizer moments in bf16: a throughput
-//! figure, not a recipe. Prints one JSON object on stdout.
+//! `bf16-mixed` is the recipe's mixed precision (`precision = "bf16-mixed"`
+//! in a run spec: f32 weights, bf16 products; on the CPU the operands are
+//! rounded to bf16); `bf16` (CUDA only) keeps weights and optimizer moments
+//! in bf16: a throughput figure, not a recipe. Prints one JSON object on stdout.
 
 use std::time::Instant;
 
@@ -22,7 +24,7 @@ use anyhow::{Context, bail};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use twinhead_worker::collective::{Collective, SingleProcess};
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
+use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, Precision, TokenBatch};
 use twinhead_worker::objectives::{MaskingConfig, clm_batch, mlm_batch};
 use twinhead_worker::optim::{StableAdamW, StableAdamWConfig};
 use twinhead_worker::train::{StepOptions, optimizer_specs, train_step};
@@ -89,7 +91,7 @@ fn main() -> anyhow::Result<()> {
     let o = parse()?;
     let device = twinhead_worker::device::Device::parse(&o.device).map_err(anyhow::Error::msg)?;
     let report = match (device, o.precision.as_str()) {
-        (twinhead_worker::device::Device::Cpu, "f32") => {
+        (twinhead_worker::device::Device::Cpu, "f32" | "bf16-mixed") => {
             run::<twinhead_worker::CpuAutodiff>(&o, Default::default(), &mut SingleProcess::new())?
         }
         #[cfg(feature = "cuda")]
@@ -115,7 +117,13 @@ fn run<B: twinhead_worker::model::TrainBackend>(
         "clm" => Flavour::Decoder,
         other => bail!("--objective {other:?}: expected mlm or clm"),
     };
-    let mut model = ModernBert::<B>::new(&config, flavour, 0, &device);
+    // `bf16` (CUDA only) keeps the whole model in bf16; the others are
+    // f32 models, `bf16-mixed` rounding the products' operands.
+    let precision = match o.precision.as_str() {
+        "bf16" => Precision::F32,
+        other => Precision::parse(other).map_err(anyhow::Error::msg)?,
+    };
+    let mut model = ModernBert::<B>::new(&config, flavour, 0, &device).with_precision(precision);
     let specs = optimizer_specs(&model);
     let params: usize = specs.iter().map(|s| s.len).sum();
     let mut optimizer =
@@ -204,7 +212,8 @@ mod cuda {
         let mut report = match precision {
             "f32" => super::run::<Autodiff<Cuda<f32>>>(o, device.clone(), &mut engine)?,
             "bf16" => super::run::<Autodiff<Cuda<half::bf16>>>(o, device.clone(), &mut engine)?,
-            other => bail!("--precision {other:?}: expected f32 or bf16"),
+            "bf16-mixed" => super::run::<Autodiff<Cuda<f32>>>(o, device.clone(), &mut engine)?,
+            other => bail!("--precision {other:?}: expected f32, bf16-mixed or bf16"),
         };
         report["allreduce"] = allreduce(
             &mut engine,

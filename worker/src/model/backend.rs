@@ -132,6 +132,33 @@ pub trait ModelBackend: Backend {
         layer_norm(x, gamma, eps).0
     }
 
+    /// Whether the backend has bfloat16 tensors; without them mixed
+    /// precision rounds float32 values instead (same operands, float32
+    /// arithmetic).
+    const NATIVE_BF16: bool = true;
+
+    /// `x` rounded to bfloat16 (nearest, ties to even) and back, with the
+    /// identity as gradient (the operand rounding of mixed precision: the
+    /// f32 value stays the master).
+    fn round_bf16<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
+        x.cast(burn::tensor::FloatDType::BF16)
+            .cast(burn::tensor::FloatDType::F32)
+    }
+
+    /// `a · b` on bfloat16 operands with a float32 result: a bfloat16
+    /// product where the backend has the type, else the product of the
+    /// rounded operands.
+    fn bf16_matmul<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
+        if Self::NATIVE_BF16 {
+            let bf16 = burn::tensor::FloatDType::BF16;
+            a.cast(bf16)
+                .matmul(b.cast(bf16))
+                .cast(burn::tensor::FloatDType::F32)
+        } else {
+            Self::round_bf16(a).matmul(Self::round_bf16(b))
+        }
+    }
+
     /// GELU, exact erf form: `x · Φ(x)`.
     fn exact_gelu<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
         burn::tensor::activation::gelu(x)
@@ -251,6 +278,36 @@ pub fn tied_cross_entropy<B: Backend>(
     }
 }
 
+/// Arithmetic of a model's matrix products.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Precision {
+    /// float32 throughout.
+    #[default]
+    F32,
+    /// float32 weights, norms, softmax and loss; matrix products on
+    /// bfloat16 operands (see [`ModelBackend::round_bf16`]).
+    Bf16Mixed,
+}
+
+impl Precision {
+    /// `"f32"` (or empty) or `"bf16-mixed"`, as the run spec spells it.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "" | "f32" => Ok(Self::F32),
+            "bf16-mixed" => Ok(Self::Bf16Mixed),
+            other => Err(format!("precision {other:?}: expected f32 or bf16-mixed")),
+        }
+    }
+
+    /// An operand of a matrix product in this precision.
+    pub fn operand<B: ModelBackend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::F32 => x,
+            Self::Bf16Mixed => B::round_bf16(x),
+        }
+    }
+}
+
 /// A backend the trainer runs on: autodiff over a [`ModelBackend`], itself
 /// a [`ModelBackend`] (the model runs on the first, the optimizer on the
 /// inner one).
@@ -306,6 +363,15 @@ fn from_owned<const D: usize>(a: ndarray::ArrayD<f32>) -> Tensor<Cpu, D> {
 }
 
 impl ModelBackend for Cpu {
+    const NATIVE_BF16: bool = false;
+
+    /// The CPU backend has no bfloat16 tensors: round each value on the host.
+    fn round_bf16<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
+        let mut a = owned(x);
+        a.mapv_inplace(|v| half::bf16::from_f32(v).to_f32());
+        from_owned(a)
+    }
+
     /// The product with `Eᵀ` as a strided view: Burn's matmul would first
     /// copy the transposed `[hidden, vocab]` matrix, a fixed cost of every
     /// step whatever its tokens.
@@ -482,6 +548,15 @@ impl<B: ModelBackend> Backward<B, 3> for BlockAttentionBackward {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    const NATIVE_BF16: bool = B::NATIVE_BF16;
+
+    /// Rounds the inner value; the gradient passes through unchanged.
+    fn round_bf16<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
+        let rounded = B::round_bf16(x.clone().inner());
+        let detached = Tensor::<Self, D>::from_inner(rounded - x.clone().inner());
+        x + detached
+    }
+
     fn exact_layer_norm<const D: usize>(
         x: Tensor<Self, D>,
         gamma: Tensor<Self, 1>,

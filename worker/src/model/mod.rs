@@ -38,7 +38,7 @@ pub mod modernbert;
 pub mod packing;
 
 pub use attention::{AttentionPlan, Visibility};
-pub use backend::{CrossEntropyGrads, ModelBackend, TrainBackend};
+pub use backend::{CrossEntropyGrads, ModelBackend, Precision, TrainBackend};
 pub use config::{ConfigError, ModelConfig, RawModelConfig};
 pub use modernbert::{Flavour, ModernBert, TokenBatch};
 pub use packing::{AttentionKind, PackedLayout};

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use super::ModelError;
 use super::attention::{AttentionPlan, Visibility};
-use super::backend::ModelBackend;
+use super::backend::{ModelBackend, Precision};
 use super::config::ModelConfig;
 use super::packing::{AttentionKind, PackedLayout};
 
@@ -182,6 +182,32 @@ fn layer_norm<B: Backend>(config: &ModelConfig, device: &B::Device) -> LayerNorm
     }
 }
 
+/// `linear`'s product with its operands in `precision`.
+fn product<B: ModelBackend, const D: usize>(
+    linear: &Linear<B>,
+    x: Tensor<B, D>,
+    precision: Precision,
+) -> Tensor<B, D> {
+    match precision {
+        Precision::F32 => linear.forward(x),
+        Precision::Bf16Mixed => {
+            // Burn's linear: x · W over the leading dims flattened.
+            let dims = x.dims();
+            let rows = dims[..D - 1].iter().product();
+            let weight = linear.weight.val();
+            let [_, d_out] = weight.dims();
+            let y = B::bf16_matmul(x.reshape([rows, dims[D - 1]]), weight);
+            let y = match &linear.bias {
+                Some(b) => y + b.val().reshape([1, d_out]),
+                None => y,
+            };
+            let mut out = dims;
+            out[D - 1] = d_out;
+            y.reshape(out)
+        }
+    }
+}
+
 /// Bias-free LayerNorm over the last dimension, through
 /// [`ModelBackend::exact_layer_norm`] so that its gradient is exact on every
 /// backend. The parameter keeps Burn's name, `gamma`.
@@ -287,6 +313,8 @@ pub struct Attention<B: Backend> {
     out_drop: Dropout,
     num_heads: usize,
     global: bool,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl<B: ModelBackend> Attention<B> {
@@ -304,7 +332,7 @@ impl<B: ModelBackend> Attention<B> {
         let [b, s, h] = x.dims();
         let nh = self.num_heads;
         // [b, s, 3h] -> [b·s, 3·heads, head_dim]: q heads, then k, then v.
-        let qkv = self.wqkv.forward(x).reshape([b * s, 3 * nh, h / nh]);
+        let qkv = product(&self.wqkv, x, self.precision).reshape([b * s, 3 * nh, h / nh]);
         // One rotary pass over q and k together.
         let qk = apply_rope(qkv.clone().narrow(1, 0, 2 * nh), rope.0, rope.1);
         let q = qk.clone().narrow(1, 0, nh);
@@ -329,8 +357,13 @@ impl<B: ModelBackend> Attention<B> {
         batch: usize,
     ) -> Tensor<B, 3> {
         let [n, nh, hd] = q.dims();
-        let out = B::block_attention(plan, q, k, v).reshape([batch, n / batch, nh * hd]);
-        self.out_drop.forward(self.wo.forward(out))
+        let p = self.precision;
+        let out = B::block_attention(plan, p.operand(q), p.operand(k), p.operand(v)).reshape([
+            batch,
+            n / batch,
+            nh * hd,
+        ]);
+        self.out_drop.forward(product(&self.wo, out, p))
     }
 
     /// # Shapes
@@ -362,18 +395,23 @@ pub struct Mlp<B: Backend> {
     /// `[intermediate, hidden]`.
     pub wo: Linear<B>,
     drop: Dropout,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl<B: ModelBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.wi.forward(x);
+        let h = product(&self.wi, x, self.precision);
         let i = h.dims()[2] / 2;
         let input = h.clone().narrow(2, 0, i);
         let gate = h.narrow(2, i, i);
-        self.wo
-            .forward(self.drop.forward(B::exact_gelu(input) * gate))
+        product(
+            &self.wo,
+            self.drop.forward(B::exact_gelu(input) * gate),
+            self.precision,
+        )
     }
 }
 
@@ -425,6 +463,8 @@ pub struct ModernBert<B: Backend> {
     config: ModelConfig,
     #[module(skip)]
     flavour: Flavour,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl<B: Backend> ModernBert<B> {
@@ -464,12 +504,14 @@ impl<B: Backend> ModernBert<B> {
                     out_drop: DropoutConfig::new(config.attention_dropout).init(),
                     num_heads: config.num_heads,
                     global: config.is_global_layer(l),
+                    precision: Precision::F32,
                 },
                 mlp_norm: layer_norm(config, device),
                 mlp: Mlp {
                     wi: linear(&mut fill, h, 2 * i, std_in, device),
                     wo: linear(&mut fill, i, h, std_out, device),
                     drop: DropoutConfig::new(config.mlp_dropout).init(),
+                    precision: Precision::F32,
                 },
             })
             .collect();
@@ -485,6 +527,7 @@ impl<B: Backend> ModernBert<B> {
             decoder_bias: Param::from_tensor(Tensor::zeros([v], device)),
             config: config.clone(),
             flavour,
+            precision: Precision::F32,
         }
     }
 
@@ -503,6 +546,21 @@ impl<B: Backend> ModernBert<B> {
     pub fn with_flavour(mut self, flavour: Flavour) -> Self {
         self.flavour = flavour;
         self
+    }
+
+    /// The same weights computing in `precision` (see [`Precision`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        for layer in &mut self.layers {
+            layer.attn.precision = precision;
+            layer.mlp.precision = precision;
+        }
+        self
+    }
+
+    /// The arithmetic of the matrix products.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The same weights with other RoPE bases: phases change them
@@ -553,9 +611,10 @@ impl<B: ModelBackend> ModernBert<B> {
         let h = self.head_transform(hidden);
         let dims = h.dims();
         let rows = dims[..D - 1].iter().product();
+        let p = self.precision;
         let logits = B::tied_logits(
-            h.reshape([rows, dims[D - 1]]),
-            self.tok_embeddings.val(),
+            p.operand(h.reshape([rows, dims[D - 1]])),
+            p.operand(self.tok_embeddings.val()),
             self.decoder_bias.val(),
         );
         let mut out = dims;
@@ -568,8 +627,11 @@ impl<B: ModelBackend> ModernBert<B> {
     /// # Shapes
     /// - `hidden`: `[..., hidden]` → `[..., hidden]`
     pub fn head_transform<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        self.head_norm
-            .forward(B::exact_gelu(self.head_dense.forward(hidden)))
+        self.head_norm.forward(B::exact_gelu(product(
+            &self.head_dense,
+            hidden,
+            self.precision,
+        )))
     }
 
     /// Logits for every position with this flavour's attention.
