@@ -886,6 +886,17 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
     }
 
     #[test]
+    fn precision_is_f32_or_bf16_mixed() {
+        assert_eq!(parse(TINY, &[]).expect("valid").precision, "");
+        let spec = parse(TINY, &["precision=\"bf16-mixed\""]).expect("valid");
+        assert_eq!(spec.precision, "bf16-mixed");
+        let err = parse(TINY, &["precision=\"fp8\""])
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("precision") && err.contains("fp8"), "{err}");
+    }
+
+    #[test]
     fn bad_batch_warmups_name_the_key_and_the_rule() {
         let cases = [
             (
