@@ -307,6 +307,9 @@ pub struct StepOutcome<B: Backend> {
 /// module order…, loss sum, target count, leave flag], gradients divided by
 /// the world's mean target count, StableAdamW at `lr`. Reading the last
 /// three values is the step's one host sync. Returns the updated model.
+// The step's inputs are distinct: the model and its optimizer, this rank's
+// data, the schedule's LR, the leave flag, run options and the world.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step<B: TrainBackend>(
     model: ModernBert<B>,
     optimizer: &mut StableAdamW<B::InnerBackend>,
