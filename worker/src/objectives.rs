@@ -312,10 +312,10 @@ pub fn recomputed_gradients<B: TrainBackend>(
     let config = model.config();
     let device = model.tok_embeddings.device();
     let layout = batch.input.layout()?;
+    let inputs = AttentionInputs::<B>::new(config, &layout, batch.attention, &device);
     let inner = model.valid();
     let inner_device = inner.tok_embeddings.device();
-    let plain_inputs =
-        AttentionInputs::<B::InnerBackend>::new(config, &layout, batch.attention, &inner_device);
+    let plain_inputs = inputs.inner();
     let mut x = inner.embed(batch.input.ids_tensor(config.vocab_size, &inner_device)?);
     let mut layer_inputs = Vec::with_capacity(inner.layers.len());
     for layer in &inner.layers {
@@ -334,7 +334,6 @@ pub fn recomputed_gradients<B: TrainBackend>(
         .ok_or(ObjectiveError::NoGradient("the last layer"))?;
     let mut pieces = vec![GradientsParams::from_grads(grads, model)];
 
-    let inputs = AttentionInputs::<B>::new(config, &layout, batch.attention, &device);
     for (layer, input) in model.layers.iter().zip(layer_inputs).rev() {
         let x = Tensor::<B, 3>::from_inner(input).require_grad();
         let y = layer.forward(x.clone(), &inputs);

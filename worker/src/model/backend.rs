@@ -9,6 +9,13 @@
 //!   `Φ(x) + x·φ(x)`. Burn 0.21 differentiates every GELU with the
 //!   derivative of the tanh approximation (off by up to 8.7e-4 near
 //!   |x| ≈ 2), which the reference recipe does not.
+//! - **LayerNorm** with a closed-form gradient and an exact division.
+//! - **The tied head**: logits `hidden · Eᵀ`, and the training loss as one
+//!   cross-entropy node that returns its gradients with the loss (the CPU
+//!   works through the rows in chunks, never holding all the logits).
+//! - **StableAdamW's per-tensor update** (the CPU: two in-place passes).
+//! - **Mixed precision**: bfloat16 products, or rounded operands where the
+//!   backend has no bfloat16.
 
 use std::sync::Arc;
 
@@ -29,11 +36,10 @@ use super::attention::{self, AttentionPlan, cpu};
 use super::head_cpu as cpu_head;
 use crate::optim::{AdamWUpdate, cpu as cpu_optim};
 
-/// What the model needs of a backend beyond Burn's own operations: blocked
-/// attention, plain on inference backends and as one autodiff node with a
-/// recomputing backward under [`Autodiff`], and GELU with its exact
-/// derivative. The provided methods are the tensor versions; the CPU
-/// backend replaces attention's with a host kernel that reuses its buffers.
+/// What the model needs of a backend beyond Burn's own operations (see the
+/// module docs). The provided methods are the tensor versions every backend
+/// runs; the CPU backend replaces several with host kernels, and
+/// [`Autodiff`] records each differentiated one as a single node.
 pub trait ModelBackend: Backend {
     /// Attention of `q` over `k`, `v` (`[tokens, heads, head_dim]`) as
     /// `plan` says; returns `[queries, heads, head_dim]`.

@@ -247,6 +247,23 @@ pub struct AttentionInputs<B: Backend> {
     pub local_rope: (Tensor<B, 3>, Tensor<B, 3>),
 }
 
+impl<B: burn::tensor::backend::AutodiffBackend> AttentionInputs<B> {
+    /// The same plans and tables for the inner backend (no copy of the
+    /// plans, which are the costly part).
+    pub fn inner(&self) -> AttentionInputs<B::InnerBackend> {
+        let inner =
+            |(cos, sin): &(Tensor<B, 3>, Tensor<B, 3>)| (cos.clone().inner(), sin.clone().inner());
+        AttentionInputs {
+            batch: self.batch,
+            seq_len: self.seq_len,
+            global_plan: Arc::clone(&self.global_plan),
+            local_plan: Arc::clone(&self.local_plan),
+            global_rope: inner(&self.global_rope),
+            local_rope: inner(&self.local_rope),
+        }
+    }
+}
+
 impl<B: Backend> AttentionInputs<B> {
     /// Builds plans and rotary tables for `layout`.
     pub fn new(

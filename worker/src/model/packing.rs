@@ -1,6 +1,7 @@
 //! Host-side tables for packed rows: which document each token belongs to,
-//! its position inside that document, the attention masks and the rotary
-//! tables.
+//! its position inside that document and the rotary tables. (The dense
+//! `[seq, seq]` mask survives only as the tests' reference for the blocked
+//! attention of [`super::attention`].)
 //!
 //! # Positions restart at every document
 //!
@@ -88,11 +89,13 @@ impl PackedLayout {
         })
     }
 
-    /// Additive attention bias `[batch, seq_len, seq_len]` (row = query,
+    /// The masked path's test reference: additive attention bias
+    /// `[batch, seq_len, seq_len]` (row = query,
     /// column = key): 0 where visible, [`MASKED`] elsewhere. A key is
     /// visible when it is in the query's document, allowed by `kind`, and
     /// (when `half_window` is `Some(w)`) within `w` tokens: `|i - j| <= w`
     /// bidirectionally, `i - w <= j <= i` causally.
+    #[cfg(test)]
     pub fn mask(&self, kind: AttentionKind, half_window: Option<usize>) -> Vec<f32> {
         let s = self.seq_len;
         let mut out = vec![MASKED; self.batch * s * s];
