@@ -30,7 +30,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use burn::backend::ndarray::NdArrayTensor;
 
-use ndarray::linalg::general_mat_mul;
+use crate::model::product_cpu::{Threads, product};
 
 use super::attention::{self, AttentionPlan, cpu};
 use super::head_cpu as cpu_head;
@@ -394,7 +394,7 @@ impl ModelBackend for Cpu {
                 .into_iter()
                 .for_each(|mut row| row.iter_mut().zip(b).for_each(|(o, b)| *o = *b));
         }
-        general_mat_mul(1.0, &h, &e.t(), 1.0, &mut out);
+        product(1.0, h, e.t(), 1.0, out.view_mut(), Threads::Pool);
         from_owned(out.into_dyn())
     }
 
@@ -426,9 +426,9 @@ impl ModelBackend for Cpu {
         let (h, e, g) = (shared(hidden), shared(embedding), shared(grad));
         let (h, e, g) = (matrix(&h), matrix(&e), matrix(&g));
         let mut d_hidden = ndarray::Array2::<f32>::zeros((g.nrows(), e.ncols()));
-        general_mat_mul(1.0, &g, &e, 0.0, &mut d_hidden);
+        product(1.0, g, e, 0.0, d_hidden.view_mut(), Threads::Pool);
         let mut d_embedding = ndarray::Array2::<f32>::zeros((e.nrows(), e.ncols()));
-        general_mat_mul(1.0, &g.t(), &h, 0.0, &mut d_embedding);
+        product(1.0, g.t(), h, 0.0, d_embedding.view_mut(), Threads::Pool);
         let d_bias = g.sum_axis(ndarray::Axis(0));
         (
             from_owned(d_hidden.into_dyn()),

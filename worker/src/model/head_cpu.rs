@@ -2,7 +2,7 @@
 //! long sequence's `[positions, vocab]` logits never exist at once (a
 //! decoder at 8,192 tokens would hold 1.6 GB per copy of them).
 
-use ndarray::linalg::general_mat_mul;
+use crate::model::product_cpu::{Threads, product};
 use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 use rayon::prelude::*;
 
@@ -31,7 +31,7 @@ pub fn cross_entropy(
         g.rows_mut().into_iter().for_each(|mut row| {
             row.iter_mut().zip(bias).for_each(|(x, b)| *x = *b);
         });
-        general_mat_mul(1.0, &h, &embedding.t(), 1.0, &mut g);
+        product(1.0, h, embedding.t(), 1.0, g.view_mut(), Threads::Pool);
         // Each row becomes softmax − one-hot; its loss is lse − logit[target].
         let losses: Vec<f64> = g
             .axis_iter_mut(Axis(0))
@@ -55,14 +55,15 @@ pub fn cross_entropy(
             .collect();
         loss += losses.iter().sum::<f64>();
         let g = g.view();
-        general_mat_mul(
+        product(
             1.0,
-            &g,
-            &embedding,
+            g,
+            embedding,
             0.0,
-            &mut d_hidden.slice_mut(s![start..end, ..]),
+            d_hidden.slice_mut(s![start..end, ..]),
+            Threads::Pool,
         );
-        general_mat_mul(1.0, &g.t(), &h, 1.0, &mut d_embedding);
+        product(1.0, g.t(), h, 1.0, d_embedding.view_mut(), Threads::Pool);
         d_bias += &g.sum_axis(Axis(0));
     }
     (loss as f32, d_hidden, d_embedding, d_bias)

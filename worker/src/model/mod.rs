@@ -34,6 +34,7 @@ pub mod attention;
 pub mod backend;
 pub mod config;
 mod head_cpu;
+mod product_cpu;
 pub mod modernbert;
 pub mod packing;
 

@@ -14,7 +14,7 @@
 //! f64 reference): scores scaled by `head_dim^-1/2`, softmax from the row
 //! maximum, output divided by the row sum, log-sum-exp kept per query.
 
-use ndarray::linalg::general_mat_mul;
+use crate::model::product_cpu::{Threads, product};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
 
@@ -111,7 +111,7 @@ impl Scratch {
 
 /// Scaled scores of the block into `s`, hidden pairs at −∞.
 fn scores(g: &Group, visibility: Visibility, block: usize, scale: f32, w: &mut Scratch) {
-    general_mat_mul(scale, &w.q.view(), &w.k.t(), 0.0, &mut w.s.view_mut());
+    product(scale, w.q.view(), w.k.t(), 0.0, w.s.view_mut(), Threads::Serial);
     if g.masked {
         for (i, mut row) in w.s.rows_mut().into_iter().enumerate() {
             for (j, x) in row.iter_mut().enumerate() {
@@ -172,7 +172,7 @@ pub(crate) fn forward(
                         row_max[i] = m;
                         row_sum[i] = sum;
                     }
-                    general_mat_mul(1.0, &w.s.view(), &w.v.view(), 0.0, &mut w.o.view_mut());
+                    product(1.0, w.s.view(), w.v.view(), 0.0, w.o.view_mut(), Threads::Serial);
                     for (i, row) in w.o.rows().into_iter().enumerate() {
                         if !is_query(g, b, i) {
                             continue;
@@ -243,8 +243,8 @@ pub(crate) fn backward(
                         row.iter_mut().for_each(|x| *x = (*x - l).exp());
                     }
                     let p: ArrayView2<'_, f32> = w.s.view();
-                    general_mat_mul(1.0, &p.t(), &w.o.view(), 0.0, &mut dv_b.view_mut());
-                    general_mat_mul(1.0, &w.o.view(), &w.v.t(), 0.0, &mut dp.view_mut());
+                    product(1.0, p.t(), w.o.view(), 0.0, dv_b.view_mut(), Threads::Serial);
+                    product(1.0, w.o.view(), w.v.t(), 0.0, dp.view_mut(), Threads::Serial);
                     // dS = P ∘ (dP − D), in place in dP.
                     for (i, (mut ds_row, p_row)) in
                         dp.rows_mut().into_iter().zip(p.rows()).enumerate()
@@ -256,8 +256,8 @@ pub(crate) fn backward(
                             .for_each(|(x, p)| *x = p * (*x - d));
                     }
                     let ds: ArrayView2<'_, f32> = dp.view();
-                    general_mat_mul(scale, &ds, &w.k.view(), 0.0, &mut dq_b.view_mut());
-                    general_mat_mul(scale, &ds.t(), &w.q.view(), 0.0, &mut dk_b.view_mut());
+                    product(scale, ds, w.k.view(), 0.0, dq_b.view_mut(), Threads::Serial);
+                    product(scale, ds.t(), w.q.view(), 0.0, dk_b.view_mut(), Threads::Serial);
                     for (i, row) in dq_b.rows().into_iter().enumerate() {
                         if query(i) {
                             let t = qi[i] as usize;
