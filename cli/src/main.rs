@@ -279,6 +279,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if matches!(cli.command, Command::Worker(_) | Command::Demo { .. }) {
+        twinhead_worker::host_memory::keep_freed_memory();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -13,7 +13,8 @@
 //! - [`loader`]: a phase's rows for each rank and step, prefetched; the
 //!   data-order log.
 //! - [`checkpoint`], [`store`]: checkpoints on object storage.
-//! - [`runtime`]: the worker's life with the coordinator.
+//! - [`runtime`]: the worker's life with the coordinator;
+//!   [`host_memory`]: how a training process keeps its memory.
 //!
 //! # Backends
 //! Tests and CPU runs use Burn's `ndarray` backend ([`CpuBackend`]); the
@@ -26,6 +27,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod device;
 pub mod hf;
+pub mod host_memory;
 pub mod infer;
 pub mod loader;
 pub mod model;

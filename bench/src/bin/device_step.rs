@@ -88,6 +88,7 @@ fn parse() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
+    twinhead_worker::host_memory::keep_freed_memory();
     let o = parse()?;
     let device = twinhead_worker::device::Device::parse(&o.device).map_err(anyhow::Error::msg)?;
     let report = match (device, o.precision.as_str()) {

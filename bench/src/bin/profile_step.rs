@@ -28,6 +28,7 @@ use twinhead_worker::train::optimizer_specs;
 type Inner = twinhead_worker::CpuBackend;
 
 fn main() -> anyhow::Result<()> {
+    twinhead_worker::host_memory::keep_freed_memory();
     let (mut model_name, mut objective, mut batch, mut seq, mut steps) = (
         "ettin-17m".to_string(),
         "mlm".to_string(),

@@ -21,6 +21,7 @@ const BATCH: usize = 8;
 const SEQ: usize = 512;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    twinhead_worker::host_memory::keep_freed_memory();
     let steps: usize = std::env::args()
         .nth(1)
         .map(|s| s.parse())
