@@ -34,9 +34,9 @@ pub mod attention;
 pub mod backend;
 pub mod config;
 mod head_cpu;
-mod product_cpu;
 pub mod modernbert;
 pub mod packing;
+mod product_cpu;
 
 pub use attention::{AttentionPlan, Visibility};
 pub use backend::{CrossEntropyGrads, ModelBackend, Precision, TrainBackend};

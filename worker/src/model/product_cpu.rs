@@ -161,7 +161,14 @@ mod tests {
         );
         let empty = Array2::<f32>::zeros((4, 0));
         let none = Array2::<f32>::zeros((0, 5));
-        product(1.0, empty.view(), none.view(), 0.0, c.view_mut(), Threads::Pool);
+        product(
+            1.0,
+            empty.view(),
+            none.view(),
+            0.0,
+            c.view_mut(),
+            Threads::Pool,
+        );
         assert!(c.iter().all(|x| *x == 0.0), "k = 0 gives zeros");
     }
 }

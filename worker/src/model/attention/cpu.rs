@@ -111,7 +111,14 @@ impl Scratch {
 
 /// Scaled scores of the block into `s`, hidden pairs at −∞.
 fn scores(g: &Group, visibility: Visibility, block: usize, scale: f32, w: &mut Scratch) {
-    product(scale, w.q.view(), w.k.t(), 0.0, w.s.view_mut(), Threads::Serial);
+    product(
+        scale,
+        w.q.view(),
+        w.k.t(),
+        0.0,
+        w.s.view_mut(),
+        Threads::Serial,
+    );
     if g.masked {
         for (i, mut row) in w.s.rows_mut().into_iter().enumerate() {
             for (j, x) in row.iter_mut().enumerate() {
@@ -172,7 +179,14 @@ pub(crate) fn forward(
                         row_max[i] = m;
                         row_sum[i] = sum;
                     }
-                    product(1.0, w.s.view(), w.v.view(), 0.0, w.o.view_mut(), Threads::Serial);
+                    product(
+                        1.0,
+                        w.s.view(),
+                        w.v.view(),
+                        0.0,
+                        w.o.view_mut(),
+                        Threads::Serial,
+                    );
                     for (i, row) in w.o.rows().into_iter().enumerate() {
                         if !is_query(g, b, i) {
                             continue;
@@ -243,8 +257,22 @@ pub(crate) fn backward(
                         row.iter_mut().for_each(|x| *x = (*x - l).exp());
                     }
                     let p: ArrayView2<'_, f32> = w.s.view();
-                    product(1.0, p.t(), w.o.view(), 0.0, dv_b.view_mut(), Threads::Serial);
-                    product(1.0, w.o.view(), w.v.t(), 0.0, dp.view_mut(), Threads::Serial);
+                    product(
+                        1.0,
+                        p.t(),
+                        w.o.view(),
+                        0.0,
+                        dv_b.view_mut(),
+                        Threads::Serial,
+                    );
+                    product(
+                        1.0,
+                        w.o.view(),
+                        w.v.t(),
+                        0.0,
+                        dp.view_mut(),
+                        Threads::Serial,
+                    );
                     // dS = P ∘ (dP − D), in place in dP.
                     for (i, (mut ds_row, p_row)) in
                         dp.rows_mut().into_iter().zip(p.rows()).enumerate()
@@ -257,7 +285,14 @@ pub(crate) fn backward(
                     }
                     let ds: ArrayView2<'_, f32> = dp.view();
                     product(scale, ds, w.k.view(), 0.0, dq_b.view_mut(), Threads::Serial);
-                    product(scale, ds.t(), w.q.view(), 0.0, dk_b.view_mut(), Threads::Serial);
+                    product(
+                        scale,
+                        ds.t(),
+                        w.q.view(),
+                        0.0,
+                        dk_b.view_mut(),
+                        Threads::Serial,
+                    );
                     for (i, row) in dq_b.rows().into_iter().enumerate() {
                         if query(i) {
                             let t = qi[i] as usize;
