@@ -220,10 +220,7 @@ async fn run_task(
             tracing::info!(task = %task.key, "task stopped");
         }
         Err(e) => {
-            let retry = matches!(
-                e,
-                twinhead_dataprep::Error::Store { .. } | twinhead_dataprep::Error::ThreadPool(_)
-            );
+            let retry = e.is_transient();
             let message = crate::output::source_chain(&e);
             tracing::error!(task = %task.key, retry, error = %message, "task failed");
             client

@@ -31,7 +31,7 @@ pub fn export_run(run: &Run, checkpoint: Option<&str>, out: &Path) -> anyhow::Re
     twinhead_worker::hf::save(&model, out)
         .with_context(|| format!("cannot write {}", out.display()))?;
     // The dataset's tokenizer travels with the model.
-    let dataset = twinhead_worker::store::Location::open(&spec.dataset, false)?;
+    let dataset = twinhead_data::store::Location::open(&spec.dataset, false)?;
     let tokenizer = dataset
         .get("tokenizer.json")
         .with_context(|| format!("the dataset {} has no tokenizer.json", spec.dataset))?;

@@ -27,16 +27,16 @@ pub enum Error {
         key: String,
         message: String,
     },
-    /// A storage URL could not be parsed or has no backend in this build.
-    #[error("bad storage url {url:?}: {message}")]
-    Url { url: String, message: String },
-    /// Object storage failed (read, write, list).
-    #[error("storage error at {location}: {source}")]
-    Store {
-        location: String,
-        #[source]
-        source: object_store::Error,
-    },
+    /// Object storage failed (a bad URL, a missing object, a read, write
+    /// or list that failed); names the object.
+    #[error(transparent)]
+    Store(#[from] twinhead_data::store::StoreError),
+    /// A dataset file is not what twinhead writes; names the file.
+    #[error(transparent)]
+    Format(#[from] twinhead_data::FormatError),
+    /// An input pattern is not a valid glob.
+    #[error("input {input:?}: bad glob pattern: {message}")]
+    Glob { input: String, message: String },
     /// A whole input could not be read and `on_error = "fail"`.
     #[error("source {source_name:?}: input {input}: {message}")]
     Input {
@@ -47,9 +47,6 @@ pub enum Error {
     /// The tokenizer could not be loaded, trained or applied.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    /// A parquet file could not be written or read back.
-    #[error("parquet {location}: {message}")]
-    Parquet { location: String, message: String },
     /// The output location already holds a dataset built from another config.
     #[error(
         "{location} already holds a dataset built from another config (sha256 {existing}, this config {this}); choose another output"
@@ -71,6 +68,18 @@ pub enum Error {
     /// The worker thread pool could not be built.
     #[error("thread pool: {0}")]
     ThreadPool(String),
+}
+
+impl Error {
+    /// Whether trying the same work again may succeed: a storage backend
+    /// or thread pool that failed, not a bad config, input or file.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store(e) => e.is_transient(),
+            Error::ThreadPool(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Result alias of this crate.

@@ -8,30 +8,27 @@
 //!
 //! # Layout
 //! - [`config`]: `configs/data/*.toml`, raw shape then validated types.
-//! - [`store`]: object storage (local, `file://`, cloud with feature `cloud`).
+//! - [`inputs`]: where a source's input files are (paths, URLs, globs).
 //! - [`read`]: jsonl / jsonl.gz / jsonl.zst / parquet / text readers.
 //! - [`filters`]: normalization, quality filters, dedup key.
 //! - [`tokenizer`]: load `tokenizer.json` or train a byte-level BPE.
 //! - [`stage1`]: per source and input file: scan, dedup, tokenize, write parts.
 //! - [`stage2`]: per phase: split, draw, mix, pack, shuffle, write shards.
-//! - [`formats`]: parquet layouts of parts and shards.
-//! - [`manifest`]: `manifest.json` and completion markers.
 //! - [`rng`]: the seeded generator behind every shuffle.
 //!
-//! On storage (see DESIGN.md): `tokenizer.json`, `sources/<s>/part-NNNNN.parquet`,
+//! Storage, the manifest and the parquet layouts are `twinhead-data`'s, which
+//! the worker reads through too. On storage (see DESIGN.md): `tokenizer.json`, `sources/<s>/part-NNNNN.parquet`,
 //! `phases/<p>/shard-NNNNN.parquet`, each with a `.done.json` marker, and
 //! `manifest.json` written last.
 
 pub mod config;
 pub mod error;
 pub mod filters;
-pub mod formats;
-pub mod manifest;
+pub mod inputs;
 pub mod read;
 pub mod rng;
 pub mod stage1;
 pub mod stage2;
-pub mod store;
 pub mod tasks;
 pub mod tokenizer;
 
@@ -44,10 +41,11 @@ use serde::Serialize;
 
 pub use config::DatasetConfig;
 pub use error::{Error, Result};
-pub use manifest::Manifest;
+pub use twinhead_data::manifest::Manifest;
 
-use manifest::FileEntry;
-use store::Location;
+use twinhead_data::formats;
+use twinhead_data::manifest::{self, FileEntry};
+use twinhead_data::store::Location;
 
 /// Receives progress from a running build; implement it with `indicatif`
 /// bars in the CLI. Methods are called from worker threads.

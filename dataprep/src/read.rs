@@ -9,11 +9,11 @@ use std::io::{BufRead, BufReader, Read};
 use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
-use serde::Serialize;
 
 use crate::config::{Format, OnError, SourceConfig};
 use crate::error::{Error, Result};
-use crate::store::Location;
+pub use twinhead_data::manifest::Issue;
+use twinhead_data::store::Location;
 
 /// One document as read, before normalization.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,20 +22,6 @@ pub struct RawDoc {
     pub id: String,
     /// Text (fields joined with a blank line).
     pub text: String,
-}
-
-/// A problem met while reading, with where it happened.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct Issue {
-    /// Input file.
-    pub input: String,
-    /// 1-based line (jsonl) or row (parquet), when it concerns one record.
-    pub line: Option<u64>,
-    /// Counter name (`malformed_json`, `invalid_utf8`, `missing_text`,
-    /// `unreadable_input`).
-    pub reason: String,
-    /// Details.
-    pub message: String,
 }
 
 /// At most this many issues are kept per source (all are counted).
@@ -107,7 +93,7 @@ pub fn read_input(
     match src.format {
         Format::Text => {
             out.records += 1;
-            match String::from_utf8(bytes) {
+            match String::from_utf8(bytes.to_vec()) {
                 Ok(text) => out.docs.push(RawDoc {
                     id: rel.to_string(),
                     text,
@@ -258,14 +244,14 @@ fn string_at(col: &dyn Array, i: usize) -> Option<String> {
 }
 
 fn read_parquet(
-    bytes: Vec<u8>,
+    bytes: bytes::Bytes,
     name: &str,
     rel: &str,
     src: &SourceConfig,
     on_error: OnError,
     out: &mut ReadOutput,
 ) -> Result<()> {
-    let builder = match ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)) {
+    let builder = match ParquetRecordBatchReaderBuilder::try_new(bytes) {
         Ok(b) => b,
         Err(e) => {
             return out.unreadable(

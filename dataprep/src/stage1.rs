@@ -16,9 +16,10 @@ use crate::ProgressSink;
 use crate::config::{Format, OnError, SourceConfig};
 use crate::error::Result;
 use crate::filters;
-use crate::manifest::{FileEntry, Marker};
+use crate::inputs;
 use crate::read::{self, Issue, ReadOutput};
-use crate::store::{self, Location};
+use twinhead_data::manifest::{FileEntry, Marker};
+use twinhead_data::store::Location;
 
 /// A document that passed the filters.
 #[derive(Debug, Clone)]
@@ -81,7 +82,7 @@ pub fn plan(
     on_error: OnError,
     counters: &mut Counters,
 ) -> Result<(Option<Location>, Vec<PartPlan>)> {
-    let (loc, files) = match store::list_input(&src.input) {
+    let (loc, files) = match inputs::list_input(&src.input) {
         Ok((loc, files)) if !files.is_empty() => (loc, files),
         other => {
             let why = match other {

@@ -22,16 +22,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{DatasetConfig, TokenizerSpec};
 use crate::error::{Error, Result};
-use crate::formats::{self, Doc, ScanDoc};
-use crate::manifest::{
-    self, DecontaminationInfo, Manifest, PhaseStats, SourceStats, TokenizerInfo,
-};
+use crate::inputs;
 use crate::read::{Issue, ReadOutput};
 use crate::stage1::{self, Counters, Dedup, MarkerLite, PartPlan, Written};
 use crate::stage2;
-use crate::store::{self, Location};
 use crate::tokenizer::{self, Tok};
 use crate::{NoProgress, ProgressSink};
+use twinhead_data::formats::{self, Doc, ScanDoc};
+use twinhead_data::manifest::{
+    self, DecontaminationInfo, Manifest, PhaseStats, SourceStats, TokenizerInfo,
+};
+use twinhead_data::store::Location;
 
 /// Scratch folder inside the dataset location, removed once the manifest
 /// is written.
@@ -239,9 +240,11 @@ fn missing(out: &Location, rel: &str, what: &str) -> Error {
 fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
     let p = path.to_string_lossy();
     if p.contains("://") {
-        let spec = store::split_input(&p);
+        let spec = inputs::split_input(&p);
         let loc = Location::open(&spec.base, false)?;
-        return loc.get(spec.pattern.as_deref().unwrap_or_default());
+        return Ok(loc
+            .get(spec.pattern.as_deref().unwrap_or_default())?
+            .to_vec());
     }
     std::fs::read(path)
         .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))
@@ -413,7 +416,7 @@ impl Build {
         let mut grams = HashSet::new();
         let (mut docs, mut too_short) = (0u64, 0u64);
         for src in &d.references {
-            let (loc, files) = store::list_input(&src.input)?;
+            let (loc, files) = inputs::list_input(&src.input)?;
             if files.is_empty() {
                 return Err(Error::Input {
                     source_name: src.name.clone(),
@@ -472,7 +475,7 @@ impl Build {
         if self.scan_done(&src.name, part, files)?.is_some() {
             return Ok(());
         }
-        let loc = store::input_location(&src.input, &self.out)?;
+        let loc = inputs::input_location(&src.input)?;
         let part_plan = PartPlan {
             index: part,
             files: files.clone(),
@@ -521,12 +524,16 @@ impl Build {
             dropped: scanned.dropped,
         };
         let rel = scan_marker_path(&src.name, part);
-        self.out.put(&rel, to_json(&self.out, &rel, &done)?)
+        Ok(self.out.put(&rel, to_json(&self.out, &rel, &done)?)?)
     }
 
     fn read_scan(&self, source: &str, part: usize, with_text: bool) -> Result<Vec<ScanDoc>> {
         let rel = scan_path(source, part);
-        formats::read_scan(&self.out.name(&rel), self.out.get(&rel)?, with_text)
+        Ok(formats::read_scan(
+            &self.out.name(&rel),
+            self.out.get(&rel)?,
+            with_text,
+        )?)
     }
 
     fn source_merge(&self, source: usize) -> Result<SourceMerge> {
@@ -631,10 +638,10 @@ impl Build {
                     sha256: stage1::sha256(&bytes),
                 };
                 self.out.put(manifest::TOKENIZER, bytes)?;
-                self.out.put(
+                Ok(self.out.put(
                     TOKENIZER_MARKER,
                     to_json(&self.out, TOKENIZER_MARKER, &marker)?,
-                )
+                )?)
             }
         }
     }
@@ -663,6 +670,7 @@ impl Build {
         Ok(self
             .out
             .get_opt(manifest::TOKENIZER)?
+            .map(|t| t.to_vec())
             .filter(|t| stage1::sha256(t) == marker.sha256))
     }
 
@@ -673,7 +681,7 @@ impl Build {
         let bytes = match self.cfg.tokenizer {
             TokenizerSpec::Train { .. } => self.trained_tokenizer()?,
             TokenizerSpec::Path { .. } | TokenizerSpec::Ettin { .. } => {
-                self.out.get_opt(manifest::TOKENIZER)?
+                self.out.get_opt(manifest::TOKENIZER)?.map(|t| t.to_vec())
             }
         }
         .ok_or_else(|| missing(&self.out, manifest::TOKENIZER, "the tokenizer"))?;

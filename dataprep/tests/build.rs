@@ -8,7 +8,8 @@ use std::collections::HashMap;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use twinhead_dataprep::{Error, NoProgress, ProgressSink, build, formats, stats, verify};
+use twinhead_data::formats;
+use twinhead_dataprep::{Error, NoProgress, ProgressSink, build, stats, verify};
 
 /// Asks to stop once `after` units of work are done.
 struct StopAfter {

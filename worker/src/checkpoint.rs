@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::loader::sha256_hex;
 use crate::optim::TensorState;
-use crate::store::{Location, StoreError};
+use twinhead_data::store::{Location, StoreError};
 
 /// Named f32 tensors: `(name, shape, values)` in model order.
 pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
@@ -526,9 +526,7 @@ pub fn prune(
     for (_, dir) in candidates.into_iter().take(remove) {
         // Uncommit first, so a crash half-way leaves an ignored folder.
         dir.delete(COMMITTED_FILE)?;
-        for file in dir.list_files("")? {
-            dir.delete(&file)?;
-        }
+        dir.remove_all("")?;
         removed.push(dir.url().to_string());
     }
     Ok(removed)

@@ -12,7 +12,7 @@
 //! - [`optim`], [`schedule`]: StableAdamW on the weights' device; token-driven LR laws.
 //! - [`loader`]: a phase's rows for each rank and step, prefetched; the
 //!   data-order log.
-//! - [`checkpoint`], [`store`]: checkpoints on object storage.
+//! - [`checkpoint`]: checkpoints on object storage (`twinhead-data`'s `store`).
 //! - [`runtime`]: the worker's life with the coordinator;
 //!   [`host_memory`]: how a training process keeps its memory.
 //!
@@ -35,7 +35,6 @@ pub mod objectives;
 pub mod optim;
 pub mod runtime;
 pub mod schedule;
-pub mod store;
 pub mod train;
 
 /// The CPU backend used by tests and CPU training.

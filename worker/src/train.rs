@@ -583,8 +583,8 @@ fn init_weights<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<Vec<f32>>, TrainError> {
     let refused = |message: String| TrainError::Failed(format!("init_from {init_from}: {message}"));
-    let folder =
-        crate::store::Location::open(init_from, false).map_err(|e| refused(e.to_string()))?;
+    let folder = twinhead_data::store::Location::open(init_from, false)
+        .map_err(|e| refused(e.to_string()))?;
     let is_hf = folder
         .exists("config.json")
         .map_err(|e| refused(e.to_string()))?;

@@ -36,7 +36,6 @@
 //! * `shard` — footer and row-group reads of one shard.
 //! * `order` — the data-order log and its verifier.
 
-pub mod manifest;
 pub mod order;
 mod shard;
 
@@ -45,13 +44,14 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-pub use manifest::{MANIFEST, Manifest, ManifestPhase, ManifestShard};
 pub use shard::sha256_hex;
 use shard::{DecodedGroup, OpenShard};
 
 use twinhead_proto::BatchSchedule;
 
-use crate::store::{Location, StoreError};
+use twinhead_data::FormatError;
+use twinhead_data::manifest::{MANIFEST, Manifest, PhaseStats};
+use twinhead_data::store::{Location, StoreError};
 
 /// Errors of the loader and the data-order log, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -62,14 +62,9 @@ pub enum LoaderError {
         "dataset {location} has no manifest.json (a dataset without a manifest does not exist)"
     )]
     MissingManifest { location: String },
-    #[error("bad manifest {location}: {message}")]
-    Manifest { location: String, message: String },
-    #[error("{location} has no phase `{phase}` (phases: {available:?})")]
-    MissingPhase {
-        location: String,
-        phase: String,
-        available: Vec<String>,
-    },
+    /// The manifest does not parse, or lacks the phase.
+    #[error(transparent)]
+    Manifest(#[from] FormatError),
     #[error("phase `{phase}` of {location} has seq_len {manifest}, the run spec says {spec}")]
     SeqLen {
         location: String,
@@ -272,7 +267,7 @@ pub struct ReaderStats {
 /// of its own (see [`Prefetcher`]).
 pub struct PhaseReader {
     root: Location,
-    phase: ManifestPhase,
+    phase: PhaseStats,
     /// First logical row of every shard, and the phase's row count last.
     shard_starts: Vec<u64>,
     options: ReaderOptions,
@@ -314,7 +309,7 @@ impl PhaseReader {
 
     fn from_manifest_phase(
         root: Location,
-        phase: ManifestPhase,
+        phase: PhaseStats,
         seq_len: u32,
         options: ReaderOptions,
     ) -> Result<Self, LoaderError> {
@@ -360,7 +355,7 @@ impl PhaseReader {
     }
 
     /// The phase as the manifest describes it.
-    pub fn phase(&self) -> &ManifestPhase {
+    pub fn phase(&self) -> &PhaseStats {
         &self.phase
     }
 

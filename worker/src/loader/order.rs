@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use twinhead_proto::BatchSchedule;
 
 use super::LoaderError;
-use crate::store::Location;
+use twinhead_data::store::Location;
 
 /// One line of the log: the rows rank `rank` consumed at step `step`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,7 +242,7 @@ pub fn read_attempts(
             entries: Vec::new(),
         };
         let mut resumed: Option<u64> = None;
-        for file in adir.list_files("")? {
+        for file in adir.list("")?.into_iter().map(|listed| listed.rel) {
             let bytes = adir.get(&file)?;
             let bad = |message: String| LoaderError::OrderLog {
                 location: adir.name(&file),

@@ -14,11 +14,13 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::reader::{ChunkReader, Length};
 
+use twinhead_data::formats::{DOC_LENS, INPUT_IDS};
+
 use super::LoaderError;
-use crate::store::Location;
+use twinhead_data::store::Location;
 
 /// The columns the loader decodes.
-const COLUMNS: [&str; 2] = ["input_ids", "doc_lens"];
+const COLUMNS: [&str; 2] = [INPUT_IDS, DOC_LENS];
 
 /// Bytes `[start, start + data.len())` of a file of `file_len` bytes; any
 /// read outside them is an error (it would mean the column-chunk ranges
@@ -280,8 +282,8 @@ impl OpenShard {
         };
         for batch in batches {
             let batch = batch.map_err(|e| perr(name, e))?;
-            let ids = list_u32(name, &batch, "input_ids")?;
-            let lens = list_u32(name, &batch, "doc_lens")?;
+            let ids = list_u32(name, &batch, INPUT_IDS)?;
+            let lens = list_u32(name, &batch, DOC_LENS)?;
             for row in 0..batch.num_rows() {
                 let global = first_row + out.rows();
                 let tokens = ids.row(row);

@@ -17,14 +17,23 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::error::{Error, Result};
+use crate::FormatError;
+
+type Result<T> = std::result::Result<T, FormatError>;
 
 /// The `created_by` written into every file (no version: bytes must not
 /// change when the program is rebuilt).
 pub const CREATED_BY: &str = "twinhead-dataprep";
 
-fn perr(location: &str, e: impl std::fmt::Display) -> Error {
-    Error::Parquet {
+/// A phase shard's columns: a row's tokens, ...
+pub const INPUT_IDS: &str = "input_ids";
+/// ... the lengths of the documents (pieces) packed into it, ...
+pub const DOC_LENS: &str = "doc_lens";
+/// ... and each piece's source index.
+pub const SOURCE: &str = "source";
+
+fn perr(location: &str, e: impl std::fmt::Display) -> FormatError {
+    FormatError::Parquet {
         location: location.to_string(),
         message: e.to_string(),
     }
@@ -69,16 +78,16 @@ fn write_batch(
 pub fn docs_schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         Field::new("doc_id", DataType::Utf8, false),
-        list_field("input_ids", DataType::UInt32),
+        list_field(INPUT_IDS, DataType::UInt32),
     ]))
 }
 
 /// Phase-shard schema: `input_ids`, `doc_lens: list<uint32>`, `source: list<uint16>`.
 pub fn shard_schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
-        list_field("input_ids", DataType::UInt32),
-        list_field("doc_lens", DataType::UInt32),
-        list_field("source", DataType::UInt16),
+        list_field(INPUT_IDS, DataType::UInt32),
+        list_field(DOC_LENS, DataType::UInt32),
+        list_field(SOURCE, DataType::UInt16),
     ]))
 }
 
@@ -140,8 +149,8 @@ pub fn write_rows(location: &str, rows: &[Row], rows_per_group: usize) -> Result
     write_batch(location, shard_schema(), cols, rows_per_group)
 }
 
-fn batches(location: &str, bytes: Vec<u8>) -> Result<Vec<RecordBatch>> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+fn batches(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<RecordBatch>> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
         .and_then(|b| b.with_batch_size(4096).build())
         .map_err(|e| perr(location, e))?;
     reader.map(|b| b.map_err(|e| perr(location, e))).collect()
@@ -247,8 +256,12 @@ pub fn write_scan(location: &str, docs: &[ScanDoc]) -> Result<Vec<u8>> {
 
 /// Decode filtered documents; without `with_text` only keys and lengths
 /// are read (the dedup merge needs nothing else).
-pub fn read_scan(location: &str, bytes: Vec<u8>, with_text: bool) -> Result<Vec<ScanDoc>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+pub fn read_scan(
+    location: &str,
+    bytes: impl Into<bytes::Bytes>,
+    with_text: bool,
+) -> Result<Vec<ScanDoc>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
         .map_err(|e| perr(location, e))?;
     let wanted: &[&str] = if with_text {
         &["doc_id", "text", "key_hi", "key_lo", "chars"]
@@ -291,13 +304,13 @@ pub fn read_scan(location: &str, bytes: Vec<u8>, with_text: bool) -> Result<Vec<
 }
 
 /// Decode stage-1 documents.
-pub fn read_docs(location: &str, bytes: Vec<u8>) -> Result<Vec<Doc>> {
+pub fn read_docs(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<Doc>> {
     let mut out = Vec::new();
     for b in batches(location, bytes)? {
         let ids = column::<StringArray>(location, &b, "doc_id")?;
         let toks = lists(
             location,
-            column::<ListArray>(location, &b, "input_ids")?,
+            column::<ListArray>(location, &b, INPUT_IDS)?,
             u32s,
         )?;
         for (i, t) in toks.into_iter().enumerate() {
@@ -311,20 +324,16 @@ pub fn read_docs(location: &str, bytes: Vec<u8>) -> Result<Vec<Doc>> {
 }
 
 /// Decode phase rows.
-pub fn read_rows(location: &str, bytes: Vec<u8>) -> Result<Vec<Row>> {
+pub fn read_rows(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<Row>> {
     let mut out = Vec::new();
     for b in batches(location, bytes)? {
         let ids = lists(
             location,
-            column::<ListArray>(location, &b, "input_ids")?,
+            column::<ListArray>(location, &b, INPUT_IDS)?,
             u32s,
         )?;
-        let lens = lists(
-            location,
-            column::<ListArray>(location, &b, "doc_lens")?,
-            u32s,
-        )?;
-        let srcs = lists(location, column::<ListArray>(location, &b, "source")?, u16s)?;
+        let lens = lists(location, column::<ListArray>(location, &b, DOC_LENS)?, u32s)?;
+        let srcs = lists(location, column::<ListArray>(location, &b, SOURCE)?, u16s)?;
         for ((input_ids, doc_lens), source) in ids.into_iter().zip(lens).zip(srcs) {
             out.push(Row {
                 input_ids,
@@ -337,8 +346,8 @@ pub fn read_rows(location: &str, bytes: Vec<u8>) -> Result<Vec<Row>> {
 }
 
 /// Row groups and rows of a parquet file (from its footer).
-pub fn row_groups(location: &str, bytes: Vec<u8>) -> Result<Vec<i64>> {
-    let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+pub fn row_groups(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<i64>> {
+    let b = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
         .map_err(|e| perr(location, e))?;
     Ok(b.metadata()
         .row_groups()

@@ -1,14 +1,15 @@
-//! Object storage for the worker's data loader and checkpoints: local paths,
-//! `file://` URLs and (with the crate's `cloud` feature) `s3://`, `gs://`,
-//! `az://`, behind one small synchronous API.
+//! Object storage for datasets and checkpoints: local paths, `file://` URLs
+//! and (with the crate's `cloud` feature) `s3://`, `gs://`, `az://`, behind
+//! one small synchronous API.
 //!
 //! Every call blocks on one process-wide, never-dropped tokio runtime (one
-//! I/O thread), so the loader's prefetch thread and the checkpoint writer
-//! thread need no async executor of their own, and a [`Location`] can be
-//! created and dropped anywhere. Do not call its methods from inside an
-//! async task (blocking there panics); use `spawn_blocking` or a thread. `put` is atomic on every
-//! backend (local files are written under a temporary name and renamed), so
-//! a reader never sees a half-written file.
+//! I/O thread), so dataprep's rayon threads, the loader's prefetch thread
+//! and the checkpoint writer need no async executor of their own, and a
+//! [`Location`] can be created and dropped anywhere. Do not call its
+//! methods from inside an async task (blocking there panics); use
+//! `spawn_blocking` or a thread. `put` is atomic on every backend (local
+//! files are written under a temporary name and renamed), so a reader never
+//! sees a half-written file.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -37,6 +38,14 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the same call may succeed later: the store or the runtime
+    /// failed, rather than the URL or the object being wrong.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Store { .. } | StoreError::Runtime(_))
+    }
+}
+
 /// The runtime every [`Location`] blocks on.
 fn runtime() -> Result<&'static tokio::runtime::Runtime, StoreError> {
     static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
@@ -59,6 +68,17 @@ pub struct Location {
     store: Arc<dyn ObjectStore>,
     prefix: ObjPath,
     display: String,
+    /// The folder on this machine, for local stores.
+    local: Option<PathBuf>,
+}
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listed {
+    /// Path relative to the listed location.
+    pub rel: String,
+    /// Size in bytes.
+    pub size: u64,
 }
 
 impl std::fmt::Debug for Location {
@@ -67,7 +87,9 @@ impl std::fmt::Debug for Location {
     }
 }
 
-fn local_dir(url: &str) -> Option<PathBuf> {
+/// The path on this machine that `url` names, when it is a local path or a
+/// `file://` URL (not resolved against the working directory).
+pub fn local_path(url: &str) -> Option<PathBuf> {
     if let Some(rest) = url.strip_prefix("file://") {
         return Some(PathBuf::from(rest));
     }
@@ -77,10 +99,27 @@ fn local_dir(url: &str) -> Option<PathBuf> {
     Some(PathBuf::from(url))
 }
 
+/// `path` with `.` and `..` resolved by name (an object path has neither);
+/// a `..` above the root stays at the root, as the kernel does.
+fn without_dots(path: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 impl Location {
     /// Opens `url` (a local path, `file://` URL or cloud URL) as a folder.
     /// With `create`, a missing local folder is created (cloud stores have
-    /// no folders to create).
+    /// no folders to create); without, a missing one reads as empty.
     pub fn open(url: &str, create: bool) -> Result<Self, StoreError> {
         let rt = runtime()?;
         let url_err = |message: String| StoreError::Url {
@@ -88,7 +127,7 @@ impl Location {
             message,
         };
         let trimmed = url.trim_end_matches('/');
-        if let Some(dir) = local_dir(trimmed) {
+        if let Some(dir) = local_path(trimmed) {
             let scheme = if trimmed.starts_with("file://") {
                 "file://"
             } else {
@@ -101,6 +140,7 @@ impl Location {
                     .map_err(|e| url_err(e.to_string()))?
                     .join(dir)
             };
+            let dir = without_dots(&dir);
             if create {
                 std::fs::create_dir_all(&dir).map_err(|e| url_err(e.to_string()))?;
             }
@@ -114,23 +154,35 @@ impl Location {
                 store: Arc::new(store),
                 prefix,
                 display: format!("{scheme}{}", dir.display()),
+                local: Some(dir),
             });
         }
         let parsed = url::Url::parse(trimmed).map_err(|e| url_err(e.to_string()))?;
         // Credentials and options come from the environment (AWS_*, GOOGLE_*,
         // AZURE_* variables; unknown variables are ignored).
-        let (store, prefix) =
-            object_store::parse_url_opts(&parsed, std::env::vars()).map_err(|e| {
-                url_err(format!(
-                    "{e} (cloud stores need twinhead-worker's `cloud` feature)"
-                ))
-            })?;
+        let (store, prefix) = object_store::parse_url_opts(&parsed, std::env::vars())
+            .map_err(|e| url_err(format!("{e} (cloud stores need the `cloud` feature)")))?;
         Ok(Self {
             rt,
             store: Arc::from(store),
             prefix,
             display: trimmed.to_string(),
+            local: None,
         })
+    }
+
+    /// Opens `url` like [`Location::open`] without `create`, but a local
+    /// folder that does not exist is an error (inputs must be there; an
+    /// object store has no folders to check).
+    pub fn open_existing(url: &str) -> Result<Self, StoreError> {
+        let location = Self::open(url, false)?;
+        match &location.local {
+            Some(dir) if !dir.is_dir() => Err(StoreError::Url {
+                url: url.to_string(),
+                message: "no such folder".into(),
+            }),
+            _ => Ok(location),
+        }
     }
 
     /// The location `rel` below this one (a `/`-separated relative path).
@@ -140,6 +192,11 @@ impl Location {
             store: self.store.clone(),
             prefix: self.full(rel),
             display: self.name(rel),
+            local: self.local.as_ref().map(|dir| {
+                rel.split('/')
+                    .filter(|p| !p.is_empty())
+                    .fold(dir.clone(), |d, p| d.join(p))
+            }),
         }
     }
 
@@ -266,8 +323,8 @@ impl Location {
         Ok(names)
     }
 
-    /// Every object below `rel`, as paths relative to `rel`, sorted.
-    pub fn list_files(&self, rel: &str) -> Result<Vec<String>, StoreError> {
+    /// Every object below `rel`, with paths relative to `rel`, sorted.
+    pub fn list(&self, rel: &str) -> Result<Vec<Listed>, StoreError> {
         let path = self.full(rel);
         let metas: Vec<_> = match self
             .rt
@@ -277,17 +334,37 @@ impl Location {
             Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(self.err(rel, e)),
         };
-        let mut names: Vec<String> = metas
+        let mut listed: Vec<Listed> = metas
             .iter()
             .filter_map(|m| {
-                m.location
-                    .prefix_match(&path)
-                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>())
+                let parts = m.location.prefix_match(&path)?;
+                let rel = parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>();
+                Some(Listed {
+                    rel: rel.join("/"),
+                    size: m.size,
+                })
             })
-            .map(|parts| parts.join("/"))
             .collect();
-        names.sort();
-        Ok(names)
+        listed.sort();
+        Ok(listed)
+    }
+
+    /// Deletes every object below `rel` (on a local store, the folder too).
+    pub fn remove_all(&self, rel: &str) -> Result<(), StoreError> {
+        if let Some(dir) = &self.child(rel).local {
+            return match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Url {
+                    url: self.name(rel),
+                    message: format!("cannot remove: {e}"),
+                }),
+                _ => Ok(()),
+            };
+        }
+        let below = self.child(rel);
+        for listed in below.list("")? {
+            below.delete(&listed.rel)?;
+        }
+        Ok(())
     }
 }
 
@@ -308,7 +385,16 @@ mod tests {
         assert_eq!(&root.get("a/b/one.txt")?[..], b"one");
         assert_eq!(&root.child("a").get_range("c/two.txt", 1..3)?[..], b"wo");
         assert_eq!(root.list_dirs("a")?, vec!["b", "c"]);
-        assert_eq!(root.list_files("a")?, vec!["b/one.txt", "c/two.txt"]);
+        let files: Vec<(String, u64)> = root
+            .list("a")?
+            .into_iter()
+            .map(|l| (l.rel, l.size))
+            .collect();
+        assert_eq!(files, [("b/one.txt".into(), 3), ("c/two.txt".into(), 3)]);
+        assert!(Location::open_existing(root.child("nowhere").url()).is_err());
+        assert!(Location::open_existing(root.child("a").url()).is_ok());
+        let dotted = format!("{}/a/./b/../c", dir.path().display());
+        assert_eq!(&Location::open(&dotted, false)?.get("two.txt")?[..], b"two");
         assert!(root.get_opt("missing")?.is_none());
         assert!(matches!(
             root.get("missing"),
@@ -317,6 +403,12 @@ mod tests {
         root.delete("a/b/one.txt")?;
         assert!(!root.exists("a/b/one.txt")?);
         assert!(root.list_dirs("nowhere")?.is_empty());
+        root.remove_all("a")?;
+        assert!(root.list("")?.is_empty());
+        assert!(
+            !dir.path().join("a").exists(),
+            "the emptied folder is gone too"
+        );
         Ok(())
     }
 
