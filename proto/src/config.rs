@@ -140,64 +140,6 @@ pub fn parse_tokens(text: &str) -> Result<u64, String> {
 
 // ---------------------------------------------------------------- models
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ModelFile {
-    name: String,
-    vocab_size: u32,
-    hidden_size: u32,
-    num_layers: u32,
-    num_heads: u32,
-    intermediate_size: u32,
-    max_position_embeddings: u32,
-    local_attention: u32,
-    global_attn_every_n_layers: u32,
-    global_rope_theta: f64,
-    local_rope_theta: f64,
-    norm_eps: f64,
-    initializer_range: f64,
-    #[serde(default)]
-    attention_dropout: f64,
-    #[serde(default)]
-    embedding_dropout: f64,
-    #[serde(default)]
-    mlp_dropout: f64,
-    pad_token_id: u32,
-    cls_token_id: u32,
-    sep_token_id: u32,
-    mask_token_id: u32,
-    #[serde(default)]
-    unk_token_id: Option<u32>,
-}
-
-impl From<ModelFile> for ModelSpec {
-    fn from(m: ModelFile) -> Self {
-        ModelSpec {
-            name: m.name,
-            vocab_size: m.vocab_size,
-            hidden_size: m.hidden_size,
-            num_layers: m.num_layers,
-            num_heads: m.num_heads,
-            intermediate_size: m.intermediate_size,
-            max_position_embeddings: m.max_position_embeddings,
-            local_attention: m.local_attention,
-            global_attn_every_n_layers: m.global_attn_every_n_layers,
-            global_rope_theta: m.global_rope_theta,
-            local_rope_theta: m.local_rope_theta,
-            norm_eps: m.norm_eps,
-            initializer_range: m.initializer_range,
-            attention_dropout: m.attention_dropout,
-            embedding_dropout: m.embedding_dropout,
-            mlp_dropout: m.mlp_dropout,
-            pad_token_id: m.pad_token_id,
-            cls_token_id: m.cls_token_id,
-            sep_token_id: m.sep_token_id,
-            mask_token_id: m.mask_token_id,
-            unk_token_id: m.unk_token_id,
-        }
-    }
-}
-
 /// Names of the built-in model sizes.
 pub fn builtin_model_names() -> impl Iterator<Item = &'static str> {
     BUILTIN_MODELS.iter().map(|(name, _)| *name)
@@ -206,8 +148,7 @@ pub fn builtin_model_names() -> impl Iterator<Item = &'static str> {
 /// Parses a model config from TOML text; `file` names it in errors.
 pub fn parse_model(file: &str, text: &str) -> Result<ModelSpec, ConfigError> {
     let table = parse_table(file, text)?;
-    let model: ModelFile = from_table(file, table)?;
-    let spec = ModelSpec::from(model);
+    let spec: ModelSpec = from_table(file, table)?;
     crate::validate::validate_model(&spec).map_err(|e| ConfigError::key(file, e.key, e.message))?;
     Ok(spec)
 }

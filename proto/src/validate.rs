@@ -52,8 +52,12 @@ pub fn num_steps(spec: &RunSpec, phase_index: usize) -> u64 {
     BatchSchedule::for_phase(spec, phase_index).steps_within(budget_rows)
 }
 
-/// Checks a model shape.
+/// Checks a model shape: the one set of rules for every way a model config
+/// arrives (a TOML file, a run spec, a Hugging Face `config.json`).
 pub fn validate_model(m: &ModelSpec) -> Result<(), SpecError> {
+    if m.name.trim().is_empty() {
+        return fail("name", "must not be empty");
+    }
     let counts = [
         ("vocab_size", m.vocab_size),
         ("hidden_size", m.hidden_size),

@@ -38,7 +38,8 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::model::{ConfigError, Flavour, ModelConfig, ModernBert, RawModelConfig};
+use crate::model::{ConfigError, Flavour, ModelConfig, ModernBert};
+use twinhead_proto::v1::ModelSpec;
 
 /// Errors from reading or writing an HF folder.
 #[derive(Debug, thiserror::Error)]
@@ -121,17 +122,17 @@ pub enum HfError {
 #[derive(Debug, Deserialize)]
 struct HfConfig {
     model_type: String,
-    vocab_size: usize,
-    hidden_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    intermediate_size: usize,
+    vocab_size: u32,
+    hidden_size: u32,
+    num_hidden_layers: u32,
+    num_attention_heads: u32,
+    intermediate_size: u32,
     #[serde(default = "d_max_pos")]
-    max_position_embeddings: usize,
+    max_position_embeddings: u32,
     #[serde(default = "d_local")]
-    local_attention: usize,
+    local_attention: u32,
     #[serde(default = "d_every")]
-    global_attn_every_n_layers: usize,
+    global_attn_every_n_layers: u32,
     layer_types: Option<Vec<String>>,
     global_rope_theta: Option<f64>,
     local_rope_theta: Option<f64>,
@@ -178,13 +179,13 @@ struct RopeParams {
     rope_theta: Option<f64>,
 }
 
-fn d_max_pos() -> usize {
+fn d_max_pos() -> u32 {
     8192
 }
-fn d_local() -> usize {
+fn d_local() -> u32 {
     128
 }
-fn d_every() -> usize {
+fn d_every() -> u32 {
     3
 }
 fn d_eps() -> f64 {
@@ -289,7 +290,7 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, Flavour), HfError> {
         .or(hf.local_rope_theta)
         .unwrap_or(10_000.0);
     let pad_token_id = hf.pad_token_id.unwrap_or(50283);
-    let raw = RawModelConfig {
+    let spec = ModelSpec {
         name: dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -315,7 +316,7 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, Flavour), HfError> {
         mask_token_id: hf.mask_token_id.unwrap_or(pad_token_id + 1),
         unk_token_id: hf.unk_token_id,
     };
-    let config = ModelConfig::validate(raw, &path.display().to_string())?;
+    let config = ModelConfig::from_spec_in(&spec, &path.display().to_string())?;
     if let Some(types) = &hf.layer_types {
         let expected = layer_types(&config);
         if types.len() != expected.len() || types.iter().zip(&expected).any(|(a, b)| a != b) {

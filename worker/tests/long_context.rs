@@ -39,9 +39,9 @@ fn an_encoder_and_a_decoder_step_at_8k_tokens_stay_under_the_bound() {
         eprintln!("skipped: /proc/self/clear_refs or /proc/self/status is not available here");
         return;
     }
-    let mut raw = ModelConfig::builtin("tiny").expect("tiny").to_raw();
-    raw.max_position_embeddings = SEQ;
-    let config = ModelConfig::validate(raw, "tiny-8k").expect("config");
+    let mut spec = ModelConfig::builtin("tiny").expect("tiny").spec();
+    spec.max_position_embeddings = SEQ as u32;
+    let config = ModelConfig::from_spec(&spec).expect("config");
     let heads = config.num_heads as u64;
     let s = SEQ as u64;
     // The old path held two [seq, seq] f32 masks for every forward and, per

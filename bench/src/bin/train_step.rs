@@ -14,7 +14,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use twinhead_worker::CpuAutodiff as B;
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, RawModelConfig, TokenBatch};
+use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 use twinhead_worker::objectives::{MaskingConfig, loss, mlm_batch};
 
 const BATCH: usize = 8;
@@ -27,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(5);
-    let mut raw: RawModelConfig = ModelConfig::builtin("ettin-17m")?.to_raw();
+    let mut raw = ModelConfig::builtin("ettin-17m")?.spec();
     raw.name = "bench".into();
     raw.vocab_size = 8192;
     raw.hidden_size = 256;
@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     raw.cls_token_id = 1;
     raw.sep_token_id = 2;
     raw.mask_token_id = 4;
-    let config = ModelConfig::validate(raw, "bench")?;
+    let config = ModelConfig::from_spec(&raw)?;
     let device = Default::default();
     let mut model = ModernBert::<B>::new(&config, Flavour::Encoder, 0, &device);
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();

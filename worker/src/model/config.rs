@@ -1,15 +1,15 @@
 //! Model shape configuration, as the model code takes it.
 //!
-//! The `configs/models/*.toml` files (and the built-ins embedded from them)
-//! have one parser, the proto crate's, which gives a `ModelSpec`;
-//! [`ModelConfig::from_spec`] turns that into a [`ModelConfig`] whose
-//! values are known to build a model. Hugging Face `config.json` files go
-//! through [`RawModelConfig`] (see `hf.rs`). Every error names the file and
-//! the key.
+//! A model's shape is one type, the proto crate's `ModelSpec`: parsed from
+//! `configs/models/*.toml` (and the built-ins embedded from them), sent in
+//! run specs, converted from Hugging Face `config.json` files (`hf.rs`), and
+//! checked by one set of rules (`twinhead_proto::validate::validate_model`).
+//! [`ModelConfig`] is a spec that passed them, with sizes as `usize` for the
+//! tensor code. Every error names the file and the key.
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use twinhead_proto::v1::ModelSpec;
 
 /// Errors from reading or validating a model config.
@@ -22,10 +22,10 @@ pub enum ConfigError {
     /// A value is outside what the model can be built with.
     #[error("model config {file}: key `{key}`: {message}")]
     Invalid {
-        /// File name or `builtin:<name>`.
+        /// The file (or `model <name>` for a spec).
         file: String,
         /// The offending key.
-        key: &'static str,
+        key: String,
         /// What was wrong and what is allowed.
         message: String,
     },
@@ -34,41 +34,9 @@ pub enum ConfigError {
     Unknown(String),
 }
 
-/// A model config with every field a model needs, before validation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawModelConfig {
-    pub name: String,
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    /// GeGLU width per half (`Wi` projects to twice this).
-    pub intermediate_size: usize,
-    pub max_position_embeddings: usize,
-    /// Total local window: a local layer sees `local_attention / 2` tokens
-    /// on each side (decoders: only the left side).
-    pub local_attention: usize,
-    pub global_attn_every_n_layers: usize,
-    pub global_rope_theta: f64,
-    pub local_rope_theta: f64,
-    pub norm_eps: f64,
-    pub initializer_range: f64,
-    pub attention_dropout: f64,
-    pub embedding_dropout: f64,
-    pub mlp_dropout: f64,
-    pub pad_token_id: u32,
-    pub cls_token_id: u32,
-    pub sep_token_id: u32,
-    pub mask_token_id: u32,
-    /// `[UNK]`, when the tokenizer has one (masking never selects it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unk_token_id: Option<u32>,
-}
-
 /// A validated model config. Construct with [`ModelConfig::builtin`],
-/// [`ModelConfig::load`], [`ModelConfig::from_spec`] or
-/// [`ModelConfig::validate`].
+/// [`ModelConfig::load`] or [`ModelConfig::from_spec`]; [`ModelConfig::spec`]
+/// gives the spec back.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
     pub name: String,
@@ -120,16 +88,27 @@ impl ModelConfig {
 
     /// The model of a run spec (or of a parsed model file).
     pub fn from_spec(m: &ModelSpec) -> Result<Self, ConfigError> {
-        let raw = RawModelConfig {
+        Self::from_spec_in(m, &format!("model {}", m.name))
+    }
+
+    /// Checks `m` by the model rules; `file` names its source in errors.
+    pub fn from_spec_in(m: &ModelSpec, file: &str) -> Result<Self, ConfigError> {
+        twinhead_proto::validate::validate_model(m).map_err(|e| ConfigError::Invalid {
+            file: file.to_string(),
+            key: e.key,
+            message: e.message,
+        })?;
+        let size = |v: u32| v as usize;
+        Ok(Self {
             name: m.name.clone(),
-            vocab_size: m.vocab_size as usize,
-            hidden_size: m.hidden_size as usize,
-            num_layers: m.num_layers as usize,
-            num_heads: m.num_heads as usize,
-            intermediate_size: m.intermediate_size as usize,
-            max_position_embeddings: m.max_position_embeddings as usize,
-            local_attention: m.local_attention as usize,
-            global_attn_every_n_layers: m.global_attn_every_n_layers as usize,
+            vocab_size: size(m.vocab_size),
+            hidden_size: size(m.hidden_size),
+            num_layers: size(m.num_layers),
+            num_heads: size(m.num_heads),
+            intermediate_size: size(m.intermediate_size),
+            max_position_embeddings: size(m.max_position_embeddings),
+            local_attention: size(m.local_attention),
+            global_attn_every_n_layers: size(m.global_attn_every_n_layers),
             global_rope_theta: m.global_rope_theta,
             local_rope_theta: m.local_rope_theta,
             norm_eps: m.norm_eps,
@@ -142,133 +121,22 @@ impl ModelConfig {
             sep_token_id: m.sep_token_id,
             mask_token_id: m.mask_token_id,
             unk_token_id: m.unk_token_id,
-        };
-        Self::validate(raw, &format!("model {}", m.name))
-    }
-
-    /// Checks every value; `file` names the source in errors.
-    pub fn validate(raw: RawModelConfig, file: &str) -> Result<Self, ConfigError> {
-        let bad = |key: &'static str, message: String| ConfigError::Invalid {
-            file: file.to_string(),
-            key,
-            message,
-        };
-        if raw.name.trim().is_empty() {
-            return Err(bad("name", "must not be empty".into()));
-        }
-        for (key, v) in [
-            ("vocab_size", raw.vocab_size),
-            ("hidden_size", raw.hidden_size),
-            ("num_layers", raw.num_layers),
-            ("num_heads", raw.num_heads),
-            ("intermediate_size", raw.intermediate_size),
-            ("max_position_embeddings", raw.max_position_embeddings),
-            ("global_attn_every_n_layers", raw.global_attn_every_n_layers),
-        ] {
-            if v == 0 {
-                return Err(bad(key, "must be at least 1".into()));
-            }
-        }
-        if !raw.hidden_size.is_multiple_of(raw.num_heads) {
-            return Err(bad(
-                "num_heads",
-                format!(
-                    "{} does not divide hidden_size {}",
-                    raw.num_heads, raw.hidden_size
-                ),
-            ));
-        }
-        if !(raw.hidden_size / raw.num_heads).is_multiple_of(2) {
-            return Err(bad(
-                "num_heads",
-                format!(
-                    "head dim hidden_size/num_heads = {} must be even for rotary embeddings",
-                    raw.hidden_size / raw.num_heads
-                ),
-            ));
-        }
-        if raw.local_attention < 2 || !raw.local_attention.is_multiple_of(2) {
-            return Err(bad(
-                "local_attention",
-                format!(
-                    "{} must be an even number >= 2 (the total window, half on each side)",
-                    raw.local_attention
-                ),
-            ));
-        }
-        for (key, v) in [
-            ("global_rope_theta", raw.global_rope_theta),
-            ("local_rope_theta", raw.local_rope_theta),
-            ("norm_eps", raw.norm_eps),
-            ("initializer_range", raw.initializer_range),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(bad(key, format!("{v} must be a finite number > 0")));
-            }
-        }
-        for (key, v) in [
-            ("attention_dropout", raw.attention_dropout),
-            ("embedding_dropout", raw.embedding_dropout),
-            ("mlp_dropout", raw.mlp_dropout),
-        ] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(bad(key, format!("{v} must be in [0, 1)")));
-            }
-        }
-        for (key, v) in [
-            ("pad_token_id", raw.pad_token_id),
-            ("cls_token_id", raw.cls_token_id),
-            ("sep_token_id", raw.sep_token_id),
-            ("mask_token_id", raw.mask_token_id),
-            ("unk_token_id", raw.unk_token_id.unwrap_or(0)),
-        ] {
-            if v as usize >= raw.vocab_size {
-                return Err(bad(
-                    key,
-                    format!(
-                        "{v} is outside the vocabulary (vocab_size {})",
-                        raw.vocab_size
-                    ),
-                ));
-            }
-        }
-        Ok(Self {
-            name: raw.name,
-            vocab_size: raw.vocab_size,
-            hidden_size: raw.hidden_size,
-            num_layers: raw.num_layers,
-            num_heads: raw.num_heads,
-            intermediate_size: raw.intermediate_size,
-            max_position_embeddings: raw.max_position_embeddings,
-            local_attention: raw.local_attention,
-            global_attn_every_n_layers: raw.global_attn_every_n_layers,
-            global_rope_theta: raw.global_rope_theta,
-            local_rope_theta: raw.local_rope_theta,
-            norm_eps: raw.norm_eps,
-            initializer_range: raw.initializer_range,
-            attention_dropout: raw.attention_dropout,
-            embedding_dropout: raw.embedding_dropout,
-            mlp_dropout: raw.mlp_dropout,
-            pad_token_id: raw.pad_token_id,
-            cls_token_id: raw.cls_token_id,
-            sep_token_id: raw.sep_token_id,
-            mask_token_id: raw.mask_token_id,
-            unk_token_id: raw.unk_token_id,
         })
     }
 
-    /// Back to the file shape (for writing a config next to a checkpoint).
-    pub fn to_raw(&self) -> RawModelConfig {
-        RawModelConfig {
+    /// The spec this config was built from (sizes fit `u32`: they came from one).
+    pub fn spec(&self) -> ModelSpec {
+        let size = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        ModelSpec {
             name: self.name.clone(),
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            num_layers: self.num_layers,
-            num_heads: self.num_heads,
-            intermediate_size: self.intermediate_size,
-            max_position_embeddings: self.max_position_embeddings,
-            local_attention: self.local_attention,
-            global_attn_every_n_layers: self.global_attn_every_n_layers,
+            vocab_size: size(self.vocab_size),
+            hidden_size: size(self.hidden_size),
+            num_layers: size(self.num_layers),
+            num_heads: size(self.num_heads),
+            intermediate_size: size(self.intermediate_size),
+            max_position_embeddings: size(self.max_position_embeddings),
+            local_attention: size(self.local_attention),
+            global_attn_every_n_layers: size(self.global_attn_every_n_layers),
             global_rope_theta: self.global_rope_theta,
             local_rope_theta: self.local_rope_theta,
             norm_eps: self.norm_eps,
@@ -385,19 +253,24 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let tiny = ModelConfig::builtin("tiny").expect("tiny").to_raw();
-        type Edit = fn(&mut RawModelConfig);
-        let cases: [(Edit, &str); 5] = [
+        let tiny = ModelConfig::builtin("tiny").expect("tiny").spec();
+        assert_eq!(
+            ModelConfig::from_spec(&tiny).expect("round trip").spec(),
+            tiny
+        );
+        type Edit = fn(&mut ModelSpec);
+        let cases: [(Edit, &str); 6] = [
             (|r| r.num_heads = 3, "num_heads"),
             (|r| r.local_attention = 15, "local_attention"),
             (|r| r.mask_token_id = 4096, "mask_token_id"),
             (|r| r.mlp_dropout = 1.5, "mlp_dropout"),
             (|r| r.norm_eps = 0.0, "norm_eps"),
+            (|r| r.name = " ".into(), "name"),
         ];
         for (edit, key) in cases {
-            let mut raw = tiny.clone();
-            edit(&mut raw);
-            match ModelConfig::validate(raw, "x.toml").expect_err(key) {
+            let mut spec = tiny.clone();
+            edit(&mut spec);
+            match ModelConfig::from_spec_in(&spec, "x.toml").expect_err(key) {
                 ConfigError::Invalid { file, key: k, .. } => {
                     assert_eq!(file, "x.toml");
                     assert_eq!(k, key);

@@ -40,7 +40,7 @@ mod product_cpu;
 
 pub use attention::{AttentionPlan, Visibility};
 pub use backend::{CrossEntropyGrads, ModelBackend, Precision, TrainBackend};
-pub use config::{ConfigError, ModelConfig, RawModelConfig};
+pub use config::{ConfigError, ModelConfig};
 pub use modernbert::{Flavour, ModernBert, TokenBatch};
 pub use packing::{AttentionKind, PackedLayout};
 
