@@ -925,3 +925,271 @@ impl State {
         );
     }
 }
+
+/// The state's rules with hand-made instants: no sockets, no store, no sleeps.
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use twinhead_proto::v1::Checkpoint;
+
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(5);
+
+    /// The tiny two-phase run of the coordinator's gRPC tests: world size 2,
+    /// global batch 4, 3 steps of 16 tokens then 2 of 32.
+    fn spec(overrides: &[&str]) -> RunSpec {
+        let text = r#"
+name = "unit"
+model = "tiny"
+objective = "mlm"
+dataset = "file:///tmp/dataset"
+world_size = 2
+global_batch = 4
+[optimizer]
+peak_lr = 1e-3
+[checkpoint]
+root = "file:///tmp/ckpt"
+[[phases]]
+name = "pretrain"
+tokens = 192
+seq_len = 16
+mask_ratio = 0.3
+[[phases]]
+name = "decay"
+tokens = 256
+seq_len = 32
+mask_ratio = 0.15
+"#;
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        twinhead_proto::config::parse_run("unit.toml", text, &overrides, Path::new("."))
+            .expect("valid spec")
+    }
+
+    fn empty() -> State {
+        State::load(
+            Snapshot {
+                runs: Vec::new(),
+                workers: Vec::new(),
+                counters: Vec::new(),
+                datasets: Vec::new(),
+            },
+            Instant::now(),
+        )
+    }
+
+    /// A state with one submitted run and `workers` registered at `t0`.
+    fn started(overrides: &[&str], workers: usize, t0: Instant) -> (State, String, Vec<String>) {
+        let mut state = empty();
+        let mut fx = Effects::default();
+        let run = state.submit(spec(overrides), 0, &mut fx).expect("submit");
+        let ids = (0..workers)
+            .map(|i| state.register(format!("host-{i}"), "cpu".into(), 1, t0, 0, &mut fx))
+            .collect();
+        (state, run, ids)
+    }
+
+    fn world_of(state: &State, worker: &str) -> Option<(String, u32)> {
+        state
+            .assignment(worker)
+            .expect("live worker")
+            .map(|a| (a.world_id, a.rank))
+    }
+
+    fn commit(state: &mut State, worker: &str, world: &str, phase: u32, step: u64) -> Run {
+        let mut fx = Effects::default();
+        let checkpoint = Checkpoint {
+            url: format!("file:///tmp/ckpt/p{phase}-s{step}"),
+            phase_index: phase,
+            step,
+            ..Default::default()
+        };
+        let (action, reason) = state
+            .checkpoint(worker, world, Some(checkpoint), 10, &mut fx)
+            .expect("checkpoint accepted");
+        assert_eq!(action, WorkerAction::Continue, "{reason}");
+        let run = state.worlds.get(world).cloned().unwrap_or_default();
+        state.run(&run).expect("run").clone()
+    }
+
+    #[test]
+    fn a_world_forms_when_enough_workers_are_free_with_ranks_in_registration_order() {
+        let t0 = Instant::now();
+        let (state, run, ids) = started(&[], 1, t0);
+        assert_eq!(
+            world_of(&state, &ids[0]),
+            None,
+            "one worker is not a world of 2"
+        );
+        assert_eq!(
+            state.run(&run).expect("run").state,
+            RunState::Pending as i32
+        );
+
+        let (state, run, ids) = started(&[], 3, t0);
+        let (world, rank0) = world_of(&state, &ids[0]).expect("in a world");
+        assert_eq!(rank0, 0);
+        assert_eq!(world_of(&state, &ids[1]), Some((world.clone(), 1)));
+        assert_eq!(world_of(&state, &ids[2]), None, "the third waits");
+        let run = state.run(&run).expect("run");
+        assert_eq!(run.state, RunState::Running as i32);
+        assert_eq!(run.attempts.len(), 1);
+        assert_eq!(run.attempts[0].workers, ids[..2]);
+    }
+
+    #[test]
+    fn a_lease_expires_only_after_the_timeout_and_ends_the_world_as_a_failure() {
+        let t0 = Instant::now();
+        let (mut state, run, ids) = started(&[], 2, t0);
+        let (world, _) = world_of(&state, &ids[0]).expect("world");
+        let mut fx = Effects::default();
+        // Worker 1 renews at t0 + 4 s; worker 0 stays silent.
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        state.heartbeat(&ids[1], &world, at(4)).expect("heartbeat");
+        state.expire_leases(at(5), LEASE, 5_000, &mut fx);
+        assert!(
+            world_of(&state, &ids[0]).is_some(),
+            "exactly the timeout is not past it"
+        );
+        state.expire_leases(at(6), LEASE, 6_000, &mut fx);
+        let dead = state.heartbeat(&ids[0], &world, at(6)).expect_err("dead");
+        assert!(dead.to_string().contains("declared dead"), "{dead}");
+        let (action, reason) = state.heartbeat(&ids[1], &world, at(6)).expect("alive");
+        assert_eq!(action, WorkerAction::Abort);
+        assert!(reason.contains("sent no heartbeat for 6.0s"), "{reason}");
+        let run = state.run(&run).expect("run");
+        assert!(run.attempts[0].failed && run.attempts[0].ended_ms == 6_000);
+        assert_eq!(run.state, RunState::Running as i32, "within max_restarts");
+        // A new worker makes a world again, from the initial weights.
+        let w3 = state.register("host-3".into(), "cpu".into(), 1, at(7), 7_000, &mut fx);
+        let (again, _) = world_of(&state, &ids[1]).expect("re-formed");
+        assert_ne!(again, world);
+        assert_eq!(world_of(&state, &w3), Some((again, 1)));
+    }
+
+    #[test]
+    fn phase_end_checkpoints_move_the_run_on_and_the_last_completes_it() {
+        let t0 = Instant::now();
+        let (mut state, run_id, ids) = started(&[], 2, t0);
+        let (world, _) = world_of(&state, &ids[0]).expect("world");
+        let steps =
+            |state: &State, phase: usize| state.run(&run_id).expect("run").phases[phase].num_steps;
+        assert_eq!((steps(&state, 0), steps(&state, 1)), (3, 2));
+
+        let run = commit(&mut state, &ids[0], &world, 0, 1);
+        assert_eq!((run.phase_index, run.phases[0].steps_done), (0, 1));
+        let mut fx = Effects::default();
+        let stale = Checkpoint {
+            url: "file:///tmp/ckpt/old".into(),
+            phase_index: 0,
+            step: 1,
+            ..Default::default()
+        };
+        let refused = state
+            .checkpoint(&ids[0], &world, Some(stale), 11, &mut fx)
+            .expect_err("not after the last step");
+        assert!(
+            refused
+                .to_string()
+                .contains("not after the last committed step 1")
+        );
+
+        let run = commit(&mut state, &ids[0], &world, 0, 3);
+        assert_eq!(
+            run.phase_index, 1,
+            "the phase's last step starts the next phase"
+        );
+        let assignment = state.assignment(&ids[1]).expect("live").expect("assigned");
+        assert_eq!((assignment.phase_index, assignment.first_step), (1, 0));
+        assert!(
+            assignment.phase_start,
+            "the new phase starts from the old one's end"
+        );
+
+        let run = commit(&mut state, &ids[1], &world, 1, 2);
+        assert_eq!(run.state, RunState::Completed as i32);
+        assert_eq!(world_of(&state, &ids[0]), None, "members are freed");
+        assert_eq!(world_of(&state, &ids[1]), None);
+    }
+
+    #[test]
+    fn failures_beyond_max_restarts_fail_the_run() {
+        let t0 = Instant::now();
+        let (mut state, run_id, ids) = started(&["max_restarts=1"], 2, t0);
+        for attempt in 1..=2 {
+            let (world, _) = world_of(&state, &ids[0]).expect("world");
+            let mut fx = Effects::default();
+            let (action, _) = state
+                .failure(&ids[1], &world, "out of memory", "", attempt, &mut fx)
+                .expect("reported");
+            assert_eq!(action, WorkerAction::Abort);
+        }
+        let run = state.run(&run_id).expect("run");
+        assert_eq!(run.state, RunState::Failed as i32);
+        assert!(
+            run.message.contains("more than max_restarts 1"),
+            "{}",
+            run.message
+        );
+        assert_eq!(world_of(&state, &ids[0]), None, "no world for a failed run");
+    }
+
+    #[test]
+    fn only_rank_zero_publishes_the_rendezvous_token_and_the_others_read_it() {
+        let (mut state, _, ids) = started(&[], 2, Instant::now());
+        let (world, _) = world_of(&state, &ids[0]).expect("world");
+        let mut fx = Effects::default();
+        assert_eq!(
+            state
+                .rendezvous(&ids[1], &world, Vec::new(), &mut fx)
+                .expect("read"),
+            None
+        );
+        let refused = state
+            .rendezvous(&ids[1], &world, b"token".to_vec(), &mut fx)
+            .expect_err("rank 1");
+        assert!(refused.to_string().contains("only rank 0"));
+        let long = vec![0u8; MAX_RENDEZVOUS_TOKEN + 1];
+        assert!(state.rendezvous(&ids[0], &world, long, &mut fx).is_err());
+        state
+            .rendezvous(&ids[0], &world, b"token".to_vec(), &mut fx)
+            .expect("publish");
+        assert_eq!(
+            state
+                .rendezvous(&ids[1], &world, Vec::new(), &mut fx)
+                .expect("read"),
+            Some(b"token".to_vec())
+        );
+    }
+
+    #[test]
+    fn a_reloaded_state_keeps_worlds_and_gives_live_workers_a_fresh_lease() {
+        let t0 = Instant::now();
+        let (state, run_id, ids) = started(&[], 2, t0);
+        let (world, _) = world_of(&state, &ids[0]).expect("world");
+        let snapshot = Snapshot {
+            runs: state
+                .runs
+                .values()
+                .map(|e| (e.seq, e.run.clone()))
+                .collect(),
+            workers: state.workers.values().map(|w| w.row.clone()).collect(),
+            counters: vec![
+                ("next_run".into(), state.next_run),
+                ("next_worker".into(), state.next_worker),
+                ("next_world".into(), state.next_world),
+            ],
+            datasets: Vec::new(),
+        };
+        // Restarted an hour later: nobody has sent a heartbeat since t0.
+        let later = t0 + Duration::from_secs(3600);
+        let mut state = State::load(snapshot, later);
+        let mut fx = Effects::default();
+        state.expire_leases(later + Duration::from_secs(1), LEASE, 0, &mut fx);
+        assert_eq!(world_of(&state, &ids[0]), Some((world.clone(), 0)));
+        assert_eq!(world_of(&state, &ids[1]), Some((world, 1)));
+        let next = state.submit(spec(&[]), 0, &mut fx).expect("submit");
+        assert_ne!(next, run_id, "ids continue from the stored counters");
+    }
+}
