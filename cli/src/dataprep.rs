@@ -12,8 +12,9 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
-use twinhead_dataprep::tasks::{Build, Outcome, Task};
+use twinhead_dataprep::tasks::{Build, Outcome};
 use twinhead_dataprep::{DatasetConfig, ProgressSink};
+use twinhead_proto::build_tasks::Task;
 use twinhead_proto::v1::{
     BuildDatasetRequest, ClaimTaskRequest, CompleteTaskRequest, DataprepTask, Dataset,
     DatasetState, FailTaskRequest, GetDatasetRequest, ListDatasetsRequest, RenewTaskRequest,

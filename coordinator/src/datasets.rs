@@ -3,6 +3,9 @@
 //! whichever dataprep process asks, under a lease, and the next step starts
 //! when every task of the current one is done.
 //!
+//! This module is the builds' state and its rules; the coordinator's
+//! dataset methods are in `lib.rs` and the tonic services in `service.rs`.
+//!
 //! Only what a restart must keep is persisted: the build's record with its
 //! step and finished tasks. Leases live in memory; after a restart the
 //! tasks in flight are handed out again, which is safe because a task whose
@@ -10,24 +13,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
-use tonic::{Request, Response, Status};
-use twinhead_dataprep::DatasetConfig;
-use twinhead_dataprep::tasks::{Task, steps};
-use twinhead_proto::v1::dataprep_service_server::DataprepService;
-use twinhead_proto::v1::dataset_service_server::DatasetService;
+use twinhead_proto::build_tasks::{Task, steps};
+use twinhead_proto::dataset::DatasetConfig;
 use twinhead_proto::v1::{
-    BuildDatasetRequest, ClaimTaskRequest, ClaimTaskResponse, CompleteTaskRequest,
-    CompleteTaskResponse, DataprepStep, DataprepTask, Dataset, DatasetState, FailTaskRequest,
-    FailTaskResponse, GetDatasetRequest, ListDatasetsRequest, ListDatasetsResponse,
-    RenewTaskRequest, RenewTaskResponse,
+    BuildDatasetRequest, CompleteTaskRequest, DataprepStep, DataprepTask, Dataset, DatasetState,
+    FailTaskRequest,
 };
 
-use crate::service::Services;
+use crate::Error;
 use crate::store::{Snapshot, Write};
-use crate::{Coordinator, Error, MAX_WAIT, now_ms};
 
 /// A task lost (lease lapsed) or failed retryably this many times fails
 /// its build.
@@ -205,6 +201,7 @@ impl Builds {
                 state: DatasetState::Building as i32,
                 step: DataprepStep::Unspecified as i32,
                 phases: cfg.phases.len() as u32,
+                sources: cfg.sources.len() as u32,
                 created_ms: now_ms,
                 ..Dataset::default()
             },
@@ -292,9 +289,12 @@ impl Builds {
         let task = Task::from_key(&request.key).ok_or_else(|| {
             Error::InvalidArgument(format!("key: {:?} is not a task", request.key))
         })?;
-        let sources = build.record_sources();
+        // The config was parsed once, at submit; 0 is a record from before
+        // the count was stored, whose plan is taken as reported.
+        let sources = build.record.sources as usize;
         if task == Task::Plan
             && !request.already_complete
+            && sources > 0
             && request.parts_per_source.len() != sources
         {
             return Err(Error::InvalidArgument(format!(
@@ -378,16 +378,6 @@ impl Builds {
     }
 }
 
-impl Build {
-    fn record_sources(&self) -> usize {
-        DatasetConfig::parse(
-            Path::new(&self.record.config_path),
-            &self.record.config_text,
-        )
-        .map_or(0, |c| c.sources.len())
-    }
-}
-
 /// A build state's name for people and JSON.
 pub fn state_name(state: i32) -> &'static str {
     match DatasetState::try_from(state) {
@@ -408,164 +398,6 @@ pub fn step_name(step: i32) -> &'static str {
         Ok(DataprepStep::Phases) => "phases",
         Ok(DataprepStep::Finalize) => "manifest",
         _ => "-",
-    }
-}
-
-impl Coordinator {
-    /// Every dataset build, oldest first.
-    pub(crate) fn dataset_builds(&self) -> Vec<Dataset> {
-        self.builds().list()
-    }
-
-    fn builds(&self) -> MutexGuard<'_, Builds> {
-        self.datasets
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Mutates the builds, commits the writes, then wakes long-polling
-    /// claimers.
-    async fn apply_builds<R>(
-        &self,
-        f: impl FnOnce(&mut Builds, i64, &mut Vec<Write>) -> Result<R, Error>,
-    ) -> Result<R, Error> {
-        let now = now_ms();
-        let (result, committed) = {
-            let mut builds = self.builds();
-            let mut writes = Vec::new();
-            let result = f(&mut builds, now, &mut writes)?;
-            let committed = (!writes.is_empty()).then(|| self.store.submit(writes));
-            (result, committed)
-        };
-        if let Some(committed) = committed {
-            committed
-                .await
-                .map_err(|_| Error::Store("the store's writer has stopped".into()))?
-                .map_err(Error::Store)?;
-            // Only a change can free a task for a waiting claimer.
-            self.version.send_modify(|v| *v = v.wrapping_add(1));
-        }
-        Ok(result)
-    }
-
-    /// Takes back lapsed dataprep tasks; run by the lease reaper.
-    pub async fn expire_tasks(&self) -> Result<(), Error> {
-        self.apply_builds(|b, now_ms, writes| {
-            b.expire(Instant::now(), now_ms, writes);
-            Ok(())
-        })
-        .await
-    }
-
-    async fn claim_task(&self, process: &str, wait: Duration) -> Option<DataprepTask> {
-        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
-        let mut changes = self.version.subscribe();
-        loop {
-            changes.borrow_and_update();
-            if let Some(task) = self.builds().claim(process, Instant::now()) {
-                return Some(task);
-            }
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
-                return None;
-            }
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl DatasetService for Services {
-    async fn build_dataset(
-        &self,
-        request: Request<BuildDatasetRequest>,
-    ) -> Result<Response<Dataset>, Status> {
-        let request = request.into_inner();
-        let record = self
-            .coordinator
-            .apply_builds(|b, now, writes| b.submit(request, now, writes))
-            .await?;
-        tracing::info!(dataset = %record.id, url = %record.url, "dataset build queued");
-        Ok(Response::new(record))
-    }
-
-    async fn get_dataset(
-        &self,
-        request: Request<GetDatasetRequest>,
-    ) -> Result<Response<Dataset>, Status> {
-        let id = request.into_inner().id;
-        Ok(Response::new(self.coordinator.builds().get(&id)?))
-    }
-
-    async fn list_datasets(
-        &self,
-        _request: Request<ListDatasetsRequest>,
-    ) -> Result<Response<ListDatasetsResponse>, Status> {
-        let datasets = self.coordinator.builds().list();
-        Ok(Response::new(ListDatasetsResponse { datasets }))
-    }
-}
-
-fn process_name(process: &str) -> Result<&str, Status> {
-    if process.trim().is_empty() {
-        return Err(Status::invalid_argument("process: is required"));
-    }
-    Ok(process)
-}
-
-#[tonic::async_trait]
-impl DataprepService for Services {
-    async fn claim_task(
-        &self,
-        request: Request<ClaimTaskRequest>,
-    ) -> Result<Response<ClaimTaskResponse>, Status> {
-        let request = request.into_inner();
-        let process = process_name(&request.process)?;
-        let wait = Duration::from_millis(u64::from(request.wait_ms));
-        let task = self.coordinator.claim_task(process, wait).await;
-        if let Some(t) = &task {
-            tracing::info!(dataset = %t.dataset_id, task = %t.key, %process, "task handed out");
-        }
-        Ok(Response::new(ClaimTaskResponse { task }))
-    }
-
-    async fn renew_task(
-        &self,
-        request: Request<RenewTaskRequest>,
-    ) -> Result<Response<RenewTaskResponse>, Status> {
-        let r = request.into_inner();
-        let process = process_name(&r.process)?;
-        let wanted =
-            self.coordinator
-                .builds()
-                .renew(&r.dataset_id, &r.key, process, Instant::now())?;
-        Ok(Response::new(RenewTaskResponse { wanted }))
-    }
-
-    async fn complete_task(
-        &self,
-        request: Request<CompleteTaskRequest>,
-    ) -> Result<Response<CompleteTaskResponse>, Status> {
-        let r = request.into_inner();
-        process_name(&r.process)?;
-        self.coordinator
-            .apply_builds(|b, now, writes| b.complete(&r, now, writes))
-            .await?;
-        Ok(Response::new(CompleteTaskResponse {}))
-    }
-
-    async fn fail_task(
-        &self,
-        request: Request<FailTaskRequest>,
-    ) -> Result<Response<FailTaskResponse>, Status> {
-        let r = request.into_inner();
-        process_name(&r.process)?;
-        tracing::warn!(dataset = %r.dataset_id, task = %r.key, process = %r.process, retry = r.retry, error = %r.error, "task failed");
-        self.coordinator
-            .apply_builds(|b, now, writes| b.fail(&r, now, writes))
-            .await?;
-        Ok(Response::new(FailTaskResponse {}))
     }
 }
 

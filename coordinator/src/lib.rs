@@ -34,12 +34,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, watch};
-use twinhead_proto::v1::{Assignment, RunEvent};
+use twinhead_proto::v1::{Assignment, DataprepTask, Dataset, RunEvent};
 
+use datasets::Builds;
 pub use datasets::MAX_TASK_ATTEMPTS;
 pub use server::{ServeError, ServerConfig, serve, serve_with_http};
 use state::{Effects, State};
-use store::{ProgressRow, Store, StoreError};
+use store::{ProgressRow, Store, StoreError, Write};
 
 /// A failed coordinator operation, mapped onto one gRPC status each.
 #[derive(Debug, thiserror::Error)]
@@ -267,5 +268,71 @@ impl Coordinator {
     /// Run events as they are committed.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<RunEvent>> {
         self.events.subscribe()
+    }
+}
+
+// ---------------------------------------------------------- dataset builds
+
+impl Coordinator {
+    /// Every dataset build, oldest first.
+    pub(crate) fn dataset_builds(&self) -> Vec<Dataset> {
+        self.builds().list()
+    }
+
+    fn builds(&self) -> MutexGuard<'_, Builds> {
+        self.datasets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Mutates the builds, commits the writes, then wakes long-polling
+    /// claimers.
+    async fn apply_builds<R>(
+        &self,
+        f: impl FnOnce(&mut Builds, i64, &mut Vec<Write>) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let now = now_ms();
+        let (result, committed) = {
+            let mut builds = self.builds();
+            let mut writes = Vec::new();
+            let result = f(&mut builds, now, &mut writes)?;
+            let committed = (!writes.is_empty()).then(|| self.store.submit(writes));
+            (result, committed)
+        };
+        if let Some(committed) = committed {
+            committed
+                .await
+                .map_err(|_| Error::Store("the store's writer has stopped".into()))?
+                .map_err(Error::Store)?;
+            // Only a change can free a task for a waiting claimer.
+            self.version.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        Ok(result)
+    }
+
+    /// Takes back lapsed dataprep tasks; run by the lease reaper.
+    pub async fn expire_tasks(&self) -> Result<(), Error> {
+        self.apply_builds(|b, now_ms, writes| {
+            b.expire(Instant::now(), now_ms, writes);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn claim_task(&self, process: &str, wait: Duration) -> Option<DataprepTask> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let mut changes = self.version.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if let Some(task) = self.builds().claim(process, Instant::now()) {
+                return Some(task);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
     }
 }

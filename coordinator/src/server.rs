@@ -17,6 +17,8 @@ use twinhead_proto::v1::dataset_service_server::DatasetServiceServer;
 use twinhead_proto::v1::run_service_server::RunServiceServer;
 use twinhead_proto::v1::worker_service_server::WorkerServiceServer;
 
+use twinhead_proto::auth::{TokenProblem, check_bearer};
+
 use crate::service::Services;
 use crate::store::{SqliteStore, StoreError};
 use crate::{Coordinator, LeaseSettings};
@@ -57,27 +59,22 @@ impl Interceptor for BearerAuth {
         let Some(expected) = self.token.as_deref() else {
             return Ok(request);
         };
-        let given = request
+        let header = request
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(request),
-            Some(_) => Err(Status::unauthenticated(format!(
+            .and_then(|v| v.to_str().ok());
+        match check_bearer(header, expected) {
+            Ok(()) => Ok(request),
+            Err(TokenProblem::Wrong) => Err(Status::unauthenticated(format!(
                 "wrong token for the {} API",
                 self.api
             ))),
-            None => Err(Status::unauthenticated(format!(
+            Err(TokenProblem::Missing) => Err(Status::unauthenticated(format!(
                 "the {} API needs a bearer token (set TWINHEAD_TOKEN or pass --token)",
                 self.api
             ))),
         }
     }
-}
-
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves the coordinator's gRPC API on `listener` until `shutdown` resolves.

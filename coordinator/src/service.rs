@@ -8,8 +8,15 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
+use twinhead_proto::v1::dataprep_service_server::DataprepService;
+use twinhead_proto::v1::dataset_service_server::DatasetService;
 use twinhead_proto::v1::run_service_server::RunService;
 use twinhead_proto::v1::worker_service_server::WorkerService;
+use twinhead_proto::v1::{
+    BuildDatasetRequest, ClaimTaskRequest, ClaimTaskResponse, CompleteTaskRequest,
+    CompleteTaskResponse, Dataset, FailTaskRequest, FailTaskResponse, GetDatasetRequest,
+    ListDatasetsRequest, ListDatasetsResponse, RenewTaskRequest, RenewTaskResponse,
+};
 use twinhead_proto::v1::{
     CancelRunRequest, GetAssignmentRequest, GetAssignmentResponse, GetProgressRequest,
     GetProgressResponse, GetRunRequest, HeartbeatRequest, HeartbeatResponse, LeaveRequest,
@@ -341,5 +348,101 @@ impl WorkerService for Services {
             .apply(|s, now, fx| s.leave(&worker_id, &reason, now, fx))
             .await?;
         Ok(ack((WorkerAction::Continue, String::new())))
+    }
+}
+
+// ---------------------------------------------------------- dataset builds
+
+#[tonic::async_trait]
+impl DatasetService for Services {
+    async fn build_dataset(
+        &self,
+        request: Request<BuildDatasetRequest>,
+    ) -> Result<Response<Dataset>, Status> {
+        let request = request.into_inner();
+        let record = self
+            .coordinator
+            .apply_builds(|b, now, writes| b.submit(request, now, writes))
+            .await?;
+        tracing::info!(dataset = %record.id, url = %record.url, "dataset build queued");
+        Ok(Response::new(record))
+    }
+
+    async fn get_dataset(
+        &self,
+        request: Request<GetDatasetRequest>,
+    ) -> Result<Response<Dataset>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(self.coordinator.builds().get(&id)?))
+    }
+
+    async fn list_datasets(
+        &self,
+        _request: Request<ListDatasetsRequest>,
+    ) -> Result<Response<ListDatasetsResponse>, Status> {
+        let datasets = self.coordinator.builds().list();
+        Ok(Response::new(ListDatasetsResponse { datasets }))
+    }
+}
+
+fn process_name(process: &str) -> Result<&str, Status> {
+    if process.trim().is_empty() {
+        return Err(Status::invalid_argument("process: is required"));
+    }
+    Ok(process)
+}
+
+#[tonic::async_trait]
+impl DataprepService for Services {
+    async fn claim_task(
+        &self,
+        request: Request<ClaimTaskRequest>,
+    ) -> Result<Response<ClaimTaskResponse>, Status> {
+        let request = request.into_inner();
+        let process = process_name(&request.process)?;
+        let wait = Duration::from_millis(u64::from(request.wait_ms));
+        let task = self.coordinator.claim_task(process, wait).await;
+        if let Some(t) = &task {
+            tracing::info!(dataset = %t.dataset_id, task = %t.key, %process, "task handed out");
+        }
+        Ok(Response::new(ClaimTaskResponse { task }))
+    }
+
+    async fn renew_task(
+        &self,
+        request: Request<RenewTaskRequest>,
+    ) -> Result<Response<RenewTaskResponse>, Status> {
+        let r = request.into_inner();
+        let process = process_name(&r.process)?;
+        let wanted =
+            self.coordinator
+                .builds()
+                .renew(&r.dataset_id, &r.key, process, Instant::now())?;
+        Ok(Response::new(RenewTaskResponse { wanted }))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<CompleteTaskRequest>,
+    ) -> Result<Response<CompleteTaskResponse>, Status> {
+        let r = request.into_inner();
+        process_name(&r.process)?;
+        self.coordinator
+            .apply_builds(|b, now, writes| b.complete(&r, now, writes))
+            .await?;
+        Ok(Response::new(CompleteTaskResponse {}))
+    }
+
+    async fn fail_task(
+        &self,
+        request: Request<FailTaskRequest>,
+    ) -> Result<Response<FailTaskResponse>, Status> {
+        let r = request.into_inner();
+        process_name(&r.process)?;
+        tracing::warn!(dataset = %r.dataset_id, task = %r.key, process = %r.process, retry = r.retry, error = %r.error, "task failed");
+        self.coordinator
+            .apply_builds(|b, now, writes| b.fail(&r, now, writes))
+            .await?;
+        Ok(Response::new(FailTaskResponse {}))
     }
 }

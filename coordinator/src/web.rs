@@ -18,8 +18,9 @@ use axum::routing::get;
 use serde::Serialize;
 use twinhead_proto::v1::{Attempt, Checkpoint, PhaseProgress, Run};
 
+use twinhead_proto::auth::{TokenProblem, check_bearer};
+
 use crate::metrics::{self, reported_phase, worker_state};
-use crate::server::constant_time_eq;
 use crate::state::{WorkerView, state_name};
 use crate::store::ProgressRow;
 use crate::{Coordinator, Error};
@@ -65,17 +66,16 @@ async fn require_token(State(shared): State<Shared>, request: Request, next: Nex
     let Some(expected) = shared.user_token.as_deref() else {
         return next.run(request).await;
     };
-    let given = request
+    let header = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let problem = match given {
-        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
-            return next.run(request).await;
+        .and_then(|v| v.to_str().ok());
+    let problem = match check_bearer(header, expected) {
+        Ok(()) => return next.run(request).await,
+        Err(TokenProblem::Wrong) => "wrong token for the HTTP API",
+        Err(TokenProblem::Missing) => {
+            "the HTTP API needs the user token: Authorization: Bearer <token>"
         }
-        Some(_) => "wrong token for the HTTP API",
-        None => "the HTTP API needs the user token: Authorization: Bearer <token>",
     };
     let mut response = error(StatusCode::UNAUTHORIZED, problem.into());
     response

@@ -1,32 +1,13 @@
 //! The crate's error type: every message says what went wrong and where
 //! (file, key, line or object path).
 
-use std::path::PathBuf;
-
 /// Errors of dataset building, verification and statistics.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The config file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    ConfigRead {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for the schema (names the key path).
-    #[error("{path}: {key}: {message}")]
-    ConfigParse {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
-    /// The config parsed but a value is not allowed.
-    #[error("{path}: {key}: {message}")]
-    ConfigInvalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    /// The dataset config could not be read or is not valid (names the
+    /// file and key).
+    #[error(transparent)]
+    Config(#[from] twinhead_proto::dataset::Error),
     /// Object storage failed (a bad URL, a missing object, a read, write
     /// or list that failed); names the object.
     #[error(transparent)]

@@ -7,7 +7,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use unicode_normalization::UnicodeNormalization;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
-use crate::config::Filters;
+use twinhead_proto::dataset::Filters;
 
 /// NFC, then drop control characters except `\n` and `\t` (`\r\n` and `\r`
 /// become `\n`).
@@ -265,7 +265,7 @@ mod tests {
         assert_eq!(a[0], c[0]);
         assert_ne!(a[1], c[1]);
     }
-    use crate::config::NgramRule;
+    use twinhead_proto::dataset::NgramRule;
 
     #[test]
     fn normalize_nfc_and_controls() {

@@ -7,7 +7,7 @@
 //! reports derive `serde::Serialize` for `--json`.
 //!
 //! # Layout
-//! - [`config`]: `configs/data/*.toml`, raw shape then validated types.
+//! - The config, `configs/data/*.toml`, is `twinhead_proto::dataset`'s.
 //! - [`inputs`]: where a source's input files are (paths, URLs, globs).
 //! - [`read`]: jsonl / jsonl.gz / jsonl.zst / parquet / text readers.
 //! - [`filters`]: normalization, quality filters, dedup key.
@@ -21,7 +21,6 @@
 //! `phases/<p>/shard-NNNNN.parquet`, each with a `.done.json` marker, and
 //! `manifest.json` written last.
 
-pub mod config;
 pub mod error;
 pub mod filters;
 pub mod inputs;
@@ -39,9 +38,9 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-pub use config::DatasetConfig;
 pub use error::{Error, Result};
 pub use twinhead_data::manifest::Manifest;
+pub use twinhead_proto::dataset::DatasetConfig;
 
 use twinhead_data::formats;
 use twinhead_data::manifest::{self, FileEntry};

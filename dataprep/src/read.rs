@@ -10,10 +10,10 @@ use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 
-use crate::config::{Format, OnError, SourceConfig};
 use crate::error::{Error, Result};
 pub use twinhead_data::manifest::Issue;
 use twinhead_data::store::Location;
+use twinhead_proto::dataset::{Format, OnError, SourceConfig};
 
 /// One document as read, before normalization.
 #[derive(Debug, Clone, PartialEq)]

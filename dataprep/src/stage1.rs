@@ -13,13 +13,13 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::ProgressSink;
-use crate::config::{Format, OnError, SourceConfig};
 use crate::error::Result;
 use crate::filters;
 use crate::inputs;
 use crate::read::{self, Issue, ReadOutput};
 use twinhead_data::manifest::{FileEntry, Marker};
 use twinhead_data::store::Location;
+use twinhead_proto::dataset::{Format, OnError, SourceConfig};
 
 /// A document that passed the filters.
 #[derive(Debug, Clone)]

@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 
 use crate::ProgressSink;
-use crate::config::{DatasetConfig, PhaseConfig};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::stage1::{Written, put_with_marker, read_marker};
 use twinhead_data::formats::{self, Row};
 use twinhead_data::manifest::{Draw, FileEntry, PhaseStats, SourceStats};
 use twinhead_data::store::Location;
+use twinhead_proto::dataset::{DatasetConfig, PhaseConfig};
 
 /// A slice of one document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use arrow_array::{RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use twinhead_dataprep::config::DatasetConfig;
 use twinhead_dataprep::stage1::{self, Scanned};
 use twinhead_dataprep::{Error, NoProgress};
+use twinhead_proto::dataset::DatasetConfig;
 
 /// Config with one source over `input`.
 fn config(dir: &Path, input: &str, format: &str, fields: &str, on_error: &str) -> DatasetConfig {

@@ -63,3 +63,49 @@ mod tests {
         assert_eq!(Bearer::new(Some("line\nbreak")).err(), Some(InvalidToken));
     }
 }
+
+/// Why a request's `authorization` header does not carry the expected token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenProblem {
+    /// No `Bearer` token at all.
+    Missing,
+    /// A token, but not the expected one.
+    Wrong,
+}
+
+/// Checks an `authorization` header value (`Bearer <token>`) against
+/// `expected`, in time that does not depend on where they differ.
+pub fn check_bearer(header: Option<&str>, expected: &str) -> Result<(), TokenProblem> {
+    match header.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(TokenProblem::Wrong),
+        None => Err(TokenProblem::Missing),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_expected_bearer_token_passes() {
+        assert_eq!(check_bearer(Some("Bearer s3cret"), "s3cret"), Ok(()));
+        assert_eq!(
+            check_bearer(Some("Bearer s3cre"), "s3cret"),
+            Err(TokenProblem::Wrong)
+        );
+        assert_eq!(
+            check_bearer(Some("Bearer "), "s3cret"),
+            Err(TokenProblem::Wrong)
+        );
+        assert_eq!(
+            check_bearer(Some("s3cret"), "s3cret"),
+            Err(TokenProblem::Missing)
+        );
+        assert_eq!(check_bearer(None, "s3cret"), Err(TokenProblem::Missing));
+    }
+}

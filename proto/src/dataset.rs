@@ -8,7 +8,33 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+/// A dataset config that cannot be read or is not valid; names the file and key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for the schema (names the key path).
+    #[error("{path}: {key}: {message}")]
+    ConfigParse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// The config parsed but a value is not allowed.
+    #[error("{path}: {key}: {message}")]
+    ConfigInvalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 // ---------------------------------------------------------------- raw shape
 

@@ -17,7 +17,9 @@
 
 pub mod auth;
 pub mod batch;
+pub mod build_tasks;
 pub mod config;
+pub mod dataset;
 pub mod validate;
 
 /// Generated code for package `twinhead.v1`.
