@@ -32,7 +32,7 @@
 //!
 //! # Layout
 //!
-//! * `manifest` — the tolerant reader of dataprep's `manifest.json`.
+//! * The manifest is `twinhead_data::manifest`'s, which dataprep writes.
 //! * `shard` — footer and row-group reads of one shard.
 //! * `order` — the data-order log and its verifier.
 
