@@ -24,11 +24,11 @@ pub fn export_run(run: &Run, checkpoint: Option<&str>, out: &Path) -> anyhow::Re
             .with_context(|| format!("run {} has no committed checkpoint yet", run.id))?,
     };
     let device = Default::default();
-    let model = twinhead_worker::train::model_from_checkpoint::<twinhead_worker::CpuBackend>(
+    let model = twinhead_worker::train::model_from_checkpoint::<twinhead_model::CpuBackend>(
         spec, &url, &device,
     )?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    twinhead_worker::hf::save(&model, out)
+    twinhead_model::hf::save(&model, out)
         .with_context(|| format!("cannot write {}", out.display()))?;
     // The dataset's tokenizer travels with the model.
     let dataset = twinhead_data::store::Location::open(&spec.dataset, false)?;
@@ -84,8 +84,8 @@ const TOKENIZER_FILES: [&str; 3] = [
 
 /// What [`import_folder`] did.
 pub struct Imported {
-    pub flavour: twinhead_worker::model::Flavour,
-    pub config: twinhead_worker::model::ModelConfig,
+    pub flavour: twinhead_model::Flavour,
+    pub config: twinhead_model::ModelConfig,
     pub parameters: usize,
     pub copied: Vec<&'static str>,
 }
@@ -94,10 +94,10 @@ pub struct Imported {
 /// writes it to `out` and copies the tokenizer files.
 pub fn import_folder(src: &Path, out: &Path) -> anyhow::Result<Imported> {
     use burn::module::Module;
-    let (config, flavour) = twinhead_worker::hf::read_config(src)
+    let (config, flavour) = twinhead_model::hf::read_config(src)
         .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
     let device = Default::default();
-    let model = twinhead_worker::hf::load::<twinhead_worker::CpuBackend>(src, &device)
+    let model = twinhead_model::hf::load::<twinhead_model::CpuBackend>(src, &device)
         .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
     if src.canonicalize().ok() == out.canonicalize().ok() {
         anyhow::bail!(
@@ -106,7 +106,7 @@ pub fn import_folder(src: &Path, out: &Path) -> anyhow::Result<Imported> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    twinhead_worker::hf::save(&model, out)
+    twinhead_model::hf::save(&model, out)
         .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))
         .with_context(|| format!("cannot write {}", out.display()))?;
     let mut copied = Vec::new();
@@ -130,8 +130,8 @@ pub async fn import(src: &Path, out: &Path, json: bool) -> anyhow::Result<std::p
     let (from, to) = (src.to_path_buf(), out.to_path_buf());
     let imported = tokio::task::spawn_blocking(move || import_folder(&from, &to)).await??;
     let flavour = match imported.flavour {
-        twinhead_worker::model::Flavour::Encoder => "encoder",
-        twinhead_worker::model::Flavour::Decoder => "decoder",
+        twinhead_model::Flavour::Encoder => "encoder",
+        twinhead_model::Flavour::Decoder => "decoder",
     };
     let c = &imported.config;
     if json {

@@ -422,13 +422,13 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     };
     let trainer: Box<dyn twinhead_worker::runtime::Trainer> = match device {
         twinhead_worker::device::Device::Cpu => Box::new(twinhead_worker::train::BurnTrainer::<
-            twinhead_worker::CpuAutodiff,
+            twinhead_model::CpuAutodiff,
         >::new(Default::default())),
         #[cfg(feature = "cuda")]
         twinhead_worker::device::Device::Cuda(ordinal) => {
             twinhead_worker::device::check_cuda(ordinal).map_err(anyhow::Error::msg)?;
             Box::new(twinhead_worker::train::BurnTrainer::<
-                twinhead_worker::CudaAutodiff,
+                twinhead_model::CudaAutodiff,
             >::new(burn::backend::cuda::CudaDevice::new(
                 ordinal,
             )))

@@ -12,11 +12,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
-use twinhead_worker::CpuBackend;
-use twinhead_worker::hf;
-use twinhead_worker::infer::{self, GenerateConfig};
-use twinhead_worker::model::config::builtin_names;
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert};
+use twinhead_model::CpuBackend;
+use twinhead_model::config::builtin_names;
+use twinhead_model::hf;
+use twinhead_model::infer::{self, GenerateConfig};
+use twinhead_model::{Flavour, ModelConfig, ModernBert};
 
 use crate::output::{human, table};
 

@@ -9,8 +9,8 @@ use std::process::Output;
 
 use common::{assert_clean_error, json, repo_root, stderr, stdout, twinhead};
 
-use twinhead_worker::CpuBackend;
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert};
+use twinhead_model::CpuBackend;
+use twinhead_model::{Flavour, ModelConfig, ModernBert};
 
 fn fixtures() -> PathBuf {
     repo_root().join("dataprep/tests/fixtures")
@@ -229,7 +229,7 @@ fn tiny_model_dir(root: &Path, flavour: Flavour) -> PathBuf {
         Flavour::Encoder => "encoder",
         Flavour::Decoder => "decoder",
     });
-    twinhead_worker::hf::save(&model, &dir).expect("save");
+    twinhead_model::hf::save(&model, &dir).expect("save");
     std::fs::write(dir.join("tokenizer.json"), tokenizer).expect("write tokenizer");
     dir
 }
@@ -566,7 +566,7 @@ fn submit_with(url: &str, config: &Path, out: &Path) -> Output {
 fn import_checks_a_folder_and_writes_it_back_as_twinhead_exports() {
     let root = tempfile::tempdir().expect("tempdir");
     // A bf16 encoder written by transformers: imported as f32.
-    let bf16 = repo_root().join("worker/tests/fixtures/encoder-bf16");
+    let bf16 = repo_root().join("model/tests/fixtures/encoder-bf16");
     let out = root.path().join("imported-bf16");
     let (bf16_s, out_s) = (
         bf16.to_str().expect("utf-8 path"),

@@ -1,12 +1,10 @@
 //! The twinhead worker: one process per accelerator that trains an Ettin
-//! model (encoder or decoder) on its slice of every global batch.
+//! model (encoder or decoder) on its slice of every global batch. The model
+//! itself, its objectives and formats are `twinhead-model`'s; this crate is
+//! the training runtime around it.
 //!
 //! # Layout
-//! - [`model`]: the ModernBERT network in Burn (both flavours), its config.
-//! - [`objectives`]: MLM, CLM and MNTP batches and losses.
-//! - [`hf`]: Hugging Face folders (`config.json` + `model.safetensors`)
-//!   in and out.
-//! - [`infer`]: fill-mask and generation (KV cache, seeded sampling).
+//! - [`train`]: the training step and the trainer that runs assignments.
 //! - [`collective`]: all-reduce and friends: single process, CPU ring over
 //!   TCP, NCCL (feature `cuda`).
 //! - [`optim`], [`schedule`]: StableAdamW on the weights' device; token-driven LR laws.
@@ -14,37 +12,15 @@
 //!   data-order log.
 //! - [`checkpoint`]: checkpoints on object storage (`twinhead-data`'s `store`).
 //! - [`runtime`]: the worker's life with the coordinator;
-//!   [`host_memory`]: how a training process keeps its memory.
-//!
-//! # Backends
-//! Tests and CPU runs use Burn's `ndarray` backend ([`CpuBackend`]); the
-//! `cuda` cargo feature adds Burn's CUDA backend. RESEARCH.md measured
-//! `flex` about 10% faster on CPU training, but it takes 50% longer to
-//! build and CPU training is only for tests and laptops here, so the
-//! backend with the cheaper build and the longer track record wins.
+//!   [`host_memory`]: how a training process keeps its memory;
+//!   [`device`]: which accelerator a worker trains on.
 
 pub mod checkpoint;
 pub mod collective;
 pub mod device;
-pub mod hf;
 pub mod host_memory;
-pub mod infer;
 pub mod loader;
-pub mod model;
-pub mod objectives;
 pub mod optim;
 pub mod runtime;
 pub mod schedule;
 pub mod train;
-
-/// The CPU backend used by tests and CPU training.
-pub type CpuBackend = burn::backend::NdArray<f32>;
-/// [`CpuBackend`] with autodiff, for training on CPU.
-pub type CpuAutodiff = burn::backend::Autodiff<CpuBackend>;
-
-/// Burn's CUDA backend (feature `cuda`).
-#[cfg(feature = "cuda")]
-pub type CudaBackend = burn::backend::Cuda<f32>;
-/// [`CudaBackend`] with autodiff, for training on a GPU.
-#[cfg(feature = "cuda")]
-pub type CudaAutodiff = burn::backend::Autodiff<CudaBackend>;

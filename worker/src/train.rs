@@ -45,11 +45,11 @@ use crate::checkpoint::{
 use crate::collective::Collective;
 use crate::loader::order::DataOrderLog;
 use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOptions};
-use crate::model::{Flavour, ModelConfig, ModernBert, Precision, TokenBatch, TrainBackend};
-use crate::objectives::{self, MaskingConfig, PredictionBatch};
 use crate::optim::{StableAdamW, StableAdamWConfig, StepStats, TensorSpec};
 use crate::runtime::{Link, PhaseEnd, Progress, TrainError, Trainer};
 use crate::schedule::{DecayLaw, LrSchedule};
+use twinhead_model::objectives::{self, MaskingConfig, PredictionBatch};
+use twinhead_model::{Flavour, ModelConfig, ModernBert, Precision, TokenBatch, TrainBackend};
 
 fn failed<E: std::fmt::Display>(context: &str) -> impl Fn(E) -> TrainError + '_ {
     move |e| TrainError::Failed(format!("{context}: {e}"))
@@ -437,7 +437,7 @@ struct Session<B: TrainBackend> {
     world_id: String,
 }
 
-/// Trains Ettin models on backend `B` (CPU: [`crate::CpuAutodiff`]).
+/// Trains Ettin models on backend `B` (CPU: [`twinhead_model::CpuAutodiff`]).
 pub struct BurnTrainer<B: TrainBackend> {
     device: B::Device,
     session: Option<Session<B>>,
@@ -590,7 +590,7 @@ fn init_weights<B: Backend>(
         .map_err(|e| refused(e.to_string()))?;
     let tensors: NamedTensors = if is_hf {
         let path = init_from.trim_start_matches("file://");
-        let imported = crate::hf::load::<B>(std::path::Path::new(path), device)
+        let imported = twinhead_model::hf::load::<B>(std::path::Path::new(path), device)
             .map_err(|e| refused(e.to_string()))?;
         param_names(&imported)
             .into_iter()
@@ -975,8 +975,8 @@ pub fn model_from_checkpoint<B: Backend>(
 mod tests {
     use super::*;
     use crate::collective::SingleProcess;
-    use crate::{CpuAutodiff, CpuBackend};
     use rand::Rng;
+    use twinhead_model::{CpuAutodiff, CpuBackend};
 
     type B = CpuAutodiff;
 

@@ -23,9 +23,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use twinhead_model::objectives::{MaskingConfig, clm_batch, mlm_batch};
+use twinhead_model::{Flavour, ModelConfig, ModernBert, Precision, TokenBatch};
 use twinhead_worker::collective::{Collective, SingleProcess};
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, Precision, TokenBatch};
-use twinhead_worker::objectives::{MaskingConfig, clm_batch, mlm_batch};
 use twinhead_worker::optim::{StableAdamW, StableAdamWConfig};
 use twinhead_worker::train::{StepOptions, optimizer_specs, train_step};
 
@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
     let device = twinhead_worker::device::Device::parse(&o.device).map_err(anyhow::Error::msg)?;
     let report = match (device, o.precision.as_str()) {
         (twinhead_worker::device::Device::Cpu, "f32" | "bf16-mixed") => {
-            run::<twinhead_worker::CpuAutodiff>(&o, Default::default(), &mut SingleProcess::new())?
+            run::<twinhead_model::CpuAutodiff>(&o, Default::default(), &mut SingleProcess::new())?
         }
         #[cfg(feature = "cuda")]
         (twinhead_worker::device::Device::Cuda(n), precision) => cuda::run(&o, n, precision)?,
@@ -107,7 +107,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Times `steps` training steps after `warmup` ones; returns the report.
-fn run<B: twinhead_worker::model::TrainBackend>(
+fn run<B: twinhead_model::TrainBackend>(
     o: &Options,
     device: B::Device,
     collective: &mut dyn Collective,

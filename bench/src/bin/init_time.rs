@@ -3,8 +3,8 @@
 //! Usage: `cargo run --release -p twinhead-bench --bin init_time [-- NAME…]`
 use std::time::Instant;
 
-use twinhead_worker::CpuBackend as B;
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert};
+use twinhead_model::CpuBackend as B;
+use twinhead_model::{Flavour, ModelConfig, ModernBert};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let names: Vec<String> = std::env::args().skip(1).collect();

@@ -19,13 +19,13 @@ use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use twinhead_worker::CpuAutodiff as A;
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
-use twinhead_worker::objectives::{self, MaskingConfig, clm_batch, mlm_batch};
+use twinhead_model::CpuAutodiff as A;
+use twinhead_model::objectives::{self, MaskingConfig, clm_batch, mlm_batch};
+use twinhead_model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 use twinhead_worker::optim::{StableAdamW, StableAdamWConfig};
 use twinhead_worker::train::optimizer_specs;
 
-type Inner = twinhead_worker::CpuBackend;
+type Inner = twinhead_model::CpuBackend;
 
 fn main() -> anyhow::Result<()> {
     twinhead_worker::host_memory::keep_freed_memory();
@@ -166,7 +166,7 @@ fn forward_breakdown(
     model: &ModernBert<Inner>,
     prediction: &objectives::PredictionBatch,
 ) -> anyhow::Result<()> {
-    use twinhead_worker::model::modernbert::AttentionInputs;
+    use twinhead_model::modernbert::AttentionInputs;
     let device = Default::default();
     let config = model.config();
     let sync = |x: &Tensor<Inner, 3>| {

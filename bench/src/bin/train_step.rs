@@ -13,9 +13,9 @@ use std::time::Instant;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use twinhead_worker::CpuAutodiff as B;
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
-use twinhead_worker::objectives::{MaskingConfig, loss, mlm_batch};
+use twinhead_model::CpuAutodiff as B;
+use twinhead_model::objectives::{MaskingConfig, loss, mlm_batch};
+use twinhead_model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 
 const BATCH: usize = 8;
 const SEQ: usize = 512;

@@ -305,7 +305,7 @@ fn a_bad_snapshot_is_reported_through_the_handle() -> TestResult {
 fn optimizer_state_restores_into_stable_adamw() -> TestResult {
     use crate::optim::{StableAdamW, StableAdamWConfig, TensorSpec};
     use burn::tensor::{Tensor, TensorData};
-    type B = crate::CpuBackend;
+    type B = twinhead_model::CpuBackend;
     let device = Default::default();
     let flat =
         |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device);

@@ -439,7 +439,7 @@ impl Collective for NcclEngine {
 type CudaCube = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
 /// In-place mean over ranks of a flat tensor on Burn's CUDA backend
-/// ([`crate::CudaBackend`]): NCCL reads and writes the tensor's own device
+/// ([`twinhead_model::CudaBackend`]): NCCL reads and writes the tensor's own device
 /// buffer, nothing is copied to the host. Returns `Ok(false)`, touching
 /// nothing, when `tensor` is not an `f32` tensor of that backend (the
 /// caller then stages it through the host).
@@ -482,7 +482,7 @@ fn on_device_buffer<B: Backend>(
     // A second reference keeps the fusion tensor registered after it is
     // resolved, so `tensor` stays valid and names the buffer `op` wrote.
     let primitive: Box<dyn Any> = Box::new(tensor.clone().into_primitive().tensor());
-    let Ok(fused) = primitive.downcast::<FloatTensor<crate::CudaBackend>>() else {
+    let Ok(fused) = primitive.downcast::<FloatTensor<twinhead_model::CudaBackend>>() else {
         return Ok(false);
     };
     if fused.dtype != DType::F32 {

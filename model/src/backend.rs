@@ -30,11 +30,11 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use burn::backend::ndarray::NdArrayTensor;
 
-use crate::model::product_cpu::{Threads, product};
+use crate::product_cpu::{Threads, product};
 
 use super::attention::{self, AttentionPlan, cpu};
 use super::head_cpu as cpu_head;
-use crate::optim::{AdamWUpdate, cpu as cpu_optim};
+use crate::adamw::{AdamWUpdate, cpu as cpu_optim};
 
 /// What the model needs of a backend beyond Burn's own operations (see the
 /// module docs). The provided methods are the tensor versions every backend
@@ -77,7 +77,7 @@ pub trait ModelBackend: Backend {
         attention::backward(plan, q, k, v, out, lse, grad)
     }
 
-    /// One tensor's StableAdamW update (see [`crate::optim`]): the new
+    /// One tensor's StableAdamW update (see `twinhead-worker`'s `optim`): the new
     /// parameter, moments and `√r`.
     fn stable_adamw_update(
         param: Tensor<Self, 1>,
@@ -90,7 +90,7 @@ pub trait ModelBackend: Backend {
         Tensor<Self, 1>,
         Tensor<Self, 1>,
     ) {
-        crate::optim::stable_adamw_update(param, moments, grad, update)
+        crate::adamw::stable_adamw_update(param, moments, grad, update)
     }
 
     /// Logits against the tied embedding, `hidden · Eᵀ + bias`.

@@ -15,8 +15,8 @@ use rand_chacha::ChaCha8Rng;
 
 use std::sync::Arc;
 
-use crate::model::packing::rope_tables;
-use crate::model::{
+use crate::packing::rope_tables;
+use crate::{
     AttentionKind, AttentionPlan, Flavour, ModelBackend, ModelError, ModernBert, TokenBatch,
 };
 
@@ -264,7 +264,7 @@ pub fn generate<B: ModelBackend>(
 mod tests {
     use super::*;
     use crate::CpuBackend as B;
-    use crate::model::ModelConfig;
+    use crate::ModelConfig;
 
     fn tiny() -> ModelConfig {
         ModelConfig::builtin("tiny").expect("tiny")

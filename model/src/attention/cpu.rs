@@ -14,7 +14,7 @@
 //! f64 reference): scores scaled by `head_dim^-1/2`, softmax from the row
 //! maximum, output divided by the row sum, log-sum-exp kept per query.
 
-use crate::model::product_cpu::{Threads, product};
+use crate::product_cpu::{Threads, product};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
 

@@ -38,7 +38,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::model::{ConfigError, Flavour, ModelConfig, ModernBert};
+use crate::{ConfigError, Flavour, ModelConfig, ModernBert};
 use twinhead_proto::v1::ModelSpec;
 
 /// Errors from reading or writing an HF folder.

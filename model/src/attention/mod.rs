@@ -554,8 +554,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::model::backend::ModelBackend;
-    use crate::model::packing::PackedLayout;
+    use crate::backend::ModelBackend;
+    use crate::packing::PackedLayout;
     use crate::{CpuAutodiff, CpuBackend};
     use burn::tensor::activation::softmax;
     use rand::{Rng, SeedableRng};

@@ -1,8 +1,11 @@
-//! The Ettin / ModernBERT network in Burn, generic over the backend.
+//! twinhead's models as a library: the Ettin / ModernBERT network in Burn,
+//! generic over the backend, with its objectives, its Hugging Face formats
+//! and inference. The CLI's model commands and evaluation use it without
+//! the worker's runtime (loader, collectives, checkpoints), which trains it.
 //!
 //! # Layout
-//! - [`config`]: `ModelConfig`, the `configs/models/*.toml` shape files
-//!   (embedded as built-ins), validation, parameter count.
+//! - [`config`]: `ModelConfig`, a validated `ModelSpec` (the
+//!   `configs/models/*.toml` shapes, embedded as built-ins), parameter count.
 //! - [`packing`]: document boundaries in packed rows: positions, masks,
 //!   rotary tables (host side).
 //! - [`attention`]: blocked attention per document and window, with a
@@ -11,6 +14,19 @@
 //!   Burn backend (blocked attention, GELU with its exact derivative).
 //! - [`modernbert`]: the modules (attention, GeGLU MLP, layers, head) and
 //!   [`ModernBert`] itself.
+//! - [`objectives`]: MLM, CLM and MNTP batches and losses.
+//! - [`hf`]: Hugging Face folders (`config.json` + `model.safetensors`)
+//!   in and out.
+//! - [`infer`]: fill-mask and generation (KV cache, seeded sampling).
+//! - [`adamw`]: one tensor's StableAdamW update, an operation of
+//!   [`ModelBackend`] (the optimizer around it is the worker's).
+//!
+//! # Backends
+//! Tests and CPU runs use Burn's `ndarray` backend ([`CpuBackend`]); the
+//! `cuda` cargo feature adds Burn's CUDA backend. RESEARCH.md measured
+//! `flex` about 10% faster on CPU training, but it takes 50% longer to
+//! build and CPU training is only for tests and laptops here, so the
+//! backend with the cheaper build and the longer track record wins.
 //!
 //! # Decisions
 //! - **Packed rows.** No token attends across a document boundary
@@ -30,13 +46,29 @@
 //! - **Sparse prediction.** Objectives run the head only at the positions
 //!   that predict (see [`crate::objectives`]).
 
+pub mod adamw;
 pub mod attention;
 pub mod backend;
 pub mod config;
 mod head_cpu;
+pub mod hf;
+pub mod infer;
 pub mod modernbert;
+pub mod objectives;
 pub mod packing;
 mod product_cpu;
+
+/// The CPU backend used by tests and CPU training.
+pub type CpuBackend = burn::backend::NdArray<f32>;
+/// [`CpuBackend`] with autodiff, for training on CPU.
+pub type CpuAutodiff = burn::backend::Autodiff<CpuBackend>;
+
+/// Burn's CUDA backend (feature `cuda`).
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda<f32>;
+/// [`CudaBackend`] with autodiff, for training on a GPU.
+#[cfg(feature = "cuda")]
+pub type CudaAutodiff = burn::backend::Autodiff<CudaBackend>;
 
 pub use attention::{AttentionPlan, Visibility};
 pub use backend::{CrossEntropyGrads, ModelBackend, Precision, TrainBackend};

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Tensor;
 use safetensors::SafeTensors;
-use twinhead_worker::CpuBackend as B;
-use twinhead_worker::hf::{self, HfError};
-use twinhead_worker::model::{Flavour, ModernBert, TokenBatch};
+use twinhead_model::CpuBackend as B;
+use twinhead_model::hf::{self, HfError};
+use twinhead_model::{Flavour, ModernBert, TokenBatch};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

@@ -2,7 +2,7 @@
 //! long sequence's `[positions, vocab]` logits never exist at once (a
 //! decoder at 8,192 tokens would hold 1.6 GB per copy of them).
 
-use crate::model::product_cpu::{Threads, product};
+use crate::product_cpu::{Threads, product};
 use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 use rayon::prelude::*;
 

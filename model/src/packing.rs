@@ -14,7 +14,7 @@
 //! sees the same positions as when alone). The HF fixtures check this: the
 //! reference for a packed row is each document run separately.
 
-use crate::model::ModelError;
+use crate::ModelError;
 
 /// Which tokens a query may see, before the sliding window is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,8 +29,8 @@ use rand_chacha::ChaCha8Rng;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 
-use crate::model::modernbert::AttentionInputs;
-use crate::model::{AttentionKind, ModelBackend, ModelError, ModernBert, TokenBatch, TrainBackend};
+use crate::modernbert::AttentionInputs;
+use crate::{AttentionKind, ModelBackend, ModelError, ModernBert, TokenBatch, TrainBackend};
 
 /// Errors from building or scoring an objective batch.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub struct MaskingConfig {
 
 impl MaskingConfig {
     /// Settings from a model config (its four special ids).
-    pub fn from_model(config: &crate::model::ModelConfig, mask_ratio: f64) -> Self {
+    pub fn from_model(config: &crate::ModelConfig, mask_ratio: f64) -> Self {
         Self {
             mask_ratio,
             mask_token_id: config.mask_token_id,
@@ -352,8 +352,8 @@ pub fn recomputed_gradients<B: TrainBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Flavour, ModelConfig};
     use crate::{CpuAutodiff, CpuBackend};
+    use crate::{Flavour, ModelConfig};
     use rand::SeedableRng;
 
     fn tiny() -> ModelConfig {

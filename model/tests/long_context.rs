@@ -10,9 +10,9 @@
 use burn::tensor::backend::Backend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use twinhead_worker::CpuAutodiff as A;
-use twinhead_worker::model::{Flavour, ModelConfig, ModernBert, TokenBatch};
-use twinhead_worker::objectives::{self, MaskingConfig, clm_batch, mlm_batch};
+use twinhead_model::CpuAutodiff as A;
+use twinhead_model::objectives::{self, MaskingConfig, clm_batch, mlm_batch};
+use twinhead_model::{Flavour, ModelConfig, ModernBert, TokenBatch};
 
 const SEQ: usize = 8192;
 const MIB: u64 = 1 << 20;

@@ -1,0 +1,104 @@
+//! One tensor's StableAdamW update, the operation the optimizer
+//! (`twinhead-worker`'s `optim`) asks of a backend: as tensor operations
+//! that every backend runs, and on the CPU as two in-place passes over host
+//! slices. The formula is in `optim`'s documentation.
+
+use burn::prelude::Backend;
+use burn::tensor::Tensor;
+
+/// The scalars of one tensor's update at one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWUpdate {
+    /// Debiased β1 and β2 of this step.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// This step's learning rate.
+    pub lr: f64,
+    /// `weight_decay / max_lr`, or 0 for a tensor without decay.
+    pub decay_per_lr: f64,
+    /// The gradient is `grad × grad_scale`.
+    pub grad_scale: f64,
+}
+
+/// One tensor's StableAdamW update as tensor operations (the form every
+/// backend can run): returns the new parameter, moments and `√r`.
+pub fn stable_adamw_update<B: Backend>(
+    param: Tensor<B, 1>,
+    (exp_avg, exp_avg_sq): (Tensor<B, 1>, Tensor<B, 1>),
+    grad: Tensor<B, 1>,
+    u: &AdamWUpdate,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let grad = if u.grad_scale == 1.0 {
+        grad
+    } else {
+        grad.mul_scalar(u.grad_scale as f32)
+    };
+    let g2 = grad.clone().square();
+    let exp_avg = exp_avg.mul_scalar(u.beta1) + grad.mul_scalar(1.0 - u.beta1);
+    let exp_avg_sq = exp_avg_sq.mul_scalar(u.beta2) + g2.clone().mul_scalar(1.0 - u.beta2);
+    // r with the new v; lr_t = lr / max(1, √r), all on the device.
+    let rms = (g2 / exp_avg_sq.clone().clamp_min(u.eps * u.eps))
+        .mean()
+        .sqrt();
+    let lr_t = rms.clone().clamp_min(1.0).recip().mul_scalar(u.lr);
+    let mut p = param;
+    if u.decay_per_lr != 0.0 {
+        let keep = lr_t.clone().mul_scalar(-u.decay_per_lr).add_scalar(1.0);
+        p = p * keep;
+    }
+    let update = exp_avg.clone() / exp_avg_sq.clone().sqrt().add_scalar(u.eps);
+    (p - update * lr_t, exp_avg, exp_avg_sq, rms)
+}
+
+/// The CPU backend's update, on host slices in place.
+pub mod cpu {
+    use rayon::prelude::*;
+
+    use super::AdamWUpdate;
+
+    /// Values per parallel chunk: fixed, so that the sum of `r` is added in
+    /// the same order whatever the number of threads.
+    const CHUNK: usize = 1 << 16;
+
+    /// Updates `p`, `m`, `v` from `g`; returns `√r`.
+    pub fn update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], u: &AdamWUpdate) -> f32 {
+        let n = p.len();
+        if n == 0 || m.len() != n || v.len() != n || g.len() != n {
+            return f32::NAN;
+        }
+        let (b1, b2) = (u.beta1 as f32, u.beta2 as f32);
+        let (c1, c2) = ((1.0 - u.beta1) as f32, (1.0 - u.beta2) as f32);
+        let eps = u.eps as f32;
+        let eps_sq = (u.eps * u.eps) as f32;
+        let scale = u.grad_scale as f32;
+        let partial: Vec<f64> = m
+            .par_chunks_mut(CHUNK)
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .map(|((m, v), g)| {
+                let mut r = 0f32;
+                for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                    let g = g * scale;
+                    let g2 = g * g;
+                    *m = *m * b1 + g * c1;
+                    *v = *v * b2 + g2 * c2;
+                    r += g2 / v.max(eps_sq);
+                }
+                f64::from(r)
+            })
+            .collect();
+        let rms = (partial.iter().sum::<f64>() / n as f64).sqrt() as f32;
+        let lr_t = u.lr as f32 / rms.max(1.0);
+        let keep = 1.0 - lr_t * u.decay_per_lr as f32;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK))
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|((p, m), v)| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    *p = *p * keep - lr_t * (m / (v.sqrt() + eps));
+                }
+            });
+        rms
+    }
+}
