@@ -530,7 +530,8 @@ fn a_run_resumed_with_fewer_ranks_after_a_kill_ends_where_an_uninterrupted_run_d
     };
     let run2 = submit(&setup.url, &elastic.write(setup.dir.path()));
     let keep = worker(&setup.url, &setup.logs[0]);
-    std::thread::sleep(Duration::from_millis(300));
+    // Registered first, so the survivor is rank 0.
+    wait_for_log(&setup.logs[0], "registered", &setup.logs);
     let mut doomed = worker(&setup.url, &setup.logs[1]);
     // Kill the second rank with SIGKILL once a checkpoint is committed.
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -718,6 +719,20 @@ fn wait_exit(worker: &mut Proc, logs: &[PathBuf]) -> std::process::ExitStatus {
     }
 }
 
+/// Waits until a process's log holds `needle` (an event it logged).
+fn wait_for_log(log: &Path, needle: &str, logs: &[PathBuf]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(log).is_ok_and(|text| text.contains(needle)) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {needle:?}\n{}",
+            log.display(),
+            dump(logs)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Polls the run until `ready` holds of its status.
 fn wait_for(
     url: &str,
@@ -750,7 +765,7 @@ fn a_worker_sent_sigterm_checkpoints_its_step_leaves_and_the_run_resumes_there()
     };
     let run = submit(&setup.url, &recipe.write(setup.dir.path()));
     let _stays = worker(&setup.url, &setup.logs[0]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_log(&setup.logs[0], "registered", &setup.logs);
     let mut leaves = worker(&setup.url, &setup.logs[1]);
     let trained = wait_for(&setup.url, &run, &setup.logs, "no progress", |s| {
         s["phases"][0]["steps_done"].as_u64().unwrap_or(0) >= 2
