@@ -937,33 +937,13 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(5);
 
-    /// The tiny two-phase run of the coordinator's gRPC tests: world size 2,
-    /// global batch 4, 3 steps of 16 tokens then 2 of 32.
+    /// The tiny two-phase run of the coordinator's tests
+    /// (`tests/tiny-run.toml`): world size 2, global batch 4, 3 steps of 16
+    /// tokens then 2 of 32.
     fn spec(overrides: &[&str]) -> RunSpec {
-        let text = r#"
-name = "unit"
-model = "tiny"
-objective = "mlm"
-dataset = "file:///tmp/dataset"
-world_size = 2
-global_batch = 4
-[optimizer]
-peak_lr = 1e-3
-[checkpoint]
-root = "file:///tmp/ckpt"
-[[phases]]
-name = "pretrain"
-tokens = 192
-seq_len = 16
-mask_ratio = 0.3
-[[phases]]
-name = "decay"
-tokens = 256
-seq_len = 32
-mask_ratio = 0.15
-"#;
+        let text = include_str!("../tests/tiny-run.toml");
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-        twinhead_proto::config::parse_run("unit.toml", text, &overrides, Path::new("."))
+        twinhead_proto::config::parse_run("tiny-run.toml", text, &overrides, Path::new("."))
             .expect("valid spec")
     }
 

@@ -207,32 +207,11 @@ pub fn tiny_spec(name: &str) -> RunSpec {
 }
 
 pub fn spec_with(name: &str, overrides: &[&str]) -> RunSpec {
-    let text = format!(
-        r#"
-name = "{name}"
-model = "tiny"
-objective = "mlm"
-dataset = "file:///tmp/dataset"
-world_size = 2
-global_batch = 4
-[optimizer]
-peak_lr = 1e-3
-[checkpoint]
-root = "file:///tmp/ckpt"
-[[phases]]
-name = "pretrain"
-tokens = 192
-seq_len = 16
-mask_ratio = 0.3
-[[phases]]
-name = "decay"
-tokens = 256
-seq_len = 32
-mask_ratio = 0.15
-"#
-    );
-    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    twinhead_proto::config::parse_run("test.toml", &text, &overrides, Path::new("."))
+    let text = include_str!("../tiny-run.toml");
+    let overrides: Vec<String> = std::iter::once(format!("name={name:?}"))
+        .chain(overrides.iter().map(|s| s.to_string()))
+        .collect();
+    twinhead_proto::config::parse_run("tiny-run.toml", text, &overrides, Path::new("."))
         .expect("valid spec")
 }
 
