@@ -60,6 +60,28 @@ pub enum Objective {
     Mntp,
 }
 
+impl Objective {
+    /// The objective a run spec names (a `twinhead.v1.Objective` value);
+    /// `None` for any other value, unspecified included.
+    pub fn from_spec(value: i32) -> Option<Self> {
+        use twinhead_proto::v1::Objective as Spec;
+        match Spec::try_from(value) {
+            Ok(Spec::Mlm) => Some(Objective::Mlm),
+            Ok(Spec::Clm) => Some(Objective::Clm),
+            Ok(Spec::Mntp) => Some(Objective::Mntp),
+            _ => None,
+        }
+    }
+
+    /// The network it trains: decoders for CLM, encoders otherwise.
+    pub fn flavour(self) -> crate::Flavour {
+        match self {
+            Objective::Clm => crate::Flavour::Decoder,
+            Objective::Mlm | Objective::Mntp => crate::Flavour::Encoder,
+        }
+    }
+}
+
 /// MLM / MNTP masking settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskingConfig {

@@ -40,9 +40,14 @@ use twinhead_proto::v1::{
     WorkerAction,
 };
 
+use twinhead_model::objectives::ObjectiveError;
+
+use crate::checkpoint::CheckpointError;
 use crate::collective::{
     AbortHandle, Collective, CollectiveError, CpuRingEngine, RingConfig, SingleProcess,
 };
+use crate::loader::LoaderError;
+use crate::optim::OptimError;
 
 /// How a worker reaches the coordinator and its peers.
 #[derive(Debug, Clone)]
@@ -97,8 +102,23 @@ pub enum PhaseEnd {
 /// A training failure; the world is reported failed and re-formed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// The assignment's run spec cannot be trained (a part missing or
+    /// invalid); names the key.
+    #[error("run spec: {0}")]
+    Spec(String),
     #[error("collective: {0}")]
     Collective(#[from] CollectiveError),
+    /// The dataset, its rows or the data-order log.
+    #[error("data: {0}")]
+    Data(#[from] LoaderError),
+    /// Writing or reading a checkpoint.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("optimizer: {0}")]
+    Optimizer(#[from] OptimError),
+    /// A batch the model or the objective refused.
+    #[error("batch: {0}")]
+    Objective(#[from] ObjectiveError),
     #[error("aborted: {0}")]
     Aborted(String),
     /// The checkpoint to start from cannot be used; the coordinator drops

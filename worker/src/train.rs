@@ -25,7 +25,7 @@
 //! checkpoint, and all ranks return [`PhaseEnd::Stopped`] once rank 0 has
 //! reported it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
@@ -35,9 +35,7 @@ use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use twinhead_proto::BatchSchedule;
-use twinhead_proto::v1::{
-    Assignment, Checkpoint, LrShape, Objective as SpecObjective, PhaseSpec, RunSpec,
-};
+use twinhead_proto::v1::{Assignment, Checkpoint, CheckpointPolicy, LrShape, PhaseSpec, RunSpec};
 
 use crate::checkpoint::{
     self, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, NamedTensors, OptimizerState,
@@ -48,27 +46,81 @@ use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOption
 use crate::optim::{StableAdamW, StableAdamWConfig, StepStats, TensorSpec};
 use crate::runtime::{Link, PhaseEnd, Progress, TrainError, Trainer};
 use crate::schedule::{DecayLaw, LrSchedule};
-use twinhead_model::objectives::{self, MaskingConfig, PredictionBatch};
-use twinhead_model::{Flavour, ModelConfig, ModernBert, Precision, TokenBatch, TrainBackend};
-
-fn failed<E: std::fmt::Display>(context: &str) -> impl Fn(E) -> TrainError + '_ {
-    move |e| TrainError::Failed(format!("{context}: {e}"))
-}
+use twinhead_model::objectives::Objective;
+use twinhead_model::objectives::{self, MaskingConfig, ObjectiveError, PredictionBatch};
+use twinhead_model::{ModelConfig, ModernBert, Precision, TokenBatch, TrainBackend};
 
 /// The model shape of a run spec, as the model code takes it.
 pub fn model_config(spec: &RunSpec) -> Result<ModelConfig, TrainError> {
     let m = spec
         .model
         .as_ref()
-        .ok_or_else(|| TrainError::Failed("spec.model is missing".into()))?;
-    ModelConfig::from_spec(m).map_err(|e| TrainError::Failed(e.to_string()))
+        .ok_or_else(|| TrainError::Spec("model: is missing".into()))?;
+    ModelConfig::from_spec(m).map_err(|e| TrainError::Spec(e.to_string()))
 }
 
-/// Which network a run's objective trains.
-pub fn flavour(spec: &RunSpec) -> Flavour {
-    match SpecObjective::try_from(spec.objective) {
-        Ok(SpecObjective::Clm) => Flavour::Decoder,
-        _ => Flavour::Encoder,
+/// The objective a run spec names.
+fn objective(spec: &RunSpec) -> Result<Objective, TrainError> {
+    Objective::from_spec(spec.objective).ok_or_else(|| {
+        TrainError::Spec(format!(
+            "objective: {} is not mlm, clm or mntp",
+            spec.objective
+        ))
+    })
+}
+
+/// An assignment resolved once, strictly: every part of the spec that the
+/// phase's steps use, checked before the first step.
+struct Job {
+    spec: RunSpec,
+    phase: PhaseSpec,
+    config: ModelConfig,
+    objective: Objective,
+    precision: Precision,
+    schedule: LrSchedule,
+    peak_lr: f64,
+    checkpoints: CheckpointPolicy,
+    options: StepOptions,
+}
+
+impl Job {
+    fn resolve(a: &Assignment) -> Result<Self, TrainError> {
+        let spec = a
+            .spec
+            .clone()
+            .ok_or_else(|| TrainError::Spec("the assignment carries no spec".into()))?;
+        let phase = spec
+            .phases
+            .get(a.phase_index as usize)
+            .cloned()
+            .ok_or_else(|| {
+                TrainError::Spec(format!(
+                    "phases[{}]: the spec has {} phases",
+                    a.phase_index,
+                    spec.phases.len()
+                ))
+            })?;
+        let peak_lr = spec
+            .optimizer
+            .as_ref()
+            .ok_or_else(|| TrainError::Spec("optimizer: is missing".into()))?
+            .peak_lr;
+        let checkpoints = spec
+            .checkpoint
+            .clone()
+            .ok_or_else(|| TrainError::Spec("checkpoint: is missing".into()))?;
+        Ok(Self {
+            config: model_config(&spec)?,
+            objective: objective(&spec)?,
+            precision: Precision::parse(&spec.precision)
+                .map_err(|e| TrainError::Spec(format!("precision: {e}")))?,
+            schedule: lr_schedule(&phase)?,
+            options: StepOptions::of(&spec),
+            peak_lr,
+            checkpoints,
+            phase,
+            spec,
+        })
     }
 }
 
@@ -331,10 +383,9 @@ pub fn train_step<B: TrainBackend>(
         }
         // Sum of token losses: normalised by the global count below.
         let (detached, pieces) = if options.activation_checkpointing {
-            objectives::recomputed_gradients(&model, prediction, n as f64)
-                .map_err(failed("forward"))?
+            objectives::recomputed_gradients(&model, prediction, n as f64)?
         } else {
-            let mean = objectives::loss(&model, prediction).map_err(failed("forward"))?;
+            let mean = objectives::loss(&model, prediction)?;
             let total = mean.mul_scalar(n as f64);
             let detached = total.clone().inner();
             (
@@ -384,9 +435,7 @@ pub fn train_step<B: TrainBackend>(
     let grads = packed.slice(0..param_count);
     let mut params = FlatParams::<B>(Vec::with_capacity(lens.len()));
     model.visit(&mut params);
-    let (updated, stats) = optimizer
-        .step_scaled(lr, params.0, grads, per_target)
-        .map_err(failed("optimizer"))?;
+    let (updated, stats) = optimizer.step_scaled(lr, params.0, grads, per_target)?;
     let model = model.map(&mut SetFlatParams::<B> {
         values: updated.into_iter(),
     });
@@ -477,33 +526,29 @@ impl<B: TrainBackend> BurnTrainer<B> {
     fn prepare(
         &mut self,
         a: &Assignment,
+        job: &Job,
         collective: &mut dyn Collective,
     ) -> Result<(), TrainError> {
-        let spec = a
-            .spec
-            .as_ref()
-            .ok_or_else(|| TrainError::Failed("assignment without a spec".into()))?;
-        let phase = spec
-            .phases
-            .get(a.phase_index as usize)
-            .ok_or_else(|| TrainError::Failed(format!("no phase {} in the spec", a.phase_index)))?;
+        let (spec, phase) = (&job.spec, &job.phase);
         let start = a.start_checkpoint.as_ref().map(|c| (c.phase_index, c.step));
         let keep = self
             .session
             .as_ref()
             .is_some_and(|s| s.run_id == a.run_id && Some(s.at) == start);
         if !keep {
-            let config = model_config(spec)?;
-            let precision = Precision::parse(&spec.precision).map_err(TrainError::Failed)?;
-            let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, &self.device)
-                .with_precision(precision);
+            let model = ModernBert::<B>::new(
+                &job.config,
+                job.objective.flavour(),
+                spec.seed,
+                &self.device,
+            )
+            .with_precision(job.precision);
             let params = param_names(&model);
             let mut optimizer = StableAdamW::new(
                 Self::optimizer_config(spec, phase),
                 &specs_of(&params),
                 &self.device,
-            )
-            .map_err(failed("optimizer"))?;
+            )?;
             // Weights from a checkpoint or `init_from`; else the fresh ones.
             let mut values = None;
             if let Some(c) = &a.start_checkpoint {
@@ -561,8 +606,7 @@ impl<B: TrainBackend> BurnTrainer<B> {
             if a.phase_start {
                 // A new phase restarts its LR law and keeps the moments.
                 s.optimizer
-                    .set_config(Self::optimizer_config(spec, phase))
-                    .map_err(failed("optimizer"))?;
+                    .set_config(Self::optimizer_config(spec, phase))?;
             }
             let model = s
                 .model
@@ -582,7 +626,7 @@ fn init_weights<B: Backend>(
     params: &[(String, Vec<usize>, ParamId)],
     device: &B::Device,
 ) -> Result<Vec<Vec<f32>>, TrainError> {
-    let refused = |message: String| TrainError::Failed(format!("init_from {init_from}: {message}"));
+    let refused = |message: String| TrainError::Spec(format!("init_from {init_from}: {message}"));
     let folder = twinhead_data::store::Location::open(init_from, false)
         .map_err(|e| refused(e.to_string()))?;
     let is_hf = folder
@@ -668,49 +712,40 @@ fn lr_schedule(phase: &PhaseSpec) -> Result<LrSchedule, TrainError> {
         lr.end_factor,
         decay,
     )
-    .map_err(|e| TrainError::Failed(format!("phase {}: {e}", phase.name)))
+    .map_err(|e| TrainError::Spec(format!("phase {}: {e}", phase.name)))
 }
 
 /// Masks or shifts one micro-batch for the objective, row by row.
 fn prediction_batch(
-    spec: &RunSpec,
+    job: &Job,
     phase_index: u32,
-    phase: &PhaseSpec,
-    config: &ModelConfig,
     micro: &MicroBatch,
-    seq_len: usize,
 ) -> Result<PredictionBatch, TrainError> {
-    let rows: Vec<Vec<u32>> = micro
-        .input_ids
-        .chunks(seq_len)
-        .map(<[u32]>::to_vec)
-        .collect();
     let doc_lens: Vec<Vec<usize>> = micro
         .doc_lens
         .iter()
         .map(|d| d.iter().map(|&l| l as usize).collect())
         .collect();
-    let objective = SpecObjective::try_from(spec.objective).unwrap_or(SpecObjective::Mlm);
-    if objective == SpecObjective::Clm {
-        let batch = TokenBatch::new(&rows, Some(doc_lens)).map_err(failed("batch"))?;
-        return objectives::clm_batch(&batch).map_err(failed("clm"));
+    if job.objective == Objective::Clm {
+        let batch =
+            TokenBatch::new(&micro.input_ids, Some(doc_lens)).map_err(ObjectiveError::from)?;
+        return Ok(objectives::clm_batch(&batch)?);
     }
-    let masking = MaskingConfig::from_model(config, phase.mask_ratio);
+    let masking = MaskingConfig::from_model(&job.config, job.phase.mask_ratio);
     let mut merged: Option<PredictionBatch> = None;
-    for (i, (row, lens)) in rows.iter().zip(doc_lens).enumerate() {
+    for (i, (row, lens)) in micro.input_ids.iter().zip(doc_lens).enumerate() {
         let one = TokenBatch::new(std::slice::from_ref(row), Some(vec![lens]))
-            .map_err(failed("batch"))?;
+            .map_err(ObjectiveError::from)?;
         let mut rng = ChaCha8Rng::seed_from_u64(row_seed(
-            spec.seed,
+            job.spec.seed,
             phase_index,
             micro.rows.start + i as u64,
         ));
-        let p = if objective == SpecObjective::Mntp {
+        let p = if job.objective == Objective::Mntp {
             objectives::mntp_batch(&one, &masking, &mut rng)
         } else {
             objectives::mlm_batch(&one, &masking, &mut rng)
-        }
-        .map_err(failed("masking"))?;
+        }?;
         merged = Some(match merged {
             None => p,
             Some(mut m) => {
@@ -729,6 +764,112 @@ fn prediction_batch(
     merged.ok_or_else(|| TrainError::Failed("empty micro-batch".into()))
 }
 
+/// Progress reports at most every `every` (and at the phase's last step),
+/// with the throughput of the tokens since the last report.
+struct ProgressMeter {
+    every: Duration,
+    /// Peak FLOP/s of the device for the MFU estimate (0: not reported).
+    peak_flops: f64,
+    param_count: usize,
+    last_report: Instant,
+    tokens_since: u64,
+}
+
+/// The rates of a progress report.
+struct Rates {
+    tokens_per_sec: f64,
+    mfu: f64,
+}
+
+impl ProgressMeter {
+    fn new(every: Duration, peak_flops: f64, param_count: usize) -> Self {
+        Self {
+            every,
+            peak_flops,
+            param_count,
+            last_report: Instant::now(),
+            tokens_since: 0,
+        }
+    }
+
+    /// Counts a step's tokens; the rates when a report is due (always with
+    /// `last`).
+    fn step(&mut self, tokens: u64, last: bool) -> Option<Rates> {
+        self.tokens_since += tokens;
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last_report);
+        if elapsed < self.every && !last {
+            return None;
+        }
+        let tokens_per_sec = self.tokens_since as f64 / elapsed.as_secs_f64().max(1e-9);
+        let mfu = if self.peak_flops > 0.0 {
+            6.0 * self.param_count as f64 * tokens_per_sec / self.peak_flops
+        } else {
+            0.0
+        };
+        self.last_report = now;
+        self.tokens_since = 0;
+        Some(Rates {
+            tokens_per_sec,
+            mfu,
+        })
+    }
+}
+
+/// Rank 0's checkpoint writes in flight, reported to the coordinator in
+/// order as they commit.
+struct CheckpointReporter {
+    writer: CheckpointWriter,
+    pending: Vec<checkpoint::CheckpointHandle>,
+}
+
+impl CheckpointReporter {
+    fn spawn(policy: &CheckpointPolicy) -> Result<Self, TrainError> {
+        Ok(Self {
+            writer: CheckpointWriter::spawn(&policy.root, policy.keep_last)?,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Starts writing `snapshot` on the writer's thread.
+    fn write(&mut self, snapshot: CheckpointSnapshot) -> Result<(), TrainError> {
+        self.pending.push(self.writer.write_async(snapshot)?);
+        Ok(())
+    }
+
+    /// Reports every write that has committed, in order; with `wait`,
+    /// waits for all of them first.
+    fn report(&mut self, link: &Link, wait: bool) -> Result<(), TrainError> {
+        let mut still = Vec::new();
+        for handle in self.pending.drain(..) {
+            let finished = if wait {
+                Some(handle.wait())
+            } else {
+                match handle.try_wait() {
+                    None => {
+                        still.push(handle);
+                        continue;
+                    }
+                    some => some,
+                }
+            };
+            if let Some(result) = finished {
+                let committed = result?;
+                let info = &committed.state.info;
+                link.checkpoint(Checkpoint {
+                    phase_index: info.phase_index,
+                    step: info.step,
+                    tokens: info.tokens,
+                    url: committed.url.clone(),
+                    ..Default::default()
+                })?;
+            }
+        }
+        self.pending = still;
+        Ok(())
+    }
+}
+
 impl<B: TrainBackend> Trainer for BurnTrainer<B> {
     fn train(
         &mut self,
@@ -736,40 +877,28 @@ impl<B: TrainBackend> Trainer for BurnTrainer<B> {
         collective: &mut dyn Collective,
         link: &Link,
     ) -> Result<PhaseEnd, TrainError> {
-        self.prepare(a, collective)?;
-        let spec = a.spec.clone().unwrap_or_default();
-        let phase = spec
-            .phases
-            .get(a.phase_index as usize)
-            .cloned()
-            .unwrap_or_default();
-        let config = model_config(&spec)?;
-        let checkpoint_policy = spec.checkpoint.clone().unwrap_or_default();
-        let seq_len = phase.seq_len as usize;
+        let job = Job::resolve(a)?;
+        self.prepare(a, &job, collective)?;
+        let (spec, phase) = (&job.spec, &job.phase);
         let seq_tokens = u64::from(phase.seq_len);
-        let schedule = lr_schedule(&phase)?;
-        let peak_lr = spec.optimizer.as_ref().map_or(0.0, |o| o.peak_lr);
 
         // Step sizes follow the batch warmup in phase 0.
         let plan = BatchPlan::with_schedule(
-            BatchSchedule::for_phase(&spec, a.phase_index as usize),
+            BatchSchedule::for_phase(spec, a.phase_index as usize),
             a.world_size,
             a.rank,
             u64::from(spec.micro_batch),
-        )
-        .map_err(failed("batch plan"))?;
+        )?;
         let reader = PhaseReader::open(
             &spec.dataset,
             &phase.dataset_phase,
             phase.seq_len,
             ReaderOptions::default(),
-        )
-        .map_err(failed("dataset"))?;
-        let mut batches = Prefetcher::spawn(reader, plan.clone(), a.first_step..a.last_step + 1, 4)
-            .map_err(failed("prefetch"))?;
-        let root = &checkpoint_policy.root;
+        )?;
+        let mut batches =
+            Prefetcher::spawn(reader, plan.clone(), a.first_step..a.last_step + 1, 4)?;
         let mut order = DataOrderLog::open(
-            root,
+            &job.checkpoints.root,
             &a.run_id,
             a.phase_index,
             &phase.name,
@@ -778,17 +907,12 @@ impl<B: TrainBackend> Trainer for BurnTrainer<B> {
             a.world_size,
             a.first_step,
             16,
-        )
-        .map_err(failed("data-order log"))?;
-        let writer = if a.rank == 0 {
-            Some(
-                CheckpointWriter::spawn(root, checkpoint_policy.keep_last)
-                    .map_err(failed("checkpoint writer"))?,
-            )
+        )?;
+        let mut checkpoints = if a.rank == 0 {
+            Some(CheckpointReporter::spawn(&job.checkpoints)?)
         } else {
             None
         };
-        let mut pending: Vec<checkpoint::CheckpointHandle> = Vec::new();
 
         let Some(session) = self.session.as_mut() else {
             return Err(TrainError::Failed("no model".into()));
@@ -798,36 +922,28 @@ impl<B: TrainBackend> Trainer for BurnTrainer<B> {
             .iter()
             .map(|(_, s, _)| s.iter().product::<usize>())
             .sum();
-        let mut last_report = Instant::now();
-        let mut window = (Instant::now(), 0u64);
+        let mut meter = ProgressMeter::new(self.report_every, self.peak_flops, param_count);
         for step in a.first_step..=a.last_step {
             if let Some(reason) = link.aborted() {
                 return Ok(PhaseEnd::Aborted(reason));
             }
             let batch = batches
                 .next_batch()
-                .ok_or_else(|| TrainError::Failed(format!("no batch for step {step}")))?
-                .map_err(failed("data"))?;
-            let mut predictions = Vec::with_capacity(batch.micro_batches.len());
-            for micro in &batch.micro_batches {
-                predictions.push(prediction_batch(
-                    &spec,
-                    a.phase_index,
-                    &phase,
-                    &config,
-                    micro,
-                    seq_len,
-                )?);
-            }
+                .ok_or_else(|| TrainError::Failed(format!("no batch for step {step}")))??;
+            let predictions = batch
+                .micro_batches
+                .iter()
+                .map(|micro| prediction_batch(&job, a.phase_index, micro))
+                .collect::<Result<Vec<_>, _>>()?;
             let tokens_before = plan.cursor_after(step) * seq_tokens;
-            let lr = schedule.lr(peak_lr, tokens_before);
+            let lr = job.schedule.lr(job.peak_lr, tokens_before);
             let (model, outcome) = train_step(
                 session.model.clone(),
                 &mut session.optimizer,
                 &predictions,
                 lr,
                 link.leave_requested(),
-                StepOptions::of(&spec),
+                job.options,
                 collective,
                 &self.device,
             )?;
@@ -837,113 +953,71 @@ impl<B: TrainBackend> Trainer for BurnTrainer<B> {
                 stopping,
                 stats,
             } = outcome;
-            order
-                .record(step, batch.rows.clone())
-                .map_err(failed("data-order log"))?;
+            order.record(step, batch.rows.clone())?;
             let done = step + 1;
             let tokens = plan.cursor_after(done) * seq_tokens;
             session.at = (a.phase_index, done);
-
-            window.1 += tokens - tokens_before;
-            let now = Instant::now();
-            if now.duration_since(last_report) >= self.report_every || done == a.num_steps {
-                let secs = now.duration_since(window.0).as_secs_f64().max(1e-9);
-                let tokens_per_sec = window.1 as f64 / secs;
-                let mfu = if self.peak_flops > 0.0 {
-                    6.0 * param_count as f64 * tokens_per_sec / self.peak_flops
-                } else {
-                    0.0
-                };
+            let phase_end = done == a.num_steps;
+            if let Some(rates) = meter.step(tokens - tokens_before, phase_end) {
                 link.progress(Progress {
                     step: done,
                     tokens,
                     loss: mean_loss,
-                    tokens_per_sec,
+                    tokens_per_sec: rates.tokens_per_sec,
                     lr,
                     grad_norm: stats.read()[0],
-                    mfu,
+                    mfu: rates.mfu,
                 });
-                last_report = now;
-                window = (now, 0);
             }
 
             // Checkpoints: every `every_tokens`, always at the phase end, and
             // where the world stops for a leaving rank.
-            let every = checkpoint_policy.every_tokens;
-            let phase_end = done == a.num_steps;
+            let every = job.checkpoints.every_tokens;
             let due =
                 phase_end || stopping || (every > 0 && tokens / every > tokens_before / every);
             if due {
-                order.flush().map_err(failed("data-order log"))?;
+                order.flush()?;
             }
-            if let (true, Some(writer)) = (due, writer.as_ref()) {
-                let snapshot = CheckpointSnapshot {
-                    info: CheckpointInfo {
-                        run_id: a.run_id.clone(),
-                        phase_index: a.phase_index,
-                        phase_name: phase.name.clone(),
-                        step: done,
-                        tokens,
-                        rng: vec![spec.seed],
-                        data_cursor: plan.cursor_after(done),
-                        world_size: a.world_size,
-                        spec_name: spec.name.clone(),
-                        attempt: a.world_id.clone(),
-                        phase_end,
-                    },
-                    // The host copy is the snapshot; the write runs on a
-                    // background task.
-                    model: session
-                        .params
-                        .iter()
-                        .zip(read_params(&session.model))
-                        .map(|((n, s, _), v)| (n.clone(), s.clone(), v))
-                        .collect(),
-                    optimizer: OptimizerState {
-                        step: session.optimizer.steps(),
-                        tensors: session.optimizer.state(),
-                    },
-                };
-                pending.push(writer.write_async(snapshot).map_err(failed("checkpoint"))?);
-            }
-            // Report checkpoints as they commit; the phase end (and a stop)
-            // waits for all.
-            let mut still = Vec::new();
-            for handle in pending.drain(..) {
-                let finished = if phase_end || stopping {
-                    Some(handle.wait())
-                } else {
-                    match handle.try_wait() {
-                        None => {
-                            still.push(handle);
-                            continue;
-                        }
-                        some => some,
-                    }
-                };
-                match finished {
-                    None => {}
-                    Some(result) => {
-                        let committed = result.map_err(failed("checkpoint write"))?;
-                        let info = &committed.state.info;
-                        link.checkpoint(Checkpoint {
-                            phase_index: info.phase_index,
-                            step: info.step,
-                            tokens: info.tokens,
-                            url: committed.url.clone(),
-                            ..Default::default()
-                        })?;
-                    }
+            if let Some(checkpoints) = checkpoints.as_mut() {
+                if due {
+                    checkpoints.write(CheckpointSnapshot {
+                        info: CheckpointInfo {
+                            run_id: a.run_id.clone(),
+                            phase_index: a.phase_index,
+                            phase_name: phase.name.clone(),
+                            step: done,
+                            tokens,
+                            rng: vec![spec.seed],
+                            data_cursor: plan.cursor_after(done),
+                            world_size: a.world_size,
+                            spec_name: spec.name.clone(),
+                            attempt: a.world_id.clone(),
+                            phase_end,
+                        },
+                        // The host copy is the snapshot; the write runs on
+                        // the writer's thread.
+                        model: session
+                            .params
+                            .iter()
+                            .zip(read_params(&session.model))
+                            .map(|((n, s, _), v)| (n.clone(), s.clone(), v))
+                            .collect(),
+                        optimizer: OptimizerState {
+                            step: session.optimizer.steps(),
+                            tensors: session.optimizer.state(),
+                        },
+                    })?;
                 }
+                // The phase end (and a stop) waits for every write.
+                checkpoints.report(link, phase_end || stopping)?;
             }
-            pending = still;
             if stopping {
                 // Nobody leaves before rank 0 has reported the checkpoint.
                 collective.barrier()?;
                 return Ok(PhaseEnd::Stopped { step: done });
             }
         }
-        order.flush().map_err(failed("data-order log"))?;
+        order.flush()?;
         Ok(PhaseEnd::Finished)
     }
 }
@@ -956,7 +1030,7 @@ pub fn model_from_checkpoint<B: Backend>(
     device: &B::Device,
 ) -> Result<ModernBert<B>, TrainError> {
     let config = model_config(spec)?;
-    let model = ModernBert::<B>::new(&config, flavour(spec), spec.seed, device);
+    let model = ModernBert::<B>::new(&config, objective(spec)?.flavour(), spec.seed, device);
     let params = param_names(&model);
     let loaded = checkpoint::load(url).map_err(|e| TrainError::BadCheckpoint {
         url: url.to_string(),
@@ -976,7 +1050,7 @@ mod tests {
     use super::*;
     use crate::collective::SingleProcess;
     use rand::Rng;
-    use twinhead_model::{CpuAutodiff, CpuBackend};
+    use twinhead_model::{CpuAutodiff, CpuBackend, Flavour};
 
     type B = CpuAutodiff;
 

@@ -225,8 +225,8 @@ impl BatchPlan {
 pub struct MicroBatch {
     /// Logical phase rows held (see the module docs on wrap-around).
     pub rows: Range<u64>,
-    /// `rows.len() × seq_len` token ids, row-major.
-    pub input_ids: Vec<u32>,
+    /// The token ids of each row (`seq_len` each).
+    pub input_ids: Vec<Vec<u32>>,
     /// Per row, the lengths of the documents packed in it (summing to
     /// seq_len).
     pub doc_lens: Vec<Vec<u32>>,
@@ -418,7 +418,7 @@ impl PhaseReader {
         let seq_len = self.seq_len();
         let sequences = self.sequences();
         let count = rows.end.saturating_sub(rows.start) as usize;
-        let mut input_ids = Vec::with_capacity(count * seq_len);
+        let mut input_ids = Vec::with_capacity(count);
         let mut doc_lens = Vec::with_capacity(count);
         let mut logical = rows.start;
         while logical < rows.end {
@@ -432,7 +432,11 @@ impl PhaseReader {
             // Rows available in this group, not crossing the phase's end.
             let available = (group.rows() as usize - from).min((sequences - physical) as usize);
             let take = available.min((rows.end - logical) as usize);
-            input_ids.extend_from_slice(&group.input_ids[from * seq_len..(from + take) * seq_len]);
+            input_ids.extend(
+                group.input_ids[from * seq_len..(from + take) * seq_len]
+                    .chunks(seq_len)
+                    .map(<[u32]>::to_vec),
+            );
             doc_lens.extend_from_slice(&group.doc_lens[from..from + take]);
             logical += take as u64;
         }
