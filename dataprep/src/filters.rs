@@ -1,7 +1,8 @@
-//! Normalization, quality filters (length, Gopher-style heuristics) and the
-//! dedup key.
+//! Normalization, the per-document filters (length, Gopher-style
+//! heuristics, decontamination), the dedup key, and [`Drop`]: every reason a
+//! document is left out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use unicode_normalization::UnicodeNormalization;
@@ -71,8 +72,9 @@ pub fn word_ngrams(text: &str, n: usize) -> Vec<u64> {
         .collect()
 }
 
-/// Why a document was dropped by a filter; the string is the counter name in
-/// reports and the manifest.
+/// Why a document was dropped: by a quality filter, by decontamination, by
+/// the source-wide dedup or by a source's caps. The string is the counter
+/// name in reports and the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Drop {
     Empty,
@@ -84,6 +86,12 @@ pub enum Drop {
     RepeatedLines,
     TopNgram,
     DuplicateNgram,
+    /// Shares a word n-gram with the decontamination reference.
+    Decontaminated,
+    /// An exact duplicate of an earlier document of the source.
+    Duplicate,
+    /// Past the source's `max_docs` or `max_chars`.
+    OverLimit,
 }
 
 impl Drop {
@@ -99,8 +107,46 @@ impl Drop {
             Drop::RepeatedLines => "repeated_lines",
             Drop::TopNgram => "top_ngram",
             Drop::DuplicateNgram => "duplicate_ngram",
+            Drop::Decontaminated => "decontaminated",
+            Drop::Duplicate => "duplicate",
+            Drop::OverLimit => "over_limit",
         }
     }
+
+    /// Counts one drop in `counters` (keyed by [`Drop::name`]).
+    pub fn count(self, counters: &mut BTreeMap<String, u64>) {
+        *counters.entry(self.name().to_string()).or_insert(0) += 1;
+    }
+}
+
+/// The word n-grams of a decontamination reference: a document sharing any
+/// of them is dropped.
+#[derive(Debug, Default)]
+pub struct Reference {
+    /// Words per n-gram.
+    pub ngram: usize,
+    /// Hashes of every reference n-gram ([`word_ngrams`]).
+    pub grams: HashSet<u64>,
+}
+
+impl Reference {
+    /// Whether normalized `text` shares an n-gram with the reference.
+    pub fn matches(&self, text: &str) -> bool {
+        word_ngrams(text, self.ngram)
+            .iter()
+            .any(|g| self.grams.contains(g))
+    }
+}
+
+/// Every per-document filter in order: the source's quality filters, then
+/// decontamination against `reference` when there is one. `text` is
+/// normalized.
+pub fn judge(f: &Filters, reference: Option<&Reference>, text: &str) -> Result<(), Drop> {
+    check(f, text)?;
+    if reference.is_some_and(|r| r.matches(text)) {
+        return Err(Drop::Decontaminated);
+    }
+    Ok(())
 }
 
 fn is_plain_punct(c: char) -> bool {

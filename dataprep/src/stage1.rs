@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashSet};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::ProgressSink;
 use crate::error::Result;
 use crate::filters;
 use crate::inputs;
@@ -39,17 +38,6 @@ pub struct PartPlan {
     pub index: usize,
     /// Input objects, relative to the source's location.
     pub files: Vec<String>,
-}
-
-/// Result of scanning a whole source.
-#[derive(Debug, Default)]
-pub struct Scanned {
-    /// Kept documents per part, after dedup and caps.
-    pub parts: Vec<(PartPlan, Vec<CleanDoc>)>,
-    /// Input location.
-    pub loc: Option<Location>,
-    /// Counters so far (no tokens, no parts).
-    pub stats: Counters,
 }
 
 /// Counters of a source before tokenization.
@@ -174,13 +162,15 @@ pub struct PartScan {
     pub dropped: BTreeMap<String, u64>,
 }
 
-/// Scan one part: read its inputs, normalize, filter. An independent task:
-/// a remote worker can run it and send back the [`PartScan`].
+/// Scan one part: read its inputs, normalize, filter (decontaminating
+/// against `reference` when there is one). An independent task: a remote
+/// worker can run it and send back the [`PartScan`].
 pub fn scan_part(
     loc: &Location,
     part: &PartPlan,
     src: &SourceConfig,
     on_error: OnError,
+    reference: Option<&filters::Reference>,
 ) -> Result<PartScan> {
     let mut read = ReadOutput::default();
     for f in &part.files {
@@ -191,7 +181,7 @@ pub fn scan_part(
         .into_par_iter()
         .map(|d| {
             let text = filters::normalize(&d.text);
-            filters::check(&src.filters, &text)?;
+            filters::judge(&src.filters, reference, &text)?;
             let key = filters::dedup_key(&text);
             Ok(CleanDoc {
                 id: d.id,
@@ -205,7 +195,7 @@ pub fn scan_part(
     for j in judged {
         match j {
             Ok(d) => docs.push(d),
-            Err(why) => *dropped.entry(why.name().to_string()).or_insert(0) += 1,
+            Err(why) => why.count(&mut dropped),
         }
     }
     Ok(PartScan {
@@ -213,66 +203,6 @@ pub fn scan_part(
         read,
         dropped,
     })
-}
-
-/// Scan every part of a source in parallel, then dedup and cap in input
-/// order (the first occurrence wins).
-pub fn scan(src: &SourceConfig, on_error: OnError, progress: &dyn ProgressSink) -> Result<Scanned> {
-    let mut counters = Counters::default();
-    let (loc, parts) = plan(src, on_error, &mut counters)?;
-    let Some(loc) = loc else {
-        return Ok(Scanned {
-            parts: Vec::new(),
-            loc: None,
-            stats: counters,
-        });
-    };
-    progress.start(&format!("scan {}", src.name), parts.len() as u64);
-    let scans: Vec<Result<PartScan>> = parts
-        .par_iter()
-        .map(|p| {
-            if progress.cancelled() {
-                return Err(crate::error::Error::Cancelled);
-            }
-            let r = scan_part(&loc, p, src, on_error);
-            progress.inc(1);
-            r
-        })
-        .collect();
-    progress.finish(&format!("scan {}", src.name));
-    let scans: Vec<PartScan> = scans.into_iter().collect::<Result<_>>()?;
-    Ok(merge(src, loc, parts, scans, counters))
-}
-
-/// Merge part scans in part order: exact dedup across the whole source (the
-/// first occurrence in input order wins) and the `max_docs` / `max_chars`
-/// caps. Sequential and cheap; it makes the result independent of how the
-/// parts were scheduled.
-pub fn merge(
-    src: &SourceConfig,
-    loc: Location,
-    parts: Vec<PartPlan>,
-    scans: Vec<PartScan>,
-    mut counters: Counters,
-) -> Scanned {
-    let mut dedup = Dedup::default();
-    let mut out_parts = Vec::with_capacity(parts.len());
-    for (plan, scan) in parts.into_iter().zip(scans) {
-        add_part_counters(&mut counters, scan.read, scan.dropped);
-        let mut kept = Vec::new();
-        for d in scan.docs {
-            let chars = d.text.chars().count() as u64;
-            if dedup.admit(src, d.key, chars, &mut counters.dropped) {
-                kept.push(d);
-            }
-        }
-        out_parts.push((plan, kept));
-    }
-    Scanned {
-        parts: out_parts,
-        loc: Some(loc),
-        stats: counters,
-    }
 }
 
 /// Adds one part's reading counters and filter drops to a source's.
@@ -303,13 +233,13 @@ impl Dedup {
         dropped: &mut BTreeMap<String, u64>,
     ) -> bool {
         if !self.seen.insert(key) {
-            *dropped.entry("duplicate".into()).or_insert(0) += 1;
+            filters::Drop::Duplicate.count(dropped);
             return false;
         }
         let over = src.max_docs.is_some_and(|m| self.kept_docs >= m)
             || src.max_chars.is_some_and(|m| self.kept_chars >= m);
         if over {
-            *dropped.entry("over_limit".into()).or_insert(0) += 1;
+            filters::Drop::OverLimit.count(dropped);
             return false;
         }
         self.kept_docs += 1;

@@ -21,6 +21,7 @@ use std::sync::{Arc, OnceLock};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::filters;
 use crate::inputs;
 use crate::read::{Issue, ReadOutput};
 use crate::stage1::{self, Counters, Dedup, MarkerLite, PartPlan, Written};
@@ -104,9 +105,9 @@ struct Tokenizer {
     build_key: String,
 }
 
-/// The decontamination reference: n-gram hashes of every reference document.
+/// The decontamination reference, with what the manifest says of it.
 struct Reference {
-    grams: HashSet<u64>,
+    ngrams: filters::Reference,
     info: DecontaminationInfo,
 }
 
@@ -361,8 +362,7 @@ impl Build {
                 )?;
                 for doc in read.docs {
                     docs += 1;
-                    let g =
-                        crate::filters::word_ngrams(&crate::filters::normalize(&doc.text), d.ngram);
+                    let g = filters::word_ngrams(&filters::normalize(&doc.text), d.ngram);
                     if g.is_empty() {
                         too_short += 1;
                     }
@@ -380,7 +380,13 @@ impl Build {
             ngrams: sorted.len() as u64,
             sha256: stage1::sha256(&bytes),
         };
-        let loaded = Some(Arc::new(Reference { grams, info }));
+        let loaded = Some(Arc::new(Reference {
+            ngrams: filters::Reference {
+                ngram: d.ngram,
+                grams,
+            },
+            info,
+        }));
         Ok(self.reference.get_or_init(|| loaded).clone())
     }
 
@@ -406,19 +412,14 @@ impl Build {
             index: part,
             files: files.clone(),
         };
-        let mut scanned = stage1::scan_part(&loc, &part_plan, src, self.cfg.on_error)?;
-        if let (Some(reference), Some(d)) = (self.reference()?, &self.cfg.decontamination) {
-            let before = scanned.docs.len();
-            scanned.docs.retain(|doc| {
-                !crate::filters::word_ngrams(&doc.text, d.ngram)
-                    .iter()
-                    .any(|g| reference.grams.contains(g))
-            });
-            let dropped = (before - scanned.docs.len()) as u64;
-            if dropped > 0 {
-                *scanned.dropped.entry("decontaminated".into()).or_insert(0) += dropped;
-            }
-        }
+        let reference = self.reference()?;
+        let scanned = stage1::scan_part(
+            &loc,
+            &part_plan,
+            src,
+            self.cfg.on_error,
+            reference.as_ref().map(|r| &r.ngrams),
+        )?;
         let bytes_read: u64 = scanned.docs.iter().map(|d| d.text.len() as u64).sum();
         progress.read(scanned.read.records, bytes_read);
         let docs: Vec<ScanDoc> = scanned
@@ -639,29 +640,14 @@ impl Build {
                 skipped: 1,
             });
         }
-        let merge = self.source_merge(source)?;
-        let kept = merge
-            .kept
-            .get(part)
-            .ok_or_else(|| self.bad_runs(&src.name, part))?;
-        let docs = self.read_scan(&src.name, part, true)?;
-        let mut encoded = Vec::new();
-        for [a, b] in kept {
-            let run = docs
-                .get(*a as usize..*b as usize)
-                .ok_or_else(|| self.bad_runs(&src.name, part))?;
-            for d in run {
-                encoded.push((d.id.as_str(), d.text.as_str()));
-            }
-        }
+        let kept = self.kept_in_part(source, part)?;
         let encoded: Vec<Result<Doc>> = {
             use rayon::prelude::*;
-            encoded
-                .par_iter()
-                .map(|(id, text)| {
+            kept.into_par_iter()
+                .map(|d| {
                     Ok(Doc {
-                        id: (*id).to_string(),
-                        ids: t.tok.encode_doc(text)?,
+                        ids: t.tok.encode_doc(&d.text)?,
+                        id: d.id,
                     })
                 })
                 .collect()
@@ -681,6 +667,41 @@ impl Build {
             written: 1,
             skipped: 0,
         })
+    }
+
+    /// The documents of a part that the source-wide dedup and caps kept, in
+    /// input order.
+    fn kept_in_part(&self, source: usize, part: usize) -> Result<Vec<ScanDoc>> {
+        let src = self.source(source)?;
+        let merge = self.source_merge(source)?;
+        let runs = merge
+            .kept
+            .get(part)
+            .ok_or_else(|| self.bad_runs(&src.name, part))?;
+        let docs = self.read_scan(&src.name, part, true)?;
+        let mut keep = vec![false; docs.len()];
+        for [a, b] in runs {
+            keep.get_mut(*a as usize..*b as usize)
+                .ok_or_else(|| self.bad_runs(&src.name, part))?
+                .fill(true);
+        }
+        Ok(docs
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(d, k)| k.then_some(d))
+            .collect())
+    }
+
+    /// A source as the plan, scan and prepare tasks left it: its counters
+    /// and, per part, its kept documents in input order. Read back from
+    /// `_work/`, so valid until `finalize` removes it; the filtering tests
+    /// inspect the product's own path through it.
+    pub fn kept(&self, source: usize) -> Result<(Counters, Vec<Vec<ScanDoc>>)> {
+        let merge = self.source_merge(source)?;
+        let parts = (0..merge.kept.len())
+            .map(|part| self.kept_in_part(source, part))
+            .collect::<Result<_>>()?;
+        Ok((merge.counters, parts))
     }
 
     /// Statistics of a tokenized source, from its merge and part markers.

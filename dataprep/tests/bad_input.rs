@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use arrow_array::{RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use twinhead_dataprep::stage1::{self, Scanned};
+use twinhead_data::formats::ScanDoc;
+use twinhead_dataprep::stage1::Counters;
+use twinhead_dataprep::tasks::{Build, Outcome};
 use twinhead_dataprep::{Error, NoProgress};
+use twinhead_proto::build_tasks::Task;
 use twinhead_proto::dataset::DatasetConfig;
 
 /// Config with one source over `input`.
@@ -35,14 +38,37 @@ weights = {{ s = 1.0 }}
     DatasetConfig::parse(&dir.join("c.toml"), &text).unwrap()
 }
 
+/// What the product's plan, scan and prepare tasks kept of the source.
+#[derive(Debug)]
+struct Scanned {
+    /// Kept documents per part, in input order.
+    parts: Vec<Vec<ScanDoc>>,
+    stats: Counters,
+}
+
+/// Runs the build's plan, scan and prepare tasks (the path `dataset build`
+/// and dataprep processes take) and reads back what they kept.
 fn scan(cfg: &DatasetConfig) -> twinhead_dataprep::Result<Scanned> {
-    stage1::scan(&cfg.sources[0], cfg.on_error, &NoProgress)
+    let out = tempfile::tempdir().unwrap();
+    let build = Build::new(cfg.clone(), out.path().to_str().unwrap())?;
+    let Outcome::Planned {
+        parts_per_source, ..
+    } = build.run(Task::Plan, &NoProgress)?
+    else {
+        panic!("the plan task did not plan");
+    };
+    for part in 0..parts_per_source[0] {
+        build.run(Task::Scan { source: 0, part }, &NoProgress)?;
+    }
+    build.run(Task::Prepare, &NoProgress)?;
+    let (stats, parts) = build.kept(0)?;
+    Ok(Scanned { parts, stats })
 }
 
 fn texts(s: &Scanned) -> Vec<String> {
     s.parts
         .iter()
-        .flat_map(|(_, d)| d.iter().map(|d| d.text.clone()))
+        .flat_map(|d| d.iter().map(|d| d.text.clone()))
         .collect()
 }
 
@@ -225,7 +251,7 @@ fn parquet_input_round_trip_and_truncation() {
     );
     let s = scan(&cfg).unwrap();
     assert_eq!(texts(&s), ["alpha beta gamma", "delta epsilon"]);
-    let ids: Vec<String> = s.parts[0].1.iter().map(|d| d.id.clone()).collect();
+    let ids: Vec<String> = s.parts[0].iter().map(|d| d.id.clone()).collect();
     assert_eq!(ids, ["row0", "row2"]);
     assert_eq!(s.stats.rejected.get("missing_text"), Some(&1));
     assert_eq!(s.stats.rejected.get("unreadable_input"), Some(&2));
@@ -399,7 +425,7 @@ fn dedup_across_files_keeps_the_first_in_input_order() {
         let ids: Vec<Vec<String>> = s
             .parts
             .iter()
-            .map(|(_, d)| d.iter().map(|d| d.id.clone()).collect())
+            .map(|d| d.iter().map(|d| d.id.clone()).collect())
             .collect();
         // a1 wins over a3 and b1; b3 repeats a2; max_docs = 2 drops b2.
         assert_eq!(ids, [vec!["a1".to_string(), "a2".to_string()], vec![]]);
