@@ -15,7 +15,6 @@ use crate::Connection;
 pub type Authed = InterceptedService<Channel, Bearer>;
 pub type RunClient = RunServiceClient<Authed>;
 pub type DatasetClient = DatasetServiceClient<Authed>;
-pub type DataprepClient = DataprepServiceClient<Authed>;
 
 async fn channel(connection: &Connection) -> anyhow::Result<(Channel, Bearer)> {
     let bearer = Bearer::new(connection.token.as_deref())?;
@@ -42,7 +41,9 @@ pub async fn dataset_client(connection: &Connection) -> anyhow::Result<DatasetCl
     Ok(DatasetServiceClient::with_interceptor(channel, bearer))
 }
 
-pub async fn dataprep_client(connection: &Connection) -> anyhow::Result<DataprepClient> {
+pub async fn dataprep_client(
+    connection: &Connection,
+) -> anyhow::Result<twinhead_dataprep::process::DataprepClient> {
     let (channel, bearer) = channel(connection).await?;
     Ok(DataprepServiceClient::with_interceptor(channel, bearer))
 }

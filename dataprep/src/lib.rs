@@ -9,6 +9,7 @@
 //! # Layout
 //! - The config, `configs/data/*.toml`, is `twinhead_proto::dataset`'s.
 //! - [`inputs`]: where a source's input files are (paths, URLs, globs).
+//! - [`process`]: a dataprep process serving the coordinator's tasks.
 //! - [`read`]: jsonl / jsonl.gz / jsonl.zst / parquet / text readers.
 //! - [`filters`]: normalization, quality filters, dedup key.
 //! - [`tokenizer`]: load `tokenizer.json` or train a byte-level BPE.
@@ -24,6 +25,7 @@
 pub mod error;
 pub mod filters;
 pub mod inputs;
+pub mod process;
 pub mod read;
 pub mod rng;
 pub mod stage1;
