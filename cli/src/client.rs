@@ -25,7 +25,7 @@ async fn channel(connection: &Connection) -> anyhow::Result<(Channel, Bearer)> {
         anyhow::anyhow!(
             "cannot reach the coordinator at {}: {}",
             connection.coordinator,
-            crate::output::source_chain(&e)
+            twinhead_proto::error_chain(&e)
         )
     })?;
     Ok((channel, bearer))

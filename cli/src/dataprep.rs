@@ -89,7 +89,7 @@ pub async fn submit(
         .with_context(|| format!("cannot read {}", config.display()))?;
     // Checked here too, so a bad config fails before anything is queued.
     DatasetConfig::parse(config, &text)
-        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
     // Relative inputs resolve against the config's folder on every machine.
     let config_path = std::path::absolute(config)
         .with_context(|| format!("cannot resolve {}", config.display()))?;

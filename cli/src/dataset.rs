@@ -255,7 +255,7 @@ async fn blocking<T: Send + 'static>(
 
 /// A dataprep error as one line with its causes.
 fn dataprep_error(e: twinhead_dataprep::Error) -> anyhow::Error {
-    anyhow::anyhow!(crate::output::source_chain(&e))
+    anyhow::anyhow!(twinhead_proto::error_chain(&e))
 }
 
 pub async fn build(

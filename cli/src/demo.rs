@@ -85,7 +85,7 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
     let report = tokio::task::block_in_place(|| {
         twinhead_dataprep::build(&config, &data_url, threads, &bars)
     })
-    .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+    .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
     bars.abandon();
     println!("dataset at {} ({:.1} s)", report.url, report.seconds);
 

@@ -95,10 +95,10 @@ pub struct Imported {
 pub fn import_folder(src: &Path, out: &Path) -> anyhow::Result<Imported> {
     use burn::module::Module;
     let (config, flavour) = twinhead_model::hf::read_config(src)
-        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
     let device = Default::default();
     let model = twinhead_model::hf::load::<twinhead_model::CpuBackend>(src, &device)
-        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
     if src.canonicalize().ok() == out.canonicalize().ok() {
         anyhow::bail!(
             "--out {} is the folder being imported; choose another",
@@ -107,7 +107,7 @@ pub fn import_folder(src: &Path, out: &Path) -> anyhow::Result<Imported> {
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     twinhead_model::hf::save(&model, out)
-        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))
+        .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))
         .with_context(|| format!("cannot write {}", out.display()))?;
     let mut copied = Vec::new();
     for file in TOKENIZER_FILES {

@@ -91,11 +91,11 @@ fn resolve_config(name_or_file: &str) -> anyhow::Result<(ModelConfig, Option<Fla
     let path = Path::new(name_or_file);
     if path.is_dir() {
         let (config, flavour) =
-            hf::read_config(path).map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+            hf::read_config(path).map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
         return Ok((config, Some(flavour)));
     }
     let config = ModelConfig::load(name_or_file)
-        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
     Ok((config, None))
 }
 
@@ -219,7 +219,7 @@ pub fn list(json: bool) -> anyhow::Result<ExitCode> {
     for name in builtin_names() {
         configs.push(
             ModelConfig::builtin(name)
-                .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?,
+                .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?,
         );
     }
     if json {
@@ -279,7 +279,7 @@ fn load(dir: &Path) -> anyhow::Result<Loaded> {
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("{}: {}", tok_path.display(), e))?;
     let model = hf::load::<CpuBackend>(dir, &Default::default())
-        .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
     let vocab = model.config().vocab_size;
     let tok_vocab = tokenizer.get_vocab_size(true);
     if tok_vocab > vocab {
@@ -373,7 +373,7 @@ pub async fn fill_mask(args: FillMaskArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let predictions = infer::fill_mask(&loaded.model, &ids, top_k)
-            .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+            .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
         Ok(predictions
             .iter()
             .map(|p| {
@@ -476,7 +476,7 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
                 stop_token: (!args.ignore_eos).then_some(c.sep_token_id),
             };
             let ids = infer::generate(&loaded.model, &prompt, &cfg)
-                .map_err(|e| anyhow::anyhow!(crate::output::source_chain(&e)))?;
+                .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
             let text = loaded.tokenizer.decode(&ids, true).map_err(tok_err)?;
             Ok((text, ids))
         })

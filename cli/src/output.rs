@@ -38,21 +38,6 @@ fn status_line(status: &tonic::Status) -> String {
     format!("{}: {}", code, status.message()).replace('\n', " ")
 }
 
-/// The causes of an error, outermost first, joined by ": ".
-pub fn source_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// A plain text table with left-aligned columns.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();

@@ -229,7 +229,7 @@ async fn run_task(
         }
         Err(e) => {
             let retry = e.is_transient();
-            let message = source_chain(&e);
+            let message = twinhead_proto::error_chain(&e);
             tracing::error!(task = %task.key, retry, error = %message, "task failed");
             client
                 .fail_task(FailTaskRequest {
@@ -262,19 +262,4 @@ async fn report_failure(
         })
         .await?;
     Ok(())
-}
-
-/// An error and its sources on one line, each said once.
-fn source_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -34,3 +34,19 @@ pub mod v1 {
 
 pub use batch::BatchSchedule;
 pub use validate::{SpecError, num_steps, validate_run_spec};
+
+/// An error and its sources on one line, each said once: how every
+/// twinhead process reports an error to a person or to the coordinator.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::sockets::{
-    HANDSHAKE_READ_TIMEOUT, accept_before, accept_data, connect_before, connect_data, remaining,
+    DataRing, HANDSHAKE_READ_TIMEOUT, accept_before, accept_data, connect_before, connect_data,
+    remaining,
 };
 use super::wire::{
     HELLO_MAGIC, NONCE_LEN, WELCOME_MAGIC, decode_token, encode_token, random_nonce, read_magic,
@@ -197,8 +198,15 @@ impl RingHost {
             }
         }
         drop(joined);
-        let right = connect_data(addrs[1], &nonce, 0, world, deadline, &shared)?;
-        let left = accept_data(&data, &nonce, 0, world, deadline, &shared)?;
+        let ring = DataRing {
+            nonce: &nonce,
+            rank: 0,
+            world,
+            deadline,
+            shared: &shared,
+        };
+        let right = connect_data(addrs[1], &ring)?;
+        let left = accept_data(&data, &ring)?;
         CpuRingEngine::from_streams(0, world, left, right, shared, cfg)
     }
 }
@@ -344,8 +352,15 @@ impl CpuRingEngine {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
 
-        let right = connect_data(right_addr, &nonce, rank, world, deadline, &shared)?;
-        let left = accept_data(&data, &nonce, rank, world, deadline, &shared)?;
+        let ring = DataRing {
+            nonce: &nonce,
+            rank,
+            world,
+            deadline,
+            shared: &shared,
+        };
+        let right = connect_data(right_addr, &ring)?;
+        let left = accept_data(&data, &ring)?;
         Self::from_streams(rank, world, left, right, shared, cfg)
     }
 

@@ -126,15 +126,30 @@ pub(super) fn connect_before(
     }
 }
 
+/// Who is connecting the data ring, and until when.
+pub(super) struct DataRing<'a> {
+    pub nonce: &'a [u8; NONCE_LEN],
+    pub rank: usize,
+    pub world: usize,
+    pub deadline: Instant,
+    pub shared: &'a Shared,
+}
+
+impl<'a> DataRing<'a> {
+    fn parts(&self) -> (&'a [u8; NONCE_LEN], usize, usize, Instant, &'a Shared) {
+        (
+            self.nonce,
+            self.rank,
+            self.world,
+            self.deadline,
+            self.shared,
+        )
+    }
+}
+
 /// Dials the right neighbour's data listener and introduces itself.
-pub(super) fn connect_data(
-    addr: SocketAddr,
-    nonce: &[u8; NONCE_LEN],
-    rank: usize,
-    world: usize,
-    deadline: Instant,
-    shared: &Shared,
-) -> Result<TcpStream> {
+pub(super) fn connect_data(addr: SocketAddr, ring: &DataRing<'_>) -> Result<TcpStream> {
+    let (nonce, rank, world, deadline, shared) = ring.parts();
     let right = (rank + 1) % world;
     let s = connect_before(addr, deadline, shared, &format!("rank {right}"))?;
     let mut hello = Vec::with_capacity(4 + NONCE_LEN + 8);
@@ -154,14 +169,8 @@ pub(super) fn connect_data(
 
 /// Accepts the left neighbour's data connection, dropping any connection
 /// that does not present this world's nonce and the expected rank.
-pub(super) fn accept_data(
-    listener: &TcpListener,
-    nonce: &[u8; NONCE_LEN],
-    rank: usize,
-    world: usize,
-    deadline: Instant,
-    shared: &Shared,
-) -> Result<TcpStream> {
+pub(super) fn accept_data(listener: &TcpListener, ring: &DataRing<'_>) -> Result<TcpStream> {
+    let (nonce, rank, world, deadline, shared) = ring.parts();
     let left = (rank + world - 1) % world;
     loop {
         let mut s = accept_before(
