@@ -435,9 +435,7 @@ async fn list_workers(State(shared): State<Shared>) -> axum::Json<Vec<WorkerJson
 
 // -------------------------------------------------------------- datasets
 
-/// One dataset the coordinator knows of. The coordinator has no dataset
-/// registry yet; when DatasetService lands, fill [`list_datasets`] from it
-/// (this struct is the place to shape what the dashboard shows).
+/// One dataset build, as the dashboard shows it.
 #[derive(Serialize)]
 struct DatasetJson {
     id: String,
