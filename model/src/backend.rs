@@ -93,6 +93,27 @@ pub trait ModelBackend: Backend {
         crate::adamw::stable_adamw_update(param, moments, grad, update)
     }
 
+    /// A linear layer's product, `x · W`.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, d_in]`, `weight`: `[d_in, d_out]` → `[rows, d_out]`
+    fn dense(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(weight)
+    }
+
+    /// Gradients of [`ModelBackend::dense`]'s inputs from the output's
+    /// gradient: `(grad · Wᵀ, xᵀ · grad)`.
+    fn dense_backward(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        (
+            grad.clone().matmul(weight.transpose()),
+            x.transpose().matmul(grad),
+        )
+    }
+
     /// Logits against the tied embedding, `hidden · Eᵀ + bias`.
     ///
     /// # Shapes
@@ -378,6 +399,29 @@ impl ModelBackend for Cpu {
         from_owned(a)
     }
 
+    /// `gemm` on the operands as they lie, transposes as strided views.
+    fn dense(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let (x, w) = (shared(x), shared(weight));
+        let (x, w) = (matrix(&x), matrix(&w));
+        let mut out = ndarray::Array2::<f32>::zeros((x.nrows(), w.ncols()));
+        product(1.0, x, w, 0.0, out.view_mut(), Threads::Pool);
+        from_owned(out.into_dyn())
+    }
+
+    fn dense_backward(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        let (x, w, g) = (shared(x), shared(weight), shared(grad));
+        let (x, w, g) = (matrix(&x), matrix(&w), matrix(&g));
+        let mut dx = ndarray::Array2::<f32>::zeros(x.dim());
+        product(1.0, g, w.t(), 0.0, dx.view_mut(), Threads::Pool);
+        let mut dw = ndarray::Array2::<f32>::zeros(w.dim());
+        product(1.0, x.t(), g, 0.0, dw.view_mut(), Threads::Pool);
+        (from_owned(dx.into_dyn()), from_owned(dw.into_dyn()))
+    }
+
     /// The product with `Eᵀ` as a strided view: Burn's matmul would first
     /// copy the transposed `[hidden, vocab]` matrix, a fixed cost of every
     /// step whatever its tokens.
@@ -626,6 +670,21 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         }
     }
 
+    fn dense(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let (x, w) = (primitive(x), primitive(weight));
+        let nodes = [x.node.clone(), w.node.clone()];
+        let output = match DenseBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::dense(float(x.primitive.clone()), float(w.primitive.clone()));
+                prep.finish((x.primitive, w.primitive), primitive(out))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(primitive(B::dense(float(x.primitive), float(w.primitive))))
+            }
+        };
+        float(output)
+    }
+
     fn tied_logits(
         hidden: Tensor<Self, 2>,
         embedding: Tensor<Self, 2>,
@@ -803,6 +862,33 @@ impl<B: ModelBackend> Backward<B, 3> for TiedLogitsBackward {
     }
 }
 
+/// The autodiff node of [`ModelBackend::dense`]: keeps the input and the
+/// weight (references, not copies).
+#[derive(Debug)]
+struct DenseBackward;
+
+impl<B: ModelBackend> Backward<B, 2> for DenseBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight) = ops.state;
+        let (dx, dw) = B::dense_backward(float(x), float(weight), float(grad));
+        let [node_x, node_w] = ops.parents;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, primitive(dx));
+        }
+        if let Some(node) = node_w {
+            grads.register::<B>(node.id, primitive(dw));
+        }
+    }
+}
+
 /// The autodiff node of [`ModelBackend::exact_gelu`]: keeps the input.
 #[derive(Debug)]
 struct GeluBackward<const D: usize>;
@@ -890,6 +976,46 @@ mod tests {
         assert!(close(host(dh), host(wh)) < 1e-5);
         assert!(close(host(de), host(we)) < 1e-5);
         assert!(close(host(db.reshape([1, 50])), host(wb.reshape([1, 50]))) < 1e-5);
+    }
+
+    #[test]
+    fn cpu_dense_and_its_gradients_equal_burns_matmul() {
+        use rand::{Rng, SeedableRng};
+        type B = crate::CpuBackend;
+        type A = crate::CpuAutodiff;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+        };
+        let (xv, wv, gv) = (values(9 * 24), values(24 * 40), values(9 * 40));
+        let host = |x: Tensor<B, 2>| x.into_data().into_vec::<f32>().expect("f32");
+        let gap = |a: Vec<f32>, b: Vec<f32>| {
+            a.iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        };
+        let run = |custom: bool| {
+            let dev = Default::default();
+            let x = Tensor::<A, 2>::from_data(TensorData::new(xv.clone(), [9, 24]), &dev)
+                .require_grad();
+            // The weight as a transposed view, as the backward meets it.
+            let w = Tensor::<A, 2>::from_data(TensorData::new(wv.clone(), [40, 24]), &dev)
+                .require_grad();
+            let y = if custom {
+                A::dense(x.clone(), w.clone().transpose())
+            } else {
+                x.clone().matmul(w.clone().transpose())
+            };
+            let g = Tensor::<A, 2>::from_data(TensorData::new(gv.clone(), [9, 40]), &dev);
+            let grads = (y.clone() * g).sum().backward();
+            let dx = x.grad(&grads).expect("dx");
+            let dw = w.grad(&grads).expect("dw");
+            (host(y.inner()), host(dx), host(dw))
+        };
+        let (got, want) = (run(true), run(false));
+        assert!(gap(got.0, want.0) < 1e-5, "forward");
+        assert!(gap(got.1, want.1) < 1e-5, "input gradient");
+        assert!(gap(got.2, want.2) < 1e-5, "weight gradient");
     }
 
     #[test]

@@ -188,24 +188,23 @@ fn product<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
     precision: Precision,
 ) -> Tensor<B, D> {
-    match precision {
-        Precision::F32 => linear.forward(x),
-        Precision::Bf16Mixed => {
-            // Burn's linear: x · W over the leading dims flattened.
-            let dims = x.dims();
-            let rows = dims[..D - 1].iter().product();
-            let weight = linear.weight.val();
-            let [_, d_out] = weight.dims();
-            let y = B::bf16_matmul(x.reshape([rows, dims[D - 1]]), weight);
-            let y = match &linear.bias {
-                Some(b) => y + b.val().reshape([1, d_out]),
-                None => y,
-            };
-            let mut out = dims;
-            out[D - 1] = d_out;
-            y.reshape(out)
-        }
-    }
+    // x · W over the leading dims flattened, as Burn's linear computes it.
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
+    let weight = linear.weight.val();
+    let [_, d_out] = weight.dims();
+    let x = x.reshape([rows, dims[D - 1]]);
+    let y = match precision {
+        Precision::F32 => B::dense(x, weight),
+        Precision::Bf16Mixed => B::bf16_matmul(x, weight),
+    };
+    let y = match &linear.bias {
+        Some(b) => y + b.val().reshape([1, d_out]),
+        None => y,
+    };
+    let mut out = dims;
+    out[D - 1] = d_out;
+    y.reshape(out)
 }
 
 /// Bias-free LayerNorm over the last dimension, through
