@@ -21,20 +21,36 @@ pub struct AdamWUpdate {
     pub grad_scale: f64,
 }
 
+/// What one tensor's update produced.
+#[derive(Debug, Clone)]
+pub struct AdamWStep<B: Backend> {
+    /// The updated parameter.
+    pub param: Tensor<B, 1>,
+    /// The updated moments.
+    pub exp_avg: Tensor<B, 1>,
+    pub exp_avg_sq: Tensor<B, 1>,
+    /// `√r`, `[1]`.
+    pub rms: Tensor<B, 1>,
+    /// `Σ (grad × grad_scale)²`, `[1]`: the tensor's share of the squared
+    /// gradient norm, found in the same pass.
+    pub grad_sq_sum: Tensor<B, 1>,
+}
+
 /// One tensor's StableAdamW update as tensor operations (the form every
-/// backend can run): returns the new parameter, moments and `√r`.
+/// backend can run).
 pub fn stable_adamw_update<B: Backend>(
     param: Tensor<B, 1>,
     (exp_avg, exp_avg_sq): (Tensor<B, 1>, Tensor<B, 1>),
     grad: Tensor<B, 1>,
     u: &AdamWUpdate,
-) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+) -> AdamWStep<B> {
     let grad = if u.grad_scale == 1.0 {
         grad
     } else {
         grad.mul_scalar(u.grad_scale as f32)
     };
     let g2 = grad.clone().square();
+    let grad_sq_sum = g2.clone().sum();
     let exp_avg = exp_avg.mul_scalar(u.beta1) + grad.mul_scalar(1.0 - u.beta1);
     let exp_avg_sq = exp_avg_sq.mul_scalar(u.beta2) + g2.clone().mul_scalar(1.0 - u.beta2);
     // r with the new v; lr_t = lr / max(1, √r), all on the device.
@@ -48,7 +64,13 @@ pub fn stable_adamw_update<B: Backend>(
         p = p * keep;
     }
     let update = exp_avg.clone() / exp_avg_sq.clone().sqrt().add_scalar(u.eps);
-    (p - update * lr_t, exp_avg, exp_avg_sq, rms)
+    AdamWStep {
+        param: p - update * lr_t,
+        exp_avg,
+        exp_avg_sq,
+        rms,
+        grad_sq_sum,
+    }
 }
 
 /// The CPU backend's update, on host slices in place.
@@ -61,34 +83,43 @@ pub mod cpu {
     /// the same order whatever the number of threads.
     const CHUNK: usize = 1 << 16;
 
-    /// Updates `p`, `m`, `v` from `g`; returns `√r`.
-    pub fn update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], u: &AdamWUpdate) -> f32 {
+    /// Updates `p`, `m`, `v` from `g`; returns `√r` and `Σ (g × grad_scale)²`.
+    pub fn update(
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+        u: &AdamWUpdate,
+    ) -> (f32, f32) {
         let n = p.len();
         if n == 0 || m.len() != n || v.len() != n || g.len() != n {
-            return f32::NAN;
+            return (f32::NAN, f32::NAN);
         }
         let (b1, b2) = (u.beta1 as f32, u.beta2 as f32);
         let (c1, c2) = ((1.0 - u.beta1) as f32, (1.0 - u.beta2) as f32);
         let eps = u.eps as f32;
         let eps_sq = (u.eps * u.eps) as f32;
         let scale = u.grad_scale as f32;
-        let partial: Vec<f64> = m
+        let partial: Vec<(f64, f64)> = m
             .par_chunks_mut(CHUNK)
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
             .map(|((m, v), g)| {
-                let mut r = 0f32;
+                let (mut r, mut sq) = (0f32, 0f32);
                 for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
                     let g = g * scale;
                     let g2 = g * g;
                     *m = *m * b1 + g * c1;
                     *v = *v * b2 + g2 * c2;
                     r += g2 / v.max(eps_sq);
+                    sq += g2;
                 }
-                f64::from(r)
+                (f64::from(r), f64::from(sq))
             })
             .collect();
-        let rms = (partial.iter().sum::<f64>() / n as f64).sqrt() as f32;
+        let r: f64 = partial.iter().map(|(r, _)| r).sum();
+        let sq: f64 = partial.iter().map(|(_, sq)| sq).sum();
+        let rms = (r / n as f64).sqrt() as f32;
         let lr_t = u.lr as f32 / rms.max(1.0);
         let keep = 1.0 - lr_t * u.decay_per_lr as f32;
         p.par_chunks_mut(CHUNK)
@@ -99,6 +130,6 @@ pub mod cpu {
                     *p = *p * keep - lr_t * (m / (v.sqrt() + eps));
                 }
             });
-        rms
+        (rms, sq as f32)
     }
 }

@@ -30,11 +30,11 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use burn::backend::ndarray::NdArrayTensor;
 
-use crate::product_cpu::{Threads, product};
+use crate::product_cpu::{Threads, product, product_new};
 
 use super::attention::{self, AttentionPlan, cpu};
 use super::head_cpu as cpu_head;
-use crate::adamw::{AdamWUpdate, cpu as cpu_optim};
+use crate::adamw::{AdamWStep, AdamWUpdate, cpu as cpu_optim};
 
 /// What the model needs of a backend beyond Burn's own operations (see the
 /// module docs). The provided methods are the tensor versions every backend
@@ -84,12 +84,7 @@ pub trait ModelBackend: Backend {
         moments: (Tensor<Self, 1>, Tensor<Self, 1>),
         grad: Tensor<Self, 1>,
         update: &AdamWUpdate,
-    ) -> (
-        Tensor<Self, 1>,
-        Tensor<Self, 1>,
-        Tensor<Self, 1>,
-        Tensor<Self, 1>,
-    ) {
+    ) -> AdamWStep<Self> {
         crate::adamw::stable_adamw_update(param, moments, grad, update)
     }
 
@@ -402,10 +397,7 @@ impl ModelBackend for Cpu {
     /// `gemm` on the operands as they lie, transposes as strided views.
     fn dense(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let (x, w) = (shared(x), shared(weight));
-        let (x, w) = (matrix(&x), matrix(&w));
-        let mut out = ndarray::Array2::<f32>::zeros((x.nrows(), w.ncols()));
-        product(1.0, x, w, 0.0, out.view_mut(), Threads::Pool);
-        from_owned(out.into_dyn())
+        from_owned(product_new(1.0, matrix(&x), matrix(&w), Threads::Pool).into_dyn())
     }
 
     fn dense_backward(
@@ -415,10 +407,8 @@ impl ModelBackend for Cpu {
     ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
         let (x, w, g) = (shared(x), shared(weight), shared(grad));
         let (x, w, g) = (matrix(&x), matrix(&w), matrix(&g));
-        let mut dx = ndarray::Array2::<f32>::zeros(x.dim());
-        product(1.0, g, w.t(), 0.0, dx.view_mut(), Threads::Pool);
-        let mut dw = ndarray::Array2::<f32>::zeros(w.dim());
-        product(1.0, x.t(), g, 0.0, dw.view_mut(), Threads::Pool);
+        let dx = product_new(1.0, g, w.t(), Threads::Pool);
+        let dw = product_new(1.0, x.t(), g, Threads::Pool);
         (from_owned(dx.into_dyn()), from_owned(dw.into_dyn()))
     }
 
@@ -469,10 +459,8 @@ impl ModelBackend for Cpu {
     ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 1>) {
         let (h, e, g) = (shared(hidden), shared(embedding), shared(grad));
         let (h, e, g) = (matrix(&h), matrix(&e), matrix(&g));
-        let mut d_hidden = ndarray::Array2::<f32>::zeros((g.nrows(), e.ncols()));
-        product(1.0, g, e, 0.0, d_hidden.view_mut(), Threads::Pool);
-        let mut d_embedding = ndarray::Array2::<f32>::zeros((e.nrows(), e.ncols()));
-        product(1.0, g.t(), h, 0.0, d_embedding.view_mut(), Threads::Pool);
+        let d_hidden = product_new(1.0, g, e, Threads::Pool);
+        let d_embedding = product_new(1.0, g.t(), h, Threads::Pool);
         let d_bias = g.sum_axis(ndarray::Axis(0));
         (
             from_owned(d_hidden.into_dyn()),
@@ -489,25 +477,26 @@ impl ModelBackend for Cpu {
         (exp_avg, exp_avg_sq): (Tensor<Self, 1>, Tensor<Self, 1>),
         grad: Tensor<Self, 1>,
         u: &AdamWUpdate,
-    ) -> (
-        Tensor<Self, 1>,
-        Tensor<Self, 1>,
-        Tensor<Self, 1>,
-        Tensor<Self, 1>,
-    ) {
+    ) -> AdamWStep<Self> {
         let (mut p, mut m, mut v) = (owned(param), owned(exp_avg), owned(exp_avg_sq));
         let g = shared(grad);
-        let rms = match (
+        let (rms, grad_sq_sum) = match (
             p.as_slice_memory_order_mut(),
             m.as_slice_memory_order_mut(),
             v.as_slice_memory_order_mut(),
             g.as_slice_memory_order(),
         ) {
             (Some(p), Some(m), Some(v), Some(g)) => cpu_optim::update(p, m, v, g, u),
-            _ => f32::NAN,
+            _ => (f32::NAN, f32::NAN),
         };
-        let rms = Tensor::from_data(TensorData::new(vec![rms], [1]), &Default::default());
-        (from_owned(p), from_owned(m), from_owned(v), rms)
+        let scalar = |x: f32| Tensor::from_data(TensorData::new(vec![x], [1]), &Default::default());
+        AdamWStep {
+            param: from_owned(p),
+            exp_avg: from_owned(m),
+            exp_avg_sq: from_owned(v),
+            rms: scalar(rms),
+            grad_sq_sum: scalar(grad_sq_sum),
+        }
     }
 
     fn block_attention_forward(
@@ -984,9 +973,8 @@ mod tests {
         type B = crate::CpuBackend;
         type A = crate::CpuAutodiff;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let mut values = |n: usize| -> Vec<f32> {
-            (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-        };
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
         let (xv, wv, gv) = (values(9 * 24), values(24 * 40), values(9 * 40));
         let host = |x: Tensor<B, 2>| x.into_data().into_vec::<f32>().expect("f32");
         let gap = |a: Vec<f32>, b: Vec<f32>| {

@@ -2,7 +2,7 @@
 //! long sequence's `[positions, vocab]` logits never exist at once (a
 //! decoder at 8,192 tokens would hold 1.6 GB per copy of them).
 
-use crate::product_cpu::{Threads, product};
+use crate::product_cpu::{Threads, product, product_new};
 use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 use rayon::prelude::*;
 
@@ -20,7 +20,8 @@ pub fn cross_entropy(
     let (rows, width) = hidden.dim();
     let vocab = embedding.nrows();
     let mut d_hidden = Array2::<f32>::zeros((rows, width));
-    let mut d_embedding = Array2::<f32>::zeros((vocab, width));
+    // Written by the first chunk's product, accumulated into by the rest.
+    let mut d_embedding: Option<Array2<f32>> = None;
     let mut d_bias = Array1::<f32>::zeros(vocab);
     let mut loss = 0f64;
     let mut logits = Array2::<f32>::zeros((CHUNK_ROWS.min(rows).max(1), vocab));
@@ -63,8 +64,12 @@ pub fn cross_entropy(
             d_hidden.slice_mut(s![start..end, ..]),
             Threads::Pool,
         );
-        product(1.0, g.t(), h, 1.0, d_embedding.view_mut(), Threads::Pool);
+        match d_embedding.as_mut() {
+            None => d_embedding = Some(product_new(1.0, g.t(), h, Threads::Pool)),
+            Some(d) => product(1.0, g.t(), h, 1.0, d.view_mut(), Threads::Pool),
+        }
         d_bias += &g.sum_axis(Axis(0));
     }
+    let d_embedding = d_embedding.unwrap_or_else(|| Array2::zeros((vocab, width)));
     (loss as f32, d_hidden, d_embedding, d_bias)
 }

@@ -349,16 +349,21 @@ impl<B: ModelBackend> StableAdamW<B> {
             Some(_) if scale != 1.0 => (grads.mul_scalar(scale as f32), 1.0),
             _ => (grads, scale),
         };
-        let grad_norm = grads.clone().square().sum().sqrt().mul_scalar(scale);
-        let clip_scale = match self.config.max_grad_norm {
+        // Clipping needs the norm before the update; without it, each
+        // tensor's update sums its squared gradient in the same pass.
+        let norm_first = self
+            .config
+            .max_grad_norm
+            .map(|_| grads.clone().square().sum().sqrt().mul_scalar(scale));
+        let clip_scale = match (self.config.max_grad_norm, &norm_first) {
             // torch.nn.utils.clip_grad_norm_'s rule: max / (norm + 1e-6)
             // where the norm exceeds max, else 1.
-            Some(max) => {
+            (Some(max), Some(grad_norm)) => {
                 let scaled = grad_norm.clone().add_scalar(1e-6).recip().mul_scalar(max);
                 let over = grad_norm.clone().greater_elem(max);
                 Tensor::ones([1], &self.device).mask_where(over, scaled)
             }
-            None => Tensor::ones([1], &self.device),
+            _ => Tensor::ones([1], &self.device),
         };
         let grads = match self.config.max_grad_norm {
             Some(_) => grads * clip_scale.clone(),
@@ -373,6 +378,7 @@ impl<B: ModelBackend> StableAdamW<B> {
 
         let mut out = Vec::with_capacity(n);
         let mut rms_all = Vec::with_capacity(n);
+        let mut sq_all = Vec::with_capacity(n);
         let mut offset = 0;
         for (param, st) in params.into_iter().zip(self.tensors.iter_mut()) {
             let g = grads.clone().slice(offset..offset + st.len);
@@ -391,12 +397,18 @@ impl<B: ModelBackend> StableAdamW<B> {
                 std::mem::replace(&mut st.exp_avg, Tensor::empty([0], &self.device)),
                 std::mem::replace(&mut st.exp_avg_sq, Tensor::empty([0], &self.device)),
             );
-            let (p, m, v, rms) = B::stable_adamw_update(param, moments, g, &update);
-            st.exp_avg = m;
-            st.exp_avg_sq = v;
-            rms_all.push(rms);
-            out.push(p);
+            let step = B::stable_adamw_update(param, moments, g, &update);
+            st.exp_avg = step.exp_avg;
+            st.exp_avg_sq = step.exp_avg_sq;
+            rms_all.push(step.rms);
+            sq_all.push(step.grad_sq_sum);
+            out.push(step.param);
         }
+        let grad_norm = match norm_first {
+            Some(norm) => norm,
+            None if sq_all.is_empty() => Tensor::zeros([1], &self.device),
+            None => Tensor::cat(sq_all, 0).sum().sqrt(),
+        };
         let max_rms = if rms_all.is_empty() {
             Tensor::zeros([1], &self.device)
         } else {
@@ -481,10 +493,11 @@ mod tests {
             let fused = B::stable_adamw_update(flat(&p), (flat(&m), flat(&v)), flat(&g), &u);
             let plain = stable_adamw_update(flat(&p), (flat(&m), flat(&v)), flat(&g), &u);
             for (name, a, b, tol) in [
-                ("param", fused.0, plain.0, 1e-6),
-                ("exp_avg", fused.1, plain.1, 1e-7),
-                ("exp_avg_sq", fused.2, plain.2, 1e-7),
-                ("rms", fused.3, plain.3, 1e-4),
+                ("param", fused.param, plain.param, 1e-6),
+                ("exp_avg", fused.exp_avg, plain.exp_avg, 1e-7),
+                ("exp_avg_sq", fused.exp_avg_sq, plain.exp_avg_sq, 1e-7),
+                ("rms", fused.rms, plain.rms, 1e-4),
+                ("grad_sq_sum", fused.grad_sq_sum, plain.grad_sq_sum, 1e-4),
             ] {
                 let diff = host(&a)
                     .iter()
@@ -561,6 +574,35 @@ mod tests {
         );
         let (_, [_, _, max_rms]) = step(&mut again, 2e-3, &[&out[0], &out[1]], &grads[1]);
         assert!((max_rms - 1.090814664f64.sqrt()).abs() < 1e-6, "{max_rms}");
+    }
+
+    #[test]
+    fn the_reported_gradient_norm_is_of_the_scaled_gradients_whatever_the_path() {
+        let specs = [
+            TensorSpec {
+                len: 2,
+                decay: false,
+            },
+            TensorSpec {
+                len: 1,
+                decay: true,
+            },
+        ];
+        let params = || vec![flat(&[0.0, 0.0]), flat(&[1.0])];
+        let grads = || flat(&[3.0, 4.0, 12.0]);
+        for max_grad_norm in [None, Some(100.0)] {
+            let mut cfg = StableAdamWConfig::new(1e-3, 0.1);
+            cfg.max_grad_norm = max_grad_norm;
+            let mut opt = StableAdamW::<B>::new(cfg, &specs, &dev()).expect("valid");
+            // |(3, 4, 12)| = 13, times the scale 0.5.
+            let (_, stats) = opt.step_scaled(1e-3, params(), grads(), 0.5).expect("step");
+            let [grad_norm, clip_scale, _] = stats.read();
+            assert!(
+                (grad_norm - 6.5).abs() < 1e-6,
+                "{max_grad_norm:?}: {grad_norm}"
+            );
+            assert_eq!(clip_scale, 1.0);
+        }
     }
 
     #[test]
