@@ -351,7 +351,7 @@ fn build_summary(report: &BuildReport) -> String {
 }
 
 /// Sources with read, kept, rejected and one column per drop reason.
-fn sources_table(m: &twinhead_dataprep::Manifest) -> String {
+fn sources_table(m: &twinhead_data::manifest::Manifest) -> String {
     let reasons: BTreeSet<&String> = m.sources.iter().flat_map(|s| s.dropped.keys()).collect();
     let mut headers = vec!["source", "read", "kept", "rejected"];
     let reason_headers: Vec<String> = reasons.iter().map(|r| format!("drop:{r}")).collect();

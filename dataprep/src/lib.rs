@@ -41,11 +41,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 pub use error::{Error, Result};
-pub use twinhead_data::manifest::Manifest;
+
 pub use twinhead_proto::dataset::DatasetConfig;
 
 use twinhead_data::formats;
-use twinhead_data::manifest::{self, FileEntry};
+use twinhead_data::manifest::{self, FileEntry, Manifest};
 use twinhead_data::store::Location;
 
 /// Receives progress from a running build; implement it with `indicatif`

@@ -11,7 +11,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-pub use twinhead_data::manifest::Issue;
+use twinhead_data::manifest::Issue;
 use twinhead_data::store::Location;
 use twinhead_proto::dataset::{Format, OnError, SourceConfig};
 

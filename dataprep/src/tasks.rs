@@ -23,12 +23,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::filters;
 use crate::inputs;
-use crate::read::{Issue, ReadOutput};
+use crate::read::ReadOutput;
 use crate::stage1::{self, Counters, Dedup, MarkerLite, PartPlan, Written};
 use crate::stage2;
 use crate::tokenizer::{self, Tok};
 use crate::{NoProgress, ProgressSink};
 use twinhead_data::formats::{self, Doc, ScanDoc};
+use twinhead_data::manifest::Issue;
 use twinhead_data::manifest::{
     self, DecontaminationInfo, Manifest, PhaseStats, SourceStats, TokenizerInfo,
 };

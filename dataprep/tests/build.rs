@@ -459,7 +459,7 @@ fn documents_overlapping_a_reference_set_are_dropped_and_counted() {
         &NoProgress,
     )
     .unwrap();
-    let books = |m: &twinhead_dataprep::Manifest| {
+    let books = |m: &twinhead_data::manifest::Manifest| {
         m.sources
             .iter()
             .find(|s| s.name == "books")
