@@ -534,6 +534,18 @@ impl ModelBackend for Cpu {
 #[cfg(feature = "cuda")]
 impl<B: burn_fusion::FusionBackend> ModelBackend for burn_fusion::Fusion<B> {}
 
+/// Hands each of a node's gradients to its parent, skipping parents that
+/// need none (the caller's `B` is the inner backend).
+macro_rules! register_parents {
+    ($grads:expr, $parents:expr, $values:expr) => {
+        for (parent, g) in $parents.into_iter().zip($values) {
+            if let Some(node) = parent {
+                $grads.register::<B>(node.id, g);
+            }
+        }
+    };
+}
+
 /// The autodiff node of [`ModelBackend::block_attention`].
 #[derive(Debug)]
 struct BlockAttentionBackward;
@@ -577,12 +589,11 @@ impl<B: ModelBackend> Backward<B, 3> for BlockAttentionBackward {
             float(s.lse),
             float(grad),
         );
-        let [node_q, node_k, node_v] = ops.parents;
-        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, primitive(g));
-            }
-        }
+        register_parents!(
+            grads,
+            ops.parents,
+            [primitive(dq), primitive(dk), primitive(dv)]
+        );
     }
 }
 
@@ -779,13 +790,7 @@ impl<B: ModelBackend, const D: usize> Backward<B, 2> for LayerNormBackward<D> {
         let grad = float::<B, D>(grads.consume::<B>(&ops.node));
         let (normed, rstd, gamma) = ops.state;
         let (dx, d_gamma) = layer_norm_backward(float(normed), float(rstd), float(gamma), grad);
-        let [node_x, node_g] = ops.parents;
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, primitive(dx));
-        }
-        if let Some(node) = node_g {
-            grads.register::<B>(node.id, primitive(d_gamma));
-        }
+        register_parents!(grads, ops.parents, [primitive(dx), primitive(d_gamma)]);
     }
 }
 
@@ -806,18 +811,13 @@ impl<B: ModelBackend> Backward<B, 3> for CrossEntropyBackward {
         // The output is the scalar loss sum: its gradient scales all three.
         let scale = float::<B, 1>(grads.consume::<B>(&ops.node));
         let (dh, de, db) = ops.state;
-        let [node_h, node_e, node_b] = ops.parents;
-        if let Some(node) = node_h {
-            let g = float::<B, 2>(dh) * scale.clone().reshape([1, 1]);
-            grads.register::<B>(node.id, primitive(g));
-        }
-        if let Some(node) = node_e {
-            let g = float::<B, 2>(de) * scale.clone().reshape([1, 1]);
-            grads.register::<B>(node.id, primitive(g));
-        }
-        if let Some(node) = node_b {
-            grads.register::<B>(node.id, primitive(float::<B, 1>(db) * scale));
-        }
+        let matrix_scale = scale.clone().reshape([1, 1]);
+        let scaled = [
+            primitive(float::<B, 2>(dh) * matrix_scale.clone()),
+            primitive(float::<B, 2>(de) * matrix_scale),
+            primitive(float::<B, 1>(db) * scale),
+        ];
+        register_parents!(grads, ops.parents, scaled);
     }
 }
 
@@ -838,16 +838,11 @@ impl<B: ModelBackend> Backward<B, 3> for TiedLogitsBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (hidden, embedding) = ops.state;
         let (dh, de, db) = B::tied_logits_backward(float(hidden), float(embedding), float(grad));
-        let [node_h, node_e, node_b] = ops.parents;
-        if let Some(node) = node_h {
-            grads.register::<B>(node.id, primitive(dh));
-        }
-        if let Some(node) = node_e {
-            grads.register::<B>(node.id, primitive(de));
-        }
-        if let Some(node) = node_b {
-            grads.register::<B>(node.id, primitive(db));
-        }
+        register_parents!(
+            grads,
+            ops.parents,
+            [primitive(dh), primitive(de), primitive(db)]
+        );
     }
 }
 
@@ -868,13 +863,7 @@ impl<B: ModelBackend> Backward<B, 2> for DenseBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (x, weight) = ops.state;
         let (dx, dw) = B::dense_backward(float(x), float(weight), float(grad));
-        let [node_x, node_w] = ops.parents;
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, primitive(dx));
-        }
-        if let Some(node) = node_w {
-            grads.register::<B>(node.id, primitive(dw));
-        }
+        register_parents!(grads, ops.parents, [primitive(dx), primitive(dw)]);
     }
 }
 
