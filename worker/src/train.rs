@@ -1087,6 +1087,19 @@ mod tests {
         .expect("step")
     }
 
+    /// One step from copies of `model` and `optimizer`: the weights after
+    /// it and the loss.
+    fn step_from(
+        model: &ModernBert<B>,
+        optimizer: &StableAdamW<CpuBackend>,
+        prediction: &PredictionBatch,
+        options: StepOptions,
+    ) -> (Vec<Vec<f32>>, f64) {
+        let mut optimizer = optimizer.clone();
+        let (model, outcome) = one_step(model.clone(), &mut optimizer, prediction, false, options);
+        (read_params(&model), outcome.mean_loss)
+    }
+
     fn batch(config: &ModelConfig) -> PredictionBatch {
         let rows: Vec<Vec<u32>> = (0..2u32)
             .map(|r| (0..32u32).map(|i| 5 + (r * 31 + i * 7) % 200).collect())
@@ -1141,17 +1154,10 @@ mod tests {
                 Flavour::Decoder => objectives::clm_batch(&batch(&config).input).expect("clm"),
             };
             let step = |recompute: bool| {
-                let mut optimizer = optimizer.clone();
-                let (model, outcome) = one_step(
-                    model.clone(),
-                    &mut optimizer,
-                    &prediction,
-                    false,
-                    StepOptions {
-                        activation_checkpointing: recompute,
-                    },
-                );
-                (read_params(&model), outcome.mean_loss)
+                let options = StepOptions {
+                    activation_checkpointing: recompute,
+                };
+                step_from(&model, &optimizer, &prediction, options)
             };
             let (plain, plain_loss) = step(false);
             let (recomputed, recomputed_loss) = step(true);
@@ -1177,15 +1183,9 @@ mod tests {
                 .build()
                 .expect("thread pool");
             pool.install(|| {
-                let mut optimizer = optimizer.clone();
-                let (model, outcome) = one_step(
-                    model.clone(),
-                    &mut optimizer,
-                    &prediction,
-                    false,
-                    StepOptions::default(),
-                );
-                (read_params(&model), outcome.mean_loss.to_bits())
+                let (params, loss) =
+                    step_from(&model, &optimizer, &prediction, StepOptions::default());
+                (params, loss.to_bits())
             })
         };
         assert!(
