@@ -16,7 +16,7 @@ use twinhead_proto::v1::{
     BuildDatasetRequest, Dataset, DatasetState, GetDatasetRequest, ListDatasetsRequest,
 };
 
-use twinhead_coordinator::datasets::{state_name, step_name};
+use twinhead_proto::names;
 
 use crate::Connection;
 use crate::client::{dataprep_client, dataset_client};
@@ -59,8 +59,8 @@ fn dataset_json(d: &Dataset) -> Value {
     json!({
         "id": d.id,
         "name": d.name,
-        "state": state_name(d.state),
-        "step": step_name(d.step),
+        "state": names::dataset_state(d.state),
+        "step": names::dataprep_step(d.step),
         "step_tasks": d.step_tasks,
         "step_tasks_done": d.step_tasks_done,
         "url": d.url,
@@ -126,7 +126,7 @@ pub async fn submit(
         });
         while dataset.state == DatasetState::Building as i32 {
             if let Some(bar) = &bar {
-                bar.set_prefix(step_name(dataset.step));
+                bar.set_prefix(names::dataprep_step(dataset.step));
                 bar.set_length(u64::from(dataset.step_tasks));
                 bar.set_position(u64::from(dataset.step_tasks_done));
             }
@@ -158,11 +158,11 @@ pub async fn submit(
 }
 
 fn dataset_report(d: &Dataset) -> String {
-    let mut out = format!("{} {} ({})\n", d.id, d.name, state_name(d.state));
+    let mut out = format!("{} {} ({})\n", d.id, d.name, names::dataset_state(d.state));
     let progress = if d.state == DatasetState::Building as i32 {
         format!(
             "step {} ({}/{} tasks)",
-            step_name(d.step),
+            names::dataprep_step(d.step),
             d.step_tasks_done,
             d.step_tasks
         )
@@ -211,11 +211,11 @@ pub async fn list(connection: &Connection, json: bool) -> anyhow::Result<ExitCod
             vec![
                 d.id.clone(),
                 d.name.clone(),
-                state_name(d.state).to_string(),
+                names::dataset_state(d.state).to_string(),
                 if d.state == DatasetState::Building as i32 {
                     format!(
                         "{} {}/{}",
-                        step_name(d.step),
+                        names::dataprep_step(d.step),
                         d.step_tasks_done,
                         d.step_tasks
                     )

@@ -1,9 +1,8 @@
 //! Presentation: tables for people, JSON for scripts, one-line errors.
 
 use serde_json::{Value, json};
-use twinhead_proto::v1::{
-    Attempt, Checkpoint, LrShape, Objective, PhaseProgress, Run, RunSpec, RunState,
-};
+use twinhead_proto::names;
+use twinhead_proto::v1::{Attempt, Checkpoint, LrShape, PhaseProgress, Run, RunSpec, RunState};
 
 /// An error and its causes on one line, with gRPC statuses shown as
 /// "message (code)".
@@ -70,26 +69,6 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-pub fn state_name(state: i32) -> &'static str {
-    match RunState::try_from(state) {
-        Ok(RunState::Pending) => "pending",
-        Ok(RunState::Running) => "running",
-        Ok(RunState::Completed) => "completed",
-        Ok(RunState::Failed) => "failed",
-        Ok(RunState::Cancelled) => "cancelled",
-        _ => "unknown",
-    }
-}
-
-pub fn objective_name(objective: i32) -> &'static str {
-    match Objective::try_from(objective) {
-        Ok(Objective::Mlm) => "mlm",
-        Ok(Objective::Clm) => "clm",
-        Ok(Objective::Mntp) => "mntp",
-        _ => "unknown",
-    }
-}
-
 /// 1234567 → "1.23M".
 pub fn human(n: f64) -> String {
     let (value, suffix) = match n.abs() {
@@ -104,7 +83,7 @@ pub fn human(n: f64) -> String {
 
 /// "running (phase 2/3 extension)" for people.
 pub fn run_state_line(run: &Run) -> String {
-    let state = state_name(run.state);
+    let state = names::run_state(run.state);
     if run.state == RunState::Running as i32 {
         let name = run
             .phases
@@ -154,7 +133,7 @@ pub fn runs_table(runs: &[Run]) -> String {
                 run.id.clone(),
                 spec.name.clone(),
                 spec.model.map(|m| m.name).unwrap_or_default(),
-                objective_name(spec.objective).to_string(),
+                names::objective(spec.objective).to_string(),
                 run_state_line(run),
                 format!("{}/{}", human(done as f64), human(budget as f64)),
                 loss,
@@ -184,7 +163,7 @@ pub fn run_report(run: &Run) -> String {
     out.push_str(&format!(
         "model      {} {}, world size {}, global batch {}\n",
         spec.model.as_ref().map_or("", |m| m.name.as_str()),
-        objective_name(spec.objective),
+        names::objective(spec.objective),
         spec.world_size,
         spec.global_batch
     ));
@@ -330,7 +309,7 @@ pub fn spec_json(spec: &RunSpec) -> Value {
             "intermediate_size": m.intermediate_size,
             "max_position_embeddings": m.max_position_embeddings,
         })),
-        "objective": objective_name(spec.objective),
+        "objective": names::objective(spec.objective),
         "dataset": spec.dataset,
         "seed": spec.seed,
         "world_size": spec.world_size,
@@ -383,11 +362,11 @@ pub fn run_json(run: &Run) -> Value {
         "run_id": run.id,
         "name": spec.name,
         "model": spec.model.as_ref().map(|m| m.name.clone()),
-        "objective": objective_name(spec.objective),
+        "objective": names::objective(spec.objective),
         "dataset": spec.dataset,
         "world_size": spec.world_size,
         "global_batch": spec.global_batch,
-        "state": state_name(run.state),
+        "state": names::run_state(run.state),
         "phase_index": run.phase_index,
         "message": run.message,
         "created_ms": run.created_ms,

@@ -170,7 +170,7 @@ pub async fn watch(connection: &Connection, run_id: &str, json: bool) -> anyhow:
                 println!(
                     "{} {}{}",
                     run.id,
-                    output::state_name(run.state),
+                    twinhead_proto::names::run_state(run.state),
                     if run.message.is_empty() {
                         String::new()
                     } else {

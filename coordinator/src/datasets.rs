@@ -147,6 +147,14 @@ impl Builds {
             .ok_or_else(|| Error::NotFound(format!("dataset build {id:?} does not exist")))
     }
 
+    /// The build whose task `key` a process reports on, if that task is
+    /// still current (not finished by another process, not from an older
+    /// step): a stale report is ignored, its result is on storage either way.
+    fn current_task(&mut self, id: &str, key: &str) -> Result<Option<&mut Build>, Error> {
+        let build = self.find_mut(id)?;
+        Ok(build.is_current(key).then_some(build))
+    }
+
     fn find_mut(&mut self, id: &str) -> Result<&mut Build, Error> {
         self.builds
             .values_mut()
@@ -259,10 +267,9 @@ impl Builds {
         now: Instant,
     ) -> Result<bool, Error> {
         let lease = self.lease;
-        let build = self.find_mut(id)?;
-        if !build.is_current(key) {
+        let Some(build) = self.current_task(id, key)? else {
             return Ok(false);
-        }
+        };
         build.leases.insert(
             key.to_string(),
             Lease {
@@ -282,10 +289,9 @@ impl Builds {
         now_ms: i64,
         writes: &mut Vec<Write>,
     ) -> Result<(), Error> {
-        let build = self.find_mut(&request.dataset_id)?;
-        if !build.is_current(&request.key) {
+        let Some(build) = self.current_task(&request.dataset_id, &request.key)? else {
             return Ok(());
-        }
+        };
         let task = Task::from_key(&request.key).ok_or_else(|| {
             Error::InvalidArgument(format!("key: {:?} is not a task", request.key))
         })?;
@@ -336,10 +342,9 @@ impl Builds {
         now_ms: i64,
         writes: &mut Vec<Write>,
     ) -> Result<(), Error> {
-        let build = self.find_mut(&request.dataset_id)?;
-        if !build.is_current(&request.key) {
+        let Some(build) = self.current_task(&request.dataset_id, &request.key)? else {
             return Ok(());
-        }
+        };
         build.leases.remove(&request.key);
         let why = format!("{} (on {})", request.error, request.process);
         if request.retry {
@@ -375,29 +380,6 @@ impl Builds {
             }
             Self::write(build, now_ms, writes);
         }
-    }
-}
-
-/// A build state's name for people and JSON.
-pub fn state_name(state: i32) -> &'static str {
-    match DatasetState::try_from(state) {
-        Ok(DatasetState::Building) => "building",
-        Ok(DatasetState::Complete) => "complete",
-        Ok(DatasetState::Failed) => "failed",
-        _ => "unknown",
-    }
-}
-
-/// A build step's name for people and JSON.
-pub fn step_name(step: i32) -> &'static str {
-    match DataprepStep::try_from(step) {
-        Ok(DataprepStep::Plan) => "plan",
-        Ok(DataprepStep::Scan) => "scan",
-        Ok(DataprepStep::Prepare) => "dedup + tokenizer",
-        Ok(DataprepStep::Tokenize) => "tokenize",
-        Ok(DataprepStep::Phases) => "phases",
-        Ok(DataprepStep::Finalize) => "manifest",
-        _ => "-",
     }
 }
 

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use twinhead_proto::v1::{PhaseProgress, Run, RunState};
 
-use crate::state::{WorkerView, state_name};
+use crate::state::WorkerView;
 use crate::store::WorkerStatus;
 
 /// Every run state, in lifecycle order, for the per-state counts.
@@ -72,7 +72,7 @@ pub(crate) fn render(runs: &[Run], workers: &[WorkerView]) -> String {
         sample(
             &mut out,
             "twinhead_runs",
-            &[("state", state_name(state as i32))],
+            &[("state", twinhead_proto::names::run_state(state as i32))],
             count as f64,
         );
     }

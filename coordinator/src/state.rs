@@ -87,22 +87,38 @@ fn active_mut(run: &mut Run) -> Option<&mut Attempt> {
     run.attempts.last_mut().filter(|a| a.ended_ms == 0)
 }
 
+/// A worker's `what` (a report, a checkpoint) must be for the run's current
+/// phase and within its step budget, which is returned.
+fn check_in_phase(
+    run: &Run,
+    what: &str,
+    step_field: &str,
+    phase_index: u32,
+    step: u64,
+) -> Result<u64, Error> {
+    if phase_index != run.phase_index {
+        return Err(Error::FailedPrecondition(format!(
+            "run {} is in phase {}, the {what} is for phase {phase_index}",
+            run.id, run.phase_index
+        )));
+    }
+    let budget = run
+        .phases
+        .get(run.phase_index as usize)
+        .map_or(0, |p| p.num_steps);
+    if step > budget {
+        return Err(Error::InvalidArgument(format!(
+            "{step_field}: {step} is past the phase's {budget} steps"
+        )));
+    }
+    Ok(budget)
+}
+
 fn is_terminal(run: &Run) -> bool {
     matches!(
         RunState::try_from(run.state),
         Ok(RunState::Completed | RunState::Failed | RunState::Cancelled)
     )
-}
-
-pub(crate) fn state_name(state: i32) -> &'static str {
-    match RunState::try_from(state) {
-        Ok(RunState::Pending) => "pending",
-        Ok(RunState::Running) => "running",
-        Ok(RunState::Completed) => "completed",
-        Ok(RunState::Failed) => "failed",
-        Ok(RunState::Cancelled) => "cancelled",
-        _ => "unknown",
-    }
 }
 
 impl State {
@@ -257,7 +273,7 @@ impl State {
         if is_terminal(run) {
             return Err(Error::FailedPrecondition(format!(
                 "run {id} is already {}",
-                state_name(run.state)
+                twinhead_proto::names::run_state(run.state)
             )));
         }
         let reason = if reason.trim().is_empty() {
@@ -673,22 +689,7 @@ impl State {
         };
         let run_id = self.worlds.get(&req.world_id).cloned().unwrap_or_default();
         let run = self.run(&run_id)?;
-        if req.phase_index != run.phase_index {
-            return Err(Error::FailedPrecondition(format!(
-                "run {run_id} is in phase {}, the report is for phase {}",
-                run.phase_index, req.phase_index
-            )));
-        }
-        let budget = run
-            .phases
-            .get(run.phase_index as usize)
-            .map_or(0, |p| p.num_steps);
-        if req.step > budget {
-            return Err(Error::InvalidArgument(format!(
-                "step: {} is past the phase's {budget} steps",
-                req.step
-            )));
-        }
+        check_in_phase(run, "report", "step", req.phase_index, req.step)?;
         if rank != 0 {
             return Ok((WorkerAction::Continue, String::new()));
         }
@@ -746,23 +747,14 @@ impl State {
         }
         let run_id = self.worlds.get(world_id).cloned().unwrap_or_default();
         let run = self.run(&run_id)?;
-        if checkpoint.phase_index != run.phase_index {
-            return Err(Error::FailedPrecondition(format!(
-                "run {run_id} is in phase {}, the checkpoint is for phase {}",
-                run.phase_index, checkpoint.phase_index
-            )));
-        }
+        let budget = check_in_phase(
+            run,
+            "checkpoint",
+            "checkpoint.step",
+            checkpoint.phase_index,
+            checkpoint.step,
+        )?;
         let phases = run.phases.len();
-        let budget = run
-            .phases
-            .get(run.phase_index as usize)
-            .map_or(0, |p| p.num_steps);
-        if checkpoint.step > budget {
-            return Err(Error::InvalidArgument(format!(
-                "checkpoint.step: {} is past the phase's {budget} steps",
-                checkpoint.step
-            )));
-        }
         if let Some(last) = run
             .checkpoints
             .last()

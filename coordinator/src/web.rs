@@ -21,9 +21,10 @@ use twinhead_proto::v1::{Attempt, Checkpoint, PhaseProgress, Run};
 use twinhead_proto::auth::{TokenProblem, check_bearer};
 
 use crate::metrics::{self, reported_phase, worker_state};
-use crate::state::{WorkerView, state_name};
+use crate::state::WorkerView;
 use crate::store::ProgressRow;
 use crate::{Coordinator, Error};
+use twinhead_proto::names;
 
 /// The dashboard: one self-contained file (no CDN, no build step).
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -162,9 +163,9 @@ impl RunSummary {
                 .map(|m| m.name.clone())
                 .unwrap_or_default(),
             objective: spec
-                .map(|s| objective_name(s.objective).to_string())
+                .map(|s| names::objective(s.objective).to_string())
                 .unwrap_or_default(),
-            state: state_name(run.state),
+            state: names::run_state(run.state),
             message: run.message.clone(),
             phase_index: run.phase_index,
             phase: current.map(|p| p.name.clone()).unwrap_or_default(),
@@ -179,16 +180,6 @@ impl RunSummary {
             created_ms: run.created_ms,
             updated_ms: run.updated_ms,
         }
-    }
-}
-
-fn objective_name(objective: i32) -> &'static str {
-    use twinhead_proto::v1::Objective;
-    match Objective::try_from(objective) {
-        Ok(Objective::Mlm) => "mlm",
-        Ok(Objective::Clm) => "clm",
-        Ok(Objective::Mntp) => "mntp",
-        _ => "unknown",
     }
 }
 
@@ -457,8 +448,8 @@ async fn list_datasets(State(shared): State<Shared>) -> axum::Json<Vec<DatasetJs
         builds
             .into_iter()
             .map(|d| DatasetJson {
-                state: crate::datasets::state_name(d.state),
-                step: crate::datasets::step_name(d.step),
+                state: names::dataset_state(d.state),
+                step: names::dataprep_step(d.step),
                 step_tasks: d.step_tasks,
                 step_tasks_done: d.step_tasks_done,
                 tokens: d.tokens,

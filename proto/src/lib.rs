@@ -12,6 +12,7 @@
 //!   warmup).
 //! - [`config`]: TOML files (`configs/models`, `configs/runs`) and
 //!   `--set key=value` overrides into proto messages.
+//! - [`names`]: the names people and JSON see for the API's enums.
 //! - [`validate`]: the rules a run spec must satisfy, with errors that name
 //!   the offending key.
 
@@ -20,6 +21,7 @@ pub mod batch;
 pub mod build_tasks;
 pub mod config;
 pub mod dataset;
+pub mod names;
 pub mod validate;
 
 /// Generated code for package `twinhead.v1`.
