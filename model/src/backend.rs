@@ -339,10 +339,6 @@ impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend> TrainBackend
 
 type Cpu = burn::backend::NdArray<f32>;
 
-fn host<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
-    t.into_data().into_vec::<f32>().unwrap_or_default()
-}
-
 fn device_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<Cpu, D> {
     Tensor::from_data(TensorData::new(values, shape), &Default::default())
 }
@@ -378,6 +374,13 @@ fn matrix(a: &ndarray::ArcArray<f32, ndarray::IxDyn>) -> ndarray::ArrayView2<'_,
     a.view()
         .into_dimensionality::<ndarray::Ix2>()
         .unwrap_or_else(|_| ndarray::ArrayView2::from_shape((0, 0), &[]).expect("empty view"))
+}
+
+/// A 3-d view of a shared array (the shapes come from Burn tensors of rank 3).
+fn tokens_heads(a: &ndarray::ArcArray<f32, ndarray::IxDyn>) -> ndarray::ArrayView3<'_, f32> {
+    a.view()
+        .into_dimensionality::<ndarray::Ix3>()
+        .unwrap_or_else(|_| ndarray::ArrayView3::from_shape((0, 0, 0), &[]).expect("empty view"))
 }
 
 fn from_owned<const D: usize>(a: ndarray::ArrayD<f32>) -> Tensor<Cpu, D> {
@@ -506,7 +509,8 @@ impl ModelBackend for Cpu {
         v: Tensor<Self, 3>,
     ) -> (Tensor<Self, 3>, Tensor<Self, 2>) {
         let [n, h, hd] = q.dims();
-        let (out, lse) = cpu::forward(plan, &host(q), &host(k), &host(v), h, hd);
+        let (q, k, v) = (shared(q), shared(k), shared(v));
+        let (out, lse) = cpu::forward(plan, tokens_heads(&q), tokens_heads(&k), tokens_heads(&v));
         (device_tensor(out, [n, h, hd]), device_tensor(lse, [n, h]))
     }
 
@@ -520,9 +524,13 @@ impl ModelBackend for Cpu {
         grad: Tensor<Self, 3>,
     ) -> (Tensor<Self, 3>, Tensor<Self, 3>, Tensor<Self, 3>) {
         let ([nq, h, hd], [nk, _, _]) = (q.dims(), k.dims());
-        let (q, k, v, out, lse, grad) =
-            (host(q), host(k), host(v), host(out), host(lse), host(grad));
-        let (dq, dk, dv) = cpu::backward(plan, [&q, &k, &v, &out, &lse, &grad], h, hd);
+        let [q, k, v, out, grad] = [q, k, v, out, grad].map(shared);
+        let lse = shared(lse);
+        let (dq, dk, dv) = cpu::backward(
+            plan,
+            [&q, &k, &v, &out, &grad].map(tokens_heads),
+            matrix(&lse),
+        );
         (
             device_tensor(dq, [nq, h, hd]),
             device_tensor(dk, [nk, h, hd]),

@@ -15,37 +15,24 @@
 //! maximum, output divided by the row sum, log-sum-exp kept per query.
 
 use crate::product_cpu::{Threads, product};
-use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{Array2, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-use super::{AttentionPlan, Group, PAD_QUERY_DOC, Visibility};
+use super::{AttentionPlan, Group};
 
-/// Whether query `i` of a block may see key `j` of it.
-fn visible(g: &Group, visibility: Visibility, block: usize, i: usize, j: usize) -> bool {
-    let (qi, kj) = (block * g.q_len + i, block * g.k_len + j);
-    if g.q_doc[qi] != g.k_doc[kj] {
-        return false;
-    }
-    let ahead = g.q_time[qi] - g.k_time[kj];
-    if visibility.causal && ahead < 0.0 {
-        return false;
-    }
-    match visibility.half_window {
-        Some(w) if visibility.causal => ahead <= w as f32,
-        Some(w) => ahead.abs() <= w as f32,
-        None => true,
-    }
-}
-
-/// `[tokens, heads, hd]` to one `[tokens, hd]` buffer per head.
-fn split_heads(x: &[f32], heads: usize, hd: usize) -> Vec<Vec<f32>> {
-    let tokens = x.len() / (heads * hd).max(1);
+/// `[tokens, heads, width]` (any strides) to one `[tokens, width]` buffer
+/// per head: rows are copied whole where they are contiguous, so a strided
+/// view of the fused projection costs no more than a contiguous one.
+fn split_heads(x: ArrayView3<'_, f32>) -> Vec<Vec<f32>> {
+    let (tokens, heads, width) = x.dim();
     (0..heads)
         .map(|h| {
-            let mut out = Vec::with_capacity(tokens * hd);
-            for t in 0..tokens {
-                let at = (t * heads + h) * hd;
-                out.extend_from_slice(&x[at..at + hd]);
+            let mut out = Vec::with_capacity(tokens * width);
+            for row in x.index_axis(Axis(1), h).rows() {
+                match row.as_slice() {
+                    Some(values) => out.extend_from_slice(values),
+                    None => out.extend(row.iter()),
+                }
             }
             out
         })
@@ -109,8 +96,9 @@ impl Scratch {
     }
 }
 
-/// Scaled scores of the block into `s`, hidden pairs at −∞.
-fn scores(g: &Group, visibility: Visibility, block: usize, scale: f32, w: &mut Scratch) {
+/// Scaled scores of the block into `s`, every pair: what a query does not
+/// see lies outside its span and is never read.
+fn scores(scale: f32, w: &mut Scratch) {
     product(
         scale,
         w.q.view(),
@@ -119,35 +107,24 @@ fn scores(g: &Group, visibility: Visibility, block: usize, scale: f32, w: &mut S
         w.s.view_mut(),
         Threads::Serial,
     );
-    if g.masked {
-        for (i, mut row) in w.s.rows_mut().into_iter().enumerate() {
-            for (j, x) in row.iter_mut().enumerate() {
-                if !visible(g, visibility, block, i, j) {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
 }
 
-fn is_query(g: &Group, block: usize, i: usize) -> bool {
-    g.q_doc[block * g.q_len + i] != PAD_QUERY_DOC
+/// The key slots query `i` of block `block` sees (empty for padding).
+fn span(g: &Group, block: usize, i: usize) -> std::ops::Range<usize> {
+    let (from, to) = g.q_span[block * g.q_len + i];
+    from as usize..to as usize
 }
 
-/// Output `[queries, heads, hd]` and log-sum-exp `[queries, heads]`.
+/// Output `[queries, heads, hd]` and log-sum-exp `[queries, heads]` of
+/// `q`, `k`, `v` (`[tokens, heads, hd]` each).
 pub(crate) fn forward(
     plan: &AttentionPlan,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    heads: usize,
-    hd: usize,
+    q: ArrayView3<'_, f32>,
+    k: ArrayView3<'_, f32>,
+    v: ArrayView3<'_, f32>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (qs, ks, vs) = (
-        split_heads(q, heads, hd),
-        split_heads(k, heads, hd),
-        split_heads(v, heads, hd),
-    );
+    let (_, heads, hd) = q.dim();
+    let (qs, ks, vs) = (split_heads(q), split_heads(k), split_heads(v));
     let scale = (hd as f32).powf(-0.5);
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
         .into_par_iter()
@@ -156,28 +133,36 @@ pub(crate) fn forward(
             let mut lse = vec![0f32; plan.queries];
             for g in &plan.groups {
                 let mut w = Scratch::new(g, hd);
+                let mut row_sum = vec![0f32; g.q_len];
                 for b in 0..g.count {
                     let qi = &g.q_index[b * g.q_len..(b + 1) * g.q_len];
                     let ki = &g.k_index[b * g.k_len..(b + 1) * g.k_len];
-                    gather_rows(&qs[h], hd, qi, |i| is_query(g, b, i), &mut w.q);
+                    let query = |i: usize| !span(g, b, i).is_empty();
+                    gather_rows(&qs[h], hd, qi, query, &mut w.q);
                     gather_rows(&ks[h], hd, ki, |_| true, &mut w.k);
                     gather_rows(&vs[h], hd, ki, |_| true, &mut w.v);
-                    scores(g, plan.visibility, b, scale, &mut w);
-                    let mut row_max = vec![0f32; g.q_len];
-                    let mut row_sum = vec![0f32; g.q_len];
+                    scores(scale, &mut w);
+                    // Softmax over each query's span, from the span's
+                    // maximum; keys outside it get probability 0.
                     for (i, mut row) in w.s.rows_mut().into_iter().enumerate() {
-                        if !is_query(g, b, i) {
-                            row.fill(0.0);
+                        let seen = span(g, b, i);
+                        let Some(row) = row.as_slice_mut() else {
                             continue;
-                        }
-                        let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        };
+                        let m = row[seen.clone()]
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                         let mut sum = 0f32;
-                        for x in row.iter_mut() {
+                        for x in &mut row[seen.clone()] {
                             *x = (*x - m).exp();
                             sum += *x;
                         }
-                        row_max[i] = m;
+                        row[..seen.start].fill(0.0);
+                        row[seen.end..].fill(0.0);
                         row_sum[i] = sum;
+                        if !seen.is_empty() {
+                            lse[qi[i] as usize] = m + sum.ln();
+                        }
                     }
                     product(
                         1.0,
@@ -188,7 +173,7 @@ pub(crate) fn forward(
                         Threads::Serial,
                     );
                     for (i, row) in w.o.rows().into_iter().enumerate() {
-                        if !is_query(g, b, i) {
+                        if !query(i) {
                             continue;
                         }
                         let t = qi[i] as usize;
@@ -196,29 +181,28 @@ pub(crate) fn forward(
                             .iter_mut()
                             .zip(row)
                             .for_each(|(d, x)| *d = x / row_sum[i]);
-                        lse[t] = row_max[i] + row_sum[i].ln();
                     }
                 }
             }
             (out, lse)
         })
         .collect();
-    let outs: Vec<Vec<f32>> = per_head.iter().map(|p| p.0.clone()).collect();
-    let lses: Vec<Vec<f32>> = per_head.into_iter().map(|p| p.1).collect();
+    let (outs, lses): (Vec<Vec<f32>>, Vec<Vec<f32>>) = per_head.into_iter().unzip();
     (join_heads(&outs, hd), join_heads(&lses, 1))
 }
 
-/// Gradients of q, k, v, each `[tokens, heads, hd]`.
-#[allow(clippy::too_many_arguments)]
+/// Gradients of q, k, v, each `[tokens, heads, hd]`, from the forward's
+/// inputs, output and log-sum-exp (`[queries, heads]`) and the output's
+/// gradient.
 pub(crate) fn backward(
     plan: &AttentionPlan,
-    [q, k, v, out, lse, grad]: [&[f32]; 6],
-    heads: usize,
-    hd: usize,
+    [q, k, v, out, grad]: [ArrayView3<'_, f32>; 5],
+    lse: ArrayView2<'_, f32>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let split = |x: &[f32]| split_heads(x, heads, hd);
-    let (qs, ks, vs, outs, grads) = (split(q), split(k), split(v), split(out), split(grad));
-    let lses = split_heads(lse, heads, 1);
+    let (_, heads, hd) = q.dim();
+    let (qs, ks, vs) = (split_heads(q), split_heads(k), split_heads(v));
+    let (outs, grads) = (split_heads(out), split_heads(grad));
+    let lses = split_heads(lse.insert_axis(Axis(2)));
     let scale = (hd as f32).powf(-0.5);
     let per_head: Vec<[Vec<f32>; 3]> = (0..heads)
         .into_par_iter()
@@ -241,20 +225,27 @@ pub(crate) fn backward(
                 for b in 0..g.count {
                     let qi = &g.q_index[b * g.q_len..(b + 1) * g.q_len];
                     let ki = &g.k_index[b * g.k_len..(b + 1) * g.k_len];
-                    let query = |i: usize| is_query(g, b, i);
+                    let query = |i: usize| !span(g, b, i).is_empty();
                     gather_rows(&qs[h], hd, qi, query, &mut w.q);
                     gather_rows(&ks[h], hd, ki, |_| true, &mut w.k);
                     gather_rows(&vs[h], hd, ki, |_| true, &mut w.v);
                     gather_rows(&grads[h], hd, qi, query, &mut w.o);
-                    scores(g, plan.visibility, b, scale, &mut w);
-                    // P = exp(S − lse); rows of padding queries are zero.
+                    scores(scale, &mut w);
+                    // P = exp(S − lse) over each query's span, 0 elsewhere
+                    // (and on rows of padding queries).
                     for (i, mut row) in w.s.rows_mut().into_iter().enumerate() {
-                        if !query(i) {
-                            row.fill(0.0);
+                        let seen = span(g, b, i);
+                        let Some(row) = row.as_slice_mut() else {
                             continue;
+                        };
+                        if !seen.is_empty() {
+                            let l = lses[h][qi[i] as usize];
+                            row[seen.clone()]
+                                .iter_mut()
+                                .for_each(|x| *x = (*x - l).exp());
                         }
-                        let l = lses[h][qi[i] as usize];
-                        row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                        row[..seen.start].fill(0.0);
+                        row[seen.end..].fill(0.0);
                     }
                     let p: ArrayView2<'_, f32> = w.s.view();
                     product(
@@ -309,11 +300,16 @@ pub(crate) fn backward(
             [dq, dk, dv]
         })
         .collect();
-    let part = |i: usize| per_head.iter().map(|p| p[i].clone()).collect::<Vec<_>>();
+    let mut parts: [Vec<Vec<f32>>; 3] = Default::default();
+    for grads in per_head {
+        for (part, grad) in parts.iter_mut().zip(grads) {
+            part.push(grad);
+        }
+    }
     (
-        join_heads(&part(0), hd),
-        join_heads(&part(1), hd),
-        join_heads(&part(2), hd),
+        join_heads(&parts[0], hd),
+        join_heads(&parts[1], hd),
+        join_heads(&parts[2], hd),
     )
 }
 

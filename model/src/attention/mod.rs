@@ -97,6 +97,11 @@ struct Group {
     k_time: Vec<f32>,
     /// Some key of some block is hidden from some query of it.
     masked: bool,
+    /// For each query slot, the key slots it sees, `start..end`: always one
+    /// range, because a block's keys are consecutive tokens of one sequence
+    /// and a query sees a contiguous part of them (its document, cut to the
+    /// window and the past). Empty for padding query slots.
+    q_span: Vec<(u32, u32)>,
 }
 
 /// Which queries are scored against which keys, in groups of equal-shape
@@ -152,6 +157,7 @@ struct Block {
     k_index: Vec<i64>,
     k_doc: Vec<f32>,
     k_time: Vec<f32>,
+    q_span: Vec<(u32, u32)>,
 }
 
 impl AttentionPlan {
@@ -301,6 +307,21 @@ impl AttentionPlan {
                     k_index: (lo..hi).map(|t| (seq.key_offset + t) as i64).collect(),
                     k_doc: (lo..hi).map(|t| doc_id(seq, t)).collect(),
                     k_time: (lo..hi).map(|t| t as f32).collect(),
+                    q_span: (q0..q1)
+                        .map(|t| {
+                            let (mut from, mut to) = (doc_start[t].max(lo), doc_end[t].min(hi));
+                            if visibility.causal {
+                                to = to.min(t + 1);
+                            }
+                            if let Some(w) = visibility.half_window {
+                                from = from.max(t.saturating_sub(w));
+                                if !visibility.causal {
+                                    to = to.min(t + w + 1);
+                                }
+                            }
+                            ((from - lo) as u32, (to - lo) as u32)
+                        })
+                        .collect(),
                 });
                 q0 = q1;
             }
@@ -323,6 +344,7 @@ impl AttentionPlan {
                     k_doc: Vec::with_capacity(chunk.len() * k_len),
                     k_time: Vec::with_capacity(chunk.len() * k_len),
                     masked,
+                    q_span: Vec::with_capacity(chunk.len() * block),
                 };
                 for b in chunk {
                     for (i, &q) in b.q_index.iter().enumerate() {
@@ -336,6 +358,8 @@ impl AttentionPlan {
                     g.q_doc.extend(std::iter::repeat_n(PAD_QUERY_DOC, pad));
                     g.q_time.extend(&b.q_time);
                     g.q_time.extend(std::iter::repeat_n(0.0, pad));
+                    g.q_span.extend(&b.q_span);
+                    g.q_span.extend(std::iter::repeat_n((0, 0), pad));
                     let pad = k_len - b.k_index.len();
                     g.k_index.extend(&b.k_index);
                     g.k_doc.extend(&b.k_doc);
