@@ -3,6 +3,7 @@
 //! decoder at 8,192 tokens would hold 1.6 GB per copy of them).
 
 use crate::product_cpu::{Threads, product, product_new};
+use crate::rowwise;
 use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 use rayon::prelude::*;
 
@@ -41,12 +42,11 @@ pub fn cross_entropy(
             .map(|(mut row, &target)| {
                 let t = target as usize;
                 let picked = row.get(t).copied().unwrap_or(f32::NAN);
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
+                let Some(row) = row.as_slice_mut() else {
+                    return f64::NAN;
+                };
+                let max = rowwise::max(row);
+                let sum = rowwise::exp_shifted_sum(row, max);
                 row.iter_mut().for_each(|x| *x /= sum);
                 if let Some(x) = row.get_mut(t) {
                     *x -= 1.0;

@@ -57,6 +57,7 @@ pub mod modernbert;
 pub mod objectives;
 pub mod packing;
 mod product_cpu;
+mod rowwise;
 
 /// The CPU backend used by tests and CPU training.
 pub type CpuBackend = burn::backend::NdArray<f32>;

@@ -15,6 +15,7 @@
 //! maximum, output divided by the row sum, log-sum-exp kept per query.
 
 use crate::product_cpu::{Threads, product};
+use crate::rowwise;
 use ndarray::{Array2, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
@@ -149,14 +150,8 @@ pub(crate) fn forward(
                         let Some(row) = row.as_slice_mut() else {
                             continue;
                         };
-                        let m = row[seen.clone()]
-                            .iter()
-                            .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                        let mut sum = 0f32;
-                        for x in &mut row[seen.clone()] {
-                            *x = (*x - m).exp();
-                            sum += *x;
-                        }
+                        let m = rowwise::max(&row[seen.clone()]);
+                        let sum = rowwise::exp_shifted_sum(&mut row[seen.clone()], m);
                         row[..seen.start].fill(0.0);
                         row[seen.end..].fill(0.0);
                         row_sum[i] = sum;
@@ -240,9 +235,7 @@ pub(crate) fn backward(
                         };
                         if !seen.is_empty() {
                             let l = lses[h][qi[i] as usize];
-                            row[seen.clone()]
-                                .iter_mut()
-                                .for_each(|x| *x = (*x - l).exp());
+                            rowwise::exp_shifted_sum(&mut row[seen.clone()], l);
                         }
                         row[..seen.start].fill(0.0);
                         row[seen.end..].fill(0.0);
