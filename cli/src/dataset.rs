@@ -498,6 +498,27 @@ fn stats_report(s: &Stats) -> String {
         })
         .collect();
     out.push_str(&table(&headers, &rows));
+    let held_out: Vec<Vec<String>> = s
+        .phases
+        .iter()
+        .filter_map(|p| {
+            let e = p.eval.as_ref()?;
+            Some(vec![
+                p.name.clone(),
+                e.docs.to_string(),
+                e.sequences.to_string(),
+                human(e.tokens as f64),
+                e.shards.to_string(),
+            ])
+        })
+        .collect();
+    if !held_out.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &["held out", "docs", "rows", "tokens", "shards"],
+            &held_out,
+        ));
+    }
     out
 }
 

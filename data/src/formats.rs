@@ -29,8 +29,12 @@ pub const CREATED_BY: &str = "twinhead-dataprep";
 pub const INPUT_IDS: &str = "input_ids";
 /// ... the lengths of the documents (pieces) packed into it, ...
 pub const DOC_LENS: &str = "doc_lens";
-/// ... and each piece's source index.
+/// ... each piece's source index ...
 pub const SOURCE: &str = "source";
+/// ... and each piece's document key (a stable hash of the source name and
+/// the document id, the one the held-out split is drawn by): which rows
+/// hold which documents, checkable without the documents.
+pub const DOC_KEY: &str = "doc_key";
 
 fn perr(location: &str, e: impl std::fmt::Display) -> FormatError {
     FormatError::Parquet {
@@ -82,12 +86,14 @@ pub fn docs_schema() -> Arc<Schema> {
     ]))
 }
 
-/// Phase-shard schema: `input_ids`, `doc_lens: list<uint32>`, `source: list<uint16>`.
+/// Phase-shard schema (training and eval shards): `input_ids`,
+/// `doc_lens: list<uint32>`, `source: list<uint16>`, `doc_key: list<uint64>`.
 pub fn shard_schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         list_field(INPUT_IDS, DataType::UInt32),
         list_field(DOC_LENS, DataType::UInt32),
         list_field(SOURCE, DataType::UInt16),
+        list_field(DOC_KEY, DataType::UInt64),
     ]))
 }
 
@@ -109,6 +115,8 @@ pub struct Row {
     pub doc_lens: Vec<u32>,
     /// Source index of each document.
     pub source: Vec<u16>,
+    /// Key of each document ([`DOC_KEY`]).
+    pub doc_keys: Vec<u64>,
 }
 
 /// Encode stage-1 documents.
@@ -133,6 +141,7 @@ pub fn write_rows(location: &str, rows: &[Row], rows_per_group: usize) -> Result
     let mut ib = list_builder(UInt32Builder::new(), DataType::UInt32);
     let mut lb = list_builder(UInt32Builder::new(), DataType::UInt32);
     let mut sb = list_builder(UInt16Builder::new(), DataType::UInt16);
+    let mut kb = list_builder(UInt64Builder::new(), DataType::UInt64);
     for r in rows {
         ib.values().append_slice(&r.input_ids);
         ib.append(true);
@@ -140,11 +149,14 @@ pub fn write_rows(location: &str, rows: &[Row], rows_per_group: usize) -> Result
         lb.append(true);
         sb.values().append_slice(&r.source);
         sb.append(true);
+        kb.values().append_slice(&r.doc_keys);
+        kb.append(true);
     }
     let cols: Vec<ArrayRef> = vec![
         Arc::new(ib.finish()),
         Arc::new(lb.finish()),
         Arc::new(sb.finish()),
+        Arc::new(kb.finish()),
     ];
     write_batch(location, shard_schema(), cols, rows_per_group)
 }
@@ -199,6 +211,10 @@ fn u32s(a: &UInt32Array) -> &[u32] {
 }
 
 fn u16s(a: &UInt16Array) -> &[u16] {
+    a.values()
+}
+
+fn u64s(a: &UInt64Array) -> &[u64] {
     a.values()
 }
 
@@ -334,12 +350,40 @@ pub fn read_rows(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<R
         )?;
         let lens = lists(location, column::<ListArray>(location, &b, DOC_LENS)?, u32s)?;
         let srcs = lists(location, column::<ListArray>(location, &b, SOURCE)?, u16s)?;
-        for ((input_ids, doc_lens), source) in ids.into_iter().zip(lens).zip(srcs) {
+        let keys = lists(location, column::<ListArray>(location, &b, DOC_KEY)?, u64s)?;
+        for (((input_ids, doc_lens), source), doc_keys) in
+            ids.into_iter().zip(lens).zip(srcs).zip(keys)
+        {
             out.push(Row {
                 input_ids,
                 doc_lens,
                 source,
+                doc_keys,
             });
+        }
+    }
+    Ok(out)
+}
+
+/// The document keys of a phase shard, every row's in order (the
+/// `doc_key` column only).
+pub fn read_doc_keys(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<u64>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
+        .map_err(|e| perr(location, e))?;
+    if builder.schema().field_with_name(DOC_KEY).is_err() {
+        return Err(perr(location, format!("no {DOC_KEY} column")));
+    }
+    let mask = ProjectionMask::columns(builder.parquet_schema(), [DOC_KEY]);
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(4096)
+        .build()
+        .map_err(|e| perr(location, e))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| perr(location, e))?;
+        for keys in lists(location, column::<ListArray>(location, &b, DOC_KEY)?, u64s)? {
+            out.extend(keys);
         }
     }
     Ok(out)
@@ -417,10 +461,13 @@ mod tests {
                 input_ids: vec![i; 4],
                 doc_lens: vec![1, 3],
                 source: vec![0, (i % 3) as u16],
+                doc_keys: vec![u64::MAX - u64::from(i), u64::from(i)],
             })
             .collect();
         let bytes = write_rows("t", &rows, 4)?;
         assert_eq!(row_groups("t", bytes.clone())?, vec![4, 4, 2]);
+        let keys: Vec<u64> = rows.iter().flat_map(|r| r.doc_keys.clone()).collect();
+        assert_eq!(read_doc_keys("t", bytes.clone())?, keys);
         assert_eq!(read_rows("t", bytes)?, rows);
         Ok(())
     }

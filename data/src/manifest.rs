@@ -150,6 +150,29 @@ pub struct PhaseStats {
     pub draws: Vec<Draw>,
     /// Shards in order.
     pub shards: Vec<FileEntry>,
+    /// The phase's held-out rows, when the config holds documents out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalStats>,
+}
+
+/// A phase's held-out rows: every held-out document of the phase's
+/// sources (weight > 0), packed at the phase's `seq_len` into shards of
+/// their own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalStats {
+    /// Held-out documents packed.
+    pub docs: u64,
+    /// Rows written.
+    pub sequences: u64,
+    /// Tokens written (sequences × seq_len).
+    pub tokens: u64,
+    /// Tokens written per source name.
+    pub tokens_per_source: BTreeMap<String, u64>,
+    /// The partial last row, and pieces shorter than `min_piece_tokens`.
+    pub tail_tokens_dropped: u64,
+    /// Eval shards in order (`phases/<phase>/eval-NNNNN.parquet`).
+    pub shards: Vec<FileEntry>,
 }
 
 /// The dataset's manifest.

@@ -200,7 +200,8 @@ pub fn notes(manifest: &Manifest) -> Vec<String> {
 pub struct Problem {
     /// File, relative to the dataset.
     pub path: String,
-    /// `missing`, `sha256_mismatch`, `rows_mismatch`, `unreadable`.
+    /// `missing`, `sha256_mismatch`, `rows_mismatch`, `unreadable`,
+    /// `eval_leak`.
     pub kind: String,
     /// Details.
     pub detail: String,
@@ -219,37 +220,59 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
 }
 
+/// What a file listed in a manifest is, for [`verify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileRole {
+    Other,
+    TrainingShard,
+    EvalShard,
+}
+
 /// Re-hash every file the manifest of the dataset at `url` (the folder
-/// holding `manifest.json`, i.e. [`BuildReport::url`]) lists (tokenizer, parts, shards) and
-/// check shard row counts.
+/// holding `manifest.json`, i.e. [`BuildReport::url`]) lists (tokenizer,
+/// parts, shards), check shard row counts and, where documents are held
+/// out, that no training shard holds a piece of a held-out document.
 pub fn verify(url: &str) -> Result<VerifyReport> {
     let out = Location::open(url, false)?;
     let m = read_manifest(&out)?.ok_or_else(|| Error::Corrupt {
         location: out.name(manifest::MANIFEST),
         message: "no manifest: not a complete dataset".into(),
     })?;
-    let mut files: Vec<(FileEntry, bool)> = vec![(
+    let mut files: Vec<(FileEntry, FileRole)> = vec![(
         FileEntry {
             path: m.tokenizer.path.clone(),
             rows: 0,
             sha256: m.tokenizer.sha256.clone(),
         },
-        false,
+        FileRole::Other,
     )];
     files.extend(
         m.sources
             .iter()
-            .flat_map(|s| s.parts.iter().cloned().map(|f| (f, false))),
+            .flat_map(|s| s.parts.iter().cloned().map(|f| (f, FileRole::Other))),
     );
-    files.extend(
-        m.phases
-            .iter()
-            .flat_map(|p| p.shards.iter().cloned().map(|f| (f, true))),
-    );
-    let problems: Vec<Vec<Problem>> = files
+    for p in &m.phases {
+        files.extend(
+            p.shards
+                .iter()
+                .cloned()
+                .map(|f| (f, FileRole::TrainingShard)),
+        );
+        if let Some(eval) = &p.eval {
+            files.extend(
+                eval.shards
+                    .iter()
+                    .cloned()
+                    .map(|f| (f, FileRole::EvalShard)),
+            );
+        }
+    }
+    let held_out = m.phases.iter().any(|p| p.eval.is_some());
+    let checked: Vec<(Vec<Problem>, Vec<u64>)> = files
         .par_iter()
-        .map(|(f, is_shard)| {
+        .map(|(f, role)| {
             let mut ps = Vec::new();
+            let mut keys = Vec::new();
             let p = |kind: &str, detail: String| Problem {
                 path: f.path.clone(),
                 kind: kind.into(),
@@ -266,8 +289,9 @@ pub fn verify(url: &str) -> Result<VerifyReport> {
                             format!("manifest {} file {sha}", f.sha256),
                         ));
                     }
-                    if *is_shard {
-                        match formats::row_groups(&out.name(&f.path), bytes) {
+                    if *role != FileRole::Other {
+                        let name = out.name(&f.path);
+                        match formats::row_groups(&name, bytes.clone()) {
                             Ok(g) if g.iter().sum::<i64>() as u64 != f.rows => {
                                 ps.push(p(
                                     "rows_mismatch",
@@ -277,13 +301,36 @@ pub fn verify(url: &str) -> Result<VerifyReport> {
                             Ok(_) => {}
                             Err(e) => ps.push(p("unreadable", e.to_string())),
                         }
+                        if held_out {
+                            match formats::read_doc_keys(&name, bytes) {
+                                Ok(k) => keys = k,
+                                Err(e) => ps.push(p("unreadable", e.to_string())),
+                            }
+                        }
                     }
                 }
             }
-            ps
+            (ps, keys)
         })
         .collect();
-    let problems: Vec<Problem> = problems.into_iter().flatten().collect();
+    let eval_keys: std::collections::HashSet<u64> = files
+        .iter()
+        .zip(&checked)
+        .filter(|((_, role), _)| *role == FileRole::EvalShard)
+        .flat_map(|(_, (_, keys))| keys.iter().copied())
+        .collect();
+    let mut problems = Vec::new();
+    for ((f, role), (ps, keys)) in files.iter().zip(checked) {
+        problems.extend(ps);
+        let leaked = keys.iter().filter(|k| eval_keys.contains(k)).count();
+        if *role == FileRole::TrainingShard && leaked > 0 {
+            problems.push(Problem {
+                path: f.path.clone(),
+                kind: "eval_leak".into(),
+                detail: format!("{leaked} pieces of held-out documents in a training shard"),
+            });
+        }
+    }
     Ok(VerifyReport {
         url: url.to_string(),
         ok: problems.is_empty(),
@@ -330,6 +377,21 @@ pub struct PhaseLine {
     pub share: BTreeMap<String, f64>,
     /// Mean documents (pieces) per row, counted from the shards.
     pub mean_docs_per_row: f64,
+    /// The phase's held-out rows, if documents are held out.
+    pub eval: Option<EvalLine>,
+}
+
+/// A phase's held-out rows, in [`PhaseLine`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalLine {
+    /// Held-out documents.
+    pub docs: u64,
+    /// Rows.
+    pub sequences: u64,
+    /// Tokens.
+    pub tokens: u64,
+    /// Shards.
+    pub shards: u64,
 }
 
 /// Summary of a built dataset.
@@ -392,6 +454,12 @@ pub fn stats(url: &str) -> Result<Stats> {
             shards: p.shards.len() as u64,
             share,
             mean_docs_per_row: docs as f64 / p.sequences.max(1) as f64,
+            eval: p.eval.as_ref().map(|e| EvalLine {
+                docs: e.docs,
+                sequences: e.sequences,
+                tokens: e.tokens,
+                shards: e.shards.len() as u64,
+            }),
         });
     }
     Ok(Stats {

@@ -5,19 +5,24 @@
 //!
 //! A phase is one independent task: it reads only the stage-1 parts and
 //! writes only `phases/<phase>/`.
+//!
+//! With a held-out split (`eval` in the config), each source's held-out
+//! documents ([`held_out`]) are left out of every phase's draw and packed,
+//! all of them, into the phase's eval shards (`eval-NNNNN.parquet`).
 
 use std::collections::BTreeMap;
 
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
 use crate::ProgressSink;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::stage1::{Written, put_with_marker, read_marker};
 use twinhead_data::formats::{self, Row};
-use twinhead_data::manifest::{Draw, FileEntry, PhaseStats, SourceStats};
+use twinhead_data::manifest::{Draw, EvalStats, FileEntry, PhaseStats, SourceStats};
 use twinhead_data::store::Location;
-use twinhead_proto::dataset::{DatasetConfig, PhaseConfig};
+use twinhead_proto::dataset::{DatasetConfig, EvalSplit, PhaseConfig};
 
 /// A slice of one document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,12 +37,19 @@ pub struct Piece {
     pub len: u32,
 }
 
-/// Split documents into pieces of at most `seq_len`; non-first pieces
-/// shorter than `min_piece` are dropped. Returns pieces and dropped tokens.
-pub fn split(source: u16, docs: &[Vec<u32>], seq_len: u32, min_piece: u32) -> (Vec<Piece>, u64) {
+/// Split the documents `take` accepts (by index) into pieces of at most
+/// `seq_len`; non-first pieces shorter than `min_piece` are dropped.
+/// Returns pieces and dropped tokens.
+pub fn split(
+    source: u16,
+    docs: &[Vec<u32>],
+    seq_len: u32,
+    min_piece: u32,
+    take: impl Fn(usize) -> bool,
+) -> (Vec<Piece>, u64) {
     let mut pieces = Vec::new();
     let mut dropped = 0u64;
-    for (d, doc) in docs.iter().enumerate() {
+    for (d, doc) in docs.iter().enumerate().filter(|(d, _)| take(*d)) {
         let n = doc.len() as u32;
         let mut start = 0u32;
         while start < n {
@@ -96,7 +108,7 @@ pub fn draw(pieces: &[Piece], target: u64, rng: &mut Rng) -> (Vec<Piece>, u64, b
 /// not fit the row's remaining space continues at the start of the next row
 /// (each part counts as its own document). The last partial row is left out
 /// and its token count returned.
-pub fn pack(pieces: &[Piece], docs: &[&[Vec<u32>]], seq_len: u32) -> (Vec<Row>, u64) {
+pub fn pack(pieces: &[Piece], docs: &[SourceDocs], seq_len: u32) -> (Vec<Row>, u64) {
     let cap = seq_len as usize;
     let mut rows = Vec::new();
     let mut row = Row {
@@ -104,14 +116,16 @@ pub fn pack(pieces: &[Piece], docs: &[&[Vec<u32>]], seq_len: u32) -> (Vec<Row>, 
         ..Row::default()
     };
     for p in pieces {
-        let toks =
-            &docs[p.source as usize][p.doc as usize][p.start as usize..(p.start + p.len) as usize];
+        let source = &docs[p.source as usize];
+        let toks = &source.tokens[p.doc as usize][p.start as usize..(p.start + p.len) as usize];
+        let key = source.keys[p.doc as usize];
         let mut off = 0usize;
         while off < toks.len() {
             let take = (toks.len() - off).min(cap - row.input_ids.len());
             row.input_ids.extend_from_slice(&toks[off..off + take]);
             row.doc_lens.push(take as u32);
             row.source.push(p.source);
+            row.doc_keys.push(key);
             off += take;
             if row.input_ids.len() == cap {
                 rows.push(std::mem::replace(
@@ -155,29 +169,79 @@ pub fn shard_path(phase: &str, i: usize) -> String {
     format!("phases/{phase}/shard-{i:05}.parquet")
 }
 
-/// Load a source's stage-1 documents (token ids only, in part order).
-pub fn load_source(out: &Location, stats: &SourceStats) -> Result<Vec<Vec<u32>>> {
-    let parts: Vec<Result<Vec<Vec<u32>>>> = stats
+/// A source's stage-1 documents in part order: tokens, and each
+/// document's key ([`doc_key`]).
+#[derive(Debug, Clone, Default)]
+pub struct SourceDocs {
+    pub tokens: Vec<Vec<u32>>,
+    pub keys: Vec<u64>,
+}
+
+/// A document's key: the first 8 bytes of sha256(source name, 0, document
+/// id), big-endian. It depends on nothing but the two names, so the
+/// held-out split is the same whatever reads the documents, in whatever
+/// order or number of threads.
+pub fn doc_key(source: &str, id: &str) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(source.as_bytes())
+        .chain_update([0u8])
+        .chain_update(id.as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// Which of a source's documents (by key) are held out: those whose key
+/// falls below `fraction` of the key range, at most `max_docs` distinct
+/// keys of them (the smallest). All `false` without a split.
+pub fn held_out(keys: &[u64], split: Option<&EvalSplit>) -> Vec<bool> {
+    let Some(split) = split else {
+        return vec![false; keys.len()];
+    };
+    // fraction ≤ 0.5, so the product is below 2⁶⁴ and converts exactly.
+    let below = (split.fraction * 18_446_744_073_709_551_616.0) as u64;
+    let mut chosen: Vec<u64> = keys.iter().copied().filter(|k| *k < below).collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    if let Some(max) = split.max_docs {
+        chosen.truncate(usize::try_from(max).unwrap_or(usize::MAX));
+    }
+    keys.iter()
+        .map(|k| chosen.binary_search(k).is_ok())
+        .collect()
+}
+
+/// Load a source's stage-1 documents.
+pub fn load_source(out: &Location, stats: &SourceStats) -> Result<SourceDocs> {
+    let parts: Vec<Result<Vec<formats::Doc>>> = stats
         .parts
         .par_iter()
         .map(|f| {
             let bytes = out.get(&f.path)?;
-            Ok(formats::read_docs(&out.name(&f.path), bytes)?
-                .into_iter()
-                .map(|d| d.ids)
-                .collect())
+            Ok(formats::read_docs(&out.name(&f.path), bytes)?)
         })
         .collect();
-    let mut docs = Vec::new();
+    let mut docs = SourceDocs::default();
     for p in parts {
-        docs.extend(p?);
+        for d in p? {
+            docs.keys.push(doc_key(&stats.name, &d.id));
+            docs.tokens.push(d.ids);
+        }
     }
     Ok(docs)
 }
 
-/// Build one phase.
-/// `key` is the build key recorded in shard markers (config and tokenizer
-/// hashes): shards with another key are rewritten.
+/// Eval shard path.
+pub fn eval_shard_path(phase: &str, i: usize) -> String {
+    format!("phases/{phase}/eval-{i:05}.parquet")
+}
+
+/// Build one phase: its training shards and, with a held-out split, its
+/// eval shards. `docs` holds every source's documents (empty for sources
+/// the phase does not draw from). `key` is the build key recorded in shard
+/// markers (config and tokenizer hashes): shards with another key are
+/// rewritten.
 #[allow(clippy::too_many_arguments)]
 pub fn run_phase(
     out: &Location,
@@ -185,10 +249,14 @@ pub fn run_phase(
     key: &str,
     phase: &PhaseConfig,
     sources: &[SourceStats],
-    docs: &[&[Vec<u32>]],
+    docs: &[SourceDocs],
     progress: &dyn ProgressSink,
     written: &mut Written,
 ) -> Result<PhaseStats> {
+    let held: Vec<Vec<bool>> = docs
+        .iter()
+        .map(|d| held_out(&d.keys, cfg.eval.as_ref()))
+        .collect();
     let targets = shares(phase.tokens, &phase.weights);
     let mut drawn = Vec::new();
     let mut draws = Vec::new();
@@ -198,7 +266,13 @@ pub fn run_phase(
             continue;
         }
         let target = targets[s];
-        let (pieces, short) = split(s as u16, docs[s], phase.seq_len, phase.min_piece_tokens);
+        let (pieces, short) = split(
+            s as u16,
+            &docs[s].tokens,
+            phase.seq_len,
+            phase.min_piece_tokens,
+            |d| !held[s][d],
+        );
         let avail: u64 = pieces.iter().map(|p| u64::from(p.len)).sum();
         if avail == 0 && target > 0 {
             return Err(Error::Phase {
@@ -242,25 +316,128 @@ pub fn run_phase(
         rows.truncate(max_rows);
     }
     Rng::new(phase.seed, &[b"rows", phase.name.as_bytes()]).shuffle(&mut rows);
+    let stage = format!("phase {}", phase.name);
+    let shards = write_shards(
+        out,
+        key,
+        phase,
+        &rows,
+        cfg,
+        (&stage, shard_path),
+        progress,
+        written,
+    )?;
+    let eval = match cfg.eval {
+        None => None,
+        Some(_) => Some(eval_rows(
+            out, cfg, key, phase, sources, docs, &held, progress, written,
+        )?),
+    };
+    Ok(PhaseStats {
+        name: phase.name.clone(),
+        seq_len: phase.seq_len,
+        seed: phase.seed,
+        min_piece_tokens: phase.min_piece_tokens,
+        budget_tokens: phase.tokens,
+        sequences: rows.len() as u64,
+        tokens: rows.len() as u64 * u64::from(phase.seq_len),
+        tokens_per_source: tokens_per_source(&rows, sources),
+        tail_tokens_dropped: tail,
+        draws,
+        shards,
+        eval,
+    })
+}
 
-    let mut tokens_per_source: BTreeMap<String, u64> = BTreeMap::new();
-    for r in &rows {
+/// A phase's eval rows: every held-out document of its sources, split and
+/// packed like the training rows, in a seeded order.
+#[allow(clippy::too_many_arguments)]
+fn eval_rows(
+    out: &Location,
+    cfg: &DatasetConfig,
+    key: &str,
+    phase: &PhaseConfig,
+    sources: &[SourceStats],
+    docs: &[SourceDocs],
+    held: &[Vec<bool>],
+    progress: &dyn ProgressSink,
+    written: &mut Written,
+) -> Result<EvalStats> {
+    let mut pieces = Vec::new();
+    let mut held_docs = 0u64;
+    let mut short_tokens = 0u64;
+    for (s, weight) in phase.weights.iter().enumerate() {
+        if *weight <= 0.0 {
+            continue;
+        }
+        held_docs += held[s].iter().filter(|h| **h).count() as u64;
+        let (got, short) = split(
+            s as u16,
+            &docs[s].tokens,
+            phase.seq_len,
+            phase.min_piece_tokens,
+            |d| held[s][d],
+        );
+        pieces.extend(got);
+        short_tokens += short;
+    }
+    Rng::new(phase.seed, &[b"eval", phase.name.as_bytes()]).shuffle(&mut pieces);
+    let (rows, tail) = pack(&pieces, docs, phase.seq_len);
+    let stage = format!("phase {} eval", phase.name);
+    let shards = write_shards(
+        out,
+        key,
+        phase,
+        &rows,
+        cfg,
+        (&stage, eval_shard_path),
+        progress,
+        written,
+    )?;
+    Ok(EvalStats {
+        docs: held_docs,
+        sequences: rows.len() as u64,
+        tokens: rows.len() as u64 * u64::from(phase.seq_len),
+        tokens_per_source: tokens_per_source(&rows, sources),
+        tail_tokens_dropped: tail + short_tokens,
+        shards,
+    })
+}
+
+fn tokens_per_source(rows: &[Row], sources: &[SourceStats]) -> BTreeMap<String, u64> {
+    let mut tokens: BTreeMap<String, u64> = BTreeMap::new();
+    for r in rows {
         for (len, s) in r.doc_lens.iter().zip(&r.source) {
             let name = &sources[*s as usize].name;
-            *tokens_per_source.entry(name.clone()).or_insert(0) += u64::from(*len);
+            *tokens.entry(name.clone()).or_insert(0) += u64::from(*len);
         }
     }
+    tokens
+}
 
+/// Writes `rows` as shards of `cfg.rows_per_shard` rows at `path(phase, i)`,
+/// each with its marker, as progress stage `stage`; shards already stored
+/// for this build are kept.
+#[allow(clippy::too_many_arguments)]
+fn write_shards(
+    out: &Location,
+    key: &str,
+    phase: &PhaseConfig,
+    rows: &[Row],
+    cfg: &DatasetConfig,
+    (stage, path): (&str, fn(&str, usize) -> String),
+    progress: &dyn ProgressSink,
+    written: &mut Written,
+) -> Result<Vec<FileEntry>> {
     let per = usize::try_from(cfg.rows_per_shard).unwrap_or(usize::MAX);
     let per_group = usize::try_from(cfg.rows_per_row_group).unwrap_or(usize::MAX);
     let chunks: Vec<&[Row]> = rows.chunks(per).collect();
-    let stage = format!("phase {}", phase.name);
-    progress.start(&stage, chunks.len() as u64);
+    progress.start(stage, chunks.len() as u64);
     let results: Vec<Result<(FileEntry, bool)>> = chunks
         .par_iter()
         .enumerate()
         .map(|(i, chunk)| {
-            let path = shard_path(&phase.name, i);
+            let path = path(&phase.name, i);
             if progress.cancelled() {
                 return Err(Error::Cancelled);
             }
@@ -275,7 +452,7 @@ pub fn run_phase(
             Ok((m.file, true))
         })
         .collect();
-    progress.finish(&stage);
+    progress.finish(stage);
     let mut shards = Vec::with_capacity(results.len());
     for r in results {
         let (f, wrote) = r?;
@@ -286,19 +463,7 @@ pub fn run_phase(
         }
         shards.push(f);
     }
-    Ok(PhaseStats {
-        name: phase.name.clone(),
-        seq_len: phase.seq_len,
-        seed: phase.seed,
-        min_piece_tokens: phase.min_piece_tokens,
-        budget_tokens: phase.tokens,
-        sequences: rows.len() as u64,
-        tokens: rows.len() as u64 * u64::from(phase.seq_len),
-        tokens_per_source,
-        tail_tokens_dropped: tail,
-        draws,
-        shards,
-    })
+    Ok(shards)
 }
 
 #[cfg(test)]
@@ -312,7 +477,7 @@ mod tests {
     #[test]
     fn split_drops_short_non_first_pieces() {
         let docs = vec![doc(10, 0), doc(25, 100), doc(3, 200)];
-        let (pieces, dropped) = split(0, &docs, 8, 4);
+        let (pieces, dropped) = split(0, &docs, 8, 4, |_| true);
         let lens: Vec<u32> = pieces.iter().map(|p| p.len).collect();
         // 10 -> 8 + 2 (dropped); 25 -> 8 8 8 + 1 (dropped); 3 -> 3 (first piece kept).
         assert_eq!(lens, [8, 8, 8, 8, 3]);
@@ -322,8 +487,15 @@ mod tests {
     #[test]
     fn pack_keeps_every_token_in_order() {
         let docs = vec![doc(5, 0), doc(9, 100), doc(2, 200), doc(7, 300)];
-        let (pieces, _) = split(1, &docs, 8, 1);
-        let src: Vec<&[Vec<u32>]> = vec![&[], &docs];
+        let (pieces, _) = split(1, &docs, 8, 1, |_| true);
+        let keys: Vec<u64> = (100..104).collect();
+        let src = vec![
+            SourceDocs::default(),
+            SourceDocs {
+                tokens: docs.clone(),
+                keys: keys.clone(),
+            },
+        ];
         let (rows, tail) = pack(&pieces, &src, 8);
         let flat: Vec<u32> = rows.iter().flat_map(|r| r.input_ids.clone()).collect();
         let all: Vec<u32> = docs.concat();
@@ -333,14 +505,16 @@ mod tests {
             assert_eq!(r.input_ids.len(), 8);
             assert_eq!(r.doc_lens.iter().sum::<u32>(), 8);
             assert_eq!(r.doc_lens.len(), r.source.len());
+            assert_eq!(r.doc_lens.len(), r.doc_keys.len());
             assert!(r.source.iter().all(|s| *s == 1));
+            assert!(r.doc_keys.iter().all(|k| keys.contains(k)));
         }
     }
 
     #[test]
     fn draw_epochs_then_subsample() {
         let docs: Vec<Vec<u32>> = (0..10).map(|i| doc(10, i * 100)).collect();
-        let (pieces, _) = split(0, &docs, 16, 1);
+        let (pieces, _) = split(0, &docs, 16, 1, |_| true);
         let mut rng = Rng::new(7, &[]);
         let (got, epochs, sub) = draw(&pieces, 250, &mut rng);
         let tokens: u64 = got.iter().map(|p| u64::from(p.len)).sum();
@@ -355,6 +529,42 @@ mod tests {
             got.iter().map(|p| p.len).collect::<Vec<_>>(),
             [10, 10, 10, 5]
         );
+    }
+
+    #[test]
+    fn held_out_documents_depend_on_their_keys_only() {
+        let keys: Vec<u64> = (0..2000)
+            .map(|i| doc_key("web", &format!("doc-{i}")))
+            .collect();
+        let split = EvalSplit {
+            fraction: 0.1,
+            max_docs: None,
+        };
+        let held = held_out(&keys, Some(&split));
+        let n = held.iter().filter(|h| **h).count();
+        assert!((150..=250).contains(&n), "{n} of 2000 held out at 10%");
+        // Another order of the same documents holds out the same ones.
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        Rng::new(3, &[]).shuffle(&mut order);
+        let shuffled: Vec<u64> = order.iter().map(|&i| keys[i]).collect();
+        let again = held_out(&shuffled, Some(&split));
+        for (j, &i) in order.iter().enumerate() {
+            assert_eq!(again[j], held[i]);
+        }
+        // A cap keeps the smallest keys, a subset of the uncapped choice.
+        let capped = held_out(
+            &keys,
+            Some(&EvalSplit {
+                fraction: 0.1,
+                max_docs: Some(20),
+            }),
+        );
+        assert_eq!(capped.iter().filter(|h| **h).count(), 20);
+        assert!(capped.iter().zip(&held).all(|(c, h)| !c || *h));
+        assert!(held_out(&keys, None).iter().all(|h| !h));
+        // The key is of the source and the id together.
+        assert_ne!(doc_key("web", "a"), doc_key("code", "a"));
+        assert_ne!(doc_key("we", "ba"), doc_key("web", "a"));
     }
 
     #[test]

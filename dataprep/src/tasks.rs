@@ -757,22 +757,21 @@ impl Build {
         let sources: Vec<SourceStats> = (0..self.cfg.sources.len())
             .map(|s| self.source_stats(s))
             .collect::<Result<_>>()?;
-        let loaded: Vec<Vec<Vec<u32>>> = {
+        let loaded: Vec<stage2::SourceDocs> = {
             use rayon::prelude::*;
-            let loaded: Vec<Result<Vec<Vec<u32>>>> = sources
+            let loaded: Vec<Result<stage2::SourceDocs>> = sources
                 .par_iter()
                 .zip(phase.weights.par_iter())
                 .map(|(s, w)| {
                     if *w > 0.0 {
                         stage2::load_source(&self.out, s)
                     } else {
-                        Ok(Vec::new())
+                        Ok(stage2::SourceDocs::default())
                     }
                 })
                 .collect();
             loaded.into_iter().collect::<Result<_>>()?
         };
-        let views: Vec<&[Vec<u32>]> = loaded.iter().map(Vec::as_slice).collect();
         let mut written = Written::default();
         let stats = stage2::run_phase(
             &self.out,
@@ -780,7 +779,7 @@ impl Build {
             &t.build_key,
             phase,
             &sources,
-            &views,
+            &loaded,
             progress,
             &mut written,
         )?;

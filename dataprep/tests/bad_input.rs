@@ -378,6 +378,21 @@ weights = { web = 1.0 }
             "decontamination.references[0].text_field",
             "no text field",
         ),
+        (
+            format!("{base}[eval]\nfraction = 0.9\n"),
+            "eval.fraction",
+            "(0, 0.5]",
+        ),
+        (
+            format!("{base}[eval]\nfraction = 0.1\nmax_docs = 0\n"),
+            "eval.max_docs",
+            "at least 1",
+        ),
+        (
+            format!("{base}[eval]\nfraction = 0.1\nmax_doc = 3\n"),
+            "eval",
+            "max_doc",
+        ),
     ];
     for (text, key, what) in cases {
         let e = DatasetConfig::parse(&path, &text).unwrap_err().to_string();
@@ -393,6 +408,10 @@ fn sample_config_parses() {
     let cfg = DatasetConfig::load(&p).unwrap();
     assert_eq!(cfg.sources.len(), 5);
     assert_eq!(cfg.phases.len(), 3);
+    assert!(
+        cfg.eval.is_some(),
+        "the sample holds documents out for evaluation"
+    );
 }
 
 #[test]

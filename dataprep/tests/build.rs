@@ -501,3 +501,68 @@ fn documents_overlapping_a_reference_set_are_dropped_and_counted() {
     .unwrap_err();
     assert!(e.to_string().contains("no-such-evals.jsonl"), "{e}");
 }
+
+#[test]
+fn held_out_documents_are_only_in_eval_shards_at_any_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::fixture_config(dir.path(), "[eval]\nfraction = 0.2\nmax_docs = 12\n");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let ra = build(&cfg, a.to_str().unwrap(), 1, &NoProgress).unwrap();
+    build(&cfg, b.to_str().unwrap(), 2, &NoProgress).unwrap();
+    let (ta, tb) = (common::tree(&a), common::tree(&b));
+    assert_eq!(ta, tb, "the split differs between 1 and 2 threads");
+
+    let ds = a.join("fixture");
+    let keys = |path: &str| -> Vec<u64> {
+        let bytes = std::fs::read(ds.join(path)).unwrap();
+        formats::read_rows(path, bytes)
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.doc_keys.clone())
+            .collect()
+    };
+    let mut training = std::collections::HashSet::new();
+    let mut held = std::collections::HashSet::new();
+    for p in &ra.manifest.phases {
+        let eval = p.eval.as_ref().expect("every phase has held-out rows");
+        assert!(eval.docs > 0 && eval.sequences > 0, "{}: {eval:?}", p.name);
+        assert_eq!(eval.tokens, eval.sequences * u64::from(p.seq_len));
+        training.extend(p.shards.iter().flat_map(|f| keys(&f.path)));
+        let phase_held: std::collections::HashSet<u64> =
+            eval.shards.iter().flat_map(|f| keys(&f.path)).collect();
+        held.extend(phase_held);
+    }
+    assert!(!held.is_empty());
+    assert!(
+        training.is_disjoint(&held),
+        "held-out documents in training rows"
+    );
+    // Each source holds out at most 12 documents (4 sources).
+    assert!(held.len() <= 4 * 12, "{} held out", held.len());
+    let v = verify(&ra.url).unwrap();
+    assert!(v.ok, "{:?}", v.problems);
+    let s = stats(&ra.url).unwrap();
+    assert!(s.phases.iter().all(|p| p.eval.is_some()));
+
+    // A manifest that lists an eval shard among the training shards is a
+    // leak, and verify names the shard.
+    let manifest_path = ds.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let eval_shard = m["phases"][0]["eval"]["shards"][0].clone();
+    let leaked = eval_shard["path"].as_str().unwrap().to_string();
+    m["phases"][0]["shards"]
+        .as_array_mut()
+        .unwrap()
+        .push(eval_shard);
+    std::fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = verify(&ra.url).unwrap();
+    assert!(!v.ok);
+    assert!(
+        v.problems
+            .iter()
+            .any(|p| p.kind == "eval_leak" && p.path == leaked),
+        "{:?}",
+        v.problems
+    );
+}

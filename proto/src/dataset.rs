@@ -49,6 +49,14 @@ struct RawConfig {
     sources: Vec<RawSource>,
     phases: Vec<RawPhase>,
     decontamination: Option<RawDecontamination>,
+    eval: Option<RawEval>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEval {
+    fraction: f64,
+    max_docs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,6 +214,20 @@ pub struct Decontamination {
     pub references: Vec<SourceConfig>,
 }
 
+/// Documents held out of training for evaluation (`eval = { fraction = …,
+/// max_docs = … }`). Each source's documents are chosen by a stable hash of
+/// the source name and the document id, so the split does not depend on
+/// the order of reading, the thread count or the process count; held-out
+/// documents appear in no phase's training rows and are packed per phase
+/// into eval shards of their own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalSplit {
+    /// Share of each source's documents held out, in (0, 0.5].
+    pub fraction: f64,
+    /// At most this many per source: those with the smallest hashes.
+    pub max_docs: Option<u64>,
+}
+
 /// How the tokenizer is obtained.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenizerSpec {
@@ -295,6 +317,8 @@ pub struct DatasetConfig {
     pub phases: Vec<PhaseConfig>,
     /// Decontamination against reference sets, if configured.
     pub decontamination: Option<Decontamination>,
+    /// The held-out split, if configured.
+    pub eval: Option<EvalSplit>,
 }
 
 impl DatasetConfig {
@@ -682,6 +706,28 @@ fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<Data
         }
     };
 
+    let eval = match raw.eval {
+        None => None,
+        Some(e) => {
+            if !(e.fraction > 0.0 && e.fraction <= 0.5) {
+                return Err(bad(
+                    "eval.fraction",
+                    format!("{} must be in (0, 0.5]", e.fraction),
+                ));
+            }
+            if e.max_docs == Some(0) {
+                return Err(bad(
+                    "eval.max_docs",
+                    "must be at least 1 (leave it out for no cap)".into(),
+                ));
+            }
+            Some(EvalSplit {
+                fraction: e.fraction,
+                max_docs: e.max_docs,
+            })
+        }
+    };
+
     Ok(DatasetConfig {
         path: path.to_path_buf(),
         text: text.to_string(),
@@ -694,5 +740,6 @@ fn validate(path: &Path, base: &Path, text: &str, raw: RawConfig) -> Result<Data
         sources,
         phases,
         decontamination,
+        eval,
     })
 }
