@@ -1,22 +1,27 @@
 //! The blocked attention of [`super`] as a host kernel for the CPU backend.
 //!
-//! The tensor version materialises each group's scores several times
-//! (scores, probabilities, their transposes for the backward products,
-//! `dP`, `dS`), each a fresh allocation. Here every block is computed in
-//! buffers reused from block to block: one product for the scores, the
-//! softmax in place, one product for the output; the backward likewise,
-//! with transposed operands passed as strided views instead of copies.
-//! Heads are independent, so they run in parallel, each with its own
-//! accumulators for the key and value gradients (no locks, and the result
-//! does not depend on the number of threads).
+//! The tensor version gathers each group's queries, keys and values and
+//! materialises its scores several times (scores, probabilities, their
+//! transposes for the backward products, `dP`, `dS`), each a fresh
+//! allocation. Here a block's queries and keys are consecutive tokens, so
+//! they are read in place as views of one buffer per head; the scores live
+//! in one buffer reused from block to block: one product for the scores,
+//! the softmax in place over each query's span of visible keys, one product
+//! straight into the output rows; the backward likewise, accumulating the
+//! key and value gradients in place, with transposed operands passed as
+//! strided views instead of copies. Heads are independent, so they run in
+//! parallel, each with its own accumulators (no locks, and the result does
+//! not depend on the number of threads).
 //!
 //! Same arithmetic as the tensor version (the tests hold both to the same
 //! f64 reference): scores scaled by `head_dim^-1/2`, softmax from the row
 //! maximum, output divided by the row sum, log-sum-exp kept per query.
 
+use std::ops::Range;
+
 use crate::product_cpu::{Threads, product};
 use crate::rowwise;
-use ndarray::{Array2, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
+use ndarray::{Array2, ArrayView2, ArrayView3, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
 
 use super::{AttentionPlan, Group};
@@ -54,60 +59,24 @@ fn join_heads(parts: &[Vec<f32>], width: usize) -> Vec<f32> {
     out
 }
 
-/// Copies rows `index` of a `[tokens, hd]` buffer into `dst` (`[len, hd]`),
-/// zeros where `keep` says no.
-fn gather_rows(
-    src: &[f32],
-    hd: usize,
-    index: &[i64],
-    keep: impl Fn(usize) -> bool,
-    dst: &mut Array2<f32>,
-) {
-    for (r, (&t, mut row)) in index.iter().zip(dst.rows_mut()).enumerate() {
-        if keep(r) {
-            let t = t as usize;
-            row.iter_mut()
-                .zip(&src[t * hd..(t + 1) * hd])
-                .for_each(|(d, s)| *d = *s);
-        } else {
-            row.fill(0.0);
-        }
-    }
+/// Rows `r` of a `[tokens, hd]` buffer.
+fn rows<'a>(buf: &'a [f32], r: &Range<usize>, hd: usize) -> ArrayView2<'a, f32> {
+    ArrayView2::from_shape((r.len(), hd), &buf[r.start * hd..r.end * hd])
+        .expect("a range of rows of hd values")
 }
 
-/// Scratch buffers of one block shape, reused from block to block.
-struct Scratch {
-    q: Array2<f32>,
-    k: Array2<f32>,
-    v: Array2<f32>,
-    /// Output rows (forward) or the output gradient rows (backward).
-    o: Array2<f32>,
-    s: Array2<f32>,
+/// Rows `r` of a `[tokens, hd]` buffer, to write.
+fn rows_mut<'a>(buf: &'a mut [f32], r: &Range<usize>, hd: usize) -> ArrayViewMut2<'a, f32> {
+    ArrayViewMut2::from_shape((r.len(), hd), &mut buf[r.start * hd..r.end * hd])
+        .expect("a range of rows of hd values")
 }
 
-impl Scratch {
-    fn new(g: &Group, hd: usize) -> Self {
-        Self {
-            q: Array2::zeros((g.q_len, hd)),
-            k: Array2::zeros((g.k_len, hd)),
-            v: Array2::zeros((g.k_len, hd)),
-            o: Array2::zeros((g.q_len, hd)),
-            s: Array2::zeros((g.q_len, g.k_len)),
-        }
-    }
-}
-
-/// Scaled scores of the block into `s`, every pair: what a query does not
-/// see lies outside its span and is never read.
-fn scores(scale: f32, w: &mut Scratch) {
-    product(
-        scale,
-        w.q.view(),
-        w.k.t(),
-        0.0,
-        w.s.view_mut(),
-        Threads::Serial,
-    );
+/// Block `b`'s real queries and keys as token ranges.
+fn tokens(g: &Group, b: usize) -> (Range<usize>, Range<usize>) {
+    let (nq, nk) = g.real[b];
+    let q0 = g.q_index[b * g.q_len] as usize;
+    let k0 = g.k_index[b * g.k_len] as usize;
+    (q0..q0 + nq as usize, k0..k0 + nk as usize)
 }
 
 /// The key slots query `i` of block `block` sees (empty for padding).
@@ -133,49 +102,44 @@ pub(crate) fn forward(
             let mut out = vec![0f32; plan.queries * hd];
             let mut lse = vec![0f32; plan.queries];
             for g in &plan.groups {
-                let mut w = Scratch::new(g, hd);
+                let mut scores = Array2::<f32>::zeros((g.q_len, g.k_len));
                 let mut row_sum = vec![0f32; g.q_len];
                 for b in 0..g.count {
-                    let qi = &g.q_index[b * g.q_len..(b + 1) * g.q_len];
-                    let ki = &g.k_index[b * g.k_len..(b + 1) * g.k_len];
-                    let query = |i: usize| !span(g, b, i).is_empty();
-                    gather_rows(&qs[h], hd, qi, query, &mut w.q);
-                    gather_rows(&ks[h], hd, ki, |_| true, &mut w.k);
-                    gather_rows(&vs[h], hd, ki, |_| true, &mut w.v);
-                    scores(scale, &mut w);
+                    let (qt, kt) = tokens(g, b);
+                    let mut s = scores.slice_mut(s![..qt.len(), ..kt.len()]);
+                    let keys = rows(&ks[h], &kt, hd);
+                    product(
+                        scale,
+                        rows(&qs[h], &qt, hd),
+                        keys.t(),
+                        0.0,
+                        s.view_mut(),
+                        Threads::Serial,
+                    );
                     // Softmax over each query's span, from the span's
                     // maximum; keys outside it get probability 0.
-                    for (i, mut row) in w.s.rows_mut().into_iter().enumerate() {
+                    for (i, mut row) in s.rows_mut().into_iter().enumerate() {
                         let seen = span(g, b, i);
                         let Some(row) = row.as_slice_mut() else {
                             continue;
                         };
                         let m = rowwise::max(&row[seen.clone()]);
-                        let sum = rowwise::exp_shifted_sum(&mut row[seen.clone()], m);
+                        row_sum[i] = rowwise::exp_shifted_sum(&mut row[seen.clone()], m);
                         row[..seen.start].fill(0.0);
                         row[seen.end..].fill(0.0);
-                        row_sum[i] = sum;
-                        if !seen.is_empty() {
-                            lse[qi[i] as usize] = m + sum.ln();
-                        }
+                        lse[qt.start + i] = m + row_sum[i].ln();
                     }
+                    let mut o = rows_mut(&mut out, &qt, hd);
                     product(
                         1.0,
-                        w.s.view(),
-                        w.v.view(),
+                        s.view(),
+                        rows(&vs[h], &kt, hd),
                         0.0,
-                        w.o.view_mut(),
+                        o.view_mut(),
                         Threads::Serial,
                     );
-                    for (i, row) in w.o.rows().into_iter().enumerate() {
-                        if !query(i) {
-                            continue;
-                        }
-                        let t = qi[i] as usize;
-                        out[t * hd..(t + 1) * hd]
-                            .iter_mut()
-                            .zip(row)
-                            .for_each(|(d, x)| *d = x / row_sum[i]);
+                    for (mut row, sum) in o.rows_mut().into_iter().zip(&row_sum) {
+                        row.iter_mut().for_each(|x| *x /= sum);
                     }
                 }
             }
@@ -212,82 +176,71 @@ pub(crate) fn backward(
             let mut dk = vec![0f32; plan.keys * hd];
             let mut dv = vec![0f32; plan.keys * hd];
             for g in &plan.groups {
-                let mut w = Scratch::new(g, hd);
-                let mut dp = Array2::<f32>::zeros((g.q_len, g.k_len));
-                let mut dq_b = Array2::<f32>::zeros((g.q_len, hd));
-                let mut dk_b = Array2::<f32>::zeros((g.k_len, hd));
-                let mut dv_b = Array2::<f32>::zeros((g.k_len, hd));
+                let mut scores = Array2::<f32>::zeros((g.q_len, g.k_len));
+                let mut dscores = Array2::<f32>::zeros((g.q_len, g.k_len));
                 for b in 0..g.count {
-                    let qi = &g.q_index[b * g.q_len..(b + 1) * g.q_len];
-                    let ki = &g.k_index[b * g.k_len..(b + 1) * g.k_len];
-                    let query = |i: usize| !span(g, b, i).is_empty();
-                    gather_rows(&qs[h], hd, qi, query, &mut w.q);
-                    gather_rows(&ks[h], hd, ki, |_| true, &mut w.k);
-                    gather_rows(&vs[h], hd, ki, |_| true, &mut w.v);
-                    gather_rows(&grads[h], hd, qi, query, &mut w.o);
-                    scores(scale, &mut w);
-                    // P = exp(S − lse) over each query's span, 0 elsewhere
-                    // (and on rows of padding queries).
-                    for (i, mut row) in w.s.rows_mut().into_iter().enumerate() {
+                    let (qt, kt) = tokens(g, b);
+                    let (queries, keys) = (rows(&qs[h], &qt, hd), rows(&ks[h], &kt, hd));
+                    let d_out = rows(&grads[h], &qt, hd);
+                    let mut p = scores.slice_mut(s![..qt.len(), ..kt.len()]);
+                    product(scale, queries, keys.t(), 0.0, p.view_mut(), Threads::Serial);
+                    // P = exp(S − lse) over each query's span, 0 elsewhere.
+                    for (i, mut row) in p.rows_mut().into_iter().enumerate() {
                         let seen = span(g, b, i);
                         let Some(row) = row.as_slice_mut() else {
                             continue;
                         };
-                        if !seen.is_empty() {
-                            let l = lses[h][qi[i] as usize];
-                            rowwise::exp_shifted_sum(&mut row[seen.clone()], l);
-                        }
+                        rowwise::exp_shifted_sum(&mut row[seen.clone()], lses[h][qt.start + i]);
                         row[..seen.start].fill(0.0);
                         row[seen.end..].fill(0.0);
                     }
-                    let p: ArrayView2<'_, f32> = w.s.view();
+                    let p = p.view();
                     product(
                         1.0,
                         p.t(),
-                        w.o.view(),
-                        0.0,
-                        dv_b.view_mut(),
+                        d_out,
+                        1.0,
+                        rows_mut(&mut dv, &kt, hd),
                         Threads::Serial,
                     );
+                    let mut ds = dscores.slice_mut(s![..qt.len(), ..kt.len()]);
                     product(
                         1.0,
-                        w.o.view(),
-                        w.v.t(),
+                        d_out,
+                        rows(&vs[h], &kt, hd).t(),
                         0.0,
-                        dp.view_mut(),
+                        ds.view_mut(),
                         Threads::Serial,
                     );
                     // dS = P ∘ (dP − D), in place in dP.
-                    for (i, (mut ds_row, p_row)) in
-                        dp.rows_mut().into_iter().zip(p.rows()).enumerate()
+                    for ((mut ds_row, p_row), d) in ds
+                        .rows_mut()
+                        .into_iter()
+                        .zip(p.rows())
+                        .zip(&delta[qt.clone()])
                     {
-                        let d = if query(i) { delta[qi[i] as usize] } else { 0.0 };
                         ds_row
                             .iter_mut()
                             .zip(p_row)
                             .for_each(|(x, p)| *x = p * (*x - d));
                     }
-                    let ds: ArrayView2<'_, f32> = dp.view();
-                    product(scale, ds, w.k.view(), 0.0, dq_b.view_mut(), Threads::Serial);
+                    let ds = ds.view();
+                    product(
+                        scale,
+                        ds,
+                        keys,
+                        0.0,
+                        rows_mut(&mut dq, &qt, hd),
+                        Threads::Serial,
+                    );
                     product(
                         scale,
                         ds.t(),
-                        w.q.view(),
-                        0.0,
-                        dk_b.view_mut(),
+                        queries,
+                        1.0,
+                        rows_mut(&mut dk, &kt, hd),
                         Threads::Serial,
                     );
-                    for (i, row) in dq_b.rows().into_iter().enumerate() {
-                        if query(i) {
-                            let t = qi[i] as usize;
-                            dq[t * hd..(t + 1) * hd]
-                                .iter_mut()
-                                .zip(row)
-                                .for_each(|(d, x)| *d += x);
-                        }
-                    }
-                    add_rows(&mut dk, hd, ki, dk_b.view_mut());
-                    add_rows(&mut dv, hd, ki, dv_b.view_mut());
                 }
             }
             [dq, dk, dv]
@@ -304,15 +257,4 @@ pub(crate) fn backward(
         join_heads(&parts[1], hd),
         join_heads(&parts[2], hd),
     )
-}
-
-/// `dst[index[r]] += rows[r]` (padding keys contribute zero rows).
-fn add_rows(dst: &mut [f32], hd: usize, index: &[i64], rows: ArrayViewMut2<'_, f32>) {
-    for (&t, row) in index.iter().zip(rows.rows()) {
-        let t = t as usize;
-        dst[t * hd..(t + 1) * hd]
-            .iter_mut()
-            .zip(row)
-            .for_each(|(d, x)| *d += x);
-    }
 }

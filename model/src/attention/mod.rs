@@ -102,6 +102,10 @@ struct Group {
     /// and a query sees a contiguous part of them (its document, cut to the
     /// window and the past). Empty for padding query slots.
     q_span: Vec<(u32, u32)>,
+    /// Per block, its real (not padding) query and key slots: the first
+    /// ones, consecutive tokens from the block's first `q_index` and
+    /// `k_index`.
+    real: Vec<(u32, u32)>,
 }
 
 /// Which queries are scored against which keys, in groups of equal-shape
@@ -345,8 +349,11 @@ impl AttentionPlan {
                     k_time: Vec::with_capacity(chunk.len() * k_len),
                     masked,
                     q_span: Vec::with_capacity(chunk.len() * block),
+                    real: Vec::with_capacity(chunk.len()),
                 };
                 for b in chunk {
+                    g.real
+                        .push((b.q_index.len() as u32, b.k_index.len() as u32));
                     for (i, &q) in b.q_index.iter().enumerate() {
                         query_slot[q as usize] = (next_slot + i) as i64;
                     }
