@@ -7,8 +7,9 @@
 //! was a third of the attention kernel's time outside its products. Sums run in
 //! [`LANES`] fixed lanes added up in a fixed order, and no multiply is fused
 //! with an add, so the bits are the same on every x86-64 machine whatever
-//! SIMD width runs the loop (AVX2 where the processor has it, else SSE2).
-#![allow(unsafe_code)] // calls of the AVX2 copies after checking the processor has AVX2
+//! SIMD width runs the loop (AVX-512 or AVX2 where the processor has it,
+//! else SSE2).
+#![allow(unsafe_code)] // calls of the wider copies after checking the processor has the feature
 
 /// Independent partial sums (and maxima): wide enough for one AVX-512
 /// register, so that every SIMD width sees the same association.
@@ -17,9 +18,15 @@ const LANES: usize = 16;
 /// The largest element of `row` (−∞ for an empty row).
 pub fn max(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the processor has AVX2.
-        return unsafe { max_avx2(row) };
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the processor has AVX-512F.
+            return unsafe { max_avx512(row) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor has AVX2.
+            return unsafe { max_avx2(row) };
+        }
     }
     max_body(row)
 }
@@ -27,10 +34,31 @@ pub fn max(row: &[f32]) -> f32 {
 /// `x ← exp(x − shift)` for every element of `row`; returns their sum.
 pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the processor has AVX2.
-        return unsafe { exp_shifted_sum_avx2(row, shift) };
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the processor has AVX-512F.
+            return unsafe { exp_shifted_sum_avx512(row, shift) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor has AVX2.
+            return unsafe { exp_shifted_sum_avx2(row, shift) };
+        }
     }
+    exp_shifted_sum_body(row, shift)
+}
+
+// The same bodies compiled for wider registers; no FMA is enabled, so every
+// copy rounds exactly as the plain one does.
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn max_avx512(row: &[f32]) -> f32 {
+    max_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_shifted_sum_avx512(row: &mut [f32], shift: f32) -> f32 {
     exp_shifted_sum_body(row, shift)
 }
 
@@ -174,8 +202,7 @@ mod tests {
                 (sum as f64 - exact).abs() <= 1e-5 * exact.max(1.0),
                 "len {len}: {sum} vs {exact}"
             );
-            // Both code paths (AVX2 where present, and the plain one) give
-            // the same bits.
+            // Every copy the processor can run gives the plain one's bits.
             let mut plain = row.clone();
             assert_eq!(
                 exp_shifted_sum_body(&mut plain, plain_max).to_bits(),
@@ -183,6 +210,13 @@ mod tests {
             );
             assert_eq!(plain, shifted);
             assert_eq!(max_body(&row), max(&row));
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                let mut avx2 = row.clone();
+                // SAFETY: the processor has AVX2.
+                let s2 = unsafe { exp_shifted_sum_avx2(&mut avx2, plain_max) };
+                assert_eq!((s2.to_bits(), &avx2), (sum.to_bits(), &shifted));
+            }
         }
     }
 }
