@@ -100,22 +100,19 @@ pub mod cpu {
         let eps = u.eps as f32;
         let eps_sq = (u.eps * u.eps) as f32;
         let scale = u.grad_scale as f32;
+        let k = MomentConstants {
+            b1,
+            b2,
+            c1,
+            c2,
+            eps_sq,
+            scale,
+        };
         let partial: Vec<(f64, f64)> = m
             .par_chunks_mut(CHUNK)
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
-            .map(|((m, v), g)| {
-                let (mut r, mut sq) = (0f32, 0f32);
-                for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-                    let g = g * scale;
-                    let g2 = g * g;
-                    *m = *m * b1 + g * c1;
-                    *v = *v * b2 + g2 * c2;
-                    r += g2 / v.max(eps_sq);
-                    sq += g2;
-                }
-                (f64::from(r), f64::from(sq))
-            })
+            .map(|((m, v), g)| moments(m, v, g, k))
             .collect();
         let r: f64 = partial.iter().map(|(r, _)| r).sum();
         let sq: f64 = partial.iter().map(|(_, sq)| sq).sum();
@@ -125,11 +122,70 @@ pub mod cpu {
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK))
             .zip(v.par_chunks(CHUNK))
-            .for_each(|((p, m), v)| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    *p = *p * keep - lr_t * (m / (v.sqrt() + eps));
-                }
-            });
+            .for_each(|((p, m), v)| apply(p, m, v, [keep, lr_t, eps]));
         (rms, sq as f32)
+    }
+
+    #[derive(Clone, Copy)]
+    struct MomentConstants {
+        b1: f32,
+        b2: f32,
+        c1: f32,
+        c2: f32,
+        eps_sq: f32,
+        scale: f32,
+    }
+
+    crate::rowwise::widest! {
+        /// One chunk's moments; returns its `Σ g²/max(v, ε²)` and `Σ g²`
+        /// (of the scaled gradient), summed in fixed lanes.
+        fn moments(m: &mut [f32], v: &mut [f32], g: &[f32], k: MomentConstants) -> (f64, f64) = moments_body
+    }
+
+    crate::rowwise::widest! {
+        /// One chunk's weights: `p ← p·keep − lr_t · m / (√v + ε)`.
+        fn apply(p: &mut [f32], m: &[f32], v: &[f32], c: [f32; 3]) -> () = apply_body
+    }
+
+    #[inline(always)]
+    fn moments_body(m: &mut [f32], v: &mut [f32], g: &[f32], k: MomentConstants) -> (f64, f64) {
+        const LANES: usize = crate::rowwise::LANES;
+        let (mut r, mut sq) = ([0f32; LANES], [0f32; LANES]);
+        let step = |m: &mut f32, v: &mut f32, g: f32, r: &mut f32, sq: &mut f32| {
+            let g = g * k.scale;
+            let g2 = g * g;
+            *m = *m * k.b1 + g * k.c1;
+            *v = *v * k.b2 + g2 * k.c2;
+            *r += g2 / if *v > k.eps_sq { *v } else { k.eps_sq };
+            *sq += g2;
+        };
+        let whole = m.len() / LANES * LANES;
+        let (m_head, m_tail) = m.split_at_mut(whole);
+        let (v_head, v_tail) = v.split_at_mut(whole);
+        let (g_head, g_tail) = g.split_at(whole.min(g.len()));
+        for ((m, v), g) in m_head
+            .chunks_exact_mut(LANES)
+            .zip(v_head.chunks_exact_mut(LANES))
+            .zip(g_head.chunks_exact(LANES))
+        {
+            for i in 0..LANES {
+                step(&mut m[i], &mut v[i], g[i], &mut r[i], &mut sq[i]);
+            }
+        }
+        let (mut r_tail, mut sq_tail) = (0f32, 0f32);
+        for ((m, v), &g) in m_tail.iter_mut().zip(v_tail.iter_mut()).zip(g_tail) {
+            step(m, v, g, &mut r_tail, &mut sq_tail);
+        }
+        let total = |lanes: [f32; LANES], tail: f32| {
+            lanes.iter().fold(0f64, |s, &x| s + f64::from(x)) + f64::from(tail)
+        };
+        (total(r, r_tail), total(sq, sq_tail))
+    }
+
+    #[inline(always)]
+    fn apply_body(p: &mut [f32], m: &[f32], v: &[f32], [keep, lr_t, eps]: [f32; 3]) {
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            *p = *p * keep - lr_t * (m / (v.sqrt() + eps));
+        }
     }
 }

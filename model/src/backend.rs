@@ -88,6 +88,22 @@ pub trait ModelBackend: Backend {
         crate::adamw::stable_adamw_update(param, moments, grad, update)
     }
 
+    /// `t` with a new shape holding as many values. Burn's CPU reshape
+    /// copies the values every time; the CPU backend's does not when `t` is
+    /// contiguous (gradients and parameters, flattened and back every step).
+    fn reshaped<const D1: usize, const D2: usize>(
+        t: Tensor<Self, D1>,
+        shape: [usize; D2],
+    ) -> Tensor<Self, D2> {
+        t.reshape(shape)
+    }
+
+    /// Flat tensors one after the other, as one flat tensor: one copy (Burn's
+    /// CPU `cat` makes two).
+    fn cat_flat(parts: Vec<Tensor<Self, 1>>) -> Tensor<Self, 1> {
+        Tensor::cat(parts, 0)
+    }
+
     /// A linear layer's product, `x · W`.
     ///
     /// # Shapes
@@ -389,6 +405,35 @@ fn from_owned<const D: usize>(a: ndarray::ArrayD<f32>) -> Tensor<Cpu, D> {
 
 impl ModelBackend for Cpu {
     const NATIVE_BF16: bool = false;
+
+    fn reshaped<const D1: usize, const D2: usize>(
+        t: Tensor<Self, D1>,
+        shape: [usize; D2],
+    ) -> Tensor<Self, D2> {
+        let values = shared(t);
+        if values.is_standard_layout() && values.len() == shape.iter().product::<usize>() {
+            if let Ok(reshaped) = values.clone().into_shape_with_order(ndarray::IxDyn(&shape)) {
+                return Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(
+                    reshaped,
+                )));
+            }
+        }
+        Tensor::<Self, D1>::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(values)))
+            .reshape(shape)
+    }
+
+    fn cat_flat(parts: Vec<Tensor<Self, 1>>) -> Tensor<Self, 1> {
+        let total = parts.iter().map(|p| p.dims()[0]).sum();
+        let mut values = Vec::with_capacity(total);
+        for part in parts {
+            let part = shared(part);
+            match part.as_slice() {
+                Some(contiguous) => values.extend_from_slice(contiguous),
+                None => values.extend(part.iter()),
+            }
+        }
+        device_tensor(values, [total])
+    }
 
     /// The CPU backend has no bfloat16 tensors: round each value on the host.
     fn round_bf16<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::Backend;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -48,7 +47,7 @@ use crate::runtime::{Link, PhaseEnd, Progress, TrainError, Trainer};
 use crate::schedule::{DecayLaw, LrSchedule};
 use twinhead_model::objectives::Objective;
 use twinhead_model::objectives::{self, MaskingConfig, ObjectiveError, PredictionBatch};
-use twinhead_model::{ModelConfig, ModernBert, Precision, TokenBatch, TrainBackend};
+use twinhead_model::{ModelBackend, ModelConfig, ModernBert, Precision, TokenBatch, TrainBackend};
 
 /// The model shape of a run spec, as the model code takes it.
 pub fn model_config(spec: &RunSpec) -> Result<ModelConfig, TrainError> {
@@ -213,30 +212,75 @@ impl<B: Backend> ModuleMapper<B> for WriteParams<'_, B> {
     }
 }
 
-/// Every float parameter as a flat tensor on the inner backend (no copy,
-/// no autodiff graph), in module order.
-struct FlatParams<B: AutodiffBackend>(Vec<Tensor<B::InnerBackend, 1>>);
+/// Takes every float parameter out of the model as a flat tensor on the
+/// inner backend (no copy, no autodiff graph), in module order, with its
+/// shape, leaving an empty placeholder: the optimizer then holds the only
+/// reference to each and can update it in place.
+pub struct TakeFlatParams<B: TrainBackend> {
+    values: Vec<Tensor<B::InnerBackend, 1>>,
+    shapes: Vec<Vec<usize>>,
+}
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for FlatParams<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let inner = param.val().inner();
-        let n = inner.shape().num_elements();
-        self.0.push(inner.reshape([n]));
+impl<B: TrainBackend> Default for TakeFlatParams<B> {
+    fn default() -> Self {
+        Self {
+            values: Vec::new(),
+            shapes: Vec::new(),
+        }
     }
 }
 
-/// Replaces every float parameter by the next flat tensor, in module order.
-struct SetFlatParams<B: AutodiffBackend> {
-    values: std::vec::IntoIter<Tensor<B::InnerBackend, 1>>,
+impl<B: TrainBackend> TakeFlatParams<B> {
+    /// The flat values taken so far (handed over once).
+    pub fn take_values(&mut self) -> Vec<Tensor<B::InnerBackend, 1>> {
+        std::mem::take(&mut self.values)
+    }
+
+    /// Puts `values` (flat, in the order taken) back as the parameters.
+    pub fn put_back(self, values: Vec<Tensor<B::InnerBackend, 1>>) -> SetFlatParams<B> {
+        SetFlatParams {
+            values: values.into_iter(),
+            shapes: self.shapes.into_iter(),
+        }
+    }
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for SetFlatParams<B> {
+impl<B: TrainBackend> ModuleMapper<B> for TakeFlatParams<B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        let Some(flat) = self.values.next() else {
+        let required = tensor.is_require_grad();
+        let dims = tensor.dims();
+        let inner = tensor.inner();
+        let device = inner.device();
+        self.shapes.push(dims.to_vec());
+        self.values
+            .push(B::InnerBackend::reshaped(inner, [dims.iter().product()]));
+        let placeholder = Tensor::<B, D>::from_inner(Tensor::empty([0; D], &device));
+        let placeholder = if required {
+            placeholder.require_grad()
+        } else {
+            placeholder
+        };
+        Param::from_mapped_value(id, placeholder, mapper)
+    }
+}
+
+/// Replaces every float parameter by the next flat tensor, shaped as taken.
+pub struct SetFlatParams<B: TrainBackend> {
+    values: std::vec::IntoIter<Tensor<B::InnerBackend, 1>>,
+    shapes: std::vec::IntoIter<Vec<usize>>,
+}
+
+impl<B: TrainBackend> ModuleMapper<B> for SetFlatParams<B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let (Some(flat), Some(shape)) = (self.values.next(), self.shapes.next()) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
-        let fresh = Tensor::<B, D>::from_inner(flat.reshape(tensor.dims()));
+        let Ok(dims) = <[usize; D]>::try_from(shape) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let fresh = Tensor::<B, D>::from_inner(B::InnerBackend::reshaped(flat, dims));
         let fresh = if tensor.is_require_grad() {
             fresh.require_grad()
         } else {
@@ -248,13 +292,13 @@ impl<B: AutodiffBackend> ModuleMapper<B> for SetFlatParams<B> {
 
 /// Adds each parameter's gradient (taken out of `grads`) to its running
 /// sum on the device, in module order.
-struct AddGrads<'a, B: AutodiffBackend> {
+struct AddGrads<'a, B: TrainBackend> {
     grads: &'a mut GradientsParams,
     sums: &'a mut [Option<Tensor<B::InnerBackend, 1>>],
     next: usize,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for AddGrads<'_, B> {
+impl<B: TrainBackend> ModuleVisitor<B> for AddGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let index = self.next;
         self.next += 1;
@@ -262,7 +306,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for AddGrads<'_, B> {
             return;
         };
         let n = g.shape().num_elements();
-        let g = g.reshape([n]);
+        let g = B::InnerBackend::reshaped(g, [n]);
         if let Some(sum) = self.sums.get_mut(index) {
             *sum = Some(match sum.take() {
                 Some(s) => s + g,
@@ -417,7 +461,7 @@ pub fn train_step<B: TrainBackend>(
         TensorData::new(vec![count as f32, if leave { 1.0 } else { 0.0 }], [2]),
         device,
     ));
-    let packed = all_reduce_flat(collective, Tensor::cat(parts, 0))?;
+    let packed = all_reduce_flat(collective, B::InnerBackend::cat_flat(parts))?;
     let extras = packed
         .clone()
         .slice(param_count..param_count + 3)
@@ -433,12 +477,11 @@ pub fn train_step<B: TrainBackend>(
         0.0
     };
     let grads = packed.slice(0..param_count);
-    let mut params = FlatParams::<B>(Vec::with_capacity(lens.len()));
-    model.visit(&mut params);
-    let (updated, stats) = optimizer.step_scaled(lr, params.0, grads, per_target)?;
-    let model = model.map(&mut SetFlatParams::<B> {
-        values: updated.into_iter(),
-    });
+    let mut params = TakeFlatParams::<B>::default();
+    let model = model.map(&mut params);
+    let values = params.take_values();
+    let (updated, stats) = optimizer.step_scaled(lr, values, grads, per_target)?;
+    let model = model.map(&mut params.put_back(updated));
     Ok((
         model,
         StepOutcome {
@@ -585,10 +628,11 @@ impl<B: TrainBackend> BurnTrainer<B> {
             // loaded the checkpoint both get here, so their collective calls
             // match. They agree on the layout and take rank 0's weights.
             collective.check_fingerprint(fingerprint(&s.params))?;
-            let mut params = FlatParams::<B>(Vec::with_capacity(s.params.len()));
-            s.model.visit(&mut params);
+            let mut params = TakeFlatParams::<B>::default();
+            let taken = s.model.clone().map(&mut params);
             let lens = s.optimizer.tensor_lens();
-            let all = broadcast_flat(collective, Tensor::cat(params.0, 0), 0)?;
+            let values = params.take_values();
+            let all = broadcast_flat(collective, B::InnerBackend::cat_flat(values), 0)?;
             let mut offset = 0;
             let parts: Vec<_> = lens
                 .iter()
@@ -597,9 +641,7 @@ impl<B: TrainBackend> BurnTrainer<B> {
                     all.clone().slice(offset - len..offset)
                 })
                 .collect();
-            s.model = s.model.clone().map(&mut SetFlatParams::<B> {
-                values: parts.into_iter(),
-            });
+            s.model = taken.map(&mut params.put_back(parts));
             s.world_id = a.world_id.clone();
         }
         if let Some(s) = self.session.as_mut() {

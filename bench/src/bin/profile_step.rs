@@ -21,9 +21,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use twinhead_model::CpuAutodiff as A;
 use twinhead_model::objectives::{self, MaskingConfig, clm_batch, mlm_batch};
-use twinhead_model::{Flavour, ModelConfig, ModernBert, TokenBatch};
+use twinhead_model::{Flavour, ModelBackend, ModelConfig, ModernBert, TokenBatch};
 use twinhead_worker::optim::{StableAdamW, StableAdamWConfig};
-use twinhead_worker::train::optimizer_specs;
+use twinhead_worker::train::{TakeFlatParams, optimizer_specs};
 
 type Inner = twinhead_model::CpuBackend;
 
@@ -106,21 +106,18 @@ fn main() -> anyhow::Result<()> {
         mark(2, &mut lap);
         let mut grads = GradientsParams::from_grads(grads, &model);
         let mut flat = Vec::new();
-        let mut params = Vec::new();
-        let mut visitor = Collect {
+        model.visit(&mut Collect {
             grads: &mut grads,
             flat: &mut flat,
-            params: &mut params,
-        };
-        model.visit(&mut visitor);
-        let flat = Tensor::cat(flat, 0);
+        });
+        let flat = Inner::cat_flat(flat);
+        let mut params = TakeFlatParams::<A>::default();
+        model = model.map(&mut params);
         mark(3, &mut lap);
-        let (updated, _) = optimizer.step(1e-4, params, flat)?;
+        let (updated, _) = optimizer.step(1e-4, params.take_values(), flat)?;
         let _ = updated[0].clone().slice(0..1).into_scalar();
         mark(4, &mut lap);
-        model = model.map(&mut Replace {
-            values: updated.into_iter(),
-        });
+        model = model.map(&mut params.put_back(updated));
         times[5] = start.elapsed().as_secs_f64();
         let line: Vec<String> = names
             .iter()
@@ -210,42 +207,20 @@ fn forward_breakdown(
     Ok(())
 }
 
-/// Each parameter's gradient (zeros where it has none) and value, flat, in
-/// module order.
+/// Each parameter's gradient (zeros where it has none), flat, in module
+/// order, as the trainer collects them.
 struct Collect<'a> {
     grads: &'a mut GradientsParams,
     flat: &'a mut Vec<Tensor<Inner, 1>>,
-    params: &'a mut Vec<Tensor<Inner, 1>>,
 }
 
 impl burn::module::ModuleVisitor<A> for Collect<'_> {
     fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<A, D>>) {
-        let value = param.val().inner();
-        let n = value.shape().num_elements();
-        let grad = self
-            .grads
-            .remove::<Inner, D>(param.id)
-            .map_or_else(|| Tensor::zeros([n], &value.device()), |g| g.reshape([n]));
+        let n = param.shape().num_elements();
+        let grad = self.grads.remove::<Inner, D>(param.id).map_or_else(
+            || Tensor::zeros([n], &Default::default()),
+            |g| Inner::reshaped(g, [n]),
+        );
         self.flat.push(grad);
-        self.params.push(value.reshape([n]));
-    }
-}
-
-/// Puts the updated flat values back, in module order.
-struct Replace {
-    values: std::vec::IntoIter<Tensor<Inner, 1>>,
-}
-
-impl burn::module::ModuleMapper<A> for Replace {
-    fn map_float<const D: usize>(
-        &mut self,
-        param: burn::module::Param<Tensor<A, D>>,
-    ) -> burn::module::Param<Tensor<A, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let Some(flat) = self.values.next() else {
-            return burn::module::Param::from_mapped_value(id, tensor, mapper);
-        };
-        let fresh = Tensor::<A, D>::from_inner(flat.reshape(tensor.dims())).require_grad();
-        burn::module::Param::from_mapped_value(id, fresh, mapper)
     }
 }
