@@ -26,7 +26,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 
 use burn::backend::ndarray::NdArrayTensor;
 
@@ -86,6 +86,30 @@ pub trait ModelBackend: Backend {
         update: &AdamWUpdate,
     ) -> AdamWStep<Self> {
         crate::adamw::stable_adamw_update(param, moments, grad, update)
+    }
+
+    /// The token embedding lookup: rows `ids` of `weights`.
+    ///
+    /// # Shapes
+    /// - `weights`: `[vocab, hidden]`, `ids`: `[batch, seq]` → `[batch, seq, hidden]`
+    fn token_embedding(weights: Tensor<Self, 2>, ids: Tensor<Self, 2, Int>) -> Tensor<Self, 3> {
+        burn::tensor::module::embedding(weights, ids)
+    }
+
+    /// The gradient of [`ModelBackend::token_embedding`]'s weights: each row of
+    /// `grad` added at its id, zeros elsewhere (`[vocab, hidden]`).
+    fn token_embedding_backward(
+        vocab: usize,
+        ids: Tensor<Self, 2, Int>,
+        grad: Tensor<Self, 3>,
+    ) -> Tensor<Self, 2> {
+        let [b, s, h] = grad.dims();
+        Tensor::zeros([vocab, h], &grad.device()).select_assign(
+            0,
+            ids.reshape([b * s]),
+            grad.reshape([b * s, h]),
+            IndexingUpdateOp::Add,
+        )
     }
 
     /// `t` with a new shape holding as many values. Burn's CPU reshape
@@ -422,6 +446,38 @@ impl ModelBackend for Cpu {
             .reshape(shape)
     }
 
+    /// Burn's CPU version fills its zeros one pushed value at a time and
+    /// then scatters through its general indexing: here one zeroed buffer
+    /// and a row loop, in token order.
+    fn token_embedding_backward(
+        vocab: usize,
+        ids: Tensor<Self, 2, Int>,
+        grad: Tensor<Self, 3>,
+    ) -> Tensor<Self, 2> {
+        let [_, _, h] = grad.dims();
+        let ids = ids
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .unwrap_or_default();
+        let grad = shared(grad);
+        let grad = grad.as_standard_layout();
+        let Some(rows) = grad.as_slice() else {
+            return Tensor::zeros([vocab, h], &Default::default());
+        };
+        let mut out = vec![0f32; vocab * h];
+        for (&id, row) in ids.iter().zip(rows.chunks_exact(h.max(1))) {
+            if let Some(dst) = usize::try_from(id)
+                .ok()
+                .filter(|&id| id < vocab)
+                .map(|id| &mut out[id * h..(id + 1) * h])
+            {
+                dst.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+            }
+        }
+        device_tensor(out, [vocab, h])
+    }
+
     fn cat_flat(parts: Vec<Tensor<Self, 1>>) -> Tensor<Self, 1> {
         let total = parts.iter().map(|p| p.dims()[0]).sum();
         let mut values = Vec::with_capacity(total);
@@ -723,6 +779,26 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         }
     }
 
+    fn token_embedding(weights: Tensor<Self, 2>, ids: Tensor<Self, 2, Int>) -> Tensor<Self, 3> {
+        let w = primitive(weights);
+        let vocab = float::<B, 2>(w.primitive.clone()).dims()[0];
+        let ids = Tensor::<B, 2, Int>::from_primitive(ids.into_primitive());
+        let output = match EmbeddingBackward
+            .prepare::<C>([w.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::token_embedding(float(w.primitive), ids.clone());
+                prep.finish((vocab, ids.into_primitive()), primitive(out))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(primitive(B::token_embedding(float(w.primitive), ids)))
+            }
+        };
+        float(output)
+    }
+
     fn dense(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let (x, w) = (primitive(x), primitive(weight));
         let nodes = [x.node.clone(), w.node.clone()];
@@ -917,6 +993,30 @@ impl<B: ModelBackend> Backward<B, 2> for DenseBackward {
         let (x, weight) = ops.state;
         let (dx, dw) = B::dense_backward(float(x), float(weight), float(grad));
         register_parents!(grads, ops.parents, [primitive(dx), primitive(dw)]);
+    }
+}
+
+/// The autodiff node of [`ModelBackend::token_embedding`]: keeps the ids.
+#[derive(Debug)]
+struct EmbeddingBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for EmbeddingBackward {
+    type State = (usize, burn::tensor::ops::IntTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (vocab, ids) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            primitive(B::token_embedding_backward(
+                vocab,
+                Tensor::from_primitive(ids),
+                float(grad),
+            ))
+        });
     }
 }
 
@@ -1169,5 +1269,41 @@ mod tests {
             // derivative) is off by up to 8.7e-4 here.
             assert!((f64::from(g) - want).abs() < 2e-6, "x {x}: {g} vs {want}");
         }
+    }
+
+    #[test]
+    fn token_embedding_gradient_equals_burns_embedding() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut floats =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let device = Default::default();
+        let weights =
+            Tensor::<Cpu, 2>::from_data(TensorData::new(floats(11 * 4), [11, 4]), &device);
+        let r = Tensor::<A, 3>::from_data(TensorData::new(floats(2 * 3 * 4), [2, 3, 4]), &device);
+        // Repeated ids: their rows add up.
+        let ids = Tensor::<A, 2, Int>::from_data(
+            TensorData::new(vec![1i64, 3, 3, 0, 10, 3], [2, 3]),
+            &device,
+        );
+        let grad_of = |ours: bool| {
+            let w = Tensor::<A, 2>::from_inner(weights.clone()).require_grad();
+            let out = if ours {
+                A::token_embedding(w.clone(), ids.clone())
+            } else {
+                burn::tensor::module::embedding(w.clone(), ids.clone())
+            };
+            let grads = (out.clone() * r.clone()).sum().backward();
+            let g = w.grad(&grads).expect("weights have a gradient");
+            (out.inner().into_data(), g.into_data())
+        };
+        let (ours, burns) = (grad_of(true), grad_of(false));
+        ours.0
+            .assert_approx_eq::<f32>(&burns.0, burn::tensor::Tolerance::absolute(1e-7));
+        ours.1
+            .assert_approx_eq::<f32>(&burns.1, burn::tensor::Tolerance::absolute(1e-6));
+        // Rows never looked up get exactly zero.
+        let g = ours.1.to_vec::<f32>().expect("f32");
+        assert!(g[2 * 4..3 * 4].iter().all(|x| *x == 0.0));
     }
 }

@@ -594,7 +594,7 @@ impl<B: ModelBackend> ModernBert<B> {
     /// # Shapes
     /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let x = burn::tensor::module::embedding(self.tok_embeddings.val(), ids);
+        let x = B::token_embedding(self.tok_embeddings.val(), ids);
         self.emb_drop.forward(self.emb_norm.forward(x))
     }
 
