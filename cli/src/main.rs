@@ -6,6 +6,7 @@ mod client;
 mod dataprep;
 mod dataset;
 mod demo;
+mod eval;
 mod export;
 mod model;
 mod output;
@@ -177,6 +178,9 @@ enum Command {
     FillMask(model::FillMaskArgs),
     /// Continue a prompt with a decoder folder.
     Generate(model::GenerateArgs),
+    /// Score a model folder (encoder or decoder) on downstream tasks from
+    /// OLMo's request files: ARC, HellaSwag, PIQA, SciQ, … (accuracies).
+    Eval(eval::EvalArgs),
 }
 
 /// The exit status of a worker that was asked to leave (SIGTERM, SIGUSR1)
@@ -352,6 +356,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Model(command) => model::run(command),
         Command::FillMask(args) => model::fill_mask(args).await,
         Command::Generate(args) => model::generate(args).await,
+        Command::Eval(args) => eval::eval(args).await,
     }
 }
 

@@ -260,12 +260,12 @@ pub fn list(json: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// A model folder's weights and tokenizer, checked before any work.
-struct Loaded {
-    model: ModernBert<CpuBackend>,
-    tokenizer: Tokenizer,
+pub(crate) struct Loaded {
+    pub(crate) model: ModernBert<CpuBackend>,
+    pub(crate) tokenizer: Tokenizer,
 }
 
-fn load(dir: &Path) -> anyhow::Result<Loaded> {
+pub(crate) fn load(dir: &Path) -> anyhow::Result<Loaded> {
     if !dir.is_dir() {
         bail!("model folder {} not found", dir.display());
     }

