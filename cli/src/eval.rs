@@ -42,7 +42,7 @@ pub struct EvalArgs {
     /// predicted (the choice its document's primary metric picked).
     #[arg(long)]
     pub(crate) predictions: Option<PathBuf>,
-    /// Print `{task: {metric: value, …, "docs": n}}`.
+    /// Print `{task: {metric: value, …, "docs": n, "primary_metric": name}}`.
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -63,11 +63,11 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|(name, v)| {
                 let primary = v["primary_metric"].as_str().unwrap_or("").to_string();
-                let others: Vec<String> = v["metrics"]
+                let others: Vec<String> = v
                     .as_object()
                     .map(|m| {
                         m.iter()
-                            .filter(|(k, _)| **k != primary)
+                            .filter(|(k, _)| k.starts_with("acc") && **k != primary)
                             .map(|(k, x)| format!("{k} {:.3}", x.as_f64().unwrap_or(f64::NAN)))
                             .collect()
                     })
@@ -76,7 +76,7 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
                     name.clone(),
                     v["docs"].to_string(),
                     primary.clone(),
-                    format!("{:.3}", v["metrics"][&primary].as_f64().unwrap_or(f64::NAN)),
+                    format!("{:.3}", v[&primary].as_f64().unwrap_or(f64::NAN)),
                     others.join(", "),
                 ]
             })
@@ -156,18 +156,14 @@ fn run(args: &EvalArgs) -> anyhow::Result<Vec<(String, Value)>> {
                 writeln!(out, "{line}").context("writing predictions")?;
             }
         }
-        let mut metrics = Map::new();
+        // `{metric: value, …, "docs": n, "primary_metric": name}`.
+        let mut summary = Map::new();
         for (k, v) in &score.metrics {
-            metrics.insert(k.clone(), json!(v));
+            summary.insert(k.clone(), json!(v));
         }
-        results.push((
-            spec,
-            json!({
-                "primary_metric": task.primary_metric,
-                "metrics": metrics,
-                "docs": score.docs,
-            }),
-        ));
+        summary.insert("docs".into(), json!(score.docs));
+        summary.insert("primary_metric".into(), json!(task.primary_metric));
+        results.push((spec, Value::Object(summary)));
     }
     if let Some(mut out) = predictions {
         out.flush().context("writing predictions")?;
