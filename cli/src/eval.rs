@@ -2,7 +2,7 @@
 //! in-loop request files (`twinhead_model::eval` scores them).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use tokenizers::Tokenizer;
 use twinhead_model::eval::{Task, TokenizedRequest, loglikelihoods};
 
-use crate::model::load;
+use crate::model::{Loaded, load};
 use crate::output::table;
 
 /// Where `dataprep/fetch-sample.sh` puts OLMo's task folders.
@@ -90,13 +90,35 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run(args: &EvalArgs) -> anyhow::Result<Vec<(String, Value)>> {
-    let root = args
-        .tasks_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_TASKS_DIR));
-    // Every task is found and read before the model does any work.
+    let tasks = read_tasks(args.tasks_dir.as_deref(), &args.task, args.limit)?;
+    let loaded = load(&args.model_dir)?;
+    let mut predictions = match &args.predictions {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let results = evaluate(
+        &loaded,
+        &tasks,
+        predictions.as_mut().map(|w| w as &mut dyn Write),
+    )?;
+    if let Some(mut out) = predictions {
+        out.flush().context("writing predictions")?;
+    }
+    Ok(results)
+}
+
+/// Finds and reads every task (`task` or `task:variant`) before any model
+/// work, so a typo fails at once.
+fn read_tasks(
+    tasks_dir: Option<&Path>,
+    specs: &[String],
+    limit: Option<usize>,
+) -> anyhow::Result<Vec<(String, Task)>> {
+    let root = tasks_dir.map_or_else(|| PathBuf::from(DEFAULT_TASKS_DIR), Path::to_path_buf);
     let mut tasks = Vec::new();
-    for spec in &args.task {
+    for spec in specs {
         let (name, variant) = spec.split_once(':').unwrap_or((spec.as_str(), "rc_0shot"));
         let dir = root.join(name).join(variant);
         if !dir.is_dir() {
@@ -105,17 +127,20 @@ fn run(args: &EvalArgs) -> anyhow::Result<Vec<(String, Value)>> {
                 dir.display()
             );
         }
-        let task = Task::read(&dir, args.limit)
+        let task = Task::read(&dir, limit)
             .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
         tasks.push((spec.clone(), task));
     }
-    let loaded = load(&args.model_dir)?;
-    let mut predictions = match &args.predictions {
-        Some(path) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        )),
-        None => None,
-    };
+    Ok(tasks)
+}
+
+/// Scores every task with one model: per task `{metric: value, …, "docs":
+/// n, "primary_metric": name}`, and one prediction line per request.
+fn evaluate(
+    loaded: &Loaded,
+    tasks: &[(String, Task)],
+    mut predictions: Option<&mut dyn Write>,
+) -> anyhow::Result<Vec<(String, Value)>> {
     let mut results = Vec::new();
     for (spec, task) in tasks {
         let tokenized = task
@@ -156,19 +181,109 @@ fn run(args: &EvalArgs) -> anyhow::Result<Vec<(String, Value)>> {
                 writeln!(out, "{line}").context("writing predictions")?;
             }
         }
-        // `{metric: value, …, "docs": n, "primary_metric": name}`.
         let mut summary = Map::new();
         for (k, v) in &score.metrics {
             summary.insert(k.clone(), json!(v));
         }
         summary.insert("docs".into(), json!(score.docs));
         summary.insert("primary_metric".into(), json!(task.primary_metric));
-        results.push((spec, Value::Object(summary)));
-    }
-    if let Some(mut out) = predictions {
-        out.flush().context("writing predictions")?;
+        results.push((spec.clone(), Value::Object(summary)));
     }
     Ok(results)
+}
+
+/// The tasks `twinhead compare` runs unless told otherwise: the multiple-
+/// choice tasks of Ettin's decoder table that both flavours can score.
+pub(crate) const COMPARE_TASKS: &str =
+    "arc_easy,arc_challenge,hellaswag,piqa,sciq,openbookqa,socialiqa,winogrande";
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Model folders (encoders and decoders), one column each.
+    #[arg(required = true)]
+    pub(crate) models: Vec<PathBuf>,
+    /// Tasks, comma-separated, as `twinhead eval --task` takes them.
+    #[arg(long, value_delimiter = ',', default_value = COMPARE_TASKS)]
+    pub(crate) tasks: Vec<String>,
+    /// Only the first N documents of each task.
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// Folder of `<task>/<variant>/` task folders.
+    #[arg(long)]
+    pub(crate) tasks_dir: Option<PathBuf>,
+    /// Print `{task: {model: value}}` (each task's primary metric).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Each task's primary metric for each model, as `(task, metric, [value per
+/// model])`.
+pub(crate) fn compare_scores(
+    args: &CompareArgs,
+) -> anyhow::Result<(Vec<String>, Vec<(String, String, Vec<f64>)>)> {
+    let tasks = read_tasks(args.tasks_dir.as_deref(), &args.tasks, args.limit)?;
+    let mut names = Vec::new();
+    let mut rows: Vec<(String, String, Vec<f64>)> = tasks
+        .iter()
+        .map(|(spec, task)| (spec.clone(), task.primary_metric.clone(), Vec::new()))
+        .collect();
+    for dir in &args.models {
+        let loaded = load(dir)?;
+        names.push(dir.file_name().map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ));
+        for (row, (_, summary)) in rows.iter_mut().zip(evaluate(&loaded, &tasks, None)?) {
+            row.2.push(summary[&row.1].as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    Ok((names, rows))
+}
+
+/// The side-by-side table: rows tasks, columns models, the best of each
+/// row marked with `*`.
+pub(crate) fn compare_table(names: &[String], rows: &[(String, String, Vec<f64>)]) -> String {
+    let mut headers = vec!["task", "metric"];
+    headers.extend(names.iter().map(String::as_str));
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(task, metric, values)| {
+            let best = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut row = vec![task.clone(), metric.clone()];
+            row.extend(values.iter().map(|v| {
+                let mark = if *v == best && values.len() > 1 {
+                    " *"
+                } else {
+                    ""
+                };
+                format!("{v:.3}{mark}")
+            }));
+            row
+        })
+        .collect();
+    table(&headers, &cells)
+}
+
+pub async fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
+    let json_out = args.json;
+    let (names, rows) = tokio::task::spawn_blocking(move || compare_scores(&args))
+        .await
+        .context("evaluation thread")??;
+    if json_out {
+        let mut all = Map::new();
+        for (task, _, values) in &rows {
+            let per_model: Map<String, Value> = names
+                .iter()
+                .cloned()
+                .zip(values.iter().map(|v| json!(v)))
+                .collect();
+            all.insert(task.clone(), Value::Object(per_model));
+        }
+        println!("{}", serde_json::to_string_pretty(&Value::Object(all))?);
+    } else {
+        print!("{}", compare_table(&names, &rows));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A request's tokens as evaluation harnesses split them: spaces that end

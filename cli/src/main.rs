@@ -181,6 +181,9 @@ enum Command {
     /// Score a model folder (encoder or decoder) on downstream tasks from
     /// OLMo's request files: ARC, HellaSwag, PIQA, SciQ, … (accuracies).
     Eval(eval::EvalArgs),
+    /// Model folders side by side on downstream tasks: rows tasks, columns
+    /// models, the best of each row marked (the encoder-vs-decoder table).
+    Compare(eval::CompareArgs),
 }
 
 /// The exit status of a worker that was asked to leave (SIGTERM, SIGUSR1)
@@ -357,6 +360,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::FillMask(args) => model::fill_mask(args).await,
         Command::Generate(args) => model::generate(args).await,
         Command::Eval(args) => eval::eval(args).await,
+        Command::Compare(args) => eval::compare(args).await,
     }
 }
 

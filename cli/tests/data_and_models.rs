@@ -716,8 +716,47 @@ fn eval_scores_a_task_for_both_flavours() {
         );
     }
 
-    let model = tiny_model_dir(root.path(), Flavour::Decoder);
-    let model = model.to_str().expect("utf-8");
+    // Both side by side: a column per folder, the best of the row marked.
+    let encoder = tiny_model_dir(root.path(), Flavour::Encoder);
+    let decoder = tiny_model_dir(root.path(), Flavour::Decoder);
+    let (encoder, decoder) = (
+        encoder.to_str().expect("utf-8"),
+        decoder.to_str().expect("utf-8"),
+    );
+    let both = json(&run(&[
+        "compare",
+        encoder,
+        decoder,
+        "--tasks",
+        "hand",
+        "--tasks-dir",
+        tasks,
+        "--json",
+    ]));
+    for name in ["encoder", "decoder"] {
+        let x = both["hand"][name].as_f64().unwrap_or(f64::NAN);
+        assert!(
+            (x - 1.0 / 3.0).abs() < 1e-9 || (x - 2.0 / 3.0).abs() < 1e-9,
+            "{name}: {both}"
+        );
+    }
+    let table = run(&[
+        "compare",
+        encoder,
+        decoder,
+        "--tasks",
+        "hand",
+        "--tasks-dir",
+        tasks,
+    ]);
+    let text = stdout(&table);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("hand") && l.contains('*')),
+        "{text}"
+    );
+
+    let model = decoder;
     let missing = run(&["eval", model, "--task", "nope", "--tasks-dir", tasks]);
     assert_clean_error(&missing, &["nope", "rc_0shot"]);
     let requests = Path::new(tasks).join("hand/rc_0shot/requests.jsonl");

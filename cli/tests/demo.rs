@@ -27,9 +27,9 @@ fn the_demo_runs_end_to_end_with_a_small_budget() {
         .expect("run the demo");
     let (text, err) = (stdout(&output), stderr(&output));
     assert!(output.status.success(), "demo failed:\n{text}\n{err}");
-    for step in 1..=6 {
+    for step in 1..=7 {
         assert!(
-            text.contains(&format!("[{step}/6]")),
+            text.contains(&format!("[{step}/7]")),
             "step {step} missing:\n{text}"
         );
     }
@@ -47,6 +47,15 @@ fn the_demo_runs_end_to_end_with_a_small_budget() {
     // generation were printed.
     assert!(text.contains("twinhead fill-mask"), "{text}");
     assert!(text.contains("twinhead generate"), "{text}");
+    // The comparison table: a row per task, a column per model.
+    assert!(text.contains("twinhead compare"), "{text}");
+    for task in ["arc_easy", "piqa", "sciq", "winogrande"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(task) && l.contains("acc_")),
+            "no {task} row in:\n{text}"
+        );
+    }
     assert!(text.contains("done in"), "{text}");
     // The dataset the demo built verifies against its manifest.
     let verify = twinhead()
