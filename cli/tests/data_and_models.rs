@@ -723,16 +723,20 @@ fn eval_scores_a_task_for_both_flavours() {
         encoder.to_str().expect("utf-8"),
         decoder.to_str().expect("utf-8"),
     );
-    let both = json(&run(&[
-        "compare",
-        encoder,
-        decoder,
-        "--tasks",
-        "hand",
-        "--tasks-dir",
-        tasks,
-        "--json",
-    ]));
+    let compare = |extra: &[&str]| {
+        let mut args = vec![
+            "compare",
+            encoder,
+            decoder,
+            "--tasks",
+            "hand",
+            "--tasks-dir",
+            tasks,
+        ];
+        args.extend(extra);
+        run(&args)
+    };
+    let both = json(&compare(&["--json"]));
     for name in ["encoder", "decoder"] {
         let x = both["hand"][name].as_f64().unwrap_or(f64::NAN);
         assert!(
@@ -740,16 +744,7 @@ fn eval_scores_a_task_for_both_flavours() {
             "{name}: {both}"
         );
     }
-    let table = run(&[
-        "compare",
-        encoder,
-        decoder,
-        "--tasks",
-        "hand",
-        "--tasks-dir",
-        tasks,
-    ]);
-    let text = stdout(&table);
+    let text = stdout(&compare(&[]));
     assert!(
         text.lines()
             .any(|l| l.starts_with("hand") && l.contains('*')),

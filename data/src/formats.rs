@@ -277,22 +277,13 @@ pub fn read_scan(
     bytes: impl Into<bytes::Bytes>,
     with_text: bool,
 ) -> Result<Vec<ScanDoc>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
-        .map_err(|e| perr(location, e))?;
     let wanted: &[&str] = if with_text {
         &["doc_id", "text", "key_hi", "key_lo", "chars"]
     } else {
         &["key_hi", "key_lo", "chars"]
     };
-    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted.iter().copied());
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(4096)
-        .build()
-        .map_err(|e| perr(location, e))?;
     let mut out = Vec::new();
-    for b in reader {
-        let b = b.map_err(|e| perr(location, e))?;
+    for b in projected_batches(location, bytes, wanted)? {
         let hi = column::<UInt64Array>(location, &b, "key_hi")?;
         let lo = column::<UInt64Array>(location, &b, "key_lo")?;
         let ch = column::<UInt64Array>(location, &b, "chars")?;
@@ -368,25 +359,37 @@ pub fn read_rows(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<R
 /// The document keys of a phase shard, every row's in order (the
 /// `doc_key` column only).
 pub fn read_doc_keys(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<u64>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
-        .map_err(|e| perr(location, e))?;
-    if builder.schema().field_with_name(DOC_KEY).is_err() {
-        return Err(perr(location, format!("no {DOC_KEY} column")));
-    }
-    let mask = ProjectionMask::columns(builder.parquet_schema(), [DOC_KEY]);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(4096)
-        .build()
-        .map_err(|e| perr(location, e))?;
     let mut out = Vec::new();
-    for b in reader {
-        let b = b.map_err(|e| perr(location, e))?;
+    for b in projected_batches(location, bytes, &[DOC_KEY])? {
         for keys in lists(location, column::<ListArray>(location, &b, DOC_KEY)?, u64s)? {
             out.extend(keys);
         }
     }
     Ok(out)
+}
+
+/// The record batches of only the `columns` of a parquet file; a missing
+/// column is an error naming it (a projection would silently skip it).
+fn projected_batches(
+    location: &str,
+    bytes: impl Into<bytes::Bytes>,
+    columns: &[&str],
+) -> Result<Vec<RecordBatch>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
+        .map_err(|e| perr(location, e))?;
+    if let Some(missing) = columns
+        .iter()
+        .find(|c| builder.schema().field_with_name(c).is_err())
+    {
+        return Err(perr(location, format!("no {missing} column")));
+    }
+    let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(4096)
+        .build()
+        .map_err(|e| perr(location, e))?;
+    reader.map(|b| b.map_err(|e| perr(location, e))).collect()
 }
 
 /// Row groups and rows of a parquet file (from its footer).
