@@ -278,8 +278,9 @@ pub fn run_phase(
             return Err(Error::Phase {
                 phase: phase.name.clone(),
                 message: format!(
-                    "source {:?} has weight {w} but no tokens after stage 1",
-                    src.name
+                    "source {:?} has weight {w} but no tokens: {}",
+                    src.name,
+                    why_empty(&src.input, &sources[s])
                 ),
             });
         }
@@ -347,6 +348,37 @@ pub fn run_phase(
         shards,
         eval,
     })
+}
+
+/// Why a source has nothing to draw, from what stage 1 counted.
+fn why_empty(input: &str, stats: &SourceStats) -> String {
+    let reasons = |counts: &BTreeMap<String, u64>| {
+        counts
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if stats.files == 0 && stats.read == 0 {
+        match stats.issues.first().map(|i| i.message.as_str()) {
+            Some(message) if !message.contains("matches no file") => {
+                format!("its input {input:?} could not be listed: {message}")
+            }
+            _ => format!("its input {input:?} matches no file"),
+        }
+    } else if stats.kept == 0 {
+        format!(
+            "none of the {} records read from {input:?} was kept (rejected: {}; dropped: {})",
+            stats.read,
+            reasons(&stats.rejected),
+            reasons(&stats.dropped)
+        )
+    } else {
+        format!(
+            "its {} kept documents from {input:?} all went to the held-out split or were pieces shorter than min_piece_tokens",
+            stats.kept
+        )
+    }
 }
 
 /// A phase's eval rows: every held-out document of its sources, split and

@@ -566,3 +566,63 @@ fn held_out_documents_are_only_in_eval_shards_at_any_thread_count() {
         v.problems
     );
 }
+
+#[test]
+fn a_weighted_source_with_nothing_to_draw_is_named_with_its_input_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::fixtures();
+    let write = |name: &str, web_input: &str, web_filters: &str| {
+        let text = format!(
+            r#"
+name = "{name}"
+on_error = "skip"
+[tokenizer]
+train = {{ vocab_size = 300, min_frequency = 2 }}
+[[sources]]
+name = "books"
+input = "{f}/books/*.txt"
+format = "text"
+[[sources]]
+name = "web"
+input = "{web_input}"
+format = "text"
+{web_filters}
+[[phases]]
+name = "p"
+seq_len = 64
+tokens = 2000
+seed = 1
+weights = {{ books = 1.0, web = 5.0 }}
+"#,
+            f = f.display()
+        );
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let out = dir.path().join("out");
+    let glob = format!("{}/web/*.nothing", f.display());
+    let e = build(
+        &write("nomatch", &glob, ""),
+        out.to_str().unwrap(),
+        1,
+        &NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("\"web\"") && e.contains("*.nothing") && e.contains("matches no file"),
+        "{e}"
+    );
+    // Every record read but none kept: the counts say which filter took them.
+    let web = format!("{}/web", f.display());
+    let e = build(
+        &write("filtered", &web, "[sources.filters]\nmin_chars = 100000000"),
+        out.to_str().unwrap(),
+        1,
+        &NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("none of the") && e.contains("min_chars"), "{e}");
+}
