@@ -216,14 +216,15 @@ pub struct CompareArgs {
     pub(crate) json: bool,
 }
 
-/// Each task's primary metric for each model, as `(task, metric, [value per
-/// model])`.
-pub(crate) fn compare_scores(
-    args: &CompareArgs,
-) -> anyhow::Result<(Vec<String>, Vec<(String, String, Vec<f64>)>)> {
+/// One row of the comparison: a task, its primary metric, the value for
+/// each model.
+pub(crate) type CompareRow = (String, String, Vec<f64>);
+
+/// The models' names and each task's row.
+pub(crate) fn compare_scores(args: &CompareArgs) -> anyhow::Result<(Vec<String>, Vec<CompareRow>)> {
     let tasks = read_tasks(args.tasks_dir.as_deref(), &args.tasks, args.limit)?;
     let mut names = Vec::new();
-    let mut rows: Vec<(String, String, Vec<f64>)> = tasks
+    let mut rows: Vec<CompareRow> = tasks
         .iter()
         .map(|(spec, task)| (spec.clone(), task.primary_metric.clone(), Vec::new()))
         .collect();
@@ -242,7 +243,7 @@ pub(crate) fn compare_scores(
 
 /// The side-by-side table: rows tasks, columns models, the best of each
 /// row marked with `*`.
-pub(crate) fn compare_table(names: &[String], rows: &[(String, String, Vec<f64>)]) -> String {
+pub(crate) fn compare_table(names: &[String], rows: &[CompareRow]) -> String {
     let mut headers = vec!["task", "metric"];
     headers.extend(names.iter().map(String::as_str));
     let cells: Vec<Vec<String>> = rows

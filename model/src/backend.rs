@@ -435,12 +435,11 @@ impl ModelBackend for Cpu {
         shape: [usize; D2],
     ) -> Tensor<Self, D2> {
         let values = shared(t);
-        if values.is_standard_layout() && values.len() == shape.iter().product::<usize>() {
-            if let Ok(reshaped) = values.clone().into_shape_with_order(ndarray::IxDyn(&shape)) {
-                return Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(
-                    reshaped,
-                )));
-            }
+        if values.is_standard_layout()
+            && values.len() == shape.iter().product::<usize>()
+            && let Ok(reshaped) = values.clone().into_shape_with_order(ndarray::IxDyn(&shape))
+        {
+            return Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(reshaped)));
         }
         Tensor::<Self, D1>::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(values)))
             .reshape(shape)

@@ -212,44 +212,44 @@ impl Task {
     /// `idx`.
     pub fn score(&self, loglikelihoods: &[f64], tokens: &[usize]) -> TaskScore {
         let offset = self.uncond_docid_offset;
-        let mut docs: BTreeMap<u64, Vec<(u32, u32, f64, f64, f64)>> = BTreeMap::new();
+        let mut docs: BTreeMap<u64, Vec<Choice>> = BTreeMap::new();
         let mut uncond: BTreeMap<(u64, u32), f64> = BTreeMap::new();
         for ((r, &ll), &n) in self.requests.iter().zip(loglikelihoods).zip(tokens) {
             match offset {
                 Some(o) if r.doc_id >= o => {
                     uncond.insert((r.doc_id - o, r.idx), ll);
                 }
-                _ => docs.entry(r.doc_id).or_default().push((
-                    r.idx,
-                    r.label,
-                    ll,
-                    ll / n.max(1) as f64,
-                    ll / r.continuation.chars().count().max(1) as f64,
-                )),
+                _ => docs.entry(r.doc_id).or_default().push(Choice {
+                    idx: r.idx,
+                    label: r.label,
+                    raw: ll,
+                    per_token: ll / n.max(1) as f64,
+                    per_char: ll / r.continuation.chars().count().max(1) as f64,
+                }),
             }
         }
         let mut hits: BTreeMap<String, usize> = BTreeMap::new();
         let mut predicted = BTreeMap::new();
         for (doc, mut choices) in docs {
-            choices.sort_by_key(|c| c.0);
-            let label = choices.first().map_or(0, |c| c.1);
-            let pick = |value: &dyn Fn(&(u32, u32, f64, f64, f64)) -> Option<f64>| {
+            choices.sort_by_key(|c| c.idx);
+            let label = choices.first().map_or(0, |c| c.label);
+            let pick = |value: &dyn Fn(&Choice) -> Option<f64>| {
                 let mut best: Option<(u32, f64)> = None;
                 for c in &choices {
                     let v = value(c)?;
                     if best.is_none_or(|(_, b)| v > b) {
-                        best = Some((c.0, v));
+                        best = Some((c.idx, v));
                     }
                 }
                 best.map(|(idx, _)| idx)
             };
             let picks = [
-                ("acc_raw", pick(&|c| Some(c.2))),
-                ("acc_per_token", pick(&|c| Some(c.3))),
-                ("acc_per_char", pick(&|c| Some(c.4))),
+                ("acc_raw", pick(&|c| Some(c.raw))),
+                ("acc_per_token", pick(&|c| Some(c.per_token))),
+                ("acc_per_char", pick(&|c| Some(c.per_char))),
                 (
                     "acc_uncond",
-                    offset.and_then(|_| pick(&|c| uncond.get(&(doc, c.0)).map(|u| c.2 - u))),
+                    offset.and_then(|_| pick(&|c| uncond.get(&(doc, c.idx)).map(|u| c.raw - u))),
                 ),
             ];
             for (metric, choice) in picks {
@@ -270,6 +270,15 @@ impl Task {
             predicted,
         }
     }
+}
+
+/// One answer choice of a document, with its scores under each metric.
+struct Choice {
+    idx: u32,
+    label: u32,
+    raw: f64,
+    per_token: f64,
+    per_char: f64,
 }
 
 /// Requests from a `requests.jsonl` stream; `path` names it in errors.
@@ -339,9 +348,7 @@ pub fn loglikelihoods<B: ModelBackend>(
 ) -> Result<Vec<f64>, EvalError> {
     let config = model.config();
     let encoder = model.flavour() == Flavour::Encoder;
-    // Every sequence to run: its tokens, the predicting offsets in it, the
-    // tokens they predict, and the request it scores.
-    let mut sequences: Vec<(Vec<u32>, Vec<usize>, Vec<u32>, usize)> = Vec::new();
+    let mut sequences: Vec<Sequence> = Vec::new();
     for (r, req) in requests.iter().enumerate() {
         let mut ids = Vec::with_capacity(req.context.len() + req.continuation.len() + 2);
         ids.push(config.cls_token_id);
@@ -353,23 +360,33 @@ pub fn loglikelihoods<B: ModelBackend>(
             for j in 0..req.continuation.len() {
                 let mut masked = ids.clone();
                 masked[start + j] = config.mask_token_id;
-                sequences.push((masked, vec![start + j], vec![req.continuation[j]], r));
+                sequences.push(Sequence {
+                    tokens: masked,
+                    positions: vec![start + j],
+                    targets: vec![req.continuation[j]],
+                    request: r,
+                });
             }
         } else {
             let positions: Vec<usize> = (start - 1..ids.len() - 1).collect();
-            sequences.push((ids, positions, req.continuation.clone(), r));
+            sequences.push(Sequence {
+                tokens: ids,
+                positions,
+                targets: req.continuation.clone(),
+                request: r,
+            });
         }
     }
     let mut scores = vec![0f64; requests.len()];
-    let mut row: Vec<&(Vec<u32>, Vec<usize>, Vec<u32>, usize)> = Vec::new();
+    let mut row: Vec<&Sequence> = Vec::new();
     let mut row_len = 0;
     for seq in &sequences {
-        if !row.is_empty() && row_len + seq.0.len() > row_tokens {
+        if !row.is_empty() && row_len + seq.tokens.len() > row_tokens {
             score_row(model, &row, encoder, &mut scores)?;
             row.clear();
             row_len = 0;
         }
-        row_len += seq.0.len();
+        row_len += seq.tokens.len();
         row.push(seq);
     }
     if !row.is_empty() {
@@ -378,11 +395,20 @@ pub fn loglikelihoods<B: ModelBackend>(
     Ok(scores)
 }
 
+/// One sequence to run: its tokens, the offsets in it that predict, the
+/// tokens they predict, and the request it scores.
+struct Sequence {
+    tokens: Vec<u32>,
+    positions: Vec<usize>,
+    targets: Vec<u32>,
+    request: usize,
+}
+
 /// Runs one row of packed sequences and adds each target's log-probability
 /// to its request's score.
 fn score_row<B: ModelBackend>(
     model: &ModernBert<B>,
-    row: &[&(Vec<u32>, Vec<usize>, Vec<u32>, usize)],
+    row: &[&Sequence],
     encoder: bool,
     scores: &mut [f64],
 ) -> Result<(), EvalError> {
@@ -391,13 +417,13 @@ fn score_row<B: ModelBackend>(
     let mut positions = Vec::new();
     let mut targets = Vec::new();
     let mut owners = Vec::new();
-    for (tokens, at, predict, request) in row {
+    for seq in row {
         let base = ids.len();
-        ids.extend(tokens);
-        lens.push(tokens.len());
-        positions.extend(at.iter().map(|p| base + p));
-        targets.extend(predict);
-        owners.extend(std::iter::repeat_n(*request, predict.len()));
+        ids.extend(&seq.tokens);
+        lens.push(seq.tokens.len());
+        positions.extend(seq.positions.iter().map(|p| base + p));
+        targets.extend(&seq.targets);
+        owners.extend(std::iter::repeat_n(seq.request, seq.targets.len()));
     }
     if targets.is_empty() {
         return Ok(());
@@ -431,6 +457,7 @@ fn score_row<B: ModelBackend>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

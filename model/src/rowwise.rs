@@ -109,20 +109,14 @@ pub fn exp(x: f32) -> f32 {
     // loses nothing.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let clamped = if x < LOWEST {
-        LOWEST
-    } else if x > HIGHEST {
-        HIGHEST
-    } else {
-        x
-    };
+    let clamped = x.clamp(LOWEST, HIGHEST);
     let t = clamped * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = p * (r * r) + r + 1.0;
     // 2ⁿ from its exponent bits; n is within [−126, 128].
     let n_bits = t.to_bits() as i32 - ROUND.to_bits() as i32;
