@@ -156,7 +156,7 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
         println!("submitted {name} as {id}");
         runs.push((name, id));
     }
-    for (_, id) in &runs {
+    for (name, id) in &runs {
         crate::runs::watch(&connection, id, false).await?;
         let run = client
             .get_run(GetRunRequest { run_id: id.clone() })
@@ -164,6 +164,25 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
             .into_inner();
         if run.state != RunState::Completed as i32 {
             bail!("run {id} did not complete: {}", run.message);
+        }
+        // Each phase's last held-out loss (the run's [eval]).
+        let phase_ends: Vec<String> = run
+            .phases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, phase)| {
+                run.evals
+                    .iter()
+                    .rev()
+                    .find(|e| e.phase_index as usize == i && e.error.is_empty())
+                    .map(|e| format!("{} {:.3}", phase.name, e.loss))
+            })
+            .collect();
+        if !phase_ends.is_empty() {
+            println!(
+                "{name} held-out loss at phase ends: {}",
+                phase_ends.join(", ")
+            );
         }
     }
     drop(workers);

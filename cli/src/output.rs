@@ -2,7 +2,9 @@
 
 use serde_json::{Value, json};
 use twinhead_proto::names;
-use twinhead_proto::v1::{Attempt, Checkpoint, LrShape, PhaseProgress, Run, RunSpec, RunState};
+use twinhead_proto::v1::{
+    Attempt, Checkpoint, EvalPoint, LrShape, PhaseProgress, Run, RunSpec, RunState,
+};
 
 /// An error and its causes on one line, with gRPC statuses shown as
 /// "message (code)".
@@ -197,14 +199,59 @@ pub fn run_report(run: &Run) -> String {
                 } else {
                     human(p.tokens_per_sec)
                 },
+                last_eval(run, i).map_or("-".into(), |e| format!("{:.4}", e.loss)),
                 phase_state(run, i, p).into(),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["PHASE", "NAME", "STEPS", "TOKENS", "LOSS", "TOK/S", "STATE"],
+        &[
+            "PHASE", "NAME", "STEPS", "TOKENS", "LOSS", "TOK/S", "HELD-OUT", "STATE",
+        ],
         &phases,
     ));
+    if !run.evals.is_empty() {
+        out.push('\n');
+        let evals: Vec<Vec<String>> = run
+            .evals
+            .iter()
+            .rev()
+            .take(10)
+            .map(|e| {
+                let failed = !e.error.is_empty();
+                let number = |v: String| if failed { "-".to_string() } else { v };
+                vec![
+                    e.phase_index.to_string(),
+                    e.step.to_string(),
+                    human(e.tokens as f64),
+                    number(format!("{:.4}", e.loss)),
+                    number(format!("{:.2}", e.loss.exp())),
+                    number(format!("{:.4}", e.accuracy)),
+                    e.rows.to_string(),
+                    format!("{:.1}", e.seconds),
+                    if failed {
+                        format!("failed: {}", e.error)
+                    } else {
+                        String::new()
+                    },
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "PHASE",
+                "STEP",
+                "TOKENS",
+                "HELD-OUT LOSS",
+                "PERPLEXITY",
+                "ACCURACY",
+                "ROWS",
+                "SECONDS",
+                "",
+            ],
+            &evals,
+        ));
+    }
     if !run.attempts.is_empty() {
         out.push('\n');
         let attempts: Vec<Vec<String>> = run
@@ -270,6 +317,31 @@ fn phase_state(run: &Run, index: usize, phase: &PhaseProgress) -> &'static str {
     }
 }
 
+/// The latest successful held-out evaluation of phase `index`.
+fn last_eval(run: &Run, index: usize) -> Option<&EvalPoint> {
+    run.evals
+        .iter()
+        .rev()
+        .find(|e| e.phase_index as usize == index && e.error.is_empty())
+}
+
+pub fn eval_json(e: &EvalPoint) -> Value {
+    json!({
+        "phase_index": e.phase_index,
+        "world_id": e.world_id,
+        "step": e.step,
+        "tokens": e.tokens,
+        "loss": e.loss,
+        "perplexity": e.loss.exp(),
+        "accuracy": e.accuracy,
+        "rows": e.rows,
+        "targets": e.targets,
+        "seconds": e.seconds,
+        "time_ms": e.time_ms,
+        "error": e.error,
+    })
+}
+
 fn checkpoint_json(c: &Checkpoint) -> Value {
     json!({
         "phase_index": c.phase_index,
@@ -333,6 +405,11 @@ pub fn spec_json(spec: &RunSpec) -> Value {
             "every_tokens": checkpoint.every_tokens,
             "keep_last": checkpoint.keep_last,
         },
+        "eval": spec.eval.as_ref().map(|e| json!({
+            "every_tokens": e.every_tokens,
+            "max_rows": e.max_rows,
+            "mask_ratio": e.mask_ratio,
+        })),
         "phases": spec.phases.iter().enumerate().map(|(i, p)| {
             let lr = p.lr.unwrap_or_default();
             json!({
@@ -371,7 +448,7 @@ pub fn run_json(run: &Run) -> Value {
         "message": run.message,
         "created_ms": run.created_ms,
         "updated_ms": run.updated_ms,
-        "phases": run.phases.iter().map(|p| json!({
+        "phases": run.phases.iter().enumerate().map(|(i, p)| json!({
             "name": p.name,
             "token_budget": p.token_budget,
             "num_steps": p.num_steps,
@@ -384,9 +461,11 @@ pub fn run_json(run: &Run) -> Value {
             "mfu": p.mfu,
             "started_ms": p.started_ms,
             "finished_ms": p.finished_ms,
+            "eval_loss": last_eval(run, i).map(|e| e.loss),
         })).collect::<Vec<_>>(),
         "attempts": run.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
         "checkpoints": run.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>(),
+        "evals": run.evals.iter().map(eval_json).collect::<Vec<_>>(),
     })
 }
 

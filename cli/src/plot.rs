@@ -1,13 +1,14 @@
 //! `twinhead plot`: a run's loss curve as a PNG. x is tokens since the
 //! start of the run (each phase starts where the one before ended), y is
-//! the loss, one colour per phase, with tick labels and a legend.
+//! the loss, one colour per phase, with tick labels and a legend. Held-out
+//! evaluations are squares of their phase's colour on the same axes.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use serde_json::json;
-use twinhead_proto::v1::{GetProgressRequest, GetRunRequest, ProgressPoint};
+use twinhead_proto::v1::{EvalPoint, GetProgressRequest, GetRunRequest, ProgressPoint};
 
 use crate::Connection;
 use crate::client::run_client;
@@ -36,11 +37,13 @@ const GRID: Rgb = [232, 232, 232];
 const MIN_SIDE: u32 = 200;
 const MAX_SIDE: u32 = 8000;
 
-/// One phase's curve: (run tokens, loss) in report order.
+/// One phase's curve: (run tokens, loss) in report order, and its
+/// held-out losses as markers.
 pub struct Series {
     pub name: String,
     pub colour: Rgb,
     pub points: Vec<(f64, f64)>,
+    pub markers: Vec<(f64, f64)>,
 }
 
 pub async fn plot(
@@ -62,22 +65,22 @@ pub async fn plot(
         })
         .await?
         .into_inner();
-    let points = client
+    let progress = client
         .get_progress(GetProgressRequest {
             run_id: run_id.to_string(),
             // A few points per pixel column is all a line can show.
             max_points: width.saturating_mul(4),
         })
         .await?
-        .into_inner()
-        .points;
+        .into_inner();
+    let points = progress.points;
     if points.is_empty() {
         anyhow::bail!(
             "run {run_id} has no progress reports yet; plot it once its workers have trained a step"
         );
     }
     let names: Vec<String> = run.phases.iter().map(|p| p.name.clone()).collect();
-    let series = series_by_phase(&names, &points);
+    let series = series_by_phase(&names, &points, &progress.evals);
     let canvas = draw(&format!("{run_id} loss"), &series, width, height);
     let file =
         std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -88,28 +91,42 @@ pub async fn plot(
     std::io::Write::flush(&mut writer)
         .with_context(|| format!("cannot write {}", out.display()))?;
     let phases = series.iter().filter(|s| !s.points.is_empty()).count();
+    let evals: usize = series.iter().map(|s| s.markers.len()).sum();
     if json {
         println!(
             "{}",
-            json!({ "out": out.display().to_string(), "points": points.len(), "phases": phases })
+            json!({
+                "out": out.display().to_string(),
+                "points": points.len(),
+                "phases": phases,
+                "evals": evals,
+            })
         );
     } else {
         println!(
-            "wrote {} ({} points, {phases} phase{})",
+            "wrote {} ({} points, {phases} phase{}, {evals} held-out evaluation{})",
             out.display(),
             points.len(),
-            if phases == 1 { "" } else { "s" }
+            if phases == 1 { "" } else { "s" },
+            if evals == 1 { "" } else { "s" },
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Groups points by phase on a run-wide token axis: a phase starts after
-/// the most tokens reported in each earlier phase.
-pub fn series_by_phase(names: &[String], points: &[ProgressPoint]) -> Vec<Series> {
+/// Groups points and successful held-out evaluations by phase on a
+/// run-wide token axis: a phase starts after the most tokens reported in
+/// each earlier phase.
+pub fn series_by_phase(
+    names: &[String],
+    points: &[ProgressPoint],
+    evals: &[EvalPoint],
+) -> Vec<Series> {
     let phases = points
         .iter()
-        .map(|p| p.phase_index as usize + 1)
+        .map(|p| p.phase_index)
+        .chain(evals.iter().map(|e| e.phase_index))
+        .map(|i| i as usize + 1)
         .max()
         .unwrap_or(0)
         .max(names.len());
@@ -132,6 +149,12 @@ pub fn series_by_phase(names: &[String], points: &[ProgressPoint]) -> Vec<Series
                     .iter()
                     .filter(|p| p.phase_index as usize == i)
                     .map(|p| ((offset + p.tokens) as f64, p.loss))
+                    .filter(|(_, loss)| loss.is_finite())
+                    .collect(),
+                markers: evals
+                    .iter()
+                    .filter(|e| e.phase_index as usize == i && e.error.is_empty())
+                    .map(|e| ((offset + e.tokens) as f64, e.loss))
                     .filter(|(_, loss)| loss.is_finite())
                     .collect(),
             }
@@ -192,7 +215,7 @@ pub fn draw(title: &str, series: &[Series], width: u32, height: u32) -> Canvas {
 
     let all: Vec<(f64, f64)> = series
         .iter()
-        .flat_map(|s| s.points.iter().copied())
+        .flat_map(|s| s.points.iter().chain(&s.markers).copied())
         .collect();
     let (mut x0, mut x1) = all
         .iter()
@@ -266,11 +289,19 @@ pub fn draw(title: &str, series: &[Series], width: u32, height: u32) -> Canvas {
 
     // Legend, right-aligned on the line under the title.
     let swatch = 14 * scale;
-    let entries: Vec<&Series> = series.iter().filter(|s| !s.points.is_empty()).collect();
-    let legend_w: i64 = entries
+    let marker = thickness * 2 + 2;
+    let with_markers = series.iter().any(|s| !s.markers.is_empty());
+    let entries: Vec<&Series> = series
+        .iter()
+        .filter(|s| !s.points.is_empty() || !s.markers.is_empty())
+        .collect();
+    let mut legend_w: i64 = entries
         .iter()
         .map(|s| swatch + 4 * scale + Canvas::text_width(&s.name, scale) + 12 * scale)
         .sum();
+    if with_markers {
+        legend_w += marker + 4 * scale + Canvas::text_width(HELD_OUT_LABEL, scale);
+    }
     let mut lx = (right - legend_w).max(left);
     let ly = 4 * scale + text_h + 6 * scale;
     for s in &entries {
@@ -278,6 +309,11 @@ pub fn draw(title: &str, series: &[Series], width: u32, height: u32) -> Canvas {
         lx += swatch + 4 * scale;
         canvas.text(lx, ly, &s.name, scale, INK);
         lx += Canvas::text_width(&s.name, scale) + 12 * scale;
+    }
+    if with_markers {
+        canvas.fill_rect(lx, ly + (text_h - marker) / 2, marker, marker, INK);
+        lx += marker + 4 * scale;
+        canvas.text(lx, ly, HELD_OUT_LABEL, scale, INK);
     }
 
     // Curves last, over the grid.
@@ -290,8 +326,20 @@ pub fn draw(title: &str, series: &[Series], width: u32, height: u32) -> Canvas {
             canvas.line(pair[0], pair[1], thickness, s.colour);
         }
     }
+    // Held-out markers on top, outlined so they stand out on their curve.
+    for s in series {
+        for (x, y) in &s.markers {
+            let (cx, cy) = (sx(*x).round() as i64, sy(*y).round() as i64);
+            let half = marker / 2;
+            canvas.fill_rect(cx - half - 1, cy - half - 1, marker + 2, marker + 2, INK);
+            canvas.fill_rect(cx - half, cy - half, marker, marker, s.colour);
+        }
+    }
     canvas
 }
+
+/// The legend's name for the markers.
+const HELD_OUT_LABEL: &str = "held-out";
 
 #[cfg(test)]
 mod tests {
@@ -310,9 +358,32 @@ mod tests {
     fn phases_follow_each_other_on_the_token_axis() {
         let names = vec!["pretrain".to_string(), "decay".to_string()];
         let points = [point(0, 100, 5.0), point(0, 200, 4.0), point(1, 50, 3.0)];
-        let series = series_by_phase(&names, &points);
+        let evals = [
+            EvalPoint {
+                phase_index: 0,
+                tokens: 200,
+                loss: 4.5,
+                ..Default::default()
+            },
+            EvalPoint {
+                phase_index: 1,
+                tokens: 50,
+                error: "unreadable shard".into(),
+                ..Default::default()
+            },
+            EvalPoint {
+                phase_index: 1,
+                tokens: 60,
+                loss: 3.5,
+                ..Default::default()
+            },
+        ];
+        let series = series_by_phase(&names, &points, &evals);
         assert_eq!(series[0].points, vec![(100.0, 5.0), (200.0, 4.0)]);
         assert_eq!(series[1].points, vec![(250.0, 3.0)]);
+        // Failed evaluations are not drawn.
+        assert_eq!(series[0].markers, vec![(200.0, 4.5)]);
+        assert_eq!(series[1].markers, vec![(260.0, 3.5)]);
         assert_eq!(series[1].name, "decay");
         assert_eq!(series[1].colour, PHASE_COLOURS[1]);
     }

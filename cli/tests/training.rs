@@ -111,7 +111,8 @@ impl Setup {
     }
 }
 
-/// A two-phase dataset (seq 64, then 256) from the committed fixtures.
+/// A two-phase dataset (seq 64, then 256) from the committed fixtures,
+/// with a held-out split (two documents per source).
 fn dataset(dir: &Path) -> String {
     let f = repo().join("dataprep/tests/fixtures");
     let f = f.display();
@@ -124,6 +125,9 @@ train = {{ vocab_size = 512, min_frequency = 2 }}
 [output]
 rows_per_shard = 64
 rows_per_row_group = 16
+[eval]
+fraction = 0.3
+max_docs = 2
 [[sources]]
 name = "books"
 input = "{f}/books/*.txt"
@@ -384,6 +388,7 @@ fn assert_workers_match_one(world: u32, global_batch: u32) {
     let ckpt_many = setup.dir.path().join("ckpt-many");
     let many = Recipe {
         global_batch,
+        extra: HELD_OUT_EVERY_1536,
         ..Recipe::new("many", &setup.data, world, &ckpt_many)
     };
     let run_many = submit(&setup.url, &many.write(setup.dir.path()));
@@ -467,7 +472,117 @@ fn assert_workers_match_one(world: u32, global_batch: u32) {
     // Every row of each phase consumed exactly once, by both runs.
     assert_rows_once(&many, &run_many);
     assert_rows_once(&one, &run_one);
+
+    // The held-out loss is the same whatever the world size: same steps,
+    // same rows and predicted tokens, losses within the weights' noise.
+    let evals = |s: &serde_json::Value| -> Vec<(u64, u64, u64, u64, f64, String)> {
+        s["evals"]
+            .as_array()
+            .expect("evals")
+            .iter()
+            .map(|e| {
+                (
+                    e["phase_index"].as_u64().unwrap_or(9),
+                    e["step"].as_u64().unwrap_or(0),
+                    e["rows"].as_u64().unwrap_or(0),
+                    e["targets"].as_u64().unwrap_or(0),
+                    e["loss"].as_f64().unwrap_or(f64::NAN),
+                    e["error"].as_str().unwrap_or("?").to_string(),
+                )
+            })
+            .collect()
+    };
+    let (e_many, e_one) = (evals(&trained_many), evals(&trained_one));
+    // Every 1,536 tokens and at both phase ends.
+    let due = |phase: u64, steps: u64, tokens: u64| {
+        let per_step = tokens / steps;
+        (1..=steps)
+            .filter(move |s| s * per_step % 1536 < per_step || *s == steps)
+            .map(move |s| (phase, s))
+    };
+    let expected_steps: Vec<(u64, u64)> = due(0, short_steps, many.short_tokens)
+        .chain(due(1, long_steps, LONG_TOKENS))
+        .collect();
+    let steps_of = |e: &[(u64, u64, u64, u64, f64, String)]| -> Vec<(u64, u64)> {
+        e.iter().map(|x| (x.0, x.1)).collect()
+    };
+    assert_eq!(steps_of(&e_many), expected_steps, "{e_many:?}");
+    assert_eq!(steps_of(&e_one), expected_steps, "{e_one:?}");
+    for (a, b) in e_many.iter().zip(&e_one) {
+        assert_eq!(a.5, "", "evaluation failed: {a:?}");
+        assert_eq!((a.2, a.3), (b.2, b.3), "rows and targets: {a:?} vs {b:?}");
+        assert!(a.2 > 0 && a.2 <= 12 && a.3 > 0, "{a:?}");
+        assert!(
+            a.4.is_finite() && (a.4 - b.4).abs() < 1e-4 * a.4,
+            "held-out loss {a:?} on {world} ranks, {b:?} on one"
+        );
+    }
+    // Training lowered it.
+    let first = e_many.first().map_or(f64::NAN, |e| e.4);
+    let last_short = e_many
+        .iter()
+        .rfind(|e| e.0 == 0)
+        .map_or(f64::NAN, |e| e.4);
+    assert!(last_short < first, "held-out loss {first} -> {last_short}");
 }
+
+#[test]
+fn a_failing_held_out_evaluation_is_reported_and_training_goes_on() {
+    let setup = Setup::new(1);
+    // The long phase's held-out shards vanish after the build.
+    let long = Path::new(setup.data.trim_start_matches("file://")).join("phases/long");
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&long).expect("phase folder") {
+        let path = entry.expect("entry").path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("eval-"))
+        {
+            std::fs::remove_file(&path).expect("remove");
+            removed += 1;
+        }
+    }
+    assert!(
+        removed > 0,
+        "the dataset has held-out shards in {}",
+        long.display()
+    );
+
+    let ckpt = setup.dir.path().join("ckpt");
+    let recipe = Recipe {
+        extra: HELD_OUT_EVERY_1536,
+        ..Recipe::new("eval-fails", &setup.data, 1, &ckpt)
+    };
+    let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+    let _worker = worker(&setup.url, &setup.logs[0]);
+    let trained = wait_completed(&setup.url, &run, &setup.logs);
+    let evals = trained["evals"].as_array().expect("evals");
+    let (short, long): (Vec<_>, Vec<_>) = evals.iter().partition(|e| e["phase_index"] == 0);
+    assert!(!short.is_empty() && !long.is_empty(), "{trained}");
+    for e in &short {
+        assert_eq!(e["error"], "", "{e}");
+        assert!(e["loss"].as_f64().is_some_and(|l| l > 0.0), "{e}");
+    }
+    for e in &long {
+        let error = e["error"].as_str().unwrap_or("");
+        assert!(
+            error.contains("eval-00000.parquet"),
+            "the error names the missing shard: {e}"
+        );
+    }
+    // The same failure, from the status table and /metrics' count.
+    let out = twinhead()
+        .args(["status", "--coordinator", &setup.url, &run])
+        .output()
+        .expect("status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("HELD-OUT LOSS"), "{table}");
+    assert!(table.contains("failed: "), "{table}");
+    assert_rows_once(&recipe, &run);
+}
+
+/// Held-out loss every 1,536 tokens on at most 12 rows.
+const HELD_OUT_EVERY_1536: &str = "[eval]\nevery_tokens = 1536\nmax_rows = 12";
 
 #[test]
 fn two_workers_match_one_through_both_phases_and_consume_every_row_once() {

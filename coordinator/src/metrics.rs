@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use twinhead_proto::v1::{PhaseProgress, Run, RunState};
+use twinhead_proto::v1::{EvalPoint, PhaseProgress, Run, RunState};
 
 use crate::state::WorkerView;
 use crate::store::WorkerStatus;
@@ -44,6 +44,11 @@ pub(crate) fn reported_phase(run: &Run) -> Option<&PhaseProgress> {
         .take(current + 1)
         .rev()
         .find(|p| p.steps_done > 0 || p.tokens_done > 0)
+}
+
+/// The run's latest held-out evaluation that succeeded.
+pub(crate) fn last_eval(run: &Run) -> Option<&EvalPoint> {
+    run.evals.iter().rev().find(|e| e.error.is_empty())
 }
 
 /// Tokens trained in all phases of the run.
@@ -111,6 +116,24 @@ pub(crate) fn render(runs: &[Run], workers: &[WorkerView]) -> String {
             name: "twinhead_run_mfu_ratio",
             help: "Model FLOPs utilisation last reported (0..1); absent when workers do not report it.",
             value: |r| reported_phase(r).map(|p| p.mfu).filter(|mfu| *mfu > 0.0),
+        },
+        RunGauge {
+            name: "twinhead_run_eval_loss",
+            help: "Held-out loss (nats per predicted token) of the run's latest evaluation.",
+            value: |r| last_eval(r).map(|e| e.loss),
+        },
+        RunGauge {
+            name: "twinhead_run_eval_accuracy",
+            help: "Share of held-out predicted tokens ranked first, at the latest evaluation.",
+            value: |r| last_eval(r).map(|e| e.accuracy),
+        },
+        RunGauge {
+            name: "twinhead_run_eval_failures",
+            help: "Held-out evaluations of the run that failed (training went on).",
+            value: |r| {
+                let failed = r.evals.iter().filter(|e| !e.error.is_empty()).count();
+                (!r.evals.is_empty()).then_some(failed as f64)
+            },
         },
         RunGauge {
             name: "twinhead_run_checkpoints",

@@ -29,10 +29,10 @@ pub fn thin(rows: Vec<ProgressRow>, max_points: usize) -> Vec<ProgressRow> {
     kept
 }
 
-/// Tokens since the start of the run for each row: a phase's tokens plus
-/// the most tokens reported in each earlier phase, so the phases of one
-/// run lie side by side on one axis.
-pub fn run_tokens(rows: &[ProgressRow]) -> Vec<u64> {
+/// Where each phase starts on the run-wide token axis: the most tokens
+/// reported in each earlier phase, summed. Entry `i` is phase `i`'s start;
+/// one entry past the last phase reported.
+pub fn phase_starts(rows: &[ProgressRow]) -> Vec<u64> {
     let mut most_per_phase: Vec<u64> = Vec::new();
     for row in rows {
         let phase = row.phase_index as usize;
@@ -41,11 +41,35 @@ pub fn run_tokens(rows: &[ProgressRow]) -> Vec<u64> {
         }
         most_per_phase[phase] = most_per_phase[phase].max(row.tokens);
     }
+    let mut starts = Vec::with_capacity(most_per_phase.len() + 1);
+    let mut at = 0u64;
+    starts.push(at);
+    for most in most_per_phase {
+        at += most;
+        starts.push(at);
+    }
+    starts
+}
+
+/// Tokens since the start of the run of a point `tokens` into phase
+/// `phase_index`, given [`phase_starts`] (a phase past the reported ones
+/// starts where they end).
+pub fn on_run_axis(starts: &[u64], phase_index: u32, tokens: u64) -> u64 {
+    let start = starts
+        .get(phase_index as usize)
+        .or(starts.last())
+        .copied()
+        .unwrap_or(0);
+    start + tokens
+}
+
+/// Tokens since the start of the run for each row: a phase's tokens plus
+/// the most tokens reported in each earlier phase, so the phases of one
+/// run lie side by side on one axis.
+pub fn run_tokens(rows: &[ProgressRow]) -> Vec<u64> {
+    let starts = phase_starts(rows);
     rows.iter()
-        .map(|row| {
-            let earlier: u64 = most_per_phase[..row.phase_index as usize].iter().sum();
-            earlier + row.tokens
-        })
+        .map(|row| on_run_axis(&starts, row.phase_index, row.tokens))
         .collect()
 }
 

@@ -21,9 +21,9 @@ use twinhead_proto::v1::{
     CancelRunRequest, GetAssignmentRequest, GetAssignmentResponse, GetProgressRequest,
     GetProgressResponse, GetRunRequest, HeartbeatRequest, HeartbeatResponse, LeaveRequest,
     ListRunsRequest, ListRunsResponse, ProgressPoint, RegisterRequest, RegisterResponse,
-    RendezvousRequest, RendezvousResponse, ReportCheckpointRequest, ReportFailureRequest,
-    ReportProgressRequest, Run, RunEvent, RunEventKind, RunState, SubmitRunRequest,
-    SubmitRunResponse, WatchRunRequest, WorkerAck, WorkerAction,
+    RendezvousRequest, RendezvousResponse, ReportCheckpointRequest, ReportEvalRequest,
+    ReportFailureRequest, ReportProgressRequest, Run, RunEvent, RunEventKind, RunState,
+    SubmitRunRequest, SubmitRunResponse, WatchRunRequest, WorkerAck, WorkerAction,
 };
 
 use crate::Coordinator;
@@ -168,6 +168,9 @@ impl RunService for Services {
     ) -> Result<Response<GetProgressResponse>, Status> {
         let GetProgressRequest { run_id, max_points } = request.into_inner();
         required("run_id", &run_id)?;
+        let evals = self
+            .coordinator
+            .read(|s| s.run(&run_id).map(|r| r.evals.clone()))?;
         let rows = self
             .coordinator
             .progress(&run_id, max_points as usize)
@@ -187,7 +190,7 @@ impl RunService for Services {
                 time_ms: r.time_ms,
             })
             .collect();
-        Ok(Response::new(GetProgressResponse { points }))
+        Ok(Response::new(GetProgressResponse { points, evals }))
     }
 }
 
@@ -295,6 +298,20 @@ impl WorkerService for Services {
         let result = self
             .coordinator
             .apply(|s, now, fx| s.progress(&report, now, fx))
+            .await?;
+        Ok(ack(result))
+    }
+
+    async fn report_eval(
+        &self,
+        request: Request<ReportEvalRequest>,
+    ) -> Result<Response<WorkerAck>, Status> {
+        let report = request.into_inner();
+        required("worker_id", &report.worker_id)?;
+        required("world_id", &report.world_id)?;
+        let result = self
+            .coordinator
+            .apply(|s, now, fx| s.eval(&report, now, fx))
             .await?;
         Ok(ack(result))
     }

@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use twinhead_proto::v1::{
-    Assignment, Attempt, Checkpoint, PhaseProgress, ReportProgressRequest, Run, RunEvent,
-    RunEventKind, RunSpec, RunState, WorkerAction,
+    Assignment, Attempt, Checkpoint, PhaseProgress, ReportEvalRequest, ReportProgressRequest, Run,
+    RunEvent, RunEventKind, RunSpec, RunState, WorkerAction,
 };
 use twinhead_proto::{num_steps, validate_run_spec};
 
@@ -722,6 +722,64 @@ impl State {
             RunEventKind::Progress,
             format!("step {} loss {:.4}", req.step, req.loss),
         );
+        Ok((WorkerAction::Continue, String::new()))
+    }
+
+    /// Records a held-out evaluation of rank 0 in the run's `evals`, in
+    /// (phase, step) order; one of the same step replaces the earlier one
+    /// (a world that repeated the step after a restart).
+    pub fn eval(
+        &mut self,
+        req: &ReportEvalRequest,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> Result<(WorkerAction, String), Error> {
+        let mut point = req
+            .eval
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("eval: is required".into()))?;
+        let rank = match self.membership(&req.worker_id, &req.world_id)? {
+            Ok(rank) => rank,
+            Err(reason) => return Ok((WorkerAction::Abort, reason)),
+        };
+        let run_id = self.worlds.get(&req.world_id).cloned().unwrap_or_default();
+        let run = self.run(&run_id)?;
+        check_in_phase(
+            run,
+            "evaluation",
+            "eval.step",
+            point.phase_index,
+            point.step,
+        )?;
+        if !(point.loss.is_finite() && point.accuracy.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "eval: loss {} and accuracy {} must be finite",
+                point.loss, point.accuracy
+            )));
+        }
+        if rank != 0 {
+            return Ok((WorkerAction::Continue, String::new()));
+        }
+        point.world_id = req.world_id.clone();
+        point.time_ms = now_ms;
+        let message = if point.error.is_empty() {
+            format!("step {} held-out loss {:.4}", point.step, point.loss)
+        } else {
+            format!(
+                "step {} held-out evaluation failed: {}",
+                point.step, point.error
+            )
+        };
+        if let Some(entry) = self.runs.get_mut(&run_id) {
+            let evals = &mut entry.run.evals;
+            let key = (point.phase_index, point.step);
+            let at = evals.partition_point(|e| (e.phase_index, e.step) < key);
+            match evals.get_mut(at) {
+                Some(same) if (same.phase_index, same.step) == key => *same = point,
+                _ => evals.insert(at, point),
+            }
+        }
+        fx.event(&run_id, RunEventKind::Eval, message);
         Ok((WorkerAction::Continue, String::new()))
     }
 

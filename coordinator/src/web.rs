@@ -322,12 +322,35 @@ struct ProgressPoint {
     time_ms: i64,
 }
 
+/// A held-out evaluation on the run's token axis.
+#[derive(Serialize)]
+struct EvalPointJson {
+    phase_index: u32,
+    world_id: String,
+    step: u64,
+    /// Tokens trained in the phase.
+    tokens: u64,
+    /// Tokens since the start of the run (phases side by side).
+    run_tokens: u64,
+    loss: f64,
+    perplexity: f64,
+    accuracy: f64,
+    rows: u64,
+    targets: u64,
+    seconds: f64,
+    time_ms: i64,
+    /// Why it failed; empty when it did not.
+    error: String,
+}
+
 #[derive(Serialize)]
 struct ProgressBody {
     run_id: String,
     /// Phase names by index, for legends.
     phases: Vec<String>,
     points: Vec<ProgressPoint>,
+    /// Held-out evaluations (all of them).
+    evals: Vec<EvalPointJson>,
 }
 
 /// `?max_points=N` (0: all); anything else in the query is ignored.
@@ -350,11 +373,34 @@ async fn get_progress(
     uri: axum::http::Uri,
 ) -> Result<axum::Json<ProgressBody>, Error> {
     let limit = max_points(uri.query())?;
-    let phases = shared.coordinator.read(|s| {
-        s.run(&id)
-            .map(|r| r.phases.iter().map(|p| p.name.clone()).collect::<Vec<_>>())
+    let (phases, evals) = shared.coordinator.read(|s| {
+        s.run(&id).map(|r| {
+            (
+                r.phases.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+                r.evals.clone(),
+            )
+        })
     })?;
     let rows: Vec<ProgressRow> = shared.coordinator.progress(&id, limit).await?;
+    let starts = crate::progress::phase_starts(&rows);
+    let evals = evals
+        .into_iter()
+        .map(|e| EvalPointJson {
+            run_tokens: crate::progress::on_run_axis(&starts, e.phase_index, e.tokens),
+            perplexity: e.loss.exp(),
+            phase_index: e.phase_index,
+            world_id: e.world_id,
+            step: e.step,
+            tokens: e.tokens,
+            loss: e.loss,
+            accuracy: e.accuracy,
+            rows: e.rows,
+            targets: e.targets,
+            seconds: e.seconds,
+            time_ms: e.time_ms,
+            error: e.error,
+        })
+        .collect();
     let run_tokens = crate::progress::run_tokens(&rows);
     let points = rows
         .into_iter()
@@ -377,6 +423,7 @@ async fn get_progress(
         run_id: id,
         phases,
         points,
+        evals,
     }))
 }
 

@@ -796,3 +796,78 @@ async fn an_unusable_checkpoint_is_dropped_and_the_run_steps_back() {
     assert_eq!(again.start_checkpoint.map(|c| c.step), Some(2));
     c.stop().await;
 }
+
+#[tokio::test]
+async fn held_out_evaluations_are_kept_in_order_per_step_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let c = Coordinator::start(&db).await;
+    let id = submit(&c, tiny_spec("evals")).await;
+    let mut a = SimWorker::register(&c, "a").await;
+    let mut b = SimWorker::register(&c, "b").await;
+    a.next_assignment().await;
+    b.next_assignment().await;
+    let (mut rank0, mut rank1) = if a.assignment.as_ref().map(|x| x.rank) == Some(0) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    for (step, loss) in [(2, 3.0), (1, 3.5), (2, 2.9)] {
+        let ack = rank0.eval(step, loss, "").await.expect("eval accepted");
+        assert_eq!(ack.action, WorkerAction::Continue as i32);
+    }
+    // Rank 1's report is not the world's: ignored.
+    rank1.eval(3, 9.9, "").await.expect("rank 1 answered");
+    rank0
+        .eval(3, 0.0, "phase `pretrain` has no held-out rows")
+        .await
+        .expect("a failed evaluation is recorded");
+    let past = rank0.eval(99, 1.0, "").await.expect_err("past the phase");
+    assert_eq!(past.code(), tonic::Code::InvalidArgument);
+    assert!(past.message().contains("eval.step"), "{}", past.message());
+    let nan = rank0.eval(1, f64::NAN, "").await.expect_err("NaN loss");
+    assert_eq!(nan.code(), tonic::Code::InvalidArgument);
+
+    let run = get(&c, &id).await;
+    let seen: Vec<(u64, f64, &str)> = run
+        .evals
+        .iter()
+        .map(|e| (e.step, e.loss, e.error.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (1, 3.5, ""),
+            (2, 2.9, ""),
+            (3, 0.0, "phase `pretrain` has no held-out rows")
+        ]
+    );
+    assert!(run.evals.iter().all(|e| e.world_id == rank0.world()));
+    assert!(run.evals.iter().all(|e| e.time_ms > 0));
+    let progress = c
+        .runs()
+        .await
+        .get_progress(twinhead_proto::v1::GetProgressRequest {
+            run_id: id.clone(),
+            max_points: 0,
+        })
+        .await
+        .expect("progress")
+        .into_inner();
+    assert_eq!(progress.evals, run.evals);
+
+    let addr = c.addr;
+    c.abort().await;
+    let c = Coordinator::start_on(
+        addr,
+        ServerConfig {
+            db: db.clone(),
+            user_token: None,
+            worker_token: None,
+            leases: Default::default(),
+        },
+    )
+    .await;
+    assert_eq!(get(&c, &id).await.evals, run.evals);
+    c.stop().await;
+}

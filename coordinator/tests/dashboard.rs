@@ -494,6 +494,41 @@ async fn json_endpoints_return_what_was_reported() {
     let losses: Vec<f64> = grpc.iter().map(|p| p.loss).collect();
     assert_eq!(losses, vec![4.0, 3.5, 3.0, 2.75]);
 
+    // Held-out evaluations: on the run's token axis, with the perplexity,
+    // and the latest successful one on /metrics.
+    rank0.eval(1, 2.5, "").await.expect("eval");
+    rank0
+        .eval(2, 0.0, "unreadable shard")
+        .await
+        .expect("failed eval");
+    let progress = get(&base, &format!("/api/runs/{run}/progress"), None)
+        .await
+        .json();
+    let evals = progress["evals"].as_array().expect("evals");
+    assert_eq!(evals.len(), 2, "{progress}");
+    assert_eq!(evals[0]["phase_index"], 1);
+    assert_eq!(evals[0]["step"], 1);
+    // Phase 0 reported up to 192 tokens; this one is 1,000 into phase 1.
+    assert_eq!(evals[0]["run_tokens"], 192 + 1000);
+    assert_eq!(evals[0]["loss"], 2.5);
+    let perplexity = evals[0]["perplexity"].as_f64().expect("perplexity");
+    assert!((perplexity - 2.5f64.exp()).abs() < 1e-9, "{perplexity}");
+    assert_eq!(evals[0]["error"], "");
+    assert_eq!(evals[1]["error"], "unreadable shard");
+    let text = get(&base, "/metrics", None).await.body;
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("prometheus text");
+    let labels = [("run", run.as_str()), ("name", "json-run")];
+    assert_eq!(gauge(&scrape, "twinhead_run_eval_loss", &labels), Some(2.5));
+    assert_eq!(
+        gauge(&scrape, "twinhead_run_eval_accuracy", &labels),
+        Some(0.25)
+    );
+    assert_eq!(
+        gauge(&scrape, "twinhead_run_eval_failures", &labels),
+        Some(1.0)
+    );
+
     let workers = get(&base, "/api/workers", None).await.json();
     let workers = workers.as_array().expect("workers");
     assert_eq!(workers.len(), 2);
@@ -666,6 +701,17 @@ async fn dashboard_draws_the_loss_curve_in_headless_chromium() {
     assert!(
         count > 400 && span > 300,
         "no loss curve drawn: {count} pixels of the phase colour over {span} columns"
+    );
+
+    // Held-out evaluations get a chart of their own.
+    for (step, loss) in [(1, 5.5), (3, 3.9)] {
+        rank0.eval(step, loss, "").await.expect("eval");
+    }
+    let with_evals = screenshot(&browser, &url, dir.path(), "evals.png").await;
+    let (more, _) = colour_extent(&with_evals, PHASE0_COLOUR);
+    assert!(
+        more > count + 200,
+        "no held-out curve drawn: {more} pixels of the phase colour, {count} before"
     );
     c.stop().await;
 }

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
 use crate::v1::{
-    BatchWarmup, CheckpointPolicy, LrSchedule, LrShape, ModelSpec, Objective, OptimizerSpec,
-    PhaseSpec, RunSpec,
+    BatchWarmup, CheckpointPolicy, EvalPolicy, LrSchedule, LrShape, ModelSpec, Objective,
+    OptimizerSpec, PhaseSpec, RunSpec,
 };
 
 /// Built-in model sizes: `configs/models/<name>.toml`, compiled in.
@@ -207,6 +207,8 @@ struct RunFile {
     optimizer: OptimizerFile,
     checkpoint: CheckpointFile,
     #[serde(default)]
+    eval: Option<EvalFile>,
+    #[serde(default)]
     phases: Vec<PhaseFile>,
 }
 
@@ -270,6 +272,21 @@ struct CheckpointFile {
     #[serde(default)]
     keep_last: u32,
 }
+
+/// `[eval]`: held-out loss in the training loop (see [`EvalPolicy`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvalFile {
+    #[serde(default)]
+    every_tokens: Tokens,
+    #[serde(default)]
+    max_rows: u32,
+    #[serde(default)]
+    mask_ratio: Option<f64>,
+}
+
+/// The recipe evaluates encoders at 15% masking whatever it trains at.
+pub const EVAL_MASK_RATIO: f64 = 0.15;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -437,6 +454,11 @@ fn run_spec(run: RunFile, model: ModelSpec) -> RunSpec {
         }),
         activation_checkpointing: run.activation_checkpointing,
         precision: run.precision,
+        eval: run.eval.map(|e| EvalPolicy {
+            every_tokens: e.every_tokens.0,
+            max_rows: e.max_rows,
+            mask_ratio: e.mask_ratio.unwrap_or(EVAL_MASK_RATIO),
+        }),
     }
 }
 
@@ -710,6 +732,34 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
         assert_eq!((lr.start_factor, lr.end_factor), (0.5, 0.02));
         assert_eq!(spec.model.as_ref().map(|m| m.name.as_str()), Some("tiny"));
         assert_eq!(spec.optimizer.as_ref().map(|o| o.beta2), Some(0.98));
+    }
+
+    #[test]
+    fn the_eval_table_becomes_a_policy_masked_at_the_recipes_ratio() {
+        assert_eq!(parse(TINY, &[]).expect("valid").eval, None);
+        let text = TINY.replace(
+            "[[phases]]\nname = \"pretrain\"",
+            "[eval]\nevery_tokens = \"64K\"\nmax_rows = 32\n[[phases]]\nname = \"pretrain\"",
+        );
+        let spec = parse(&text, &[]).expect("valid");
+        assert_eq!(
+            spec.eval,
+            Some(EvalPolicy {
+                every_tokens: 64_000,
+                max_rows: 32,
+                mask_ratio: EVAL_MASK_RATIO,
+            })
+        );
+        let spec = parse(&text, &["eval.mask_ratio=0.3"]).expect("valid");
+        assert_eq!(spec.eval.map(|e| e.mask_ratio), Some(0.3));
+        let err = parse(&text, &["eval.mask_ratio=1.5"])
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("eval.mask_ratio"), "{err}");
+        let err = parse(&text.replace("max_rows", "rows"), &[])
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("eval") && err.contains("rows"), "{err}");
     }
 
     #[test]

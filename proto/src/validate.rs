@@ -243,6 +243,18 @@ pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
         );
     }
     validate_batch_warmup(spec)?;
+    if let Some(eval) = spec.eval.as_ref()
+        && objective != Objective::Clm
+        && !(eval.mask_ratio > 0.0 && eval.mask_ratio < 1.0)
+    {
+        return fail(
+            "eval.mask_ratio",
+            format!(
+                "must be between 0 and 1 (exclusive) for a masked objective, got {}",
+                eval.mask_ratio
+            ),
+        );
+    }
     for (i, phase) in spec.phases.iter().enumerate() {
         validate_phase(spec, model, objective, i, phase)?;
     }

@@ -4,7 +4,8 @@
 //! the training runtime around it.
 //!
 //! # Layout
-//! - [`train`]: the training step and the trainer that runs assignments.
+//! - [`train`]: the training step and the trainer that runs assignments;
+//!   `held_out`: the held-out loss in the training loop.
 //! - [`collective`]: all-reduce and friends: single process, CPU ring over
 //!   TCP, NCCL (feature `cuda`).
 //! - [`optim`], [`schedule`]: StableAdamW on the weights' device; token-driven LR laws.
@@ -18,6 +19,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod device;
+mod held_out;
 pub mod host_memory;
 pub mod loader;
 pub mod optim;

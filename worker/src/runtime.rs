@@ -35,9 +35,9 @@ use tonic::{Code, Status};
 use twinhead_proto::auth::Bearer;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
 use twinhead_proto::v1::{
-    Assignment, Checkpoint, GetAssignmentRequest, HeartbeatRequest, LeaveRequest, RegisterRequest,
-    RendezvousRequest, ReportCheckpointRequest, ReportFailureRequest, ReportProgressRequest,
-    WorkerAction,
+    Assignment, Checkpoint, EvalPoint, GetAssignmentRequest, HeartbeatRequest, LeaveRequest,
+    RegisterRequest, RendezvousRequest, ReportCheckpointRequest, ReportEvalRequest,
+    ReportFailureRequest, ReportProgressRequest, WorkerAction,
 };
 
 use twinhead_model::objectives::ObjectiveError;
@@ -48,6 +48,9 @@ use crate::collective::{
 };
 use crate::loader::LoaderError;
 use crate::optim::OptimError;
+
+/// Tries of a held-out evaluation report, a second apart.
+const EVAL_REPORT_TRIES: usize = 5;
 
 /// How a worker reaches the coordinator and its peers.
 #[derive(Debug, Clone)]
@@ -157,6 +160,7 @@ pub struct Progress {
 
 enum LinkMessage {
     Progress(Progress),
+    Eval(EvalPoint),
     Checkpoint(Checkpoint, oneshot::Sender<Result<(), TrainError>>),
 }
 
@@ -182,6 +186,11 @@ impl Link {
     /// Sends a progress report without waiting for it.
     pub fn progress(&self, progress: Progress) {
         let _ = self.messages.send(LinkMessage::Progress(progress));
+    }
+
+    /// Sends a held-out evaluation (rank 0's) without waiting for it.
+    pub fn eval(&self, point: EvalPoint) {
+        let _ = self.messages.send(LinkMessage::Eval(point));
     }
 
     /// Reports a committed checkpoint and waits until the coordinator has
@@ -784,11 +793,43 @@ impl<'a> Session<'a> {
                     Err(s) => tracing::debug!(error = %s.message(), "progress report lost"),
                 }
             }
+            LinkMessage::Eval(point) => self.report_eval(a, point).await,
             LinkMessage::Checkpoint(checkpoint, done) => {
                 let result = self.report_checkpoint(a, checkpoint).await;
                 let _ = done.send(result);
             }
         }
+    }
+
+    /// Reports a held-out evaluation, retrying a few times while the
+    /// coordinator is unreachable: an evaluation is rarer and costlier
+    /// than a progress point.
+    async fn report_eval(&self, a: &Assignment, point: EvalPoint) {
+        let request = ReportEvalRequest {
+            worker_id: self.worker_id.clone(),
+            world_id: a.world_id.clone(),
+            eval: Some(point),
+        };
+        for attempt in 0..EVAL_REPORT_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            match self.client.clone().report_eval(request.clone()).await {
+                Ok(ack) => {
+                    let ack = ack.into_inner();
+                    if ack.action == WorkerAction::Abort as i32 {
+                        self.abort.abort(&a.world_id, &ack.reason);
+                    }
+                    return;
+                }
+                Err(s) if transient(&s) => continue,
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "held-out evaluation report refused");
+                    return;
+                }
+            }
+        }
+        tracing::warn!("held-out evaluation report lost: the coordinator is unreachable");
     }
 
     async fn report_checkpoint(

@@ -17,8 +17,10 @@
 //!    one host sync;
 //! 5. StableAdamW at the phase's LR for the tokens seen, on the device;
 //!    the rows are appended to the data-order log;
-//! 6. progress to the coordinator; on the checkpoint policy (and at the
-//!    phase's last step) rank 0 writes a checkpoint and reports it.
+//! 6. progress to the coordinator; on the run's `[eval]` policy (and at
+//!    the phase's last step) the world scores the held-out rows (see
+//!    `held_out`); on the checkpoint policy (and at the phase's last step)
+//!    rank 0 writes a checkpoint and reports it.
 //!
 //! The all-reduce also carries each rank's "asked to leave" flag, so every
 //! rank learns in the same step that the world must stop: that step gets a
@@ -34,12 +36,15 @@ use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use twinhead_proto::BatchSchedule;
-use twinhead_proto::v1::{Assignment, Checkpoint, CheckpointPolicy, LrShape, PhaseSpec, RunSpec};
+use twinhead_proto::v1::{
+    Assignment, Checkpoint, CheckpointPolicy, EvalPoint, LrShape, PhaseSpec, RunSpec,
+};
 
 use crate::checkpoint::{
     self, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, NamedTensors, OptimizerState,
 };
 use crate::collective::Collective;
+use crate::held_out;
 use crate::loader::order::DataOrderLog;
 use crate::loader::{BatchPlan, MicroBatch, PhaseReader, Prefetcher, ReaderOptions};
 use crate::optim::{StableAdamW, StableAdamWConfig, StepStats, TensorSpec};
@@ -70,11 +75,11 @@ fn objective(spec: &RunSpec) -> Result<Objective, TrainError> {
 
 /// An assignment resolved once, strictly: every part of the spec that the
 /// phase's steps use, checked before the first step.
-struct Job {
-    spec: RunSpec,
-    phase: PhaseSpec,
-    config: ModelConfig,
-    objective: Objective,
+pub(crate) struct Job {
+    pub(crate) spec: RunSpec,
+    pub(crate) phase: PhaseSpec,
+    pub(crate) config: ModelConfig,
+    pub(crate) objective: Objective,
     precision: Precision,
     schedule: LrSchedule,
     peak_lr: f64,
@@ -757,10 +762,31 @@ fn lr_schedule(phase: &PhaseSpec) -> Result<LrSchedule, TrainError> {
     .map_err(|e| TrainError::Spec(format!("phase {}: {e}", phase.name)))
 }
 
+/// How the rows of a batch are masked: at `ratio`, each row with an RNG
+/// seeded by (`seed`, phase, the row's index), so a row gets the same mask
+/// on any rank.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowMasks {
+    pub(crate) ratio: f64,
+    pub(crate) seed: u64,
+    pub(crate) phase_index: u32,
+}
+
+impl RowMasks {
+    /// The training masks of a phase: its mask ratio, the run's seed.
+    fn training(job: &Job, phase_index: u32) -> Self {
+        Self {
+            ratio: job.phase.mask_ratio,
+            seed: job.spec.seed,
+            phase_index,
+        }
+    }
+}
+
 /// Masks or shifts one micro-batch for the objective, row by row.
-fn prediction_batch(
+pub(crate) fn prediction_batch(
     job: &Job,
-    phase_index: u32,
+    masks: RowMasks,
     micro: &MicroBatch,
 ) -> Result<PredictionBatch, TrainError> {
     let doc_lens: Vec<Vec<usize>> = micro
@@ -773,14 +799,14 @@ fn prediction_batch(
             TokenBatch::new(&micro.input_ids, Some(doc_lens)).map_err(ObjectiveError::from)?;
         return Ok(objectives::clm_batch(&batch)?);
     }
-    let masking = MaskingConfig::from_model(&job.config, job.phase.mask_ratio);
+    let masking = MaskingConfig::from_model(&job.config, masks.ratio);
     let mut merged: Option<PredictionBatch> = None;
     for (i, (row, lens)) in micro.input_ids.iter().zip(doc_lens).enumerate() {
         let one = TokenBatch::new(std::slice::from_ref(row), Some(vec![lens]))
             .map_err(ObjectiveError::from)?;
         let mut rng = ChaCha8Rng::seed_from_u64(row_seed(
-            job.spec.seed,
-            phase_index,
+            masks.seed,
+            masks.phase_index,
             micro.rows.start + i as u64,
         ));
         let p = if job.objective == Objective::Mntp {
@@ -975,7 +1001,7 @@ impl<B: TrainBackend> Trainer for BurnTrainer<B> {
             let predictions = batch
                 .micro_batches
                 .iter()
-                .map(|micro| prediction_batch(&job, a.phase_index, micro))
+                .map(|micro| prediction_batch(&job, RowMasks::training(&job, a.phase_index), micro))
                 .collect::<Result<Vec<_>, _>>()?;
             let tokens_before = plan.cursor_after(step) * seq_tokens;
             let lr = job.schedule.lr(job.peak_lr, tokens_before);
@@ -1010,6 +1036,46 @@ impl<B: TrainBackend> Trainer for BurnTrainer<B> {
                     grad_norm: stats.read()[0],
                     mfu: rates.mfu,
                 });
+            }
+
+            // Held-out loss on the run's `[eval]` policy, before the
+            // checkpoint of the same step (a stopping world leaves at once).
+            if let Some(policy) = job.spec.eval.as_ref()
+                && !stopping
+                && held_out::due(policy, tokens_before, tokens, phase_end)
+            {
+                let rows_per_pass = match spec.micro_batch {
+                    0 => u64::from(spec.global_batch / a.world_size.max(1)),
+                    m => u64::from(m),
+                };
+                let outcome = held_out::evaluate(
+                    &session.model,
+                    &job,
+                    a.phase_index,
+                    policy,
+                    rows_per_pass,
+                    collective,
+                )?;
+                if a.rank == 0 {
+                    let mut point = EvalPoint {
+                        phase_index: a.phase_index,
+                        world_id: a.world_id.clone(),
+                        step: done,
+                        tokens,
+                        ..Default::default()
+                    };
+                    match outcome {
+                        Ok(score) => {
+                            point.loss = score.loss();
+                            point.accuracy = score.accuracy();
+                            point.rows = score.rows;
+                            point.targets = score.sums.targets;
+                            point.seconds = score.seconds;
+                        }
+                        Err(message) => point.error = message,
+                    }
+                    link.eval(point);
+                }
             }
 
             // Checkpoints: every `every_tokens`, always at the phase end, and

@@ -18,8 +18,8 @@ use twinhead_proto::auth::Bearer;
 use twinhead_proto::v1::run_service_client::RunServiceClient;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
 use twinhead_proto::v1::{
-    Assignment, Checkpoint, GetAssignmentRequest, HeartbeatRequest, RegisterRequest,
-    ReportCheckpointRequest, ReportProgressRequest, RunSpec, WorkerAck,
+    Assignment, Checkpoint, EvalPoint, GetAssignmentRequest, HeartbeatRequest, RegisterRequest,
+    ReportCheckpointRequest, ReportEvalRequest, ReportProgressRequest, RunSpec, WorkerAck,
 };
 
 pub struct Coordinator {
@@ -303,6 +303,36 @@ impl SimWorker {
             .await
             .expect("progress")
             .into_inner()
+    }
+
+    /// Reports a held-out evaluation of the current phase at `step`
+    /// (`error` non-empty: a failed one).
+    pub async fn eval(
+        &mut self,
+        step: u64,
+        loss: f64,
+        error: &str,
+    ) -> Result<WorkerAck, tonic::Status> {
+        let a = self.assignment.clone().expect("assigned");
+        self.client
+            .report_eval(ReportEvalRequest {
+                worker_id: self.id.clone(),
+                world_id: a.world_id,
+                eval: Some(EvalPoint {
+                    phase_index: a.phase_index,
+                    step,
+                    tokens: step * 1000,
+                    loss,
+                    accuracy: 0.25,
+                    rows: 8,
+                    targets: 100,
+                    seconds: 0.5,
+                    error: error.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(|r| r.into_inner())
     }
 
     pub async fn checkpoint(&mut self, step: u64) -> Result<WorkerAck, tonic::Status> {

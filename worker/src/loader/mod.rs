@@ -263,6 +263,20 @@ pub struct ReaderStats {
     pub bytes_fetched: u64,
 }
 
+/// The dataset at `dataset_url` and its manifest's entry for `phase`.
+fn manifest_phase(dataset_url: &str, phase: &str) -> Result<(Location, PhaseStats), LoaderError> {
+    let root = Location::open(dataset_url, false)?;
+    let manifest_name = root.name(MANIFEST);
+    let bytes = root
+        .get_opt(MANIFEST)?
+        .ok_or_else(|| LoaderError::MissingManifest {
+            location: root.url().to_string(),
+        })?;
+    let manifest = Manifest::parse(&manifest_name, &bytes)?;
+    let found = manifest.phase(&manifest_name, phase)?.clone();
+    Ok((root, found))
+}
+
 /// Reads rows of one phase of a dataset. Synchronous: run it on a thread
 /// of its own (see [`Prefetcher`]).
 pub struct PhaseReader {
@@ -295,16 +309,40 @@ impl PhaseReader {
         seq_len: u32,
         options: ReaderOptions,
     ) -> Result<Self, LoaderError> {
-        let root = Location::open(dataset_url, false)?;
-        let manifest_name = root.name(MANIFEST);
-        let bytes = root
-            .get_opt(MANIFEST)?
-            .ok_or_else(|| LoaderError::MissingManifest {
-                location: root.url().to_string(),
-            })?;
-        let manifest = Manifest::parse(&manifest_name, &bytes)?;
-        let found = manifest.phase(&manifest_name, phase)?.clone();
+        let (root, found) = manifest_phase(dataset_url, phase)?;
         Self::from_manifest_phase(root, found, seq_len, options)
+    }
+
+    /// Opens the held-out split of phase `phase` (its eval shards), the
+    /// same way as [`PhaseReader::open`]; a phase built without one is an
+    /// error that says how to get one.
+    pub fn open_eval(
+        dataset_url: &str,
+        phase: &str,
+        seq_len: u32,
+        options: ReaderOptions,
+    ) -> Result<Self, LoaderError> {
+        let (root, found) = manifest_phase(dataset_url, phase)?;
+        let Some(eval) = found.eval.clone().filter(|e| e.sequences > 0) else {
+            return Err(LoaderError::Phase {
+                location: root.name(MANIFEST),
+                phase: phase.to_string(),
+                message: "has no held-out rows (build the dataset with \
+                          `eval = { fraction = …, max_docs = … }` in its data config)"
+                    .into(),
+            });
+        };
+        let held_out = PhaseStats {
+            sequences: eval.sequences,
+            tokens: eval.tokens,
+            tokens_per_source: eval.tokens_per_source,
+            tail_tokens_dropped: eval.tail_tokens_dropped,
+            draws: Vec::new(),
+            shards: eval.shards,
+            eval: None,
+            ..found
+        };
+        Self::from_manifest_phase(root, held_out, seq_len, options)
     }
 
     fn from_manifest_phase(
