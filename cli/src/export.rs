@@ -23,9 +23,19 @@ pub fn export_run(run: &Run, checkpoint: Option<&str>, out: &Path) -> anyhow::Re
             .map(|c| c.url.clone())
             .with_context(|| format!("run {} has no committed checkpoint yet", run.id))?,
     };
+    export_checkpoint(spec, &url, out)
+}
+
+/// Writes the committed checkpoint at `url` of a run with `spec` to `out`
+/// as a Hugging Face folder, with the dataset's tokenizer.
+pub fn export_checkpoint(
+    spec: &twinhead_proto::v1::RunSpec,
+    url: &str,
+    out: &Path,
+) -> anyhow::Result<PathBuf> {
     let device = Default::default();
     let model = twinhead_worker::train::model_from_checkpoint::<twinhead_model::CpuBackend>(
-        spec, &url, &device,
+        spec, url, &device,
     )?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     twinhead_model::hf::save(&model, out)

@@ -2,7 +2,9 @@
 //! crates that do the work, prints tables for people and JSON for scripts,
 //! and turns every error into one line and a non-zero exit.
 
+mod checkpoint_eval;
 mod client;
+mod compare;
 mod dataprep;
 mod dataset;
 mod demo;
@@ -150,6 +152,10 @@ enum Command {
         /// Image height in pixels.
         #[arg(long, default_value_t = 600)]
         height: u32,
+        /// Draw the run's task scores on its checkpoints (`[eval] tasks`,
+        /// each task's primary metric) instead of the loss.
+        #[arg(long)]
+        eval: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -183,7 +189,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Model folders side by side on downstream tasks: rows tasks, columns
     /// models, the best of each row marked (the encoder-vs-decoder table).
-    Compare(eval::CompareArgs),
+    Compare(compare::CompareArgs),
 }
 
 /// The exit status of a worker that was asked to leave (SIGTERM, SIGUSR1)
@@ -352,15 +358,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             out,
             width,
             height,
+            eval,
             json,
             connection,
-        } => plot::plot(&connection, &run, &out, (width, height), json).await,
+        } => {
+            if eval {
+                plot::plot_task_scores(&connection, &run, &out, (width, height), json).await
+            } else {
+                plot::plot(&connection, &run, &out, (width, height), json).await
+            }
+        }
         Command::Dataset(command) => dataset::run(command).await,
         Command::Model(command) => model::run(command),
         Command::FillMask(args) => model::fill_mask(args).await,
         Command::Generate(args) => model::generate(args).await,
         Command::Eval(args) => eval::eval(args).await,
-        Command::Compare(args) => eval::compare(args).await,
+        Command::Compare(args) => compare::compare(args).await,
     }
 }
 
@@ -447,6 +460,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("this twinhead was built without CUDA")
         }
     };
+    let trainer = Box::new(checkpoint_eval::ScoringTrainer::new(trainer));
     tracing::info!(coordinator = %config.coordinator, device = %config.device, "worker starting");
     let exit = twinhead_worker::runtime::run_worker(
         config,

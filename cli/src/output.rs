@@ -3,7 +3,8 @@
 use serde_json::{Value, json};
 use twinhead_proto::names;
 use twinhead_proto::v1::{
-    Attempt, Checkpoint, EvalPoint, LrShape, PhaseProgress, Run, RunSpec, RunState,
+    Attempt, Checkpoint, CheckpointEval, CheckpointEvalState, EvalPoint, LrShape, PhaseProgress,
+    Run, RunSpec, RunState, TaskScore,
 };
 
 /// An error and its causes on one line, with gRPC statuses shown as
@@ -252,6 +253,10 @@ pub fn run_report(run: &Run) -> String {
             &evals,
         ));
     }
+    if !run.checkpoint_evals.is_empty() {
+        out.push('\n');
+        out.push_str(&checkpoint_evals_table(run));
+    }
     if !run.attempts.is_empty() {
         out.push('\n');
         let attempts: Vec<Vec<String>> = run
@@ -315,6 +320,87 @@ fn phase_state(run: &Run, index: usize, phase: &PhaseProgress) -> &'static str {
     } else {
         "stopped"
     }
+}
+
+/// The run's tasks on its checkpoints: one row per checkpoint scored, one
+/// column per task (its primary metric).
+fn checkpoint_evals_table(run: &Run) -> String {
+    let tasks: Vec<String> = run
+        .spec
+        .as_ref()
+        .and_then(|s| s.eval.as_ref())
+        .map(|e| e.tasks.clone())
+        .unwrap_or_default();
+    let rows: Vec<Vec<String>> = run
+        .checkpoint_evals
+        .iter()
+        .map(|e| {
+            let c = e.checkpoint.clone().unwrap_or_default();
+            let mut row = vec![
+                e.id.clone(),
+                c.phase_index.to_string(),
+                c.step.to_string(),
+                human(c.tokens as f64),
+                checkpoint_eval_state(e.state).to_string(),
+            ];
+            for task in &tasks {
+                row.push(
+                    e.scores
+                        .iter()
+                        .find(|s| &s.task == task)
+                        .and_then(|s| s.metrics.get(&s.primary_metric).map(|v| (s, v)))
+                        .map_or("-".into(), |(s, v)| format!("{v:.3} {}", s.primary_metric)),
+                );
+            }
+            row.push(e.error.clone());
+            row
+        })
+        .collect();
+    let mut headers: Vec<&str> = vec!["EVAL", "PHASE", "STEP", "TOKENS", "TASKS"];
+    headers.extend(tasks.iter().map(String::as_str));
+    headers.push("");
+    table(&headers, &rows)
+}
+
+/// `pending`, `running`, `done` or `failed`.
+pub fn checkpoint_eval_state(state: i32) -> &'static str {
+    match CheckpointEvalState::try_from(state) {
+        Ok(CheckpointEvalState::Pending) => "pending",
+        Ok(CheckpointEvalState::Running) => "running",
+        Ok(CheckpointEvalState::Done) => "done",
+        Ok(CheckpointEvalState::Failed) => "failed",
+        _ => "unknown",
+    }
+}
+
+/// A task's scores as `twinhead eval --json` prints them.
+pub fn task_score_json(score: &TaskScore) -> Value {
+    let mut fields = serde_json::Map::new();
+    for (metric, value) in &score.metrics {
+        fields.insert(metric.clone(), json!(value));
+    }
+    fields.insert("docs".into(), json!(score.docs));
+    fields.insert("primary_metric".into(), json!(score.primary_metric));
+    Value::Object(fields)
+}
+
+fn checkpoint_eval_json(e: &CheckpointEval) -> Value {
+    let scores: serde_json::Map<String, Value> = e
+        .scores
+        .iter()
+        .map(|s| (s.task.clone(), task_score_json(s)))
+        .collect();
+    json!({
+        "id": e.id,
+        "checkpoint": e.checkpoint.as_ref().map(checkpoint_json),
+        "state": checkpoint_eval_state(e.state),
+        "worker_id": e.worker_id,
+        "scores": scores,
+        "error": e.error,
+        "tries": e.tries,
+        "started_ms": e.started_ms,
+        "finished_ms": e.finished_ms,
+    })
 }
 
 /// The latest successful held-out evaluation of phase `index`.
@@ -409,6 +495,10 @@ pub fn spec_json(spec: &RunSpec) -> Value {
             "every_tokens": e.every_tokens,
             "max_rows": e.max_rows,
             "mask_ratio": e.mask_ratio,
+            "tasks": e.tasks,
+            "limit": e.task_limit,
+            "at": if e.tasks_every_tokens == 0 { json!("phase_end") } else { json!(e.tasks_every_tokens) },
+            "tasks_dir": e.tasks_dir,
         })),
         "phases": spec.phases.iter().enumerate().map(|(i, p)| {
             let lr = p.lr.unwrap_or_default();
@@ -466,6 +556,7 @@ pub fn run_json(run: &Run) -> Value {
         "attempts": run.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
         "checkpoints": run.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>(),
         "evals": run.evals.iter().map(eval_json).collect::<Vec<_>>(),
+        "checkpoint_evals": run.checkpoint_evals.iter().map(checkpoint_eval_json).collect::<Vec<_>>(),
     })
 }
 

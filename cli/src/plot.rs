@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use serde_json::json;
-use twinhead_proto::v1::{EvalPoint, GetProgressRequest, GetRunRequest, ProgressPoint};
+use twinhead_proto::v1::{
+    CheckpointEvalState, EvalPoint, GetProgressRequest, GetRunRequest, ProgressPoint, Run,
+};
 
 use crate::Connection;
 use crate::client::run_client;
@@ -46,6 +48,105 @@ pub struct Series {
     pub markers: Vec<(f64, f64)>,
 }
 
+fn check_size(width: u32, height: u32) -> anyhow::Result<()> {
+    for (flag, value) in [("--width", width), ("--height", height)] {
+        if !(MIN_SIDE..=MAX_SIDE).contains(&value) {
+            anyhow::bail!("{flag}: must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {value}");
+        }
+    }
+    Ok(())
+}
+
+fn write_png(canvas: &Canvas, out: &Path) -> anyhow::Result<()> {
+    let file =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    canvas
+        .write_png(&mut writer)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    std::io::Write::flush(&mut writer).with_context(|| format!("cannot write {}", out.display()))
+}
+
+/// `twinhead plot RUN --eval`: each task's primary metric on the run's
+/// scored checkpoints, against tokens since the run began.
+pub async fn plot_task_scores(
+    connection: &Connection,
+    run_id: &str,
+    out: &Path,
+    (width, height): (u32, u32),
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    check_size(width, height)?;
+    let run = run_client(connection)
+        .await?
+        .get_run(GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let series = task_series(&run);
+    let points: usize = series.iter().map(|s| s.points.len()).sum();
+    if points == 0 {
+        anyhow::bail!(
+            "run {run_id} has no scored checkpoint yet (its [eval] tasks are scored as checkpoints commit; `twinhead status {run_id}` shows them)"
+        );
+    }
+    let canvas = draw(&format!("{run_id} task scores"), &series, width, height);
+    write_png(&canvas, out)?;
+    if json {
+        println!(
+            "{}",
+            json!({ "out": out.display().to_string(), "points": points, "tasks": series.len() })
+        );
+    } else {
+        println!(
+            "wrote {} ({points} scores of {} task{})",
+            out.display(),
+            series.len(),
+            if series.len() == 1 { "" } else { "s" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One series per task of the run's `[eval]`: (tokens since the run began,
+/// primary metric) of each scored checkpoint, in commit order.
+pub fn task_series(run: &Run) -> Vec<Series> {
+    let tasks = run
+        .spec
+        .as_ref()
+        .and_then(|s| s.eval.as_ref())
+        .map(|e| e.tasks.clone())
+        .unwrap_or_default();
+    tasks
+        .iter()
+        .enumerate()
+        .map(|(i, task)| Series {
+            name: task.clone(),
+            colour: PHASE_COLOURS[i % PHASE_COLOURS.len()],
+            points: run
+                .checkpoint_evals
+                .iter()
+                .filter(|e| e.state == CheckpointEvalState::Done as i32)
+                .filter_map(|e| {
+                    let c = e.checkpoint.as_ref()?;
+                    let score = e.scores.iter().find(|s| &s.task == task)?;
+                    let value = *score.metrics.get(&score.primary_metric)?;
+                    let earlier: u64 = run
+                        .phases
+                        .iter()
+                        .take(c.phase_index as usize)
+                        .map(|p| p.tokens_done)
+                        .sum();
+                    Some(((earlier + c.tokens) as f64, value))
+                })
+                .filter(|(_, v)| v.is_finite())
+                .collect(),
+            markers: Vec::new(),
+        })
+        .collect()
+}
+
 pub async fn plot(
     connection: &Connection,
     run_id: &str,
@@ -53,11 +154,7 @@ pub async fn plot(
     (width, height): (u32, u32),
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    for (flag, value) in [("--width", width), ("--height", height)] {
-        if !(MIN_SIDE..=MAX_SIDE).contains(&value) {
-            anyhow::bail!("{flag}: must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {value}");
-        }
-    }
+    check_size(width, height)?;
     let mut client = run_client(connection).await?;
     let run = client
         .get_run(GetRunRequest {
@@ -82,14 +179,7 @@ pub async fn plot(
     let names: Vec<String> = run.phases.iter().map(|p| p.name.clone()).collect();
     let series = series_by_phase(&names, &points, &progress.evals);
     let canvas = draw(&format!("{run_id} loss"), &series, width, height);
-    let file =
-        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut writer = std::io::BufWriter::new(file);
-    canvas
-        .write_png(&mut writer)
-        .with_context(|| format!("cannot write {}", out.display()))?;
-    std::io::Write::flush(&mut writer)
-        .with_context(|| format!("cannot write {}", out.display()))?;
+    write_png(&canvas, out)?;
     let phases = series.iter().filter(|s| !s.points.is_empty()).count();
     let evals: usize = series.iter().map(|s| s.markers.len()).sum();
     if json {
@@ -386,6 +476,55 @@ mod tests {
         assert_eq!(series[1].markers, vec![(260.0, 3.5)]);
         assert_eq!(series[1].name, "decay");
         assert_eq!(series[1].colour, PHASE_COLOURS[1]);
+    }
+
+    #[test]
+    fn task_scores_follow_the_run_axis_one_series_per_task() {
+        use twinhead_proto::v1::{
+            Checkpoint, CheckpointEval, EvalPolicy, PhaseProgress, RunSpec, TaskScore,
+        };
+        let scored = |phase_index, tokens, state: CheckpointEvalState, acc: f64| CheckpointEval {
+            checkpoint: Some(Checkpoint {
+                phase_index,
+                tokens,
+                ..Default::default()
+            }),
+            state: state as i32,
+            scores: vec![TaskScore {
+                task: "arc_easy".into(),
+                primary_metric: "acc_raw".into(),
+                metrics: [("acc_raw".to_string(), acc)].into_iter().collect(),
+                docs: 10,
+            }],
+            ..Default::default()
+        };
+        let run = Run {
+            spec: Some(RunSpec {
+                eval: Some(EvalPolicy {
+                    tasks: vec!["arc_easy".into(), "piqa".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            phases: vec![
+                PhaseProgress {
+                    tokens_done: 1000,
+                    ..Default::default()
+                },
+                PhaseProgress::default(),
+            ],
+            checkpoint_evals: vec![
+                scored(0, 1000, CheckpointEvalState::Done, 0.3),
+                scored(1, 500, CheckpointEvalState::Failed, 0.9),
+                scored(1, 800, CheckpointEvalState::Done, 0.5),
+            ],
+            ..Default::default()
+        };
+        let series = task_series(&run);
+        assert_eq!(series.len(), 2);
+        assert_eq!(series[0].name, "arc_easy");
+        assert_eq!(series[0].points, vec![(1000.0, 0.3), (1800.0, 0.5)]);
+        assert!(series[1].points.is_empty(), "no piqa scores");
     }
 
     #[test]

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{hand_task, one_or_two_thirds};
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -519,10 +523,7 @@ fn assert_workers_match_one(world: u32, global_batch: u32) {
     }
     // Training lowered it.
     let first = e_many.first().map_or(f64::NAN, |e| e.4);
-    let last_short = e_many
-        .iter()
-        .rfind(|e| e.0 == 0)
-        .map_or(f64::NAN, |e| e.4);
+    let last_short = e_many.iter().rfind(|e| e.0 == 0).map_or(f64::NAN, |e| e.4);
     assert!(last_short < first, "held-out loss {first} -> {last_short}");
 }
 
@@ -579,6 +580,214 @@ fn a_failing_held_out_evaluation_is_reported_and_training_goes_on() {
     assert!(table.contains("HELD-OUT LOSS"), "{table}");
     assert!(table.contains("failed: "), "{table}");
     assert_rows_once(&recipe, &run);
+}
+
+/// Waits until every checkpoint evaluation of the run has ended (done or
+/// failed) and returns the run's status.
+fn wait_scored(url: &str, run: &str, logs: &[PathBuf]) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = status(url, run);
+        let evals = s["checkpoint_evals"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !evals.is_empty()
+            && evals
+                .iter()
+                .all(|e| e["state"] == "done" || e["state"] == "failed")
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkpoints not scored: {s}\n{}",
+            dump(logs)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn committed_checkpoints_are_scored_on_the_runs_tasks_as_twinhead_eval_scores_them() {
+    let setup = Setup::new(2);
+    let tasks = hand_task(setup.dir.path(), 3);
+    let ckpt = setup.dir.path().join("ckpt");
+    // Checkpoints every 1,024 tokens; tasks at phase ends and on those that
+    // cross a multiple of 2,048: short phase 2,048 and 3,072 (its end),
+    // long phase 2,048, 4,096 and 6,144 (its end).
+    let extra = format!(
+        "[eval]\ntasks = [\"hand\"]\nat = 2048\ntasks_dir = {:?}",
+        tasks.display().to_string()
+    );
+    let recipe = Recipe {
+        extra: &extra,
+        ..Recipe::new("scored", &setup.data, 2, &ckpt)
+    };
+    let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+    let workers: Vec<Proc> = setup.logs.iter().map(|l| worker(&setup.url, l)).collect();
+    wait_completed(&setup.url, &run, &setup.logs);
+    let scored = wait_scored(&setup.url, &run, &setup.logs);
+    drop(workers);
+    let evals = scored["checkpoint_evals"]
+        .as_array()
+        .expect("checkpoint_evals");
+    let at: Vec<(u64, u64)> = evals
+        .iter()
+        .map(|e| {
+            (
+                e["checkpoint"]["phase_index"].as_u64().unwrap_or(9),
+                e["checkpoint"]["tokens"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        at,
+        vec![(0, 2048), (0, 3072), (1, 2048), (1, 4096), (1, 6144)],
+        "{scored}"
+    );
+    for e in evals {
+        assert_eq!(e["state"], "done", "{e}\n{}", dump(&setup.logs));
+        let hand = &e["scores"]["hand"];
+        assert_eq!(hand["docs"], 3, "{e}");
+        assert_eq!(hand["primary_metric"], "acc_per_char");
+        let acc = hand["acc_per_char"].as_f64().unwrap_or(f64::NAN);
+        assert!(one_or_two_thirds(acc), "{e}");
+    }
+    // The stored scores of the last checkpoint are what `twinhead eval`
+    // gives on its export.
+    let hf = setup.dir.path().join("hf");
+    let exported = twinhead()
+        .args(["export", "--coordinator", &setup.url, &run, "--hf"])
+        .arg(&hf)
+        .output()
+        .expect("export");
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let by_hand = twinhead()
+        .arg("eval")
+        .arg(&hf)
+        .args(["--task", "hand", "--json", "--tasks-dir"])
+        .arg(&tasks)
+        .output()
+        .expect("eval");
+    assert!(
+        by_hand.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_hand.stderr)
+    );
+    let by_hand: serde_json::Value = serde_json::from_slice(&by_hand.stdout).expect("json");
+    let stored = &evals[evals.len() - 1]["scores"]["hand"];
+    for metric in ["acc_raw", "acc_per_token", "acc_per_char", "acc_uncond"] {
+        assert_eq!(
+            stored[metric], by_hand["hand"][metric],
+            "{metric}: {stored} vs {by_hand}"
+        );
+    }
+    // `compare` reads the run's stored scores beside the folder it scores:
+    // the same model, the same number.
+    let compared = twinhead()
+        .args(["compare", "--json", "--coordinator", &setup.url, &run])
+        .arg(&hf)
+        .args(["--tasks", "hand", "--tasks-dir"])
+        .arg(&tasks)
+        .output()
+        .expect("compare");
+    assert!(
+        compared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compared.stderr)
+    );
+    let compared: serde_json::Value = serde_json::from_slice(&compared.stdout).expect("json");
+    let row = compared["hand"].as_object().expect("hand row");
+    assert_eq!(row.len(), 2, "{compared}");
+    assert_eq!(
+        row[&format!("scored ({run})")],
+        stored["acc_per_char"],
+        "{compared}"
+    );
+    assert_eq!(row["hf"], stored["acc_per_char"], "{compared}");
+    // With only runs, their own tasks are compared.
+    let runs_only = twinhead()
+        .args(["compare", "--json", "--coordinator", &setup.url, &run])
+        .output()
+        .expect("compare");
+    assert!(
+        runs_only.status.success(),
+        "{}",
+        String::from_utf8_lossy(&runs_only.stderr)
+    );
+    let runs_only: serde_json::Value = serde_json::from_slice(&runs_only.stdout).expect("json");
+    assert_eq!(
+        runs_only["hand"][&format!("scored ({run})")],
+        stored["acc_per_char"]
+    );
+
+    let table = twinhead()
+        .args(["status", "--coordinator", &setup.url, &run])
+        .output()
+        .expect("status");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("acc_per_char") && table.contains("eval-5"),
+        "{table}"
+    );
+    let png = setup.dir.path().join("scores.png");
+    let plotted = twinhead()
+        .args([
+            "plot",
+            "--eval",
+            "--json",
+            "--coordinator",
+            &setup.url,
+            &run,
+            "--out",
+        ])
+        .arg(&png)
+        .output()
+        .expect("plot");
+    assert!(
+        plotted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plotted.stderr)
+    );
+    let plotted: serde_json::Value = serde_json::from_slice(&plotted.stdout).expect("json");
+    assert_eq!(
+        (plotted["points"].as_u64(), plotted["tasks"].as_u64()),
+        (Some(5), Some(1))
+    );
+    assert!(std::fs::metadata(&png).is_ok_and(|m| m.len() > 1000));
+
+    // A task no worker has is each checkpoint's failure; the run is fine.
+    let ckpt_bad = setup.dir.path().join("ckpt-bad");
+    let bad = Recipe {
+        extra: "[eval]\ntasks = [\"no_such_task\"]",
+        ..Recipe::new("unscorable", &setup.data, 1, &ckpt_bad)
+    };
+    let run = submit(&setup.url, &bad.write(setup.dir.path()));
+    let _worker = worker(&setup.url, &setup.logs[0]);
+    let done = wait_completed(&setup.url, &run, &setup.logs);
+    assert_eq!(done["state"], "completed");
+    let failed = wait_scored(&setup.url, &run, &setup.logs);
+    for e in failed["checkpoint_evals"].as_array().expect("evals") {
+        assert_eq!(e["state"], "failed", "{e}");
+        let error = e["error"].as_str().unwrap_or("");
+        assert!(error.contains("no_such_task"), "{e}");
+    }
+    // Nothing scored: compare says so, naming the run.
+    let nothing = twinhead()
+        .args(["compare", "--coordinator", &setup.url, &run])
+        .output()
+        .expect("compare");
+    assert!(!nothing.status.success());
+    let message = String::from_utf8_lossy(&nothing.stderr);
+    assert!(
+        message.contains(&run) && message.contains("no scored checkpoint"),
+        "{message}"
+    );
 }
 
 /// Held-out loss every 1,536 tokens on at most 12 rows.

@@ -8,7 +8,9 @@
 
 use std::fmt::Write as _;
 
-use twinhead_proto::v1::{EvalPoint, PhaseProgress, Run, RunState};
+use twinhead_proto::v1::{
+    CheckpointEval, CheckpointEvalState, EvalPoint, PhaseProgress, Run, RunState,
+};
 
 use crate::state::WorkerView;
 use crate::store::WorkerStatus;
@@ -50,6 +52,22 @@ pub(crate) fn reported_phase(run: &Run) -> Option<&PhaseProgress> {
 pub(crate) fn last_eval(run: &Run) -> Option<&EvalPoint> {
     run.evals.iter().rev().find(|e| e.error.is_empty())
 }
+
+/// The run's newest checkpoint whose tasks were scored.
+pub(crate) fn last_scored_checkpoint(run: &Run) -> Option<&CheckpointEval> {
+    run.checkpoint_evals
+        .iter()
+        .rev()
+        .find(|e| e.state == CheckpointEvalState::Done as i32)
+}
+
+/// Every checkpoint evaluation state, with its label.
+const CHECKPOINT_EVAL_STATES: [(CheckpointEvalState, &str); 4] = [
+    (CheckpointEvalState::Pending, "pending"),
+    (CheckpointEvalState::Running, "running"),
+    (CheckpointEvalState::Done, "done"),
+    (CheckpointEvalState::Failed, "failed"),
+];
 
 /// Tokens trained in all phases of the run.
 pub(crate) fn run_tokens(run: &Run) -> u64 {
@@ -148,6 +166,54 @@ pub(crate) fn render(runs: &[Run], workers: &[WorkerView]) -> String {
                 let run_name = run.spec.as_ref().map_or("", |s| s.name.as_str());
                 sample(&mut out, name, &[("run", &run.id), ("name", run_name)], v);
             }
+        }
+    }
+
+    family(
+        &mut out,
+        "twinhead_run_task_score",
+        "Primary metric of each task on the run's latest scored checkpoint.",
+    );
+    for run in runs {
+        let Some(scored) = last_scored_checkpoint(run) else {
+            continue;
+        };
+        let run_name = run.spec.as_ref().map_or("", |s| s.name.as_str());
+        for score in &scored.scores {
+            if let Some(value) = score.metrics.get(&score.primary_metric) {
+                sample(
+                    &mut out,
+                    "twinhead_run_task_score",
+                    &[
+                        ("run", &run.id),
+                        ("name", run_name),
+                        ("task", &score.task),
+                        ("metric", &score.primary_metric),
+                    ],
+                    *value,
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "twinhead_run_checkpoint_evals",
+        "Checkpoint evaluations of the run's tasks, by state (pending, running, done, failed).",
+    );
+    for run in runs.iter().filter(|r| !r.checkpoint_evals.is_empty()) {
+        let run_name = run.spec.as_ref().map_or("", |s| s.name.as_str());
+        for (state, label) in CHECKPOINT_EVAL_STATES {
+            let count = run
+                .checkpoint_evals
+                .iter()
+                .filter(|e| e.state == state as i32)
+                .count();
+            sample(
+                &mut out,
+                "twinhead_run_checkpoint_evals",
+                &[("run", &run.id), ("name", run_name), ("state", label)],
+                count as f64,
+            );
         }
     }
 

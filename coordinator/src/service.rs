@@ -21,9 +21,9 @@ use twinhead_proto::v1::{
     CancelRunRequest, GetAssignmentRequest, GetAssignmentResponse, GetProgressRequest,
     GetProgressResponse, GetRunRequest, HeartbeatRequest, HeartbeatResponse, LeaveRequest,
     ListRunsRequest, ListRunsResponse, ProgressPoint, RegisterRequest, RegisterResponse,
-    RendezvousRequest, RendezvousResponse, ReportCheckpointRequest, ReportEvalRequest,
-    ReportFailureRequest, ReportProgressRequest, Run, RunEvent, RunEventKind, RunState,
-    SubmitRunRequest, SubmitRunResponse, WatchRunRequest, WorkerAck, WorkerAction,
+    RendezvousRequest, RendezvousResponse, ReportCheckpointEvalRequest, ReportCheckpointRequest,
+    ReportEvalRequest, ReportFailureRequest, ReportProgressRequest, Run, RunEvent, RunEventKind,
+    RunState, SubmitRunRequest, SubmitRunResponse, WatchRunRequest, WorkerAck, WorkerAction,
 };
 
 use crate::Coordinator;
@@ -312,6 +312,21 @@ impl WorkerService for Services {
         let result = self
             .coordinator
             .apply(|s, now, fx| s.eval(&report, now, fx))
+            .await?;
+        Ok(ack(result))
+    }
+
+    async fn report_checkpoint_eval(
+        &self,
+        request: Request<ReportCheckpointEvalRequest>,
+    ) -> Result<Response<WorkerAck>, Status> {
+        let report = request.into_inner();
+        required("worker_id", &report.worker_id)?;
+        required("run_id", &report.run_id)?;
+        required("eval_id", &report.eval_id)?;
+        let result = self
+            .coordinator
+            .apply(|s, now, fx| s.checkpoint_eval_report(&report, now, fx))
             .await?;
         Ok(ack(result))
     }

@@ -8,13 +8,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use twinhead_proto::v1::{
-    Assignment, Attempt, Checkpoint, PhaseProgress, ReportEvalRequest, ReportProgressRequest, Run,
-    RunEvent, RunEventKind, RunSpec, RunState, WorkerAction,
+    Assignment, Attempt, Checkpoint, CheckpointEvalState, PhaseProgress, ReportEvalRequest,
+    ReportProgressRequest, Run, RunEvent, RunEventKind, RunSpec, RunState, WorkerAction,
 };
 use twinhead_proto::{num_steps, validate_run_spec};
 
 use crate::Error;
 use crate::scheduler::{self, WaitingRun};
+
+mod checkpoint_evals;
 use crate::store::{ProgressRow, Snapshot, WorkerRow, WorkerStatus, Write};
 
 /// The longest rendezvous token a world may publish.
@@ -30,6 +32,8 @@ pub(crate) struct WorkerEntry {
     pub last_seen: Instant,
     /// (world id, rank) while the worker belongs to a live world.
     pub world: Option<(String, u32)>,
+    /// (run id, eval id) while it scores a checkpoint's tasks.
+    pub job: Option<(String, String)>,
 }
 
 /// A worker as monitoring sees it.
@@ -147,6 +151,7 @@ impl State {
                     row,
                     last_seen: now,
                     world: None,
+                    job: None,
                 },
             );
         }
@@ -164,6 +169,21 @@ impl State {
                 }
             }
             state.runs.insert(run.id.clone(), RunEntry { seq, run });
+        }
+        // Checkpoint evaluations in progress stay with their live workers;
+        // those of workers gone while the coordinator was down wait again.
+        for entry in state.runs.values_mut() {
+            for job in &mut entry.run.checkpoint_evals {
+                if job.state != CheckpointEvalState::Running as i32 {
+                    continue;
+                }
+                match state.workers.get_mut(&job.worker_id) {
+                    Some(w) if w.row.status == WorkerStatus::Alive => {
+                        w.job = Some((entry.run.id.clone(), job.id.clone()));
+                    }
+                    _ => job.state = CheckpointEvalState::Pending as i32,
+                }
+            }
         }
         state
     }
@@ -321,6 +341,7 @@ impl State {
                 row,
                 last_seen: now,
                 world: None,
+                job: None,
             },
         );
         self.form_worlds(now_ms, fx);
@@ -445,7 +466,14 @@ impl State {
             worker.row.dead_reason = format!("no heartbeat for {silent:.1}s");
             fx.writes.push(Write::Worker(worker.row.clone()));
             tracing::warn!(worker = %id, silent_s = silent, "worker declared dead");
-            if let Some((world_id, rank)) = worker.world.clone()
+            let world = worker.world.clone();
+            self.release_checkpoint_eval(
+                &id,
+                &format!("sent no heartbeat for {silent:.1}s"),
+                now_ms,
+                fx,
+            );
+            if let Some((world_id, rank)) = world
                 && let Some(run_id) = self.worlds.get(&world_id).cloned()
             {
                 let reason =
@@ -506,15 +534,26 @@ impl State {
 
     /// Forms worlds for runs that wait, out of free live workers.
     fn form_worlds(&mut self, now_ms: i64, fx: &mut Effects) {
-        let mut free: Vec<(u64, String)> = self
+        let free: Vec<(u64, String)> = self
             .workers
             .values()
-            .filter(|w| w.row.status == WorkerStatus::Alive && w.world.is_none())
+            .filter(|w| w.row.status == WorkerStatus::Alive && w.world.is_none() && w.job.is_none())
             .map(|w| (w.row.seq, w.row.id.clone()))
             .collect();
         if free.is_empty() {
             return;
         }
+        self.plan_and_form_worlds(free, now_ms, fx);
+        // Workers no world could use score checkpoints meanwhile.
+        self.assign_checkpoint_evals(now_ms, fx);
+    }
+
+    fn plan_and_form_worlds(
+        &mut self,
+        mut free: Vec<(u64, String)>,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) {
         free.sort();
         let free: Vec<String> = free.into_iter().map(|(_, id)| id).collect();
         let mut waiting: Vec<(u64, WaitingRun)> = self
@@ -590,6 +629,9 @@ impl State {
     /// The worker's current assignment, if it belongs to a live world.
     pub fn assignment(&self, worker_id: &str) -> Result<Option<Assignment>, Error> {
         let worker = self.live_worker(worker_id)?;
+        if let Some((run_id, eval_id)) = &worker.job {
+            return Ok(self.checkpoint_eval_assignment(worker_id, run_id, eval_id));
+        }
         let Some((world_id, rank)) = &worker.world else {
             return Ok(None);
         };
@@ -627,6 +669,7 @@ impl State {
             num_steps: steps,
             start_checkpoint: checkpoint.cloned(),
             phase_start,
+            checkpoint_eval: None,
         }))
     }
 
@@ -828,10 +871,17 @@ impl State {
                 )));
             }
         }
+        let previous_tokens = run
+            .checkpoints
+            .last()
+            .filter(|c| c.phase_index == checkpoint.phase_index)
+            .map_or(0, |c| c.tokens);
         checkpoint.world_id = world_id.to_string();
         checkpoint.committed_ms = now_ms;
         let phase = checkpoint.phase_index as usize;
         let step = checkpoint.step;
+        let queued =
+            self.queue_checkpoint_eval(&run_id, &checkpoint, step >= budget, previous_tokens, fx);
         let message = format!("checkpoint phase {phase} step {step}: {}", checkpoint.url);
         let Some(entry) = self.runs.get_mut(&run_id) else {
             return Err(Error::NotFound(run_id));
@@ -844,6 +894,9 @@ impl State {
         run.checkpoints.push(checkpoint);
         fx.event(&run_id, RunEventKind::Checkpoint, message);
         if step < budget {
+            if queued {
+                self.form_worlds(now_ms, fx);
+            }
             return Ok((WorkerAction::Continue, String::new()));
         }
         if let Some(p) = run.phases.get_mut(phase) {
@@ -864,6 +917,9 @@ impl State {
                 RunEventKind::PhaseStarted,
                 format!("phase {} ({name}) started", phase + 1),
             );
+            if queued {
+                self.form_worlds(now_ms, fx);
+            }
             return Ok((WorkerAction::Continue, String::new()));
         }
         self.end_world(&run_id, "run completed", false, now_ms, fx);
@@ -928,6 +984,7 @@ impl State {
         fx.writes.push(Write::Worker(worker.row.clone()));
         let world = worker.world.clone();
         tracing::info!(worker = %worker_id, %reason, "worker left");
+        self.release_checkpoint_eval(worker_id, &format!("left: {reason}"), now_ms, fx);
         if let Some((world_id, rank)) = world
             && let Some(run_id) = self.worlds.get(&world_id).cloned()
         {

@@ -16,7 +16,9 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
-use twinhead_proto::v1::{Attempt, Checkpoint, PhaseProgress, Run};
+use twinhead_proto::v1::{
+    Attempt, Checkpoint, CheckpointEval, CheckpointEvalState, PhaseProgress, Run,
+};
 
 use twinhead_proto::auth::{TokenProblem, check_bearer};
 
@@ -271,6 +273,71 @@ impl AttemptView {
     }
 }
 
+/// A task's scores on a checkpoint, as `twinhead eval --json` has them.
+#[derive(Serialize)]
+struct TaskScoreView {
+    primary_metric: String,
+    docs: u64,
+    metrics: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Serialize)]
+struct CheckpointEvalView {
+    id: String,
+    checkpoint: Option<CheckpointView>,
+    /// Tokens since the start of the run at the checkpoint (earlier phases'
+    /// tokens trained, then this one's).
+    run_tokens: u64,
+    /// pending, running, done or failed.
+    state: &'static str,
+    worker_id: String,
+    tries: u32,
+    error: String,
+    /// By task, in the spec's order.
+    scores: Vec<(String, TaskScoreView)>,
+}
+
+impl CheckpointEvalView {
+    fn of(run: &Run, e: &CheckpointEval) -> CheckpointEvalView {
+        let c = e.checkpoint.clone().unwrap_or_default();
+        let earlier: u64 = run
+            .phases
+            .iter()
+            .take(c.phase_index as usize)
+            .map(|p| p.tokens_done)
+            .sum();
+        CheckpointEvalView {
+            id: e.id.clone(),
+            run_tokens: earlier + c.tokens,
+            checkpoint: e.checkpoint.as_ref().map(CheckpointView::of),
+            state: match CheckpointEvalState::try_from(e.state) {
+                Ok(CheckpointEvalState::Pending) => "pending",
+                Ok(CheckpointEvalState::Running) => "running",
+                Ok(CheckpointEvalState::Done) => "done",
+                Ok(CheckpointEvalState::Failed) => "failed",
+                _ => "unknown",
+            },
+            worker_id: e.worker_id.clone(),
+            tries: e.tries,
+            error: e.error.clone(),
+            scores: e
+                .scores
+                .iter()
+                .map(|s| {
+                    (
+                        s.task.clone(),
+                        TaskScoreView {
+                            primary_metric: s.primary_metric.clone(),
+                            docs: s.docs,
+                            metrics: s.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct RunDetail {
     #[serde(flatten)]
@@ -278,6 +345,9 @@ struct RunDetail {
     phases: Vec<PhaseView>,
     attempts: Vec<AttemptView>,
     checkpoints: Vec<CheckpointView>,
+    /// The run's tasks on its checkpoints (`[eval] tasks`).
+    tasks: Vec<String>,
+    checkpoint_evals: Vec<CheckpointEvalView>,
 }
 
 async fn list_runs(State(shared): State<Shared>) -> axum::Json<Vec<RunSummary>> {
@@ -300,6 +370,17 @@ async fn get_run(
             .collect(),
         attempts: run.attempts.iter().map(AttemptView::of).collect(),
         checkpoints: run.checkpoints.iter().map(CheckpointView::of).collect(),
+        tasks: run
+            .spec
+            .as_ref()
+            .and_then(|s| s.eval.as_ref())
+            .map(|e| e.tasks.clone())
+            .unwrap_or_default(),
+        checkpoint_evals: run
+            .checkpoint_evals
+            .iter()
+            .map(|e| CheckpointEvalView::of(&run, e))
+            .collect(),
     }))
 }
 

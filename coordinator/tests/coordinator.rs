@@ -871,3 +871,173 @@ async fn held_out_evaluations_are_kept_in_order_per_step_and_survive_a_restart()
     assert_eq!(get(&c, &id).await.evals, run.evals);
     c.stop().await;
 }
+
+/// Scores sent back for a checkpoint evaluation.
+fn scores(task: &str, acc: f64) -> Vec<twinhead_proto::v1::TaskScore> {
+    vec![twinhead_proto::v1::TaskScore {
+        task: task.into(),
+        primary_metric: "acc_raw".into(),
+        metrics: [("acc_raw".to_string(), acc)].into_iter().collect(),
+        docs: 20,
+    }]
+}
+
+#[tokio::test]
+async fn checkpoints_are_scored_by_free_workers_handed_on_when_one_leaves_and_kept_across_a_restart()
+ {
+    use twinhead_proto::v1::{CheckpointEvalState, ReportCheckpointEvalRequest};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let c = Coordinator::start(&db).await;
+    // Tasks on phase ends and on checkpoints crossing 2,000 tokens
+    // (SimWorker's checkpoints are 1,000 tokens a step).
+    let id = submit(
+        &c,
+        spec_with(
+            "scored",
+            &[
+                r#"eval.tasks=["arc_easy"]"#,
+                "eval.limit=20",
+                "eval.at=2000",
+            ],
+        ),
+    )
+    .await;
+    let mut a = SimWorker::register(&c, "a").await;
+    let mut b = SimWorker::register(&c, "b").await;
+    a.next_assignment().await;
+    b.next_assignment().await;
+    let mut rank0 = if a.assignment.as_ref().map(|x| x.rank) == Some(0) {
+        a
+    } else {
+        b
+    };
+    let mut spare = SimWorker::register(&c, "spare").await;
+    rank0.checkpoint(1).await.expect("checkpoint 1");
+    assert!(
+        get(&c, &id).await.checkpoint_evals.is_empty(),
+        "1,000 tokens: not due"
+    );
+    rank0.checkpoint(2).await.expect("checkpoint 2");
+
+    // The spare worker gets the job, not a world.
+    let job = spare.next_assignment().await;
+    let eval = job
+        .checkpoint_eval
+        .clone()
+        .expect("a checkpoint evaluation");
+    assert_eq!(eval.eval_id, "eval-1");
+    assert_eq!(eval.checkpoint.as_ref().map(|c| c.step), Some(2));
+    assert!(job.world_id.is_empty());
+    assert_eq!(
+        job.spec
+            .as_ref()
+            .and_then(|s| s.eval.as_ref())
+            .map(|e| e.task_limit),
+        Some(20)
+    );
+    let report =
+        |worker: &SimWorker, eval_id: &str, scores, error: &str| ReportCheckpointEvalRequest {
+            worker_id: worker.id.clone(),
+            run_id: id.clone(),
+            eval_id: eval_id.into(),
+            scores,
+            error: error.into(),
+        };
+    // Only the holder may report, and only finite numbers.
+    let stranger = rank0
+        .client
+        .report_checkpoint_eval(report(&rank0, "eval-1", scores("arc_easy", 0.5), ""))
+        .await
+        .expect_err("rank 0 does not hold it");
+    assert_eq!(stranger.code(), tonic::Code::FailedPrecondition);
+    let nan = spare
+        .client
+        .report_checkpoint_eval(report(&spare, "eval-1", scores("arc_easy", f64::NAN), ""))
+        .await
+        .expect_err("NaN");
+    assert_eq!(nan.code(), tonic::Code::InvalidArgument);
+    spare
+        .client
+        .report_checkpoint_eval(report(&spare, "eval-1", scores("arc_easy", 0.4), ""))
+        .await
+        .expect("scores recorded");
+    let run = get(&c, &id).await;
+    let first = &run.checkpoint_evals[0];
+    assert_eq!(first.state, CheckpointEvalState::Done as i32);
+    assert_eq!(first.worker_id, spare.id);
+    assert_eq!(first.scores, scores("arc_easy", 0.4));
+
+    // The phase end queues the next; its worker leaves with it.
+    rank0.checkpoint(3).await.expect("phase end");
+    let job = spare.next_assignment().await;
+    assert_eq!(
+        job.checkpoint_eval.as_ref().map(|e| e.eval_id.as_str()),
+        Some("eval-2")
+    );
+    spare
+        .client
+        .leave(LeaveRequest {
+            worker_id: spare.id.clone(),
+            reason: "pre-empted".into(),
+        })
+        .await
+        .expect("leave");
+    let run = get(&c, &id).await;
+    assert_eq!(
+        run.checkpoint_evals[1].state,
+        CheckpointEvalState::Pending as i32
+    );
+    assert_eq!(run.state, RunState::Running as i32, "training is untouched");
+    let mut next = SimWorker::register(&c, "next").await;
+    let job = next.next_assignment().await;
+    assert_eq!(
+        job.checkpoint_eval.as_ref().map(|e| e.eval_id.as_str()),
+        Some("eval-2")
+    );
+
+    // The coordinator restarts while the job is out; its worker reports to
+    // the new one, and a failure is recorded without touching the run.
+    let addr = c.addr;
+    c.abort().await;
+    let c = Coordinator::start_on(
+        addr,
+        ServerConfig {
+            db: db.clone(),
+            user_token: None,
+            worker_token: None,
+            leases: Default::default(),
+        },
+    )
+    .await;
+    let mut retries = 0;
+    loop {
+        let sent = next
+            .client
+            .report_checkpoint_eval(report(
+                &next,
+                "eval-2",
+                Vec::new(),
+                "no task folder arc_easy",
+            ))
+            .await;
+        match sent {
+            Ok(_) => break,
+            Err(e)
+                if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+                    && retries < 50 =>
+            {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("report after the restart: {e}"),
+        }
+    }
+    let run = get(&c, &id).await;
+    let second = &run.checkpoint_evals[1];
+    assert_eq!(second.state, CheckpointEvalState::Failed as i32);
+    assert_eq!(second.tries, 2);
+    assert_eq!(second.error, "no task folder arc_easy");
+    assert_eq!(run.state, RunState::Running as i32);
+    c.stop().await;
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::http::get;
-use common::{Coordinator, SimWorker, tiny_spec};
+use common::{Coordinator, SimWorker, spec_with, tiny_spec};
 use twinhead_coordinator::{LeaseSettings, ServerConfig};
 use twinhead_proto::v1::{GetProgressRequest, ReportProgressRequest, SubmitRunRequest};
 
@@ -825,5 +825,87 @@ a = 1.0
     assert_eq!(listed[0]["step"], "scan");
     assert_eq!(listed[0]["step_tasks_done"], 1);
     assert_eq!(listed[0]["url"], "/data/dash");
+    c.stop().await;
+}
+
+/// Task scores of checkpoints: in the run's JSON (on the run's token axis)
+/// and on /metrics.
+#[tokio::test]
+async fn checkpoint_task_scores_are_served_as_json_and_metrics() {
+    use twinhead_proto::v1::{ReportCheckpointEvalRequest, TaskScore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Coordinator::start_with_http(config(dir.path(), None)).await;
+    let base = c.http_url();
+    let run = c
+        .runs()
+        .await
+        .submit_run(SubmitRunRequest {
+            spec: Some(spec_with("scored-run", &[r#"eval.tasks=["arc_easy"]"#])),
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .run_id;
+    let (mut rank0, _rank1) = world_of_two(&c, ["node-a", "node-b"]).await;
+    let mut spare = SimWorker::register(&c, "node-spare").await;
+    // Phase 0's end (3 steps of 1,000 tokens as SimWorker counts them).
+    rank0.checkpoint(3).await.expect("phase end");
+    let job = spare.next_assignment().await;
+    let eval_id = job
+        .checkpoint_eval
+        .expect("a checkpoint evaluation")
+        .eval_id;
+    spare
+        .client
+        .report_checkpoint_eval(ReportCheckpointEvalRequest {
+            worker_id: spare.id.clone(),
+            run_id: run.clone(),
+            eval_id,
+            scores: vec![TaskScore {
+                task: "arc_easy".into(),
+                primary_metric: "acc_raw".into(),
+                metrics: [
+                    ("acc_raw".to_string(), 0.4),
+                    ("acc_per_char".to_string(), 0.45),
+                ]
+                .into_iter()
+                .collect(),
+                docs: 20,
+            }],
+            error: String::new(),
+        })
+        .await
+        .expect("scores");
+
+    let detail = get(&base, &format!("/api/runs/{run}"), None).await.json();
+    assert_eq!(detail["tasks"], serde_json::json!(["arc_easy"]));
+    let scored = &detail["checkpoint_evals"][0];
+    assert_eq!(scored["state"], "done", "{detail}");
+    assert_eq!(scored["checkpoint"]["step"], 3);
+    assert_eq!(scored["run_tokens"], 3000);
+    assert_eq!(scored["scores"][0][0], "arc_easy");
+    assert_eq!(scored["scores"][0][1]["metrics"]["acc_raw"], 0.4);
+    assert_eq!(scored["scores"][0][1]["primary_metric"], "acc_raw");
+
+    let text = get(&base, "/metrics", None).await.body;
+    strict_exposition(&text);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("prometheus text");
+    let score = [
+        ("run", run.as_str()),
+        ("task", "arc_easy"),
+        ("metric", "acc_raw"),
+    ];
+    assert_eq!(gauge(&scrape, "twinhead_run_task_score", &score), Some(0.4));
+    let done = [("run", run.as_str()), ("state", "done")];
+    assert_eq!(
+        gauge(&scrape, "twinhead_run_checkpoint_evals", &done),
+        Some(1.0)
+    );
+    let pending = [("run", run.as_str()), ("state", "pending")];
+    assert_eq!(
+        gauge(&scrape, "twinhead_run_checkpoint_evals", &pending),
+        Some(0.0)
+    );
     c.stop().await;
 }

@@ -21,6 +21,9 @@
 //! - [`eval`]: downstream tasks from OLMo's request files: log-likelihoods
 //!   for both flavours (pseudo-log-likelihood for encoders) and OLMo's
 //!   accuracies.
+//! - [`embed`]: embedding tasks for both flavours (mean-pooled final
+//!   hidden states): SQuAD retrieval (nDCG@10, MRR@10), linear probes with
+//!   k-fold cross-validation, and the Arrow stream reader for their data.
 //! - [`adamw`]: one tensor's StableAdamW update, an operation of
 //!   [`ModelBackend`] (the optimizer around it is the worker's).
 //!
@@ -53,6 +56,7 @@ pub mod adamw;
 pub mod attention;
 pub mod backend;
 pub mod config;
+pub mod embed;
 pub mod eval;
 mod head_cpu;
 pub mod hf;

@@ -283,6 +283,39 @@ struct EvalFile {
     max_rows: u32,
     #[serde(default)]
     mask_ratio: Option<f64>,
+    #[serde(default)]
+    tasks: Vec<String>,
+    #[serde(default)]
+    limit: u32,
+    #[serde(default)]
+    at: ScoredCheckpoints,
+    #[serde(default)]
+    tasks_dir: String,
+}
+
+/// `at = "phase_end"` (0: phase-end checkpoints only) or a token count:
+/// the checkpoints that cross a multiple of it are scored too.
+#[derive(Debug, Default)]
+struct ScoredCheckpoints(u64);
+
+impl<'de> Deserialize<'de> for ScoredCheckpoints {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Count(Tokens),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Name(name) if name == "phase_end" => Ok(ScoredCheckpoints(0)),
+            Raw::Name(text) => parse_tokens(&text).map(ScoredCheckpoints).map_err(|_| {
+                de::Error::custom(format!(
+                    "expected \"phase_end\" or a token count such as \"10B\", got {text:?}"
+                ))
+            }),
+            Raw::Count(tokens) => Ok(ScoredCheckpoints(tokens.0)),
+        }
+    }
 }
 
 /// The recipe evaluates encoders at 15% masking whatever it trains at.
@@ -458,6 +491,10 @@ fn run_spec(run: RunFile, model: ModelSpec) -> RunSpec {
             every_tokens: e.every_tokens.0,
             max_rows: e.max_rows,
             mask_ratio: e.mask_ratio.unwrap_or(EVAL_MASK_RATIO),
+            tasks: e.tasks,
+            task_limit: e.limit,
+            tasks_every_tokens: e.at.0,
+            tasks_dir: e.tasks_dir,
         }),
     }
 }
@@ -748,8 +785,29 @@ lr = { shape = "one_minus_sqrt", start_factor = 0.5, end_factor = 0.02 }
                 every_tokens: 64_000,
                 max_rows: 32,
                 mask_ratio: EVAL_MASK_RATIO,
+                ..Default::default()
             })
         );
+        let spec = parse(
+            &text.replace(
+                "max_rows = 32",
+                "max_rows = 32\ntasks = [\"arc_easy\", \"piqa:rc_5shot\"]\nlimit = 50\nat = \"1M\"",
+            ),
+            &[],
+        )
+        .expect("valid");
+        let policy = spec.eval.expect("policy");
+        assert_eq!(policy.tasks, vec!["arc_easy", "piqa:rc_5shot"]);
+        assert_eq!(
+            (policy.task_limit, policy.tasks_every_tokens),
+            (50, 1_000_000)
+        );
+        let spec = parse(&text, &["eval.at=phase_end"]).expect("valid");
+        assert_eq!(spec.eval.map(|e| e.tasks_every_tokens), Some(0));
+        let err = parse(&text, &["eval.at=weekly"])
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("phase_end") && err.contains("weekly"), "{err}");
         let spec = parse(&text, &["eval.mask_ratio=0.3"]).expect("valid");
         assert_eq!(spec.eval.map(|e| e.mask_ratio), Some(0.3));
         let err = parse(&text, &["eval.mask_ratio=1.5"])

@@ -243,6 +243,22 @@ pub fn validate_run_spec(spec: &RunSpec) -> Result<(), SpecError> {
         );
     }
     validate_batch_warmup(spec)?;
+    if let Some(eval) = spec.eval.as_ref() {
+        for (i, task) in eval.tasks.iter().enumerate() {
+            if task.trim().is_empty() || task.contains(',') {
+                return fail(
+                    format!("eval.tasks[{i}]"),
+                    format!("{task:?} is not a task name (`arc_easy`, `piqa:rc_5shot`, …)"),
+                );
+            }
+            if eval.tasks[..i].contains(task) {
+                return fail(
+                    format!("eval.tasks[{i}]"),
+                    format!("{task:?} is listed twice"),
+                );
+            }
+        }
+    }
     if let Some(eval) = spec.eval.as_ref()
         && objective != Objective::Clm
         && !(eval.mask_ratio > 0.0 && eval.mask_ratio < 1.0)

@@ -36,8 +36,8 @@ use twinhead_proto::auth::Bearer;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
 use twinhead_proto::v1::{
     Assignment, Checkpoint, EvalPoint, GetAssignmentRequest, HeartbeatRequest, LeaveRequest,
-    RegisterRequest, RendezvousRequest, ReportCheckpointRequest, ReportEvalRequest,
-    ReportFailureRequest, ReportProgressRequest, WorkerAction,
+    RegisterRequest, RendezvousRequest, ReportCheckpointEvalRequest, ReportCheckpointRequest,
+    ReportEvalRequest, ReportFailureRequest, ReportProgressRequest, TaskScore, WorkerAction,
 };
 
 use twinhead_model::objectives::ObjectiveError;
@@ -144,6 +144,15 @@ pub trait Trainer: Send + 'static {
         collective: &mut dyn Collective,
         link: &Link,
     ) -> Result<PhaseEnd, TrainError>;
+
+    /// Scores the run's tasks (`spec.eval.tasks`) on the committed
+    /// checkpoint of a `checkpoint_eval` assignment, outside any world.
+    /// The error says why it could not; the coordinator records it as the
+    /// evaluation's failure, and the run goes on.
+    fn evaluate_checkpoint(&mut self, assignment: &Assignment) -> Result<Vec<TaskScore>, String> {
+        let _ = assignment;
+        Err("this worker cannot score tasks".into())
+    }
 }
 
 /// A progress report from the trainer.
@@ -491,6 +500,17 @@ impl<'a> Session<'a> {
                 Err(end) => return Ok(end),
             };
             known = assignment.assignment_id.clone();
+            if assignment.checkpoint_eval.is_some() {
+                // Not a world's rank: any collective kept between phases
+                // belongs to a world that has ended.
+                world = None;
+                self.abort.leave();
+                trained_any = true;
+                if let Some(end) = self.score_checkpoint(trainer, &assignment).await? {
+                    return Ok(end);
+                }
+                continue;
+            }
             if world
                 .as_ref()
                 .is_none_or(|(id, _)| *id != assignment.world_id)
@@ -570,6 +590,82 @@ impl<'a> Session<'a> {
 
     fn leave_requested(&self) -> bool {
         *self.leave.borrow()
+    }
+
+    /// Runs a checkpoint evaluation on a blocking thread and reports its
+    /// scores (or why there are none). A stop or a leave request abandons
+    /// it: the coordinator gives it to another worker.
+    async fn score_checkpoint(
+        &self,
+        trainer: &mut Option<Box<dyn Trainer>>,
+        assignment: &Assignment,
+    ) -> Result<Option<SessionEnd>, WorkerError> {
+        let Some(mut owned) = trainer.take() else {
+            return Err(WorkerError::TrainerPanicked("the trainer was lost".into()));
+        };
+        let eval_id = assignment
+            .checkpoint_eval
+            .as_ref()
+            .map(|j| j.eval_id.clone())
+            .unwrap_or_default();
+        tracing::info!(run = %assignment.run_id, eval = %eval_id, "scoring a checkpoint's tasks");
+        let job = assignment.clone();
+        let mut thread = tokio::task::spawn_blocking(move || {
+            let result = owned.evaluate_checkpoint(&job);
+            (result, owned)
+        });
+        let result = loop {
+            tokio::select! {
+                finished = &mut thread => {
+                    let (result, owned) =
+                        finished.map_err(|e| WorkerError::TrainerPanicked(e.to_string()))?;
+                    *trainer = Some(owned);
+                    break result;
+                }
+                _ = tokio::time::sleep(RETRY) => {
+                    if let Some(end) = self.ended() {
+                        return Ok(Some(end));
+                    }
+                    if self.leave_requested() {
+                        return Ok(Some(self.leave("asked to stop while scoring a checkpoint").await));
+                    }
+                }
+            }
+        };
+        let (scores, error) = match result {
+            Ok(scores) => (scores, String::new()),
+            Err(e) => {
+                tracing::warn!(eval = %eval_id, error = %e, "checkpoint evaluation failed");
+                (Vec::new(), e)
+            }
+        };
+        let request = ReportCheckpointEvalRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: assignment.run_id.clone(),
+            eval_id,
+            scores,
+            error,
+        };
+        loop {
+            match self
+                .client
+                .clone()
+                .report_checkpoint_eval(request.clone())
+                .await
+            {
+                Ok(_) => return Ok(None),
+                Err(s) if transient(&s) => {
+                    if let Some(end) = self.ended() {
+                        return Ok(Some(end));
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "checkpoint evaluation report refused");
+                    return Ok(None);
+                }
+            }
+        }
     }
 
     /// Leaves for good after a leave request.

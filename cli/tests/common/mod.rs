@@ -106,3 +106,40 @@ impl Drop for CoordinatorProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A hand-made task folder: `docs` documents of two choices each, and their
+/// unconditional requests, as OLMo's request files lay them out.
+pub fn hand_task(root: &Path, docs: u64) -> PathBuf {
+    let dir = root.join("tasks/hand/rc_0shot");
+    std::fs::create_dir_all(&dir).expect("task dir");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"task_name": "hand", "task_config": {"primary_metric": "acc_per_char", "metric_kwargs": {"uncond_docid_offset": 1000}}}"#,
+    )
+    .expect("config");
+    let mut lines = Vec::new();
+    for (offset, context) in [(0, "Question: which whale?\nAnswer:"), (1000, "Answer:")] {
+        for doc in 0..docs {
+            for (idx, choice) in [" the white whale", " a small fish"].iter().enumerate() {
+                lines.push(
+                    serde_json::json!({
+                        "request_type": "loglikelihood",
+                        "request": {"context": context, "continuation": choice},
+                        "doc_id": offset + doc,
+                        "idx": idx,
+                        "label": doc % 2,
+                    })
+                    .to_string(),
+                );
+            }
+        }
+    }
+    std::fs::write(dir.join("requests.jsonl"), lines.join("\n")).expect("requests");
+    root.join("tasks")
+}
+
+/// The hand-made task's accuracies when a model picks the same choice for
+/// its three identical documents (gold 1, 0, 1).
+pub fn one_or_two_thirds(x: f64) -> bool {
+    (x - 1.0 / 3.0).abs() < 1e-9 || (x - 2.0 / 3.0).abs() < 1e-9
+}
