@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{
-    assert_clean_error, hand_task, json, one_or_two_thirds, repo_root, stderr, stdout, twinhead,
+    assert_clean_error, hand_task, json, one_or_two_thirds, repo_root, stderr, stdout,
+    tiny_model_dir, twinhead,
 };
 
-use twinhead_model::CpuBackend;
-use twinhead_model::{Flavour, ModelConfig, ModernBert};
+use twinhead_model::Flavour;
 
 fn fixtures() -> PathBuf {
     repo_root().join("dataprep/tests/fixtures")
@@ -211,29 +211,6 @@ fn model_info_and_list() {
 
     let unknown = run(&["model", "info", "ettin-3b"]);
     assert_clean_error(&unknown, &["ettin-3b"]);
-}
-
-/// A randomly initialised `tiny`-shaped model with a BPE tokenizer trained
-/// on the fixtures, saved as a Hugging Face folder.
-fn tiny_model_dir(root: &Path, flavour: Flavour) -> PathBuf {
-    let mut texts = Vec::new();
-    for entry in std::fs::read_dir(fixtures().join("books")).expect("books") {
-        texts.push(std::fs::read_to_string(entry.expect("entry").path()).expect("read"));
-    }
-    let tokenizer =
-        twinhead_dataprep::tokenizer::train_bpe(texts.iter().map(String::as_str), 512, 2)
-            .expect("train tokenizer");
-    let mut config = ModelConfig::builtin("tiny").expect("tiny");
-    config.vocab_size = 512;
-    config.max_position_embeddings = 128;
-    let model = ModernBert::<CpuBackend>::new(&config, flavour, 7, &Default::default());
-    let dir = root.join(match flavour {
-        Flavour::Encoder => "encoder",
-        Flavour::Decoder => "decoder",
-    });
-    twinhead_model::hf::save(&model, &dir).expect("save");
-    std::fs::write(dir.join("tokenizer.json"), tokenizer).expect("write tokenizer");
-    dir
 }
 
 #[test]

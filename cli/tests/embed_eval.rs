@@ -9,37 +9,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{assert_clean_error, json, repo_root, stderr, stdout, twinhead};
+use common::{assert_clean_error, json, repo_root, stderr, stdout, tiny_model_dir, twinhead};
 
-use twinhead_model::CpuBackend;
-use twinhead_model::{Flavour, ModelConfig, ModernBert};
+use twinhead_model::Flavour;
 
 fn run(args: &[&str]) -> Output {
     twinhead().args(args).output().expect("run twinhead")
-}
-
-/// A tiny random model with a BPE tokenizer trained on the dataprep
-/// fixtures' books.
-fn tiny_model_dir(root: &Path, flavour: Flavour) -> PathBuf {
-    let books = repo_root().join("dataprep/tests/fixtures/books");
-    let mut texts = Vec::new();
-    for entry in std::fs::read_dir(books).expect("books") {
-        texts.push(std::fs::read_to_string(entry.expect("entry").path()).expect("read"));
-    }
-    let tokenizer =
-        twinhead_dataprep::tokenizer::train_bpe(texts.iter().map(String::as_str), 512, 2)
-            .expect("train tokenizer");
-    let mut config = ModelConfig::builtin("tiny").expect("tiny");
-    config.vocab_size = 512;
-    config.max_position_embeddings = 128;
-    let model = ModernBert::<CpuBackend>::new(&config, flavour, 7, &Default::default());
-    let dir = root.join(match flavour {
-        Flavour::Encoder => "encoder",
-        Flavour::Decoder => "decoder",
-    });
-    twinhead_model::hf::save(&model, &dir).expect("save");
-    std::fs::write(dir.join("tokenizer.json"), tokenizer).expect("write tokenizer");
-    dir
 }
 
 /// The paragraphs of the hand-made SQuAD set, and its questions with the

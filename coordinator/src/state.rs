@@ -534,12 +534,7 @@ impl State {
 
     /// Forms worlds for runs that wait, out of free live workers.
     fn form_worlds(&mut self, now_ms: i64, fx: &mut Effects) {
-        let free: Vec<(u64, String)> = self
-            .workers
-            .values()
-            .filter(|w| w.row.status == WorkerStatus::Alive && w.world.is_none() && w.job.is_none())
-            .map(|w| (w.row.seq, w.row.id.clone()))
-            .collect();
+        let free = self.free_workers();
         if free.is_empty() {
             return;
         }
@@ -548,14 +543,20 @@ impl State {
         self.assign_checkpoint_evals(now_ms, fx);
     }
 
-    fn plan_and_form_worlds(
-        &mut self,
-        mut free: Vec<(u64, String)>,
-        now_ms: i64,
-        fx: &mut Effects,
-    ) {
+    /// Live workers in no world and holding no checkpoint evaluation, in
+    /// registration order.
+    fn free_workers(&self) -> Vec<String> {
+        let mut free: Vec<(u64, String)> = self
+            .workers
+            .values()
+            .filter(|w| w.row.status == WorkerStatus::Alive && w.world.is_none() && w.job.is_none())
+            .map(|w| (w.row.seq, w.row.id.clone()))
+            .collect();
         free.sort();
-        let free: Vec<String> = free.into_iter().map(|(_, id)| id).collect();
+        free.into_iter().map(|(_, id)| id).collect()
+    }
+
+    fn plan_and_form_worlds(&mut self, free: Vec<String>, now_ms: i64, fx: &mut Effects) {
         let mut waiting: Vec<(u64, WaitingRun)> = self
             .runs
             .values()

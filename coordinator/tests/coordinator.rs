@@ -622,19 +622,7 @@ async fn a_restarted_coordinator_keeps_runs_leases_checkpoints_and_progress() {
     a.checkpoint(2).await.expect("checkpoint");
     let before = get(&c, &id).await;
     // Abrupt stop: no graceful shutdown of the server task.
-    let addr = c.addr;
-    c.abort().await;
-
-    let c = Coordinator::start_on(
-        addr,
-        ServerConfig {
-            db: db.clone(),
-            user_token: None,
-            worker_token: None,
-            leases: Default::default(),
-        },
-    )
-    .await;
+    let c = c.crash_and_restart().await;
     let after = get(&c, &id).await;
     assert_eq!(after, before, "the whole run record survives");
     assert_eq!(after.state, RunState::Running as i32);
@@ -856,18 +844,7 @@ async fn held_out_evaluations_are_kept_in_order_per_step_and_survive_a_restart()
         .into_inner();
     assert_eq!(progress.evals, run.evals);
 
-    let addr = c.addr;
-    c.abort().await;
-    let c = Coordinator::start_on(
-        addr,
-        ServerConfig {
-            db: db.clone(),
-            user_token: None,
-            worker_token: None,
-            leases: Default::default(),
-        },
-    )
-    .await;
+    let c = c.crash_and_restart().await;
     assert_eq!(get(&c, &id).await.evals, run.evals);
     c.stop().await;
 }
@@ -998,18 +975,7 @@ async fn checkpoints_are_scored_by_free_workers_handed_on_when_one_leaves_and_ke
 
     // The coordinator restarts while the job is out; its worker reports to
     // the new one, and a failure is recorded without touching the run.
-    let addr = c.addr;
-    c.abort().await;
-    let c = Coordinator::start_on(
-        addr,
-        ServerConfig {
-            db: db.clone(),
-            user_token: None,
-            worker_token: None,
-            leases: Default::default(),
-        },
-    )
-    .await;
+    let c = c.crash_and_restart().await;
     let mut retries = 0;
     loop {
         let sent = next

@@ -50,48 +50,13 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
+use crate::eval::EvalError;
 use crate::{ModelBackend, ModelConfig, ModelError, ModernBert, TokenBatch};
 
 /// Retrieval metrics, primary first.
 pub const RETRIEVAL_METRICS: [&str; 2] = ["ndcg@10", "mrr@10"];
 /// The probe's metric.
 pub const PROBE_METRIC: &str = "accuracy";
-
-/// An embedding task that cannot be read or run; names the file (and line
-/// or column).
-#[derive(Debug, thiserror::Error)]
-pub enum EmbedError {
-    /// A file could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A request line is not what the task expects.
-    #[error("{path}:{line}: {message}")]
-    Line {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    /// A file is not an Arrow IPC stream.
-    #[error("{path}: not a readable Arrow IPC stream: {message}")]
-    Arrow { path: PathBuf, message: String },
-    /// A column is missing or holds the wrong values.
-    #[error("{path}: column {column:?}: {message}")]
-    Column {
-        path: PathBuf,
-        column: String,
-        message: String,
-    },
-    /// The data cannot support the task (too few items, one class, …).
-    #[error("{what}: {message}")]
-    Data { what: String, message: String },
-    /// The model refused a batch.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-}
 
 // ---------------------------------------------------------------------------
 // Embedding
@@ -137,7 +102,7 @@ pub fn embed<B: ModelBackend>(
     sequences: &[Vec<u32>],
     row_tokens: usize,
     mut done: impl FnMut(usize),
-) -> Result<Vec<Vec<f32>>, EmbedError> {
+) -> Result<Vec<Vec<f32>>, EvalError> {
     if let Some(empty) = sequences.iter().position(Vec::is_empty) {
         return Err(ModelError::Batch(format!("sequence {empty} has no tokens")).into());
     }
@@ -268,7 +233,7 @@ impl Retrieval {
     /// `Title: …\nBackground: PARAGRAPH\nQuestion: QUESTION\nAnswer:`. Keeps
     /// the first `limit` documents (by `doc_id`, first line of each) and the
     /// distinct paragraphs they ask about.
-    pub fn read(dir: &Path, limit: Option<usize>) -> Result<Retrieval, EmbedError> {
+    pub fn read(dir: &Path, limit: Option<usize>) -> Result<Retrieval, EvalError> {
         let plain = dir.join("requests.jsonl");
         let gz = dir.join("requests.jsonl.gz");
         let path = if !gz.exists() && plain.exists() {
@@ -276,7 +241,7 @@ impl Retrieval {
         } else {
             gz
         };
-        let file = std::fs::File::open(&path).map_err(|source| EmbedError::Io {
+        let file = std::fs::File::open(&path).map_err(|source| EvalError::Io {
             path: path.clone(),
             source,
         })?;
@@ -296,7 +261,7 @@ impl Retrieval {
         path: &Path,
         reader: impl BufRead,
         limit: Option<usize>,
-    ) -> Result<Retrieval, EmbedError> {
+    ) -> Result<Retrieval, EvalError> {
         let mut questions: Vec<Question> = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         let mut paragraphs: Vec<String> = Vec::new();
@@ -305,7 +270,7 @@ impl Retrieval {
             if limit.is_some_and(|n| questions.len() >= n) {
                 break;
             }
-            let bad = |message: String| EmbedError::Line {
+            let bad = |message: String| EvalError::Line {
                 path: path.to_path_buf(),
                 line: i + 1,
                 message,
@@ -336,7 +301,7 @@ impl Retrieval {
             });
         }
         if questions.is_empty() {
-            return Err(EmbedError::Data {
+            return Err(EvalError::Data {
                 what: path.display().to_string(),
                 message: "no questions".into(),
             });
@@ -449,8 +414,8 @@ pub struct ArrowTable {
 
 impl ArrowTable {
     /// Reads every record batch of the stream at `path`.
-    pub fn read(path: &Path) -> Result<ArrowTable, EmbedError> {
-        let file = std::fs::File::open(path).map_err(|source| EmbedError::Io {
+    pub fn read(path: &Path) -> Result<ArrowTable, EvalError> {
+        let file = std::fs::File::open(path).map_err(|source| EvalError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -458,8 +423,8 @@ impl ArrowTable {
     }
 
     /// [`ArrowTable::read`] on a stream; `path` names it in errors.
-    pub fn from_reader(path: &Path, reader: impl Read) -> Result<ArrowTable, EmbedError> {
-        let bad = |e: arrow_schema::ArrowError| EmbedError::Arrow {
+    pub fn from_reader(path: &Path, reader: impl Read) -> Result<ArrowTable, EvalError> {
+        let bad = |e: arrow_schema::ArrowError| EvalError::Arrow {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
@@ -493,8 +458,8 @@ impl ArrowTable {
         &self.columns
     }
 
-    fn column_error(&self, column: &str, message: String) -> EmbedError {
-        EmbedError::Column {
+    fn column_error(&self, column: &str, message: String) -> EvalError {
+        EvalError::Column {
             path: self.path.clone(),
             column: column.to_string(),
             message,
@@ -502,7 +467,7 @@ impl ArrowTable {
     }
 
     /// The column's array in each batch; an error names the columns there are.
-    fn arrays(&self, column: &str) -> Result<Vec<ArrayRef>, EmbedError> {
+    fn arrays(&self, column: &str) -> Result<Vec<ArrayRef>, EvalError> {
         if !self.columns.iter().any(|c| c == column) {
             return Err(self.column_error(
                 column,
@@ -520,7 +485,7 @@ impl ArrowTable {
     }
 
     /// A string column (`Utf8`, `LargeUtf8` or `Utf8View`), no nulls.
-    pub fn strings(&self, column: &str) -> Result<Vec<String>, EmbedError> {
+    pub fn strings(&self, column: &str) -> Result<Vec<String>, EvalError> {
         let mut out = Vec::with_capacity(self.num_rows());
         for array in self.arrays(column)? {
             let row0 = out.len();
@@ -565,7 +530,7 @@ impl ArrowTable {
 
     /// A column of non-negative integers or booleans (`false` 0, `true` 1),
     /// no nulls: class labels, ids.
-    pub fn integers(&self, column: &str) -> Result<Vec<u64>, EmbedError> {
+    pub fn integers(&self, column: &str) -> Result<Vec<u64>, EvalError> {
         let mut out = Vec::with_capacity(self.num_rows());
         for array in self.arrays(column)? {
             let row0 = out.len();
@@ -689,7 +654,7 @@ pub struct ProbeTask {
 impl ProbeTask {
     /// Reads `spec`'s columns from the Arrow file at `path`, the first
     /// `limit` rows (all without a limit).
-    pub fn read(spec: &ProbeSpec, path: &Path, limit: Option<usize>) -> Result<Self, EmbedError> {
+    pub fn read(spec: &ProbeSpec, path: &Path, limit: Option<usize>) -> Result<Self, EvalError> {
         let table = ArrowTable::read(path)?;
         let n = limit.map_or(table.num_rows(), |l| l.min(table.num_rows()));
         let columns = spec
@@ -795,10 +760,10 @@ pub fn cross_validate(
     features: &[Vec<f32>],
     labels: &[u32],
     config: &ProbeConfig,
-) -> Result<ProbeResult, EmbedError> {
+) -> Result<ProbeResult, EvalError> {
     let n = labels.len();
     let k = config.folds;
-    let data_error = |message: String| EmbedError::Data {
+    let data_error = |message: String| EvalError::Data {
         what: "linear probe".into(),
         message,
     };

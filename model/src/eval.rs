@@ -33,7 +33,8 @@ use crate::{Flavour, ModelBackend, ModernBert, TokenBatch};
 /// The metrics [`Task::score`] computes.
 pub const METRICS: [&str; 4] = ["acc_raw", "acc_per_token", "acc_per_char", "acc_uncond"];
 
-/// A task that cannot be read or scored; names the file (and line).
+/// A task (log-likelihood or embedding) that cannot be read or scored;
+/// names the file (and line or column).
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     /// A file could not be read.
@@ -53,9 +54,28 @@ pub enum EvalError {
     /// The task's config is not usable.
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
+    /// A file is not an Arrow IPC stream (the embedding tasks' splits).
+    #[error("{path}: not a readable Arrow IPC stream: {message}")]
+    Arrow { path: PathBuf, message: String },
+    /// A column is missing or holds the wrong values.
+    #[error("{path}: column {column:?}: {message}")]
+    Column {
+        path: PathBuf,
+        column: String,
+        message: String,
+    },
+    /// The data cannot support the task (too few items, one class, …).
+    #[error("{what}: {message}")]
+    Data { what: String, message: String },
     /// The model refused a batch.
     #[error(transparent)]
     Model(#[from] ObjectiveError),
+}
+
+impl From<crate::ModelError> for EvalError {
+    fn from(e: crate::ModelError) -> Self {
+        EvalError::Model(ObjectiveError::from(e))
+    }
 }
 
 /// One `loglikelihood` request.

@@ -19,9 +19,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use twinhead_model::CpuBackend as B;
 use twinhead_model::embed::{
-    ArrowTable, EmbedError, PROBE_TASKS, ProbeConfig, ProbeTask, Retrieval, cross_validate, embed,
+    ArrowTable, PROBE_TASKS, ProbeConfig, ProbeTask, Retrieval, cross_validate, embed,
     fold_assignment, frame, gold_rank, mrr_at, ndcg_at,
 };
+use twinhead_model::eval::EvalError;
 use twinhead_model::hf;
 
 fn fixtures() -> PathBuf {
@@ -426,7 +427,7 @@ fn a_missing_or_foreign_file_is_named() {
         .path()
         .join("glue/sst2/validation/data-00000-of-00001.arrow");
     let e = ArrowTable::read(&missing).expect_err("missing");
-    assert!(matches!(e, EmbedError::Io { .. }));
+    assert!(matches!(e, EvalError::Io { .. }));
     assert!(e.to_string().contains("glue/sst2/validation"), "{e}");
     let junk = dir.path().join("junk.arrow");
     std::fs::write(&junk, b"not arrow at all").expect("write");

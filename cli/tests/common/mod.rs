@@ -143,3 +143,33 @@ pub fn hand_task(root: &Path, docs: u64) -> PathBuf {
 pub fn one_or_two_thirds(x: f64) -> bool {
     (x - 1.0 / 3.0).abs() < 1e-9 || (x - 2.0 / 3.0).abs() < 1e-9
 }
+
+/// A randomly initialised `tiny`-shaped model with a BPE tokenizer trained
+/// on the fixtures, saved as a Hugging Face folder.
+pub fn tiny_model_dir(root: &Path, flavour: twinhead_model::Flavour) -> PathBuf {
+    let mut texts = Vec::new();
+    for entry in
+        std::fs::read_dir(repo_root().join("dataprep/tests/fixtures/books")).expect("books")
+    {
+        texts.push(std::fs::read_to_string(entry.expect("entry").path()).expect("read"));
+    }
+    let tokenizer =
+        twinhead_dataprep::tokenizer::train_bpe(texts.iter().map(String::as_str), 512, 2)
+            .expect("train tokenizer");
+    let mut config = twinhead_model::ModelConfig::builtin("tiny").expect("tiny");
+    config.vocab_size = 512;
+    config.max_position_embeddings = 128;
+    let model = twinhead_model::ModernBert::<twinhead_model::CpuBackend>::new(
+        &config,
+        flavour,
+        7,
+        &Default::default(),
+    );
+    let dir = root.join(match flavour {
+        twinhead_model::Flavour::Encoder => "encoder",
+        twinhead_model::Flavour::Decoder => "decoder",
+    });
+    twinhead_model::hf::save(&model, &dir).expect("save");
+    std::fs::write(dir.join("tokenizer.json"), tokenizer).expect("write tokenizer");
+    dir
+}

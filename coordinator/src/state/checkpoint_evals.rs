@@ -11,7 +11,6 @@ use twinhead_proto::v1::{
 
 use super::{Effects, State};
 use crate::Error;
-use crate::store::WorkerStatus;
 
 /// Workers that may take one checkpoint's tasks (and die or leave with
 /// them) before it is marked failed.
@@ -62,16 +61,10 @@ impl State {
     /// Hands pending checkpoint evaluations, oldest run first, to live
     /// workers that are in no world and hold no evaluation.
     pub(super) fn assign_checkpoint_evals(&mut self, now_ms: i64, fx: &mut Effects) {
-        let mut free: Vec<(u64, String)> = self
-            .workers
-            .values()
-            .filter(|w| w.row.status == WorkerStatus::Alive && w.world.is_none() && w.job.is_none())
-            .map(|w| (w.row.seq, w.row.id.clone()))
-            .collect();
+        let free = self.free_workers();
         if free.is_empty() {
             return;
         }
-        free.sort();
         let mut pending: Vec<(u64, String, usize)> = self
             .runs
             .values()
@@ -85,7 +78,7 @@ impl State {
             })
             .collect();
         pending.sort();
-        for ((_, worker_id), (_, run_id, index)) in free.into_iter().zip(pending) {
+        for (worker_id, (_, run_id, index)) in free.into_iter().zip(pending) {
             let Some(job) = self
                 .runs
                 .get_mut(&run_id)

@@ -198,6 +198,23 @@ impl Coordinator {
             let _ = handle.await;
         }
     }
+
+    /// Kills the server abruptly and starts a new one on the same address
+    /// and database (default leases, no tokens): a crash and a restart.
+    pub async fn crash_and_restart(self) -> Coordinator {
+        let (addr, db) = (self.addr, self.db.clone());
+        self.abort().await;
+        Coordinator::start_on(
+            addr,
+            ServerConfig {
+                db,
+                user_token: None,
+                worker_token: None,
+                leases: LeaseSettings::default(),
+            },
+        )
+        .await
+    }
 }
 
 /// A small valid run: tiny model, 2 ranks, global batch 4, two phases of
