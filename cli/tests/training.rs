@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{hand_task, one_or_two_thirds};
+use common::{fixture_data_config, hand_task, one_or_two_thirds};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -115,52 +115,9 @@ impl Setup {
     }
 }
 
-/// A two-phase dataset (seq 64, then 256) from the committed fixtures,
-/// with a held-out split (two documents per source).
+/// The two-phase fixture dataset, built in `dir`.
 fn dataset(dir: &Path) -> String {
-    let f = repo().join("dataprep/tests/fixtures");
-    let f = f.display();
-    let config = format!(
-        r#"
-name = "train-fixture"
-on_error = "skip"
-[tokenizer]
-train = {{ vocab_size = 512, min_frequency = 2 }}
-[output]
-rows_per_shard = 64
-rows_per_row_group = 16
-[eval]
-fraction = 0.3
-max_docs = 2
-[[sources]]
-name = "books"
-input = "{f}/books/*.txt"
-format = "text"
-[[sources]]
-name = "code"
-input = "{f}/code"
-format = "text"
-extensions = ["rs"]
-[[phases]]
-name = "short"
-seq_len = 64
-tokens = 8192
-seed = 21
-[phases.weights]
-books = 1.0
-code = 1.0
-[[phases]]
-name = "long"
-seq_len = 256
-tokens = 8192
-seed = 22
-[phases.weights]
-books = 2.0
-code = 1.0
-"#
-    );
-    let path = dir.join("data.toml");
-    std::fs::write(&path, config).expect("config");
+    let path = fixture_data_config(dir);
     let out = format!("file://{}", dir.join("data").display());
     let report = twinhead_dataprep::build(&path, &out, 1, &twinhead_dataprep::NoProgress)
         .expect("dataset builds");

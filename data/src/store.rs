@@ -1,5 +1,6 @@
 //! Object storage for datasets and checkpoints: local paths, `file://` URLs
-//! and (with the crate's `cloud` feature) `s3://`, `gs://`, `az://`, behind
+//! and (with the crate's `cloud` feature, which the `twinhead` binary turns
+//! on by default) `s3://`, `gs://`, `az://`, behind
 //! one small synchronous API.
 //!
 //! Every call blocks on one process-wide, never-dropped tokio runtime (one
@@ -116,6 +117,21 @@ fn without_dots(path: &std::path::Path) -> PathBuf {
     out
 }
 
+/// The environment variables that configure cloud stores: `AWS_*`,
+/// `GOOGLE_*` and `AZURE_*` (object_store's names, e.g. `AWS_ENDPOINT`,
+/// `AWS_ALLOW_HTTP`). object_store also takes unprefixed keys (`REGION`,
+/// `TOKEN`, `ENDPOINT`), which in a process environment mean something
+/// else, so they are left out.
+fn store_env(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    vars.filter(|(key, _)| {
+        let key = key.to_ascii_uppercase();
+        ["AWS_", "GOOGLE_", "AZURE_"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+    })
+    .collect()
+}
+
 impl Location {
     /// Opens `url` (a local path, `file://` URL or cloud URL) as a folder.
     /// With `create`, a missing local folder is created (cloud stores have
@@ -158,9 +174,7 @@ impl Location {
             });
         }
         let parsed = url::Url::parse(trimmed).map_err(|e| url_err(e.to_string()))?;
-        // Credentials and options come from the environment (AWS_*, GOOGLE_*,
-        // AZURE_* variables; unknown variables are ignored).
-        let (store, prefix) = object_store::parse_url_opts(&parsed, std::env::vars())
+        let (store, prefix) = object_store::parse_url_opts(&parsed, store_env(std::env::vars()))
             .map_err(|e| url_err(format!("{e} (cloud stores need the `cloud` feature)")))?;
         Ok(Self {
             rt,
@@ -410,6 +424,33 @@ mod tests {
             "the emptied folder is gone too"
         );
         Ok(())
+    }
+
+    #[test]
+    fn only_the_cloud_variables_of_the_environment_configure_stores() {
+        let vars = [
+            ("AWS_ENDPOINT", "http://127.0.0.1:9000"),
+            ("aws_allow_http", "true"),
+            ("GOOGLE_SERVICE_ACCOUNT", "key.json"),
+            ("AZURE_STORAGE_ACCOUNT_NAME", "acct"),
+            ("TOKEN", "a user's own variable"),
+            ("REGION", "eu"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let kept: Vec<String> = store_env(vars.into_iter())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "AWS_ENDPOINT",
+                "aws_allow_http",
+                "GOOGLE_SERVICE_ACCOUNT",
+                "AZURE_STORAGE_ACCOUNT_NAME"
+            ]
+        );
     }
 
     #[cfg(not(feature = "cloud"))]

@@ -173,3 +173,53 @@ pub fn tiny_model_dir(root: &Path, flavour: twinhead_model::Flavour) -> PathBuf 
     std::fs::write(dir.join("tokenizer.json"), tokenizer).expect("write tokenizer");
     dir
 }
+
+/// A two-phase dataset config (`train-fixture`: seq 64, then 256) over the
+/// committed fixtures, with a held-out split (two documents per source),
+/// written to `dir/data.toml`.
+pub fn fixture_data_config(dir: &Path) -> PathBuf {
+    let f = repo_root().join("dataprep/tests/fixtures");
+    let f = f.display();
+    let config = format!(
+        r#"
+name = "train-fixture"
+on_error = "skip"
+[tokenizer]
+train = {{ vocab_size = 512, min_frequency = 2 }}
+[output]
+rows_per_shard = 64
+rows_per_row_group = 16
+[eval]
+fraction = 0.3
+max_docs = 2
+[[sources]]
+name = "books"
+input = "{f}/books/*.txt"
+format = "text"
+[[sources]]
+name = "code"
+input = "{f}/code"
+format = "text"
+extensions = ["rs"]
+[[phases]]
+name = "short"
+seq_len = 64
+tokens = 8192
+seed = 21
+[phases.weights]
+books = 1.0
+code = 1.0
+[[phases]]
+name = "long"
+seq_len = 256
+tokens = 8192
+seed = 22
+[phases.weights]
+books = 2.0
+code = 1.0
+"#
+    );
+    let path = dir.join("data.toml");
+    std::fs::write(&path, config).expect("config");
+    path
+}
