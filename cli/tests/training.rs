@@ -747,6 +747,60 @@ fn committed_checkpoints_are_scored_on_the_runs_tasks_as_twinhead_eval_scores_th
     );
 }
 
+#[test]
+fn a_failure_no_retry_can_fix_fails_the_run_at_once_with_its_message() {
+    let setup = Setup::new(1);
+    let ckpt = setup.dir.path().join("ckpt");
+    let recipe = Recipe::new("wrong-seq-len", &setup.data, 1, &ckpt);
+    let config = recipe.write(setup.dir.path());
+    // The dataset's first phase has rows of 64 tokens; the run asks for 128.
+    let out = twinhead()
+        .args([
+            "submit",
+            "--json",
+            "--coordinator",
+            &setup.url,
+            "--set",
+            "phases[0].seq_len=128",
+        ])
+        .arg(&config)
+        .output()
+        .expect("submit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["run_id"]
+        .as_str()
+        .expect("run_id")
+        .to_string();
+    let _worker = worker(&setup.url, &setup.logs[0]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let failed = loop {
+        let s = status(&setup.url, &run);
+        if s["state"] == "failed" {
+            break s;
+        }
+        assert!(
+            s["state"] != "completed" && Instant::now() < deadline,
+            "{s}\n{}",
+            dump(&setup.logs)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let message = failed["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("seq_len") && message.contains("a retry cannot fix this"),
+        "{message}"
+    );
+    assert_eq!(
+        failed["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "one world, not max_restarts of them: {failed}"
+    );
+}
+
 /// Held-out loss every 1,536 tokens on at most 12 rows.
 const HELD_OUT_EVERY_1536: &str = "[eval]\nevery_tokens = 1536\nmax_rows = 12";
 

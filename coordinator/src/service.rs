@@ -355,19 +355,12 @@ impl WorkerService for Services {
         &self,
         request: Request<ReportFailureRequest>,
     ) -> Result<Response<WorkerAck>, Status> {
-        let ReportFailureRequest {
-            worker_id,
-            world_id,
-            message,
-            bad_checkpoint,
-        } = request.into_inner();
-        required("worker_id", &worker_id)?;
-        required("world_id", &world_id)?;
+        let report = request.into_inner();
+        required("worker_id", &report.worker_id)?;
+        required("world_id", &report.world_id)?;
         let result = self
             .coordinator
-            .apply(|s, now, fx| {
-                s.failure(&worker_id, &world_id, &message, &bad_checkpoint, now, fx)
-            })
+            .apply(|s, now, fx| s.failure(&report, now, fx))
             .await?;
         Ok(ack(result))
     }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use twinhead_proto::v1::{
     Assignment, Attempt, Checkpoint, CheckpointEvalState, PhaseProgress, ReportEvalRequest,
-    ReportProgressRequest, Run, RunEvent, RunEventKind, RunSpec, RunState, WorkerAction,
+    ReportFailureRequest, ReportProgressRequest, Run, RunEvent, RunEventKind, RunSpec, RunState,
+    WorkerAction,
 };
 use twinhead_proto::{num_steps, validate_run_spec};
 
@@ -18,6 +19,9 @@ use crate::scheduler::{self, WaitingRun};
 
 mod checkpoint_evals;
 use crate::store::{ProgressRow, Snapshot, WorkerRow, WorkerStatus, Write};
+
+/// The longest wait before a run whose worlds keep failing is re-formed.
+const MAX_RETRY_DELAY_MS: i64 = 60_000;
 
 /// The longest rendezvous token a world may publish.
 pub const MAX_RENDEZVOUS_TOKEN: usize = 4096;
@@ -453,9 +457,6 @@ impl State {
             })
             .map(|w| (w.row.seq, w.row.id.clone()))
             .collect();
-        if expired.is_empty() {
-            return;
-        }
         expired.sort();
         for (_, id) in expired {
             let Some(worker) = self.workers.get_mut(&id) else {
@@ -520,6 +521,21 @@ impl State {
             return;
         }
         let run = &mut entry.run;
+        // Worlds that fail again from the same checkpoint (no progress in
+        // between) are re-formed after 1, 2, 4… up to 60 s: a store or a
+        // network that is down gets time to come back before the restarts
+        // run out.
+        let from = run.attempts.last().map(|a| a.start_checkpoint.clone());
+        let in_a_row = run
+            .attempts
+            .iter()
+            .rev()
+            .take_while(|a| a.failed && Some(&a.start_checkpoint) == from.as_ref())
+            .count();
+        if in_a_row >= 2 {
+            let delay = (1000i64 << (in_a_row - 2).min(6)).min(MAX_RETRY_DELAY_MS);
+            run.retry_after_ms = now_ms + delay;
+        }
         let failures = run.attempts.iter().filter(|a| a.failed).count();
         let allowed = run.spec.as_ref().map_or(0, |s| s.max_restarts) as usize;
         if failures > allowed && !is_terminal(run) {
@@ -561,6 +577,7 @@ impl State {
             .runs
             .values()
             .filter(|e| !is_terminal(&e.run) && active(&e.run).is_none())
+            .filter(|e| e.run.retry_after_ms <= now_ms)
             .filter_map(|e| {
                 let spec = e.run.spec.as_ref()?;
                 Some((
@@ -593,6 +610,7 @@ impl State {
                 continue;
             };
             let run = &mut entry.run;
+            run.retry_after_ms = 0;
             let start_checkpoint = run.checkpoints.last().cloned();
             let from = start_checkpoint
                 .as_ref()
@@ -936,13 +954,18 @@ impl State {
     /// re-formed from the last committed checkpoint.
     pub fn failure(
         &mut self,
-        worker_id: &str,
-        world_id: &str,
-        message: &str,
-        bad_checkpoint: &str,
+        req: &ReportFailureRequest,
         now_ms: i64,
         fx: &mut Effects,
     ) -> Result<(WorkerAction, String), Error> {
+        let ReportFailureRequest {
+            worker_id,
+            world_id,
+            message,
+            bad_checkpoint,
+            permanent,
+        } = req;
+        let (worker_id, world_id, permanent) = (worker_id.as_str(), world_id.as_str(), *permanent);
         let rank = match self.membership(worker_id, world_id)? {
             Ok(rank) => rank,
             Err(reason) => return Ok((WorkerAction::Abort, reason)),
@@ -953,10 +976,19 @@ impl State {
             message.trim()
         );
         if !bad_checkpoint.is_empty() {
-            self.forget_checkpoint(&run_id, bad_checkpoint, fx);
+            self.forget_checkpoint(&run_id, bad_checkpoint.as_str(), fx);
         }
-        tracing::warn!(run = %run_id, world = %world_id, %reason, "world failed");
+        tracing::warn!(run = %run_id, world = %world_id, %reason, permanent, "world failed");
         self.end_world(&run_id, &reason, true, now_ms, fx);
+        if permanent
+            && let Some(entry) = self.runs.get_mut(&run_id)
+            && !is_terminal(&entry.run)
+        {
+            entry.run.state = RunState::Failed as i32;
+            entry.run.message = format!("{reason} (a retry cannot fix this)");
+            let message = entry.run.message.clone();
+            fx.event(&run_id, RunEventKind::StateChanged, message);
+        }
         self.form_worlds(now_ms, fx);
         Ok((WorkerAction::Abort, reason))
     }
@@ -1202,15 +1234,76 @@ mod tests {
     }
 
     #[test]
+    fn worlds_failing_again_wait_longer_each_time_and_a_permanent_failure_ends_the_run() {
+        let t0 = Instant::now();
+        let (mut state, run_id, ids) = started(&["max_restarts=10"], 2, t0);
+        let fail = |state: &mut State, now_ms: i64, permanent: bool| {
+            let (world, _) = world_of(state, &ids[0]).expect("a world to fail");
+            let report = ReportFailureRequest {
+                worker_id: ids[1].clone(),
+                world_id: world,
+                message: "the store timed out".into(),
+                permanent,
+                ..Default::default()
+            };
+            let mut fx = Effects::default();
+            state.failure(&report, now_ms, &mut fx).expect("reported");
+        };
+        let tick = |state: &mut State, now_ms: i64| {
+            let mut fx = Effects::default();
+            state.expire_leases(t0, LEASE, now_ms, &mut fx);
+        };
+        let retry_after = |state: &State| state.run(&run_id).expect("run").retry_after_ms;
+        // A first failure is re-formed at once (a lost worker is replaced).
+        fail(&mut state, 1_000, false);
+        assert!(world_of(&state, &ids[0]).is_some());
+        assert_eq!(retry_after(&state), 0);
+        // Again from the same checkpoint: 1 s, then 2 s.
+        fail(&mut state, 2_000, false);
+        assert!(world_of(&state, &ids[0]).is_none());
+        assert_eq!(retry_after(&state), 3_000);
+        tick(&mut state, 2_999);
+        assert!(
+            world_of(&state, &ids[0]).is_none(),
+            "not before the backoff"
+        );
+        tick(&mut state, 3_000);
+        assert!(
+            world_of(&state, &ids[0]).is_some(),
+            "the reaper's tick re-forms it"
+        );
+        assert_eq!(retry_after(&state), 0);
+        fail(&mut state, 4_000, false);
+        assert_eq!(retry_after(&state), 6_000);
+        tick(&mut state, 6_000);
+        // A failure a retry cannot fix ends the run with its message.
+        fail(&mut state, 7_000, true);
+        let run = state.run(&run_id).expect("run");
+        assert_eq!(run.state, RunState::Failed as i32);
+        assert!(
+            run.message.contains("the store timed out")
+                && run.message.contains("a retry cannot fix this"),
+            "{}",
+            run.message
+        );
+        tick(&mut state, 100_000);
+        assert!(world_of(&state, &ids[0]).is_none());
+    }
+
+    #[test]
     fn failures_beyond_max_restarts_fail_the_run() {
         let t0 = Instant::now();
         let (mut state, run_id, ids) = started(&["max_restarts=1"], 2, t0);
         for attempt in 1..=2 {
             let (world, _) = world_of(&state, &ids[0]).expect("world");
             let mut fx = Effects::default();
-            let (action, _) = state
-                .failure(&ids[1], &world, "out of memory", "", attempt, &mut fx)
-                .expect("reported");
+            let report = ReportFailureRequest {
+                worker_id: ids[1].clone(),
+                world_id: world,
+                message: "out of memory".into(),
+                ..Default::default()
+            };
+            let (action, _) = state.failure(&report, attempt, &mut fx).expect("reported");
             assert_eq!(action, WorkerAction::Abort);
         }
         let run = state.run(&run_id).expect("run");

@@ -767,6 +767,7 @@ async fn an_unusable_checkpoint_is_dropped_and_the_run_steps_back() {
             world_id: next.world_id.clone(),
             message: "checkpoint unreadable".into(),
             bad_checkpoint: bad.clone(),
+            ..Default::default()
         })
         .await
         .expect("failure");

@@ -43,7 +43,22 @@ impl StoreError {
     /// Whether the same call may succeed later: the store or the runtime
     /// failed, rather than the URL or the object being wrong.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Store { .. } | StoreError::Runtime(_))
+        match self {
+            StoreError::Runtime(_) => true,
+            // Refused credentials, a missing permission or an unsupported
+            // call stay so on a retry; anything else (a timeout, a 5xx, a
+            // closed connection) may not.
+            StoreError::Store { source, .. } => !matches!(
+                source,
+                object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::UnknownConfigurationKey { .. }
+            ),
+            StoreError::Url { .. } | StoreError::NotFound { .. } => false,
+        }
     }
 }
 

@@ -132,6 +132,28 @@ pub enum TrainError {
     Failed(String),
 }
 
+impl TrainError {
+    /// Whether a retry cannot fix it: a spec, data or optimizer state that
+    /// is wrong, or a store that refuses the credentials. The run fails at
+    /// once instead of burning its restarts.
+    pub fn permanent(&self) -> bool {
+        match self {
+            TrainError::Spec(_) | TrainError::Optimizer(_) | TrainError::Objective(_) => true,
+            TrainError::Data(e) => match e {
+                LoaderError::Store(store) => !store.is_transient(),
+                LoaderError::PrefetchStopped { .. } | LoaderError::OrderLog { .. } => false,
+                _ => true,
+            },
+            TrainError::Checkpoint(CheckpointError::Store(store)) => !store.is_transient(),
+            TrainError::Checkpoint(_)
+            | TrainError::Collective(_)
+            | TrainError::Aborted(_)
+            | TrainError::BadCheckpoint { .. }
+            | TrainError::Failed(_) => false,
+        }
+    }
+}
+
 /// The training side of a worker. It runs on a thread of its own and talks
 /// to the coordinator only through the [`Link`].
 pub trait Trainer: Send + 'static {
@@ -578,7 +600,8 @@ impl<'a> Session<'a> {
                         TrainError::BadCheckpoint { url, .. } => url.clone(),
                         _ => String::new(),
                     };
-                    self.fail_with(&world_id, &e.to_string(), &bad).await;
+                    self.fail_with(&world_id, &e.to_string(), &bad, e.permanent())
+                        .await;
                     self.abort.leave();
                 }
             }
@@ -966,16 +989,23 @@ impl<'a> Session<'a> {
     }
 
     async fn fail(&self, world_id: &str, message: &str) {
-        self.fail_with(world_id, message, "").await;
+        self.fail_with(world_id, message, "", false).await;
     }
 
-    async fn fail_with(&self, world_id: &str, message: &str, bad_checkpoint: &str) {
+    async fn fail_with(
+        &self,
+        world_id: &str,
+        message: &str,
+        bad_checkpoint: &str,
+        permanent: bool,
+    ) {
         let mut client = self.client.clone();
         let request = ReportFailureRequest {
             worker_id: self.worker_id.clone(),
             world_id: world_id.to_string(),
             message: message.to_string(),
             bad_checkpoint: bad_checkpoint.to_string(),
+            permanent,
         };
         if let Err(s) = client.report_failure(request).await {
             tracing::warn!(error = %s.message(), "could not report the failure; the lease will end the world");
@@ -1014,6 +1044,61 @@ async fn heartbeat(
                 return;
             }
             Err(s) => tracing::debug!(error = %s.message(), "heartbeat failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinhead_data::store::StoreError;
+
+    fn store(source: object_store::Error) -> StoreError {
+        StoreError::Store {
+            location: "s3://bucket/run-1".into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn failures_a_retry_cannot_fix_are_permanent_and_the_rest_are_not() {
+        let timeout = || {
+            store(object_store::Error::Generic {
+                store: "S3",
+                source: "connection reset".into(),
+            })
+        };
+        let denied = || {
+            store(object_store::Error::PermissionDenied {
+                path: "run-1/manifest.json".into(),
+                source: "403 Forbidden".into(),
+            })
+        };
+        let permanent = [
+            TrainError::Spec("phases[0].seq_len: 0".into()),
+            TrainError::Data(LoaderError::SeqLen {
+                location: "s3://bucket/data/manifest.json".into(),
+                phase: "pretrain".into(),
+                manifest: 1024,
+                spec: 512,
+            }),
+            TrainError::Data(LoaderError::Store(denied())),
+            TrainError::Checkpoint(CheckpointError::Store(denied())),
+        ];
+        for e in &permanent {
+            assert!(e.permanent(), "{e}");
+        }
+        let transient = [
+            TrainError::Data(LoaderError::Store(timeout())),
+            TrainError::Checkpoint(CheckpointError::Store(timeout())),
+            TrainError::Aborted("a peer died".into()),
+            TrainError::BadCheckpoint {
+                url: "s3://bucket/ckpt".into(),
+                message: "sha256 mismatch".into(),
+            },
+        ];
+        for e in &transient {
+            assert!(!e.permanent(), "{e}");
         }
     }
 }

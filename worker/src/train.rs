@@ -41,7 +41,8 @@ use twinhead_proto::v1::{
 };
 
 use crate::checkpoint::{
-    self, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, NamedTensors, OptimizerState,
+    self, CheckpointError, CheckpointInfo, CheckpointSnapshot, CheckpointWriter, NamedTensors,
+    OptimizerState,
 };
 use crate::collective::Collective;
 use crate::held_out;
@@ -604,7 +605,8 @@ impl<B: TrainBackend> BurnTrainer<B> {
                     url: c.url.clone(),
                     message,
                 };
-                let loaded = checkpoint::load(&c.url).map_err(|e| bad(e.to_string()))?;
+                let loaded =
+                    checkpoint::load(&c.url).map_err(|e| start_checkpoint_error(&c.url, e))?;
                 values =
                     Some(match_tensors(&params, loaded.model).map_err(|e| bad(e.to_string()))?);
                 optimizer
@@ -662,6 +664,22 @@ impl<B: TrainBackend> BurnTrainer<B> {
             s.model = model;
         }
         Ok(())
+    }
+}
+
+/// Why the checkpoint a world starts from could not be loaded. A store
+/// that cannot be reached says nothing about the checkpoint: the world
+/// fails and retries it. Anything else (missing, torn, corrupt) makes it
+/// unusable, and the coordinator steps back to the one before.
+fn start_checkpoint_error(url: &str, e: CheckpointError) -> TrainError {
+    match e {
+        CheckpointError::Store(store) if store.is_transient() => {
+            TrainError::Checkpoint(CheckpointError::Store(store))
+        }
+        e => TrainError::BadCheckpoint {
+            url: url.to_string(),
+            message: e.to_string(),
+        },
     }
 }
 
@@ -1215,6 +1233,36 @@ mod tests {
         let tokens = TokenBatch::new(&rows, None).expect("batch");
         let masking = MaskingConfig::from_model(config, 0.3);
         objectives::mlm_batch(&tokens, &masking, &mut ChaCha8Rng::seed_from_u64(3)).expect("mlm")
+    }
+
+    #[test]
+    fn an_unreachable_store_does_not_make_the_start_checkpoint_unusable() {
+        use twinhead_data::store::StoreError;
+        let url = "s3://bucket/ckpt/run-1/0-short/step-0000002";
+        let unreachable = CheckpointError::Store(StoreError::Store {
+            location: url.into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: "connection refused".into(),
+            },
+        });
+        match start_checkpoint_error(url, unreachable) {
+            TrainError::Checkpoint(CheckpointError::Store(_)) => {}
+            other => panic!("a transient store error became {other}"),
+        }
+        for unusable in [
+            CheckpointError::NotCommitted {
+                location: url.into(),
+            },
+            CheckpointError::Store(StoreError::NotFound {
+                location: format!("{url}/state.json"),
+            }),
+        ] {
+            match start_checkpoint_error(url, unusable) {
+                TrainError::BadCheckpoint { url: bad, .. } => assert_eq!(bad, url),
+                other => panic!("expected an unusable checkpoint, got {other}"),
+            }
+        }
     }
 
     #[test]
