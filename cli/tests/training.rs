@@ -1163,6 +1163,59 @@ fn a_worker_sent_sigterm_checkpoints_its_step_leaves_and_the_run_resumes_there()
 }
 
 #[test]
+fn a_worker_asked_to_leave_while_the_coordinator_is_down_exits_within_5_s_with_its_checkpoint_committed()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dataset(dir.path());
+    let (coordinator, url) = coordinator(&dir.path().join("c.db"));
+    let ckpt = dir.path().join("ckpt");
+    // 12 steps and checkpoints only at phase ends: a checkpoint inside the
+    // phase can only come from the stop.
+    let recipe = Recipe {
+        short_tokens: 6144,
+        every_tokens: 0,
+        ..Recipe::new("unreachable", &data, 1, &ckpt)
+    };
+    let run = submit(&url, &recipe.write(dir.path()));
+    let logs = vec![dir.path().join("w.log")];
+    let mut leaves = worker(&url, &logs[0]);
+    wait_for(&url, &run, &logs, "no progress", |s| {
+        s["phases"][0]["steps_done"].as_u64().unwrap_or(0) >= 2
+    });
+    drop(coordinator);
+    let asked = Instant::now();
+    signal(&leaves, "TERM");
+    let exit = wait_exit(&mut leaves, &logs);
+    let took = asked.elapsed();
+    eprintln!("the worker exited {took:?} after SIGTERM");
+    assert_eq!(exit.code(), Some(75), "exit status\n{}", dump(&logs));
+    assert!(
+        took < Duration::from_secs(5),
+        "left after {took:?}\n{}",
+        dump(&logs)
+    );
+    // The step it stopped at is committed on storage, whole.
+    let phase = ckpt.join(&run).join("0-short");
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&phase)
+        .expect("checkpoints of the phase")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        })
+        .collect();
+    steps.sort();
+    let newest = steps.last().expect("a checkpoint from the stop");
+    let loaded = twinhead_worker::checkpoint::load(&format!("file://{}", newest.display()))
+        .expect("the stop's checkpoint loads");
+    assert!(
+        loaded.state.info.step >= 2 && loaded.state.info.step < 12,
+        "{:?}",
+        loaded.state.info
+    );
+}
+
+#[test]
 fn a_worker_killed_while_writing_a_checkpoint_leaves_it_unused_and_the_run_resumes_before_it() {
     let setup = Setup::new(2);
     let ckpt = setup.dir.path().join("ckpt");

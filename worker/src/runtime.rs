@@ -49,6 +49,12 @@ use crate::collective::{
 use crate::loader::LoaderError;
 use crate::optim::OptimError;
 
+/// How long a leaving worker keeps trying to reach the coordinator, for
+/// its last checkpoint's report and for the leave itself: with the
+/// coordinator down it exits within a few seconds, its checkpoint committed
+/// on storage (the run resumes from the last checkpoint it reported).
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
+
 /// Tries of a held-out evaluation report, a second apart.
 const EVAL_REPORT_TRIES: usize = 5;
 
@@ -705,9 +711,20 @@ impl<'a> Session<'a> {
             worker_id: self.worker_id.clone(),
             reason: reason.to_string(),
         };
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        // Asked to leave, the process is on its way out: a few seconds, not
+        // the half minute an idle worker may wait for a restarting
+        // coordinator.
+        let patience = if self.leave_requested() {
+            LEAVE_GRACE
+        } else {
+            Duration::from_secs(30)
+        };
+        let give_up = tokio::time::Instant::now() + patience;
         loop {
-            match client.leave(request.clone()).await {
+            let left = tokio::time::timeout_at(give_up, client.leave(request.clone()))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")));
+            match left {
                 Ok(_) => {
                     tracing::info!(worker = %self.worker_id, %reason, "left the coordinator");
                     break;
@@ -931,6 +948,10 @@ impl<'a> Session<'a> {
         };
         for attempt in 0..EVAL_REPORT_TRIES {
             if attempt > 0 {
+                if self.leave_requested() {
+                    // Leaving: the checkpoint report behind it matters more.
+                    break;
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             match self.client.clone().report_eval(request.clone()).await {
@@ -957,13 +978,30 @@ impl<'a> Session<'a> {
         checkpoint: Checkpoint,
     ) -> Result<(), TrainError> {
         let mut client = self.client.clone();
+        let mut leaving_since: Option<tokio::time::Instant> = None;
         loop {
             let request = ReportCheckpointRequest {
                 worker_id: self.worker_id.clone(),
                 world_id: a.world_id.clone(),
                 checkpoint: Some(checkpoint.clone()),
             };
-            match client.report_checkpoint(request).await {
+            if self.leave_requested() {
+                let since = *leaving_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= LEAVE_GRACE {
+                    tracing::warn!(checkpoint = %checkpoint.url, "committed but not reported: the coordinator is unreachable and this worker is leaving; the run resumes from the last checkpoint it knows");
+                    return Ok(());
+                }
+            }
+            let call = client.report_checkpoint(request);
+            let answer = if self.leave_requested() {
+                match tokio::time::timeout(LEAVE_GRACE, call).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(Status::unavailable("no answer while leaving")),
+                }
+            } else {
+                call.await
+            };
+            match answer {
                 Ok(ack) => {
                     let ack = ack.into_inner();
                     if ack.action == WorkerAction::Abort as i32 {
