@@ -173,8 +173,21 @@ pub fn notes(manifest: &Manifest) -> Vec<String> {
     let mut notes = Vec::new();
     for s in &manifest.sources {
         if let Some(n) = s.rejected.get("unreadable_input") {
+            // Each skipped input with why (a pattern that matches no file,
+            // a missing folder), as far as the manifest kept them.
+            let named: Vec<String> = s
+                .issues
+                .iter()
+                .filter(|i| i.reason == "unreadable_input")
+                .map(|i| format!("{}: {}", i.input, i.message))
+                .collect();
+            let listed = if named.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", named.join("; "))
+            };
             notes.push(format!(
-                "source {}: {n} unreadable input(s) skipped (on_error = \"skip\")",
+                "source {}: {n} unreadable input(s) skipped (on_error = \"skip\"){listed}",
                 s.name
             ));
         }

@@ -452,3 +452,70 @@ fn dedup_across_files_keeps_the_first_in_input_order() {
         assert_eq!(s.stats.dropped.get("over_limit"), Some(&1));
     }
 }
+
+/// A pattern that matches no file fails the build with the pattern in the
+/// message under `on_error = "fail"`; under `"skip"` the build goes on,
+/// counts it, and says which pattern and why.
+#[test]
+fn an_input_pattern_that_matches_no_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let books = dir.path().join("books");
+    std::fs::create_dir(&books).unwrap();
+    for i in 0..4 {
+        std::fs::write(
+            books.join(format!("{i}.txt")),
+            format!("chapter {i}: the whale and the sea and the ship and the crew. ").repeat(40),
+        )
+        .unwrap();
+    }
+    let pattern = books.join("*.md");
+    let write = |on_error: &str| {
+        let text = format!(
+            r#"
+name = "nomatch"
+on_error = "{on_error}"
+[tokenizer]
+train = {{ vocab_size = 300, min_frequency = 2 }}
+[[sources]]
+name = "books"
+input = "{books}/*.txt"
+format = "text"
+[[sources]]
+name = "notes"
+input = "{pattern}"
+format = "text"
+[[phases]]
+name = "short"
+seq_len = 32
+tokens = 2048
+seed = 1
+[phases.weights]
+books = 1.0
+"#,
+            books = books.display(),
+            pattern = pattern.display()
+        );
+        let path = dir.path().join(format!("{on_error}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let out = format!("file://{}", dir.path().join("out").display());
+    let failed = twinhead_dataprep::build(&write("fail"), &out, 1, &twinhead_dataprep::NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        failed.contains(&pattern.display().to_string()) && failed.contains("matches no file"),
+        "{failed}"
+    );
+    let built = twinhead_dataprep::build(&write("skip"), &out, 1, &twinhead_dataprep::NoProgress)
+        .expect("the build goes on");
+    let note = built
+        .notes
+        .iter()
+        .find(|n| n.contains("source notes"))
+        .unwrap_or_else(|| panic!("no note for the skipped source: {:?}", built.notes));
+    assert!(
+        note.contains(&pattern.display().to_string()) && note.contains("matches no file"),
+        "{note}"
+    );
+}
