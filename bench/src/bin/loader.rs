@@ -1,0 +1,344 @@
+//! The loader reading a phase from S3 against the local filesystem, in one
+//! run: rows/s and bytes fetched per row.
+//!
+//! Writes a phase of `--rows` rows of `--seq` tokens (vocabulary 50,368,
+//! Zipf-like token frequencies, documents of random lengths) as the shards
+//! dataprep writes (1,024 rows per shard, 256 per row group, zstd), puts
+//! them through an in-process S3 server (`s3s-fs`, loopback, signed
+//! requests), then alternates a child process reading every row from
+//! `file://` and from `s3://`, `--rounds` times each, the way the training
+//! loader's prefetch thread reads: `--batch` rows at a time, in order.
+//!
+//!     cargo run --release -p twinhead-bench --bin loader -- \
+//!         [--rows 32768] [--seq 1024] [--batch 8] [--rounds 3] [--out OUT.jsonl]
+//!
+//! Prints one JSON line per read and a summary line with the S3/local
+//! ratio of rows/s (target ≥ 0.9) and the bytes fetched per row.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use twinhead_data::formats::{Row, write_rows};
+use twinhead_worker::loader::{PhaseReader, ReaderOptions};
+
+const VOCAB: u32 = 50_368;
+const ROWS_PER_SHARD: usize = 1024;
+const ROWS_PER_GROUP: usize = 256;
+const PHASE: &str = "bench";
+const BUCKET: &str = "data";
+const ACCESS_KEY: &str = "bench";
+const SECRET_KEY: &str = "bench-secret";
+
+struct Args {
+    rows: usize,
+    seq: usize,
+    batch: u64,
+    rounds: usize,
+    out: Option<PathBuf>,
+    /// Child mode: read every row of the dataset at this URL.
+    read: Option<String>,
+    /// Child mode: put every file of a folder under a URL.
+    upload: Option<(PathBuf, String)>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        rows: 32_768,
+        seq: 1024,
+        batch: 8,
+        rounds: 3,
+        out: None,
+        read: None,
+        upload: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--rows" => args.rows = value()?.parse().context("--rows")?,
+            "--seq" => args.seq = value()?.parse().context("--seq")?,
+            "--batch" => args.batch = value()?.parse().context("--batch")?,
+            "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
+            "--out" => args.out = Some(PathBuf::from(value()?)),
+            "--read" => args.read = Some(value()?),
+            "--upload" => {
+                let dir = PathBuf::from(value()?);
+                args.upload = Some((dir, value()?));
+            }
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    if args.rows == 0 || args.seq == 0 || args.batch == 0 {
+        bail!("--rows, --seq and --batch must be positive");
+    }
+    Ok(args)
+}
+
+/// One row: documents of 64..2048 tokens, token ids log-uniform over the
+/// vocabulary (frequency ∝ 1/rank, as in text).
+fn row(rng: &mut ChaCha8Rng, seq: usize, first_key: &mut u64) -> Row {
+    let mut doc_lens = Vec::new();
+    let mut left = seq;
+    while left > 0 {
+        let len = rng.random_range(64..=2048).min(left);
+        doc_lens.push(len as u32);
+        left -= len;
+    }
+    let ln_vocab = f64::from(VOCAB).ln();
+    let input_ids = (0..seq)
+        .map(|_| ((rng.random::<f64>() * ln_vocab).exp() as u32).clamp(1, VOCAB - 1))
+        .collect();
+    let docs = doc_lens.len();
+    let doc_keys = (0..docs as u64).map(|i| *first_key + i).collect();
+    *first_key += docs as u64;
+    Row {
+        input_ids,
+        doc_lens,
+        source: vec![0; docs],
+        doc_keys,
+    }
+}
+
+/// Writes the phase's shards and manifest under `dir`; returns the bytes
+/// written.
+fn write_dataset(dir: &Path, rows: usize, seq: usize) -> anyhow::Result<u64> {
+    let phase_dir = dir.join("phases").join(PHASE);
+    std::fs::create_dir_all(&phase_dir)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut key = 0u64;
+    let mut shards = Vec::new();
+    let mut bytes = 0u64;
+    let mut written = 0usize;
+    while written < rows {
+        let n = ROWS_PER_SHARD.min(rows - written);
+        let batch: Vec<Row> = (0..n).map(|_| row(&mut rng, seq, &mut key)).collect();
+        let rel = format!("phases/{PHASE}/shard-{:05}.parquet", shards.len());
+        let encoded = write_rows(&rel, &batch, ROWS_PER_GROUP)?;
+        bytes += encoded.len() as u64;
+        let sha256 = sha256_hex(&encoded);
+        std::fs::write(dir.join(&rel), &encoded)?;
+        shards.push(json!({ "path": rel, "rows": n, "sha256": sha256 }));
+        written += n;
+    }
+    let manifest = json!({
+        "format_version": 1,
+        "program": "twinhead-bench loader",
+        "name": "loader-bench",
+        "phases": [{
+            "name": PHASE,
+            "seq_len": seq,
+            "sequences": rows,
+            "tokens": rows * seq,
+            "shards": shards,
+        }],
+    });
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    Ok(bytes)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Child mode: every row of the phase at `url`, `batch` rows per read.
+fn read_all(url: &str, batch: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut reader = PhaseReader::open(url, PHASE, phase_seq(url)?, ReaderOptions::default())?;
+    let total = reader.sequences();
+    let mut tokens = 0u64;
+    let mut first = 0;
+    while first < total {
+        let last = (first + batch).min(total);
+        let micro = reader.read_rows(first..last)?;
+        tokens += micro.input_ids.iter().map(|r| r.len() as u64).sum::<u64>();
+        first = last;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = reader.stats();
+    println!(
+        "{}",
+        json!({
+            "rows": total,
+            "tokens": tokens,
+            "seconds": seconds,
+            "bytes_fetched": stats.bytes_fetched,
+            "groups_decoded": stats.groups_decoded,
+        })
+    );
+    Ok(())
+}
+
+/// The phase's `seq_len` from the manifest (the reader checks it).
+fn phase_seq(url: &str) -> anyhow::Result<u32> {
+    let root = twinhead_data::store::Location::open(url, false)?;
+    let manifest = twinhead_data::manifest::Manifest::parse(
+        &root.name("manifest.json"),
+        &root.get("manifest.json")?,
+    )?;
+    Ok(manifest.phase(url, PHASE)?.seq_len)
+}
+
+/// An S3 server on loopback serving `root` (bucket `data` is
+/// `root/data`), on a runtime of its own. Objects are put through it (not
+/// copied in): s3s-fs keeps their checksums then, instead of hashing the
+/// whole file on every ranged GET.
+fn serve_s3(root: &Path) -> anyhow::Result<(std::net::SocketAddr, tokio::runtime::Runtime)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let fs = s3s_fs::FileSystem::new(root).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
+    runtime.spawn(async move {
+        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        builder.set_auth(s3s::auth::SimpleAuth::from_single(
+            ACCESS_KEY,
+            SECRET_KEY.to_string(),
+        ));
+        let service = builder.build();
+        let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+            return;
+        };
+        let http =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        while let Ok((socket, _)) = listener.accept().await {
+            let conn = http
+                .serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone())
+                .into_owned();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    });
+    Ok((addr, runtime))
+}
+
+/// Child mode: every file under `dir` put at `url`/its relative path, as a
+/// dataset build to `s3://` writes it.
+fn upload(dir: &Path, url: &str) -> anyhow::Result<()> {
+    let target = twinhead_data::store::Location::open(url, false)?;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir)?.to_string_lossy().replace('\\', "/");
+                target.put(&rel, std::fs::read(&path)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs this program as a child with the S3 server's variables.
+fn child(me: &Path, addr: std::net::SocketAddr, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let output = Command::new(me)
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT", format!("http://{addr}"))
+        .env("AWS_ALLOW_HTTP", "true")
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output.stdout)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if let Some(url) = &args.read {
+        return read_all(url, args.batch);
+    }
+    if let Some((dir, url)) = &args.upload {
+        return upload(dir, url);
+    }
+    let root = tempfile::tempdir()?;
+    let dataset = root.path().join("local").join("ds");
+    let bytes = write_dataset(&dataset, args.rows, args.seq)?;
+    let s3_root = root.path().join("s3");
+    std::fs::create_dir_all(s3_root.join(BUCKET))?;
+    eprintln!(
+        "wrote {} rows of {} tokens: {:.1} MB of shards",
+        args.rows,
+        args.seq,
+        bytes as f64 / 1e6
+    );
+    let (addr, _server) = serve_s3(&s3_root)?;
+    let me = std::env::current_exe()?;
+    // Through the S3 API, as a dataset build to s3:// puts its files.
+    let dataset_arg = dataset.display().to_string();
+    let target = format!("s3://{BUCKET}/ds");
+    child(&me, addr, &["--upload", &dataset_arg, &target])?;
+    let sources = [
+        ("local", format!("file://{}", dataset.display())),
+        ("s3", format!("s3://{BUCKET}/ds")),
+    ];
+    let mut out = match &args.out {
+        Some(path) => Some(std::fs::File::create(path)?),
+        None => None,
+    };
+    let mut rows_per_s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut bytes_per_row = [0f64; 2];
+    for round in 0..args.rounds {
+        for (i, (name, url)) in sources.iter().enumerate() {
+            let batch = args.batch.to_string();
+            let stdout = child(&me, addr, &["--read", url, "--batch", &batch])?;
+            let mut line: serde_json::Value = serde_json::from_slice(&stdout)?;
+            let rows = line["rows"].as_f64().unwrap_or(0.0);
+            let seconds = line["seconds"].as_f64().unwrap_or(f64::NAN);
+            let fetched = line["bytes_fetched"].as_f64().unwrap_or(0.0);
+            rows_per_s[i].push(rows / seconds);
+            bytes_per_row[i] = fetched / rows.max(1.0);
+            line["source"] = json!(name);
+            line["round"] = json!(round);
+            line["rows_per_s"] = json!(rows / seconds);
+            line["bytes_per_row"] = json!(bytes_per_row[i]);
+            println!("{line}");
+            if let Some(f) = out.as_mut() {
+                use std::io::Write;
+                writeln!(f, "{line}")?;
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (local, s3) = (median(&mut rows_per_s[0]), median(&mut rows_per_s[1]));
+    println!(
+        "{}",
+        json!({
+            "summary": true,
+            "rows": args.rows,
+            "seq": args.seq,
+            "shard_bytes_per_row": bytes as f64 / args.rows as f64,
+            "local_rows_per_s": local,
+            "s3_rows_per_s": s3,
+            "ratio": s3 / local,
+            "local_bytes_per_row": bytes_per_row[0],
+            "s3_bytes_per_row": bytes_per_row[1],
+        })
+    );
+    Ok(())
+}
