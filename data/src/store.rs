@@ -295,6 +295,24 @@ impl Location {
             .map_err(|e| self.err(rel, e))
     }
 
+    /// The last `max` bytes of object `rel` (all of it when shorter) and
+    /// the object's size, in one request: a file's footer without asking
+    /// for its size first.
+    pub fn get_tail(&self, rel: &str, max: u64) -> Result<(Bytes, u64), StoreError> {
+        let path = self.full(rel);
+        self.rt
+            .block_on(async {
+                let options = object_store::GetOptions {
+                    range: Some(object_store::GetRange::Suffix(max)),
+                    ..Default::default()
+                };
+                let got = self.store.get_opts(&path, options).await?;
+                let size = got.meta.size;
+                Ok((got.bytes().await?, size))
+            })
+            .map_err(|e| self.err(rel, e))
+    }
+
     /// The size in bytes of the object `rel`.
     pub fn size(&self, rel: &str) -> Result<u64, StoreError> {
         let path = self.full(rel);
@@ -439,6 +457,24 @@ mod tests {
             "the emptied folder is gone too"
         );
         Ok(())
+    }
+
+    #[test]
+    fn a_tail_read_returns_the_last_bytes_and_the_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let loc = Location::open(dir.path().to_str().expect("utf-8"), true).expect("open");
+        loc.put("f.bin", Bytes::from_static(b"0123456789"))
+            .expect("put");
+        let (tail, size) = loc.get_tail("f.bin", 4).expect("tail");
+        assert_eq!((&tail[..], size), (&b"6789"[..], 10));
+        let (all, size) = loc
+            .get_tail("f.bin", 64)
+            .expect("tail longer than the file");
+        assert_eq!((&all[..], size), (&b"0123456789"[..], 10));
+        assert!(matches!(
+            loc.get_tail("missing.bin", 4),
+            Err(StoreError::NotFound { .. })
+        ));
     }
 
     #[test]

@@ -17,6 +17,11 @@ use parquet::file::reader::{ChunkReader, Length};
 use twinhead_data::formats::{DOC_LENS, INPUT_IDS};
 
 use super::LoaderError;
+
+/// Bytes read from the end of a shard when it is opened: the 8-byte footer
+/// and, for the shards dataprep writes (a few KiB of metadata), the whole
+/// metadata, in one request. Larger metadata costs one more.
+const FOOTER_READ: u64 = 64 * 1024;
 use twinhead_data::store::Location;
 
 /// The columns the loader decodes.
@@ -78,8 +83,10 @@ pub(super) struct OpenShard {
     reader_meta: ArrowReaderMetadata,
     /// First row of every row group, and the row count as the last entry.
     pub group_starts: Vec<u64>,
-    /// The whole file, kept when it was fetched to verify its hash.
-    whole: Option<Bytes>,
+    /// The file's bytes from an offset to its end, when opening fetched
+    /// them: the whole file when its hash was verified, else the tail read
+    /// with the footer. Row groups inside it are read from it.
+    held: Option<(u64, Bytes)>,
     /// Bytes fetched to open it.
     pub bytes_fetched: u64,
 }
@@ -128,6 +135,9 @@ impl OpenShard {
         expected_sha256: Option<&str>,
     ) -> Result<Self, LoaderError> {
         let name = root.name(rel);
+        // Without verification, one suffix read brings the footer and, for
+        // the shards dataprep writes, the whole metadata with it.
+        let mut tail_read: Option<Bytes> = None;
         let (file_len, whole) = match expected_sha256 {
             Some(expected) => {
                 let bytes = root.get(rel)?;
@@ -141,12 +151,24 @@ impl OpenShard {
                 }
                 (bytes.len() as u64, Some(bytes))
             }
-            None => (root.size(rel)?, None),
+            None => {
+                let (bytes, len) = root.get_tail(rel, FOOTER_READ)?;
+                tail_read = Some(bytes);
+                (len, None)
+            }
         };
-        let tail = |range: std::ops::Range<u64>| -> Result<Bytes, LoaderError> {
-            match &whole {
-                Some(b) => Ok(b.slice(range.start as usize..range.end as usize)),
-                None => Ok(root.get_range(rel, range)?),
+        let tail_start = file_len - tail_read.as_ref().map_or(0, |b| b.len() as u64);
+        let mut extra_fetched = 0u64;
+        let mut tail = |range: std::ops::Range<u64>| -> Result<Bytes, LoaderError> {
+            match (&whole, &tail_read) {
+                (Some(b), _) => Ok(b.slice(range.start as usize..range.end as usize)),
+                (None, Some(t)) if range.start >= tail_start => Ok(
+                    t.slice((range.start - tail_start) as usize..(range.end - tail_start) as usize)
+                ),
+                (None, _) => {
+                    extra_fetched += range.end - range.start;
+                    Ok(root.get_range(rel, range)?)
+                }
             }
         };
         if file_len < 12 {
@@ -190,8 +212,14 @@ impl OpenShard {
             metadata,
             reader_meta,
             group_starts,
-            bytes_fetched: whole.as_ref().map_or(8 + meta_len, |b| b.len() as u64),
-            whole,
+            bytes_fetched: match (&whole, &tail_read) {
+                (Some(b), _) => b.len() as u64,
+                (None, Some(t)) => t.len() as u64 + extra_fetched,
+                (None, None) => 8 + meta_len,
+            },
+            held: whole
+                .map(|b| (0, b))
+                .or_else(|| tail_read.map(|t| (tail_start, t))),
         })
     }
 
@@ -227,35 +255,35 @@ impl OpenShard {
                 .ok_or_else(|| perr(name, format!("no column `{column}`")))?;
             root_indices.push(index);
         }
+        let rg = &self.metadata.row_groups()[group];
+        let mut lo = u64::MAX;
+        let mut hi = 0u64;
+        for chunk in rg.columns() {
+            let root = chunk.column_path().parts().first().map(String::as_str);
+            if !root.is_some_and(|r| COLUMNS.contains(&r)) {
+                continue;
+            }
+            let start = chunk
+                .dictionary_page_offset()
+                .unwrap_or_else(|| chunk.data_page_offset());
+            let len = chunk.compressed_size();
+            let (Ok(start), Ok(len)) = (u64::try_from(start), u64::try_from(len)) else {
+                return Err(perr(name, "negative column chunk offset"));
+            };
+            lo = lo.min(start);
+            hi = hi.max(start + len);
+        }
+        if lo >= hi || hi > self.file_len {
+            return Err(perr(name, format!("bad column chunk range {lo}..{hi}")));
+        }
         let mut fetched = 0;
-        let reader = match &self.whole {
-            Some(bytes) => RangeBytes {
+        let reader = match &self.held {
+            Some((start, bytes)) if lo >= *start => RangeBytes {
                 file_len: self.file_len,
-                start: 0,
+                start: *start,
                 data: bytes.clone(),
             },
-            None => {
-                let rg = &self.metadata.row_groups()[group];
-                let mut lo = u64::MAX;
-                let mut hi = 0u64;
-                for chunk in rg.columns() {
-                    let root = chunk.column_path().parts().first().map(String::as_str);
-                    if !root.is_some_and(|r| COLUMNS.contains(&r)) {
-                        continue;
-                    }
-                    let start = chunk
-                        .dictionary_page_offset()
-                        .unwrap_or_else(|| chunk.data_page_offset());
-                    let len = chunk.compressed_size();
-                    let (Ok(start), Ok(len)) = (u64::try_from(start), u64::try_from(len)) else {
-                        return Err(perr(name, "negative column chunk offset"));
-                    };
-                    lo = lo.min(start);
-                    hi = hi.max(start + len);
-                }
-                if lo >= hi || hi > self.file_len {
-                    return Err(perr(name, format!("bad column chunk range {lo}..{hi}")));
-                }
+            _ => {
                 fetched = hi - lo;
                 RangeBytes {
                     file_len: self.file_len,

@@ -245,9 +245,28 @@ fn seeking_to_a_step_equals_iterating_to_it() -> TestResult {
 }
 
 #[test]
+fn a_small_shard_is_read_whole_in_one_fetch_with_its_footer() -> TestResult {
+    // 4 shards of 40 rows of 16 tokens: a few KiB each, inside the read
+    // that brings the footer.
+    let f = fixture(160, 16, 40, 8)?;
+    let mut reader = open(&f)?;
+    reader.read_rows(40..80)?;
+    let stats = reader.stats();
+    assert_eq!((stats.shards_opened, stats.groups_decoded), (1, 5));
+    let shard_len =
+        std::fs::metadata(f.dir.path().join("phases/pretrain/shard-00001.parquet"))?.len();
+    assert_eq!(
+        stats.bytes_fetched, shard_len,
+        "one read, every group inside it"
+    );
+    Ok(())
+}
+
+#[test]
 fn seeking_reads_only_the_row_groups_it_needs() -> TestResult {
-    // 10 shards of 40 rows in row groups of 8.
-    let f = fixture(400, 16, 40, 8)?;
+    // 10 shards of 40 rows in row groups of 8, rows of 4,096 tokens: each
+    // shard is larger than the read that brings its footer.
+    let f = fixture(400, 4096, 40, 8)?;
     let plan = BatchPlan::new(8, 2, 1, 0)?;
     let mut reader = open(&f)?;
     // Step 37: rows 296..304, rank 1 takes 300..304: shard 7, group 2.
