@@ -258,7 +258,11 @@ impl WorkerService for Services {
                 Duration::from_millis(wait_ms),
             )
             .await?;
-        Ok(Response::new(GetAssignmentResponse { assignment }))
+        let work_pending = self.coordinator.read(|s| s.work_pending(&worker_id));
+        Ok(Response::new(GetAssignmentResponse {
+            assignment,
+            work_pending,
+        }))
     }
 
     async fn rendezvous(

@@ -692,6 +692,24 @@ impl State {
         }))
     }
 
+    /// Whether a run the worker took part in has not ended, or has a
+    /// checkpoint waiting to be scored (see `GetAssignmentResponse`).
+    pub fn work_pending(&self, worker_id: &str) -> bool {
+        self.runs.values().any(|e| {
+            let run = &e.run;
+            let took_part = run
+                .attempts
+                .iter()
+                .any(|a| a.workers.iter().any(|w| w == worker_id));
+            took_part
+                && (!is_terminal(run)
+                    || run.checkpoint_evals.iter().any(|c| {
+                        c.state == CheckpointEvalState::Pending as i32
+                            || c.state == CheckpointEvalState::Running as i32
+                    }))
+        })
+    }
+
     /// Rank 0 publishes the world's bootstrap token; others read it.
     /// Returns the token once there is one.
     pub fn rendezvous(
@@ -1288,6 +1306,37 @@ mod tests {
         );
         tick(&mut state, 100_000);
         assert!(world_of(&state, &ids[0]).is_none());
+    }
+
+    #[test]
+    fn work_stays_pending_for_a_worker_while_its_run_waits_to_re_form() {
+        let t0 = Instant::now();
+        let (mut state, _run_id, ids) = started(&["max_restarts=10"], 2, t0);
+        let stranger = state.register(
+            "late".into(),
+            "cpu".into(),
+            1,
+            t0,
+            0,
+            &mut Effects::default(),
+        );
+        assert!(state.work_pending(&ids[0]), "training");
+        assert!(!state.work_pending(&stranger), "never took part");
+        for now_ms in [1_000, 2_000] {
+            let (world, _) = world_of(&state, &ids[0]).expect("a world");
+            let report = ReportFailureRequest {
+                worker_id: ids[1].clone(),
+                world_id: world,
+                message: "the store timed out".into(),
+                ..Default::default()
+            };
+            state
+                .failure(&report, now_ms, &mut Effects::default())
+                .expect("reported");
+        }
+        // Backing off with no world: an exit-when-idle worker must stay.
+        assert!(world_of(&state, &ids[0]).is_none());
+        assert!(state.work_pending(&ids[0]));
     }
 
     #[test]

@@ -296,21 +296,13 @@ impl Location {
     }
 
     /// The last `max` bytes of object `rel` (all of it when shorter) and
-    /// the object's size, in one request: a file's footer without asking
-    /// for its size first.
+    /// the object's size: a file's footer. Two requests (the size, then a
+    /// bounded range) rather than a suffix range, which some S3-compatible
+    /// servers refuse when it is longer than the object.
     pub fn get_tail(&self, rel: &str, max: u64) -> Result<(Bytes, u64), StoreError> {
-        let path = self.full(rel);
-        self.rt
-            .block_on(async {
-                let options = object_store::GetOptions {
-                    range: Some(object_store::GetRange::Suffix(max)),
-                    ..Default::default()
-                };
-                let got = self.store.get_opts(&path, options).await?;
-                let size = got.meta.size;
-                Ok((got.bytes().await?, size))
-            })
-            .map_err(|e| self.err(rel, e))
+        let size = self.size(rel)?;
+        let bytes = self.get_range(rel, size.saturating_sub(max)..size)?;
+        Ok((bytes, size))
     }
 
     /// The size in bytes of the object `rel`.

@@ -504,8 +504,8 @@ impl<'a> Session<'a> {
                 return Ok(self.leave("asked to stop between steps").await);
             }
             let assignment = match self.next_assignment(&known).await {
-                Ok(Some(a)) => a,
-                Ok(None) => {
+                Ok((Some(a), _)) => a,
+                Ok((None, work_pending)) => {
                     if world.is_some() && self.abort.reason().is_some() {
                         // The world ended between phases (run completed,
                         // cancelled, or a peer died): let its collective go.
@@ -515,6 +515,7 @@ impl<'a> Session<'a> {
                     }
                     if self.config.exit_when_idle
                         && trained_any
+                        && !work_pending
                         && world.is_none()
                         && !self.leave_requested()
                     {
@@ -741,7 +742,9 @@ impl<'a> Session<'a> {
         self.abort.leave();
     }
 
-    async fn next_assignment(&self, known: &str) -> Result<Option<Assignment>, SessionEnd> {
+    /// The next assignment (none yet: ask again), and whether work of this
+    /// worker's runs is still pending (unknown counts as pending).
+    async fn next_assignment(&self, known: &str) -> Result<(Option<Assignment>, bool), SessionEnd> {
         let mut client = self.client.clone();
         let request = GetAssignmentRequest {
             worker_id: self.worker_id.clone(),
@@ -752,10 +755,13 @@ impl<'a> Session<'a> {
         let reply = tokio::select! {
             reply = client.get_assignment(request) => reply,
             // An idle worker leaves at once rather than after the long poll.
-            _ = leave.wait_for(|asked| *asked) => return Ok(None),
+            _ = leave.wait_for(|asked| *asked) => return Ok((None, true)),
         };
         match reply {
-            Ok(reply) => Ok(reply.into_inner().assignment),
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                Ok((reply.assignment, reply.work_pending))
+            }
             Err(s) if s.code() == Code::NotFound => Err(SessionEnd::Forgotten),
             Err(s) => {
                 if transient(&s) {
@@ -764,7 +770,7 @@ impl<'a> Session<'a> {
                     tracing::warn!(error = %s.message(), "assignment request failed; retrying");
                 }
                 tokio::time::sleep(RETRY).await;
-                Ok(None)
+                Ok((None, true))
             }
         }
     }

@@ -20,7 +20,7 @@ use super::LoaderError;
 
 /// Bytes read from the end of a shard when it is opened: the 8-byte footer
 /// and, for the shards dataprep writes (a few KiB of metadata), the whole
-/// metadata, in one request. Larger metadata costs one more.
+/// metadata, in one range. Larger metadata costs one more.
 const FOOTER_READ: u64 = 64 * 1024;
 use twinhead_data::store::Location;
 
@@ -135,8 +135,8 @@ impl OpenShard {
         expected_sha256: Option<&str>,
     ) -> Result<Self, LoaderError> {
         let name = root.name(rel);
-        // Without verification, one suffix read brings the footer and, for
-        // the shards dataprep writes, the whole metadata with it.
+        // Without verification, one read of the tail brings the footer and,
+        // for the shards dataprep writes, the whole metadata with it.
         let mut tail_read: Option<Bytes> = None;
         let (file_len, whole) = match expected_sha256 {
             Some(expected) => {
