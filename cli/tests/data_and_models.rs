@@ -9,7 +9,7 @@ use std::process::Output;
 
 use common::{
     assert_clean_error, hand_task, json, one_or_two_thirds, repo_root, stderr, stdout,
-    tiny_model_dir, twinhead,
+    tiny_model_dir, tree, twinhead,
 };
 
 use twinhead_model::Flavour;
@@ -325,27 +325,6 @@ fn model_folder_without_tokenizer_is_a_clean_error() {
     assert_clean_error(&output, &["tokenizer.json"]);
     let missing = run(&["generate", "no/such/dir", "a"]);
     assert_clean_error(&missing, &["no/such/dir"]);
-}
-
-/// Every file under `root`, by relative path.
-fn tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read_dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(root).expect("prefix");
-                out.insert(
-                    rel.to_string_lossy().into_owned(),
-                    std::fs::read(&path).expect("read"),
-                );
-            }
-        }
-    }
-    out
 }
 
 fn dataprep_process(url: &str) -> std::process::Child {

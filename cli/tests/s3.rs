@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{CoordinatorProcess, assert_clean_error, fixture_data_config, json, twinhead};
+use common::{CoordinatorProcess, assert_clean_error, fixture_data_config, json, tree, twinhead};
 
 const ACCESS_KEY: &str = "twinhead-test";
 const SECRET_KEY: &str = "twinhead-test-secret";
@@ -126,25 +125,15 @@ fn ok(output: Output) -> Output {
     output
 }
 
-/// Every file under `root`, by relative path.
-fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(root).expect("prefix");
-                out.insert(
-                    rel.to_string_lossy().into_owned(),
-                    std::fs::read(&path).expect("read"),
-                );
-            }
-        }
-    }
-    out
+/// Builds the fixture dataset to `s3://twinhead/data`; returns its URL.
+fn build_on_s3(s3: &S3Server, config: &Path) -> String {
+    let built = json(&ok(on_s3(s3)
+        .args(["dataset", "build"])
+        .arg(config)
+        .args(["--out", "s3://twinhead/data", "--json"])
+        .output()
+        .expect("build on S3")));
+    built["url"].as_str().expect("url").to_string()
 }
 
 /// The objects of a dataset on S3 equal the files of the same dataset
@@ -279,13 +268,7 @@ fn datasets_and_checkpoints_live_on_s3_through_build_verify_training_resume_and_
         .arg(&local)
         .output()
         .expect("build"));
-    let built = json(&ok(on_s3(&s3)
-        .args(["dataset", "build"])
-        .arg(&config)
-        .args(["--out", "s3://twinhead/data", "--json"])
-        .output()
-        .expect("build on S3")));
-    let dataset = built["url"].as_str().expect("url").to_string();
+    let dataset = build_on_s3(&s3, &config);
     assert_eq!(dataset, "s3://twinhead/data/train-fixture");
     assert_same_objects(
         &local.join("train-fixture"),
@@ -425,13 +408,7 @@ fn an_s3_outage_mid_run_is_ridden_out_and_drops_no_checkpoint() {
     let root = dir.path().join("s3");
     let s3 = S3Server::start(&root);
     let config = fixture_data_config(dir.path());
-    let built = json(&ok(on_s3(&s3)
-        .args(["dataset", "build"])
-        .arg(&config)
-        .args(["--out", "s3://twinhead/data", "--json"])
-        .output()
-        .expect("build on S3")));
-    let dataset = built["url"].as_str().expect("url").to_string();
+    let dataset = build_on_s3(&s3, &config);
     let coordinator = CoordinatorProcess::start(
         &dir.path().join("c.db"),
         &[
