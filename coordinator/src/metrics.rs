@@ -24,15 +24,17 @@ const RUN_STATES: [RunState; 5] = [
     RunState::Cancelled,
 ];
 
-/// What a live worker is doing; dead is the third state of the count.
-const WORKER_STATES: [&str; 3] = ["idle", "training", "dead"];
+/// What a live worker is doing (scoring a checkpoint's tasks is
+/// `evaluating`); dead is the last state of the count.
+const WORKER_STATES: [&str; 4] = ["idle", "training", "evaluating", "dead"];
 
 /// The state monitoring reports for a worker.
 pub(crate) fn worker_state(worker: &WorkerView) -> &'static str {
-    match (worker.row.status, &worker.placement) {
-        (WorkerStatus::Dead, _) => "dead",
-        (WorkerStatus::Alive, Some(_)) => "training",
-        (WorkerStatus::Alive, None) => "idle",
+    match (worker.row.status, &worker.placement, &worker.job) {
+        (WorkerStatus::Dead, _, _) => "dead",
+        (WorkerStatus::Alive, Some(_), _) => "training",
+        (WorkerStatus::Alive, None, Some(_)) => "evaluating",
+        (WorkerStatus::Alive, None, None) => "idle",
     }
 }
 
@@ -220,7 +222,7 @@ pub(crate) fn render(runs: &[Run], workers: &[WorkerView]) -> String {
     family(
         &mut out,
         "twinhead_workers",
-        "Registered workers, by state (idle, training, dead).",
+        "Registered workers, by state (idle, training, evaluating, dead).",
     );
     for state in WORKER_STATES {
         let count = workers.iter().filter(|w| worker_state(w) == state).count();
@@ -252,11 +254,11 @@ pub(crate) fn render(runs: &[Run], workers: &[WorkerView]) -> String {
     family(
         &mut out,
         "twinhead_worker_state",
-        "1 for a live worker's current state (idle or training), 0 for the other.",
+        "1 for a live worker's current state (idle, training or evaluating), 0 for the others.",
     );
     for w in &live {
         let current = worker_state(w);
-        for state in ["idle", "training"] {
+        for state in ["idle", "training", "evaluating"] {
             sample(
                 &mut out,
                 "twinhead_worker_state",

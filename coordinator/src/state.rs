@@ -48,6 +48,8 @@ pub(crate) struct WorkerView {
     pub heartbeat_age: Duration,
     /// Its world while it belongs to a live one.
     pub placement: Option<Placement>,
+    /// (run id, eval id) while it scores a checkpoint's tasks.
+    pub job: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -378,6 +380,7 @@ impl State {
                     row: w.row.clone(),
                     heartbeat_age: now.saturating_duration_since(w.last_seen),
                     placement,
+                    job: w.job.clone(),
                 }
             })
             .collect()

@@ -521,10 +521,13 @@ struct WorkerJson {
     dead_reason: String,
     heartbeat_age_s: f64,
     registered_ms: i64,
+    /// The run it trains in, or whose checkpoint it scores.
     run_id: Option<String>,
     world_id: Option<String>,
     rank: Option<u32>,
     world_size: Option<u32>,
+    /// The checkpoint evaluation it is scoring (`eval-N` of `run_id`).
+    eval_id: Option<String>,
 }
 
 impl WorkerJson {
@@ -539,10 +542,13 @@ impl WorkerJson {
             dead_reason: w.row.dead_reason.clone(),
             heartbeat_age_s: w.heartbeat_age.as_secs_f64(),
             registered_ms: w.row.registered_ms,
-            run_id: p.map(|p| p.run_id.clone()),
+            run_id: p
+                .map(|p| p.run_id.clone())
+                .or_else(|| w.job.as_ref().map(|(run, _)| run.clone())),
             world_id: p.map(|p| p.world_id.clone()),
             rank: p.map(|p| p.rank),
             world_size: p.map(|p| p.world_size),
+            eval_id: w.job.as_ref().map(|(_, eval)| eval.clone()),
         }
     }
 }

@@ -855,6 +855,27 @@ async fn checkpoint_task_scores_are_served_as_json_and_metrics() {
         .checkpoint_eval
         .expect("a checkpoint evaluation")
         .eval_id;
+    // While it scores, the worker is `evaluating`, with the run it scores.
+    let workers = get(&base, "/api/workers", None).await.json();
+    let listed = workers
+        .as_array()
+        .and_then(|w| w.iter().find(|x| x["id"] == spare.id.as_str()).cloned())
+        .expect("the spare worker listed");
+    assert_eq!(listed["state"], "evaluating", "{listed}");
+    assert_eq!(listed["run_id"], run.as_str());
+    assert_eq!(listed["eval_id"], eval_id.as_str());
+    let text = get(&base, "/metrics", None).await.body;
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("prometheus text");
+    assert_eq!(
+        gauge(&scrape, "twinhead_workers", &[("state", "evaluating")]),
+        Some(1.0)
+    );
+    let evaluating = [("worker", spare.id.as_str()), ("state", "evaluating")];
+    assert_eq!(
+        gauge(&scrape, "twinhead_worker_state", &evaluating),
+        Some(1.0)
+    );
     spare
         .client
         .report_checkpoint_eval(ReportCheckpointEvalRequest {
