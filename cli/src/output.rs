@@ -3,8 +3,8 @@
 use serde_json::{Value, json};
 use twinhead_proto::names;
 use twinhead_proto::v1::{
-    Attempt, Checkpoint, CheckpointEval, CheckpointEvalState, EvalPoint, LrShape, PhaseProgress,
-    Run, RunSpec, RunState, TaskScore,
+    Attempt, Checkpoint, CheckpointEval, EvalPoint, LrShape, PhaseProgress, Run, RunSpec, RunState,
+    TaskScore,
 };
 
 /// An error and its causes on one line, with gRPC statuses shown as
@@ -341,7 +341,7 @@ fn checkpoint_evals_table(run: &Run) -> String {
                 c.phase_index.to_string(),
                 c.step.to_string(),
                 human(c.tokens as f64),
-                checkpoint_eval_state(e.state).to_string(),
+                names::checkpoint_eval_state(e.state).to_string(),
             ];
             for task in &tasks {
                 row.push(
@@ -360,17 +360,6 @@ fn checkpoint_evals_table(run: &Run) -> String {
     headers.extend(tasks.iter().map(String::as_str));
     headers.push("");
     table(&headers, &rows)
-}
-
-/// `pending`, `running`, `done` or `failed`.
-pub fn checkpoint_eval_state(state: i32) -> &'static str {
-    match CheckpointEvalState::try_from(state) {
-        Ok(CheckpointEvalState::Pending) => "pending",
-        Ok(CheckpointEvalState::Running) => "running",
-        Ok(CheckpointEvalState::Done) => "done",
-        Ok(CheckpointEvalState::Failed) => "failed",
-        _ => "unknown",
-    }
 }
 
 /// A task's scores as `twinhead eval --json` prints them.
@@ -393,7 +382,7 @@ fn checkpoint_eval_json(e: &CheckpointEval) -> Value {
     json!({
         "id": e.id,
         "checkpoint": e.checkpoint.as_ref().map(checkpoint_json),
-        "state": checkpoint_eval_state(e.state),
+        "state": names::checkpoint_eval_state(e.state),
         "worker_id": e.worker_id,
         "scores": scores,
         "error": e.error,

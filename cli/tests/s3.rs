@@ -125,6 +125,18 @@ fn ok(output: Output) -> Output {
     output
 }
 
+/// Builds the fixture dataset to folder `out`; returns `out`.
+fn build_locally(config: &Path, out: &Path) -> PathBuf {
+    ok(twinhead()
+        .args(["dataset", "build"])
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("build"));
+    out.to_path_buf()
+}
+
 /// Builds the fixture dataset to `s3://twinhead/data`; returns its URL.
 fn build_on_s3(s3: &S3Server, config: &Path) -> String {
     let built = json(&ok(on_s3(s3)
@@ -260,14 +272,7 @@ fn datasets_and_checkpoints_live_on_s3_through_build_verify_training_resume_and_
     let config = fixture_data_config(dir.path());
 
     // The same dataset locally and on S3: the same bytes.
-    let local = dir.path().join("local");
-    ok(twinhead()
-        .args(["dataset", "build"])
-        .arg(&config)
-        .arg("--out")
-        .arg(&local)
-        .output()
-        .expect("build"));
+    let local = build_locally(&config, &dir.path().join("local"));
     let dataset = build_on_s3(&s3, &config);
     assert_eq!(dataset, "s3://twinhead/data/train-fixture");
     assert_same_objects(
@@ -358,14 +363,7 @@ fn dataprep_processes_build_to_s3_the_bytes_of_one_local_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s3 = S3Server::start(&dir.path().join("s3"));
     let config = fixture_data_config(dir.path());
-    let local = dir.path().join("local");
-    ok(twinhead()
-        .args(["dataset", "build"])
-        .arg(&config)
-        .arg("--out")
-        .arg(&local)
-        .output()
-        .expect("build"));
+    let local = build_locally(&config, &dir.path().join("local"));
 
     let coordinator = CoordinatorProcess::start(&dir.path().join("c.db"), &[]);
     let url = coordinator.url.clone();

@@ -542,27 +542,14 @@ fn a_failing_held_out_evaluation_is_reported_and_training_goes_on() {
 /// Waits until every checkpoint evaluation of the run has ended (done or
 /// failed) and returns the run's status.
 fn wait_scored(url: &str, run: &str, logs: &[PathBuf]) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let s = status(url, run);
-        let evals = s["checkpoint_evals"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if !evals.is_empty()
-            && evals
-                .iter()
-                .all(|e| e["state"] == "done" || e["state"] == "failed")
-        {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "checkpoints not scored: {s}\n{}",
-            dump(logs)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(url, run, logs, "checkpoints scored", |s| {
+        s["checkpoint_evals"].as_array().is_some_and(|evals| {
+            !evals.is_empty()
+                && evals
+                    .iter()
+                    .all(|e| e["state"] == "done" || e["state"] == "failed")
+        })
+    })
 }
 
 #[test]
@@ -776,19 +763,10 @@ fn a_failure_no_retry_can_fix_fails_the_run_at_once_with_its_message() {
         .expect("run_id")
         .to_string();
     let _worker = worker(&setup.url, &setup.logs[0]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let failed = loop {
-        let s = status(&setup.url, &run);
-        if s["state"] == "failed" {
-            break s;
-        }
-        assert!(
-            s["state"] != "completed" && Instant::now() < deadline,
-            "{s}\n{}",
-            dump(&setup.logs)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let failed = wait_for(&setup.url, &run, &setup.logs, "the run to end", |s| {
+        s["state"] == "failed" || s["state"] == "completed"
+    });
+    assert_eq!(failed["state"], "failed", "{failed}\n{}", dump(&setup.logs));
     let message = failed["message"].as_str().unwrap_or("");
     assert!(
         message.contains("seq_len") && message.contains("a retry cannot fix this"),

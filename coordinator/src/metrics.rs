@@ -63,12 +63,12 @@ pub(crate) fn last_scored_checkpoint(run: &Run) -> Option<&CheckpointEval> {
         .find(|e| e.state == CheckpointEvalState::Done as i32)
 }
 
-/// Every checkpoint evaluation state, with its label.
-const CHECKPOINT_EVAL_STATES: [(CheckpointEvalState, &str); 4] = [
-    (CheckpointEvalState::Pending, "pending"),
-    (CheckpointEvalState::Running, "running"),
-    (CheckpointEvalState::Done, "done"),
-    (CheckpointEvalState::Failed, "failed"),
+/// Every checkpoint evaluation state.
+const CHECKPOINT_EVAL_STATES: [CheckpointEvalState; 4] = [
+    CheckpointEvalState::Pending,
+    CheckpointEvalState::Running,
+    CheckpointEvalState::Done,
+    CheckpointEvalState::Failed,
 ];
 
 /// Tokens trained in all phases of the run.
@@ -204,7 +204,8 @@ pub(crate) fn render(runs: &[Run], workers: &[WorkerView]) -> String {
     );
     for run in runs.iter().filter(|r| !r.checkpoint_evals.is_empty()) {
         let run_name = run.spec.as_ref().map_or("", |s| s.name.as_str());
-        for (state, label) in CHECKPOINT_EVAL_STATES {
+        for state in CHECKPOINT_EVAL_STATES {
+            let label = twinhead_proto::names::checkpoint_eval_state(state as i32);
             let count = run
                 .checkpoint_evals
                 .iter()

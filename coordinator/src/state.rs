@@ -460,6 +460,14 @@ impl State {
             })
             .map(|w| (w.row.seq, w.row.id.clone()))
             .collect();
+        // Worlds form on every change; a tick adds only expired leases and
+        // runs whose backoff after failures has just run out.
+        let backoff_over = self.runs.values().any(|e| {
+            e.run.retry_after_ms > 0 && e.run.retry_after_ms <= now_ms && !is_terminal(&e.run)
+        });
+        if expired.is_empty() && !backoff_over {
+            return;
+        }
         expired.sort();
         for (_, id) in expired {
             let Some(worker) = self.workers.get_mut(&id) else {

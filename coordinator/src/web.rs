@@ -16,9 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
-use twinhead_proto::v1::{
-    Attempt, Checkpoint, CheckpointEval, CheckpointEvalState, PhaseProgress, Run,
-};
+use twinhead_proto::v1::{Attempt, Checkpoint, CheckpointEval, PhaseProgress, Run};
 
 use twinhead_proto::auth::{TokenProblem, check_bearer};
 
@@ -310,13 +308,7 @@ impl CheckpointEvalView {
             id: e.id.clone(),
             run_tokens: earlier + c.tokens,
             checkpoint: e.checkpoint.as_ref().map(CheckpointView::of),
-            state: match CheckpointEvalState::try_from(e.state) {
-                Ok(CheckpointEvalState::Pending) => "pending",
-                Ok(CheckpointEvalState::Running) => "running",
-                Ok(CheckpointEvalState::Done) => "done",
-                Ok(CheckpointEvalState::Failed) => "failed",
-                _ => "unknown",
-            },
+            state: twinhead_proto::names::checkpoint_eval_state(e.state),
             worker_id: e.worker_id.clone(),
             tries: e.tries,
             error: e.error.clone(),

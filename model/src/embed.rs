@@ -234,26 +234,8 @@ impl Retrieval {
     /// the first `limit` documents (by `doc_id`, first line of each) and the
     /// distinct paragraphs they ask about.
     pub fn read(dir: &Path, limit: Option<usize>) -> Result<Retrieval, EvalError> {
-        let plain = dir.join("requests.jsonl");
-        let gz = dir.join("requests.jsonl.gz");
-        let path = if !gz.exists() && plain.exists() {
-            plain
-        } else {
-            gz
-        };
-        let file = std::fs::File::open(&path).map_err(|source| EvalError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        if path.extension().is_some_and(|e| e == "gz") {
-            Self::parse(
-                &path,
-                BufReader::new(flate2::read::GzDecoder::new(file)),
-                limit,
-            )
-        } else {
-            Self::parse(&path, BufReader::new(file), limit)
-        }
+        let (path, reader) = crate::eval::open_requests(dir)?;
+        Self::parse(&path, reader, limit)
     }
 
     /// [`Retrieval::read`] on a stream; `path` names it in errors.

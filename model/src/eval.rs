@@ -78,6 +78,29 @@ impl From<crate::ModelError> for EvalError {
     }
 }
 
+/// The request file of task folder `dir` and a reader of its lines: OLMo
+/// ships `requests.jsonl.gz`; a hand-made task may be a plain
+/// `requests.jsonl`.
+pub(crate) fn open_requests(dir: &Path) -> Result<(PathBuf, Box<dyn BufRead>), EvalError> {
+    let plain = dir.join("requests.jsonl");
+    let gz = dir.join("requests.jsonl.gz");
+    let path = if !gz.exists() && plain.exists() {
+        plain
+    } else {
+        gz
+    };
+    let file = std::fs::File::open(&path).map_err(|source| EvalError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let reader: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(BufReader::new(flate2::read::GzDecoder::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    Ok((path, reader))
+}
+
 /// One `loglikelihood` request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -177,23 +200,8 @@ impl Task {
             });
         }
         let offset = config.task_config.metric_kwargs.uncond_docid_offset;
-        // OLMo ships `requests.jsonl.gz`; a hand-made task may be plain.
-        let plain = dir.join("requests.jsonl");
-        let gz = dir.join("requests.jsonl.gz");
-        let path = if !gz.exists() && plain.exists() {
-            plain
-        } else {
-            gz
-        };
-        let file = std::fs::File::open(&path).map_err(|source| EvalError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let requests = if path.extension().is_some_and(|e| e == "gz") {
-            parse_requests(&path, BufReader::new(flate2::read::GzDecoder::new(file)))?
-        } else {
-            parse_requests(&path, BufReader::new(file))?
-        };
+        let (path, reader) = open_requests(dir)?;
+        let requests = parse_requests(&path, reader)?;
         let requests = match limit {
             None => requests,
             Some(n) => {

@@ -1,7 +1,7 @@
 //! The names people and JSON see for the API's enums: one spelling for the
 //! CLI, the dashboard, `/metrics` and the coordinator's messages.
 
-use crate::v1::{DataprepStep, DatasetState, Objective, RunState};
+use crate::v1::{CheckpointEvalState, DataprepStep, DatasetState, Objective, RunState};
 
 /// A run state's name.
 pub fn run_state(state: i32) -> &'static str {
@@ -11,6 +11,17 @@ pub fn run_state(state: i32) -> &'static str {
         Ok(RunState::Completed) => "completed",
         Ok(RunState::Failed) => "failed",
         Ok(RunState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+/// A checkpoint evaluation's state name.
+pub fn checkpoint_eval_state(state: i32) -> &'static str {
+    match CheckpointEvalState::try_from(state) {
+        Ok(CheckpointEvalState::Pending) => "pending",
+        Ok(CheckpointEvalState::Running) => "running",
+        Ok(CheckpointEvalState::Done) => "done",
+        Ok(CheckpointEvalState::Failed) => "failed",
         _ => "unknown",
     }
 }
