@@ -1,10 +1,8 @@
-//! Connecting to the coordinator with a bearer token.
+//! Connecting to the coordinator: `http://` or `https://` (see
+//! `twinhead_proto::tls`), with a bearer token.
 
-use std::time::Duration;
-
-use anyhow::Context;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use twinhead_proto::auth::Bearer;
 use twinhead_proto::v1::dataprep_service_client::DataprepServiceClient;
 use twinhead_proto::v1::dataset_service_client::DatasetServiceClient;
@@ -17,15 +15,16 @@ pub type RunClient = RunServiceClient<Authed>;
 pub type DatasetClient = DatasetServiceClient<Authed>;
 
 async fn channel(connection: &Connection) -> anyhow::Result<(Channel, Bearer)> {
-    let bearer = Bearer::new(connection.token.as_deref())?;
-    let endpoint = Endpoint::from_shared(connection.coordinator.clone())
-        .with_context(|| format!("invalid coordinator URL {:?}", connection.coordinator))?
-        .connect_timeout(Duration::from_secs(5));
+    let bearer = Bearer::new(connection.token()?.as_deref())?;
+    let endpoint = twinhead_proto::tls::endpoint(&connection.coordinator, &connection.tls())?;
     let channel = endpoint.connect().await.map_err(|e| {
+        let error = twinhead_proto::error_chain(&e);
+        let hint = twinhead_proto::tls::hint(&connection.coordinator, &error)
+            .map(|h| format!(" ({h})"))
+            .unwrap_or_default();
         anyhow::anyhow!(
-            "cannot reach the coordinator at {}: {}",
+            "cannot reach the coordinator at {}: {error}{hint}",
             connection.coordinator,
-            twinhead_proto::error_chain(&e)
         )
     })?;
     Ok((channel, bearer))

@@ -96,6 +96,7 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let server = twinhead_coordinator::ServerConfig {
+        tls: None,
         db: out.join("coordinator.db"),
         user_token: None,
         worker_token: None,
@@ -132,10 +133,7 @@ pub async fn demo(out: &Path, threads: usize, extra: &[String]) -> anyhow::Resul
         4,
         "train a tiny encoder (MLM) and a tiny decoder (CLM) on the same batches",
     );
-    let connection = Connection {
-        coordinator: url.clone(),
-        token: None,
-    };
+    let connection = Connection::plain(&url);
     let mut client = run_client(&connection).await?;
     let ckpt = format!("file://{}", out.join("checkpoints").display());
     let mut runs = Vec::new();

@@ -50,6 +50,52 @@ pub struct Connection {
     /// Bearer token sent with every call.
     #[arg(long, env = "TWINHEAD_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// File holding the bearer token (its first line), instead of --token.
+    #[arg(long, env = "TWINHEAD_TOKEN_FILE", value_name = "FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// PEM file with the CA that signed the coordinator's certificate, for
+    /// an https:// coordinator (default: the system's trusted roots).
+    #[arg(long, env = "TWINHEAD_CA_CERT", value_name = "FILE", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate presented to a coordinator that requires one
+    /// (workers and dataprep processes under --client-ca).
+    #[arg(long, env = "TWINHEAD_CLIENT_CERT", value_name = "FILE", global = true)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, env = "TWINHEAD_CLIENT_KEY", value_name = "FILE", global = true)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl Connection {
+    /// A connection to `url` with no token and no TLS settings.
+    pub fn plain(url: &str) -> Connection {
+        Connection {
+            coordinator: url.to_string(),
+            token: None,
+            token_file: None,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+        }
+    }
+
+    /// The token from --token or --token-file.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        twinhead_proto::tls::token_from(
+            self.token.as_deref(),
+            self.token_file.as_deref(),
+            ("--token (TWINHEAD_TOKEN)", "--token-file (TWINHEAD_TOKEN_FILE)"),
+        )
+        .map_err(anyhow::Error::from)
+    }
+
+    pub fn tls(&self) -> twinhead_proto::tls::ClientTls {
+        twinhead_proto::tls::ClientTls {
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -233,9 +279,25 @@ struct CoordinatorArgs {
     /// Token users must present (RunService).
     #[arg(long, env = "TWINHEAD_USER_TOKEN", hide_env_values = true)]
     user_token: Option<String>,
+    /// File holding the user token (its first line), instead of --user-token.
+    #[arg(long, env = "TWINHEAD_USER_TOKEN_FILE", value_name = "FILE")]
+    user_token_file: Option<PathBuf>,
     /// Token workers must present (WorkerService).
     #[arg(long, env = "TWINHEAD_WORKER_TOKEN", hide_env_values = true)]
     worker_token: Option<String>,
+    /// File holding the worker token, instead of --worker-token.
+    #[arg(long, env = "TWINHEAD_WORKER_TOKEN_FILE", value_name = "FILE")]
+    worker_token_file: Option<PathBuf>,
+    /// PEM certificate (chain) to serve gRPC and the HTTP port over TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA whose certificates workers and dataprep processes must
+    /// present (mTLS); user commands keep bearer tokens. Needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     /// How often workers heartbeat, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     heartbeat_interval_ms: u64,
@@ -401,10 +463,29 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map(|l| l.local_addr().context("http listener address"))
         .transpose()?;
+    let user_token = twinhead_proto::tls::token_from(
+        args.user_token.as_deref(),
+        args.user_token_file.as_deref(),
+        ("--user-token", "--user-token-file"),
+    )?;
+    let worker_token = twinhead_proto::tls::token_from(
+        args.worker_token.as_deref(),
+        args.worker_token_file.as_deref(),
+        ("--worker-token", "--worker-token-file"),
+    )?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            twinhead_coordinator::ServerTls::from_files(cert, key, args.client_ca.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let config = twinhead_coordinator::ServerConfig {
         db: args.db.clone(),
-        user_token: args.user_token.filter(|t| !t.is_empty()),
-        worker_token: args.worker_token.filter(|t| !t.is_empty()),
+        user_token,
+        worker_token,
+        tls,
         leases: twinhead_coordinator::LeaseSettings {
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             lease_timeout: Duration::from_millis(args.lease_timeout_ms),
@@ -412,9 +493,9 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     };
     // On stdout, so scripts that start it on port 0 can read the addresses:
     // gRPC on the first line, the HTTP port (if any) on the second.
-    println!("twinhead coordinator listening on http://{address}");
+    println!("twinhead coordinator listening on {scheme}://{address}");
     if let Some(http_address) = http_address {
-        println!("twinhead dashboard and /metrics on http://{http_address}/");
+        println!("twinhead dashboard and /metrics on {scheme}://{http_address}/");
         tracing::info!(%http_address, "http port listening");
     }
     tracing::info!(%address, db = %args.db.display(), "coordinator listening");
@@ -436,7 +517,8 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|_| "localhost".into());
     let config = twinhead_worker::runtime::WorkerConfig {
         coordinator: args.connection.coordinator.clone(),
-        token: args.connection.token.clone(),
+        token: args.connection.token()?,
+        tls: args.connection.tls(),
         device: args.device.clone(),
         hostname,
         ring,

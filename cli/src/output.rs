@@ -16,6 +16,13 @@ pub fn one_line(error: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in error.chain() {
         let text = match cause.downcast_ref::<tonic::Status>() {
+            // A wrapper that already quoted the status's message.
+            Some(status)
+                if !status.message().is_empty()
+                    && parts.iter().any(|p| p.contains(status.message())) =>
+            {
+                continue;
+            }
             Some(status) => status_line(status),
             None => cause.to_string(),
         };
@@ -581,5 +588,22 @@ mod tests {
             one_line(&e),
             "invalid argument: spec.world_size: must divide"
         );
+        // An error type quoting its source status's message says it once.
+        #[derive(Debug)]
+        struct Wrapper(tonic::Status);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "coordinator: {}", self.0.message())
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let wrapped = anyhow::Error::new(Wrapper(tonic::Status::unauthenticated(
+            "needs a certificate",
+        )));
+        assert_eq!(one_line(&wrapped), "coordinator: needs a certificate");
     }
 }

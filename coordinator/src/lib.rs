@@ -28,6 +28,7 @@ pub mod server;
 mod service;
 mod state;
 pub mod store;
+pub mod tls;
 mod web;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,6 +40,7 @@ use twinhead_proto::v1::{Assignment, DataprepTask, Dataset, RunEvent};
 use datasets::Builds;
 pub use datasets::MAX_TASK_ATTEMPTS;
 pub use server::{ServeError, ServerConfig, serve, serve_with_http};
+pub use tls::ServerTls;
 use state::{Effects, State};
 use store::{ProgressRow, Store, StoreError, Write};
 

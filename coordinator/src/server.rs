@@ -21,10 +21,11 @@ use twinhead_proto::auth::{TokenProblem, check_bearer};
 
 use crate::service::Services;
 use crate::store::{SqliteStore, StoreError};
+use crate::tls::ServerTls;
 use crate::{Coordinator, LeaseSettings};
 
 /// How a coordinator is started.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// SQLite database file, created if missing.
     pub db: PathBuf,
@@ -33,6 +34,21 @@ pub struct ServerConfig {
     /// Bearer token for WorkerService calls; none: open.
     pub worker_token: Option<String>,
     pub leases: LeaseSettings,
+    /// TLS on both ports (and mTLS for workers); none: plaintext.
+    pub tls: Option<ServerTls>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens are secrets: say whether one is set, never what it is.
+        f.debug_struct("ServerConfig")
+            .field("db", &self.db)
+            .field("user_token", &self.user_token.as_ref().map(|_| "<set>"))
+            .field("worker_token", &self.worker_token.as_ref().map(|_| "<set>"))
+            .field("leases", &self.leases)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,15 +63,25 @@ pub enum ServeError {
     Reflection(String),
 }
 
-/// Accepts calls that carry `authorization: Bearer <token>`.
+/// Accepts calls that carry `authorization: Bearer <token>`, and under
+/// mTLS only from clients that presented a certificate (rustls has already
+/// checked it against the client CA during the handshake).
 #[derive(Clone)]
 struct BearerAuth {
     token: Option<Arc<str>>,
     api: &'static str,
+    client_cert: bool,
 }
 
 impl Interceptor for BearerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.client_cert && request.peer_certs().is_none_or(|certs| certs.is_empty()) {
+            return Err(Status::unauthenticated(format!(
+                "the {} API needs a client certificate signed by the coordinator's --client-ca \
+                 (pass --client-cert and --client-key, or TWINHEAD_CLIENT_CERT and TWINHEAD_CLIENT_KEY)",
+                self.api
+            )));
+        }
         let Some(expected) = self.token.as_deref() else {
             return Ok(request);
         };
@@ -70,7 +96,7 @@ impl Interceptor for BearerAuth {
                 self.api
             ))),
             Err(TokenProblem::Missing) => Err(Status::unauthenticated(format!(
-                "the {} API needs a bearer token (set TWINHEAD_TOKEN or pass --token)",
+                "the {} API needs a bearer token (set TWINHEAD_TOKEN or pass --token or --token-file)",
                 self.api
             ))),
         }
@@ -128,10 +154,12 @@ pub async fn serve_coordinator(
     let user_auth = BearerAuth {
         token: user_token.clone(),
         api: "run",
+        client_cert: false,
     };
     let worker_auth = BearerAuth {
-        token: config.worker_token.map(Arc::from),
+        token: config.worker_token.clone().map(Arc::from),
         api: "worker",
+        client_cert: config.tls.as_ref().is_some_and(ServerTls::requires_client_certs),
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -154,8 +182,25 @@ pub async fn serve_coordinator(
     // Aborted on drop, so a server future that is itself dropped (cancelled)
     // leaves no reaper writing behind it.
     let _reaper = AbortOnDrop(tokio::spawn(reap_leases(coordinator.clone())));
+    // Under TLS the gRPC port's connections go through a splitter that
+    // answers plaintext clients itself (see `tls::split_plaintext`).
+    let (incoming, _splitter) = match &config.tls {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let splitter = tokio::spawn(crate::tls::split_plaintext(listener, tx, stop_signal()));
+            (
+                GrpcIncoming::Tls(tokio_stream::wrappers::ReceiverStream::new(rx)),
+                Some(AbortOnDrop(splitter)),
+            )
+        }
+        None => (GrpcIncoming::Plain(listener), None),
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.grpc_config())?;
+    }
     let grpc = async {
-        tonic::transport::Server::builder()
+        let router = builder
             .add_service(health)
             .add_service(reflection)
             .add_service(RunServiceServer::with_interceptor(
@@ -172,23 +217,44 @@ pub async fn serve_coordinator(
             ))
             .add_service(DataprepServiceServer::with_interceptor(
                 services,
-                worker_auth,
-            ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal())
-            .await
-            .map_err(ServeError::from)
+                BearerAuth {
+                    api: "dataprep",
+                    ..worker_auth
+                },
+            ));
+        match incoming {
+            GrpcIncoming::Tls(stream) => router.serve_with_incoming_shutdown(stream, stop_signal()).await,
+            GrpcIncoming::Plain(listener) => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal())
+                    .await
+            }
+        }
+        .map_err(ServeError::from)
     };
     let http_server = async {
         let Some(listener) = http else {
             return Ok(());
         };
         let app = crate::web::router(coordinator.clone(), user_token);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop_signal())
-            .await
-            .map_err(ServeError::Http)
+        match &config.tls {
+            Some(tls) => crate::tls::serve_http(tls, listener, app, stop_signal())
+                .await
+                .map_err(ServeError::Http),
+            None => axum::serve(listener, app)
+                .with_graceful_shutdown(stop_signal())
+                .await
+                .map_err(ServeError::Http),
+        }
     };
     tokio::try_join!(grpc, http_server).map(|_| ())
+}
+
+/// The gRPC port's connections: straight from the listener, or TLS ones
+/// handed over by the splitter.
+enum GrpcIncoming {
+    Plain(TcpListener),
+    Tls(tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio::net::TcpStream>>),
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -202,6 +202,7 @@ async fn invalid_specs_are_refused_naming_the_key() {
 async fn calls_without_the_right_token_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = Coordinator::start_with(ServerConfig {
+        tls: None,
         db: dir.path().join("c.db"),
         user_token: Some("user-secret".into()),
         worker_token: Some("worker-secret".into()),
@@ -416,6 +417,7 @@ async fn a_silent_worker_is_declared_dead_and_the_world_reforms_from_the_checkpo
     let dir = tempfile::tempdir().expect("tempdir");
     let leases = fast_leases();
     let c = Coordinator::start_with(ServerConfig {
+        tls: None,
         db: dir.path().join("c.db"),
         user_token: None,
         worker_token: None,
@@ -580,6 +582,7 @@ async fn failures_reform_the_world_elastically_until_max_restarts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let leases = fast_leases();
     let c = Coordinator::start_with(ServerConfig {
+        tls: None,
         db: dir.path().join("c.db"),
         user_token: None,
         worker_token: None,

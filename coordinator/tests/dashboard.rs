@@ -16,6 +16,7 @@ use twinhead_proto::v1::{GetProgressRequest, ReportProgressRequest, SubmitRunReq
 
 fn config(dir: &Path, user_token: Option<&str>) -> ServerConfig {
     ServerConfig {
+        tls: None,
         db: dir.join("c.db"),
         user_token: user_token.map(str::to_string),
         worker_token: None,

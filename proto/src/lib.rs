@@ -13,6 +13,8 @@
 //! - [`config`]: TOML files (`configs/models`, `configs/runs`) and
 //!   `--set key=value` overrides into proto messages.
 //! - [`names`]: the names people and JSON see for the API's enums.
+//! - [`tls`]: clients' `https://` endpoints, CA and client certificates,
+//!   token files.
 //! - [`validate`]: the rules a run spec must satisfy, with errors that name
 //!   the offending key.
 
@@ -22,6 +24,7 @@ pub mod build_tasks;
 pub mod config;
 pub mod dataset;
 pub mod names;
+pub mod tls;
 pub mod validate;
 
 /// Generated code for package `twinhead.v1`.

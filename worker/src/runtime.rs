@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use twinhead_proto::auth::Bearer;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
@@ -59,12 +59,14 @@ const LEAVE_GRACE: Duration = Duration::from_secs(1);
 const EVAL_REPORT_TRIES: usize = 5;
 
 /// How a worker reaches the coordinator and its peers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerConfig {
-    /// Coordinator URL, e.g. `http://127.0.0.1:50051`.
+    /// Coordinator URL, e.g. `http://127.0.0.1:50051` or `https://…`.
     pub coordinator: String,
     /// Bearer token for the worker API.
     pub token: Option<String>,
+    /// CA to trust and client certificate to present over `https://`.
+    pub tls: twinhead_proto::tls::ClientTls,
     /// "cpu" or "cuda:N".
     pub device: String,
     pub hostname: String,
@@ -72,6 +74,21 @@ pub struct WorkerConfig {
     pub ring: RingConfig,
     /// Stop after the first run this worker trains ends (tests, demos).
     pub exit_when_idle: bool,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: say whether there is one, never what it is.
+        f.debug_struct("WorkerConfig")
+            .field("coordinator", &self.coordinator)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("tls", &self.tls)
+            .field("device", &self.device)
+            .field("hostname", &self.hostname)
+            .field("ring", &self.ring)
+            .field("exit_when_idle", &self.exit_when_idle)
+            .finish()
+    }
 }
 
 /// Why a worker stopped or could not start.
@@ -346,12 +363,12 @@ pub async fn run_worker(
         url: config.coordinator.clone(),
         message: e.to_string(),
     })?;
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| WorkerError::Url {
+    let endpoint = twinhead_proto::tls::endpoint(&config.coordinator, &config.tls).map_err(|e| {
+        WorkerError::Url {
             url: config.coordinator.clone(),
             message: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(5));
+        }
+    })?;
     // Lazy: the coordinator may not be up yet; calls retry until it is.
     let client: Client = WorkerServiceClient::with_interceptor(endpoint.connect_lazy(), bearer);
     let stop = Arc::new(AtomicBool::new(false));
@@ -447,7 +464,11 @@ impl<'a> Session<'a> {
                 Ok(reply) => break reply.into_inner(),
                 Err(s) if transient(&s) => {
                     if !waited {
-                        tracing::info!(coordinator = %config.coordinator, "waiting for the coordinator");
+                        let error = twinhead_proto::error_chain(&s);
+                        match twinhead_proto::tls::hint(&config.coordinator, &error) {
+                            Some(hint) => tracing::warn!(coordinator = %config.coordinator, %error, hint, "waiting for the coordinator"),
+                            None => tracing::info!(coordinator = %config.coordinator, %error, "waiting for the coordinator"),
+                        }
                         waited = true;
                     }
                     tokio::time::sleep(RETRY).await;

@@ -109,6 +109,7 @@ async fn coordinator(leases: LeaseSettings) -> Coordinator {
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let (tx, rx) = oneshot::channel::<()>();
     let config = ServerConfig {
+        tls: None,
         db: dir.path().join("c.db"),
         user_token: None,
         worker_token: None,
@@ -128,6 +129,7 @@ fn worker_config(url: &str, name: &str) -> WorkerConfig {
     WorkerConfig {
         coordinator: url.to_string(),
         token: None,
+        tls: Default::default(),
         device: "cpu".into(),
         hostname: name.into(),
         ring: RingConfig {

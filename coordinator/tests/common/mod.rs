@@ -41,6 +41,7 @@ pub fn fast_leases() -> LeaseSettings {
 impl Coordinator {
     pub async fn start(db: &Path) -> Coordinator {
         Self::start_with(ServerConfig {
+            tls: None,
             db: db.to_path_buf(),
             user_token: None,
             worker_token: None,
@@ -207,6 +208,7 @@ impl Coordinator {
         Coordinator::start_on(
             addr,
             ServerConfig {
+                tls: None,
                 db,
                 user_token: None,
                 worker_token: None,
