@@ -244,6 +244,24 @@ fn a_tls_coordinator_refuses_plaintext_untrusting_and_certless_clients_and_runs_
         .output()
         .expect("runs");
     assert_clean_error(&plain, &["serves TLS", "https://"]);
+    // Health checks alone are answered in the clear: Kubernetes' gRPC
+    // probes cannot speak TLS.
+    let health = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(plain_url.clone())?
+                .connect()
+                .await?;
+            let reply = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await?;
+            Ok::<_, Box<dyn std::error::Error>>(reply.into_inner().status)
+        })
+        .expect("plaintext health check");
+    assert_eq!(
+        health,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     // A client that does not trust the coordinator's CA is refused, and
     // told how to trust it.
     let untrusting = twinhead()

@@ -187,7 +187,14 @@ pub async fn serve_coordinator(
     let (incoming, _splitter) = match &config.tls {
         Some(_) => {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
-            let splitter = tokio::spawn(crate::tls::split_plaintext(listener, tx, stop_signal()));
+            let plaintext =
+                crate::tls::plaintext_router(tonic::service::Routes::new(health.clone()));
+            let splitter = tokio::spawn(crate::tls::split_plaintext(
+                listener,
+                tx,
+                plaintext,
+                stop_signal(),
+            ));
             (
                 GrpcIncoming::Tls(tokio_stream::wrappers::ReceiverStream::new(rx)),
                 Some(AbortOnDrop(splitter)),

@@ -129,12 +129,13 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// Accepts on the gRPC port until `stop` resolves: connections that open
-/// with a TLS handshake go to `tls` (tonic's TLS server), plaintext ones
-/// are answered on the spot with a gRPC status telling the client to use
-/// `https://`, instead of a bare reset it would report as a protocol error.
+/// with a TLS handshake go to `tls` (tonic's TLS server), plaintext ones to
+/// `plaintext` (see [`plaintext_router`]), so a plaintext client hears why
+/// instead of seeing a bare reset it would report as a protocol error.
 pub(crate) async fn split_plaintext(
     listener: TcpListener,
     tls: mpsc::Sender<std::io::Result<TcpStream>>,
+    plaintext: axum::Router,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut connections = JoinSet::new();
@@ -155,23 +156,33 @@ pub(crate) async fn split_plaintext(
             },
         };
         while connections.try_join_next().is_some() {}
-        let tls = tls.clone();
+        let (tls, plaintext) = (tls.clone(), plaintext.clone());
         connections.spawn(async move {
             let mut first = [0u8; 1];
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
                 Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {
                     let _ = tls.send(Ok(stream)).await;
                 }
-                Ok(Ok(1)) => refuse_plaintext(stream).await,
+                Ok(Ok(1)) => {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(
+                            TokioIo::new(stream),
+                            TowerToHyperService::new(plaintext),
+                        )
+                        .await;
+                }
                 _ => {}
             }
         });
     }
 }
 
-/// Answers every request on a plaintext connection with FAILED_PRECONDITION.
-async fn refuse_plaintext(stream: TcpStream) {
-    let app = axum::Router::new().fallback(|| async {
+/// What plaintext connections to a TLS gRPC port get: `health` (gRPC
+/// health checks, which reveal nothing and which Kubernetes' gRPC probes
+/// can only make in the clear), and FAILED_PRECONDITION for every other
+/// call.
+pub(crate) fn plaintext_router(health: tonic::service::Routes) -> axum::Router {
+    health.into_axum_router().fallback(|| async {
         let mut response = StatusCode::OK.into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -186,11 +197,7 @@ async fn refuse_plaintext(stream: TcpStream) {
             ),
         );
         response
-    });
-    let service = TowerToHyperService::new(app);
-    let _ = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+    })
 }
 
 /// Serves `app` over TLS on `listener` until `stop` resolves.
