@@ -7,7 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{CoordinatorProcess, assert_clean_error, json, repo_root, stdout, twinhead};
+use common::{
+    CoordinatorProcess, assert_clean_error, json, manifest_only_dataset, repo_root, stdout,
+    twinhead,
+};
 
 fn run(args: &[&str], url: &str) -> Output {
     twinhead()
@@ -23,11 +26,15 @@ fn submit_status_survive_a_killed_coordinator() {
     let db = dir.path().join("coordinator.db");
     let coordinator = CoordinatorProcess::start(&db, &[]);
     let url = coordinator.url.clone();
+    let dataset = manifest_only_dataset(dir.path(), "configs/runs/tiny-cpu.toml");
+    let dataset = format!("dataset={}", dataset.display());
 
     let submitted = json(&run(
         &[
             "submit",
             "configs/runs/tiny-cpu.toml",
+            "--set",
+            &dataset,
             "--set",
             "world_size=1",
             "--set",
@@ -135,8 +142,10 @@ fn tokens_are_required_when_configured() {
     let url = coordinator.url.clone();
     assert_clean_error(&run(&["runs"], &url), &["unauthenticated"]);
     assert_clean_error(&run(&["runs", "--token", "nope"], &url), &["wrong token"]);
+    let dataset = manifest_only_dataset(dir.path(), "configs/runs/tiny-cpu.toml");
     let ok = twinhead()
-        .args(["submit", "configs/runs/tiny-cpu.toml", "--json"])
+        .args(["submit", "configs/runs/tiny-cpu.toml", "--json", "--set"])
+        .arg(format!("dataset={}", dataset.display()))
         .env("TWINHEAD_COORDINATOR", &url)
         .env("TWINHEAD_TOKEN", "s3cret")
         .output()
@@ -155,8 +164,15 @@ fn watch_follows_a_run_until_it_ends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = CoordinatorProcess::start(&dir.path().join("c.db"), &[]);
     let url = coordinator.url.clone();
+    let dataset = manifest_only_dataset(dir.path(), "configs/runs/tiny-cpu.toml");
     let run_id = json(&run(
-        &["submit", "configs/runs/tiny-cpu.toml", "--json"],
+        &[
+            "submit",
+            "configs/runs/tiny-cpu.toml",
+            "--json",
+            "--set",
+            &format!("dataset={}", dataset.display()),
+        ],
         &url,
     ))["run_id"]
         .as_str()
@@ -198,4 +214,52 @@ fn watch_follows_a_run_until_it_ends() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(1), "a cancelled run is not a success");
+}
+
+#[test]
+fn submit_refuses_a_run_its_dataset_cannot_feed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = CoordinatorProcess::start(&dir.path().join("c.db"), &[]);
+    let url = coordinator.url.clone();
+    let dataset = manifest_only_dataset(dir.path(), "configs/runs/tiny-cpu.toml");
+    let submit = |sets: &[String]| {
+        let mut args = vec!["submit".to_string(), "configs/runs/tiny-cpu.toml".into()];
+        for set in sets {
+            args.extend(["--set".to_string(), set.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args, &url)
+    };
+    let at = |d: &std::path::Path| format!("dataset={}", d.display());
+    let missing = dir.path().join("not-built");
+    assert_clean_error(
+        &submit(&[at(&missing)]),
+        &["invalid argument", "spec.dataset", "not-built", "no dataset at"],
+    );
+    assert_clean_error(
+        &submit(&[at(&dataset), "phases[2].dataset_phase=anneal".into()]),
+        &["spec.phases[2].dataset_phase", "\"anneal\"", "pretrain (seq_len 128)"],
+    );
+    assert_clean_error(
+        &submit(&[at(&dataset), "phases[1].seq_len=512".into()]),
+        &["spec.phases[1].seq_len: 512 in the run", "built at seq_len 1024"],
+    );
+    // A model whose vocabulary is smaller than the dataset's.
+    let small_vocab = dir.path().join("small-vocab");
+    std::fs::create_dir_all(&small_vocab).expect("dir");
+    let manifest = std::fs::read_to_string(dataset.join("manifest.json")).expect("manifest");
+    let mut manifest: serde_json::Value = serde_json::from_str(&manifest).expect("json");
+    manifest["tokenizer"]["vocab_size"] = 50_368.into();
+    std::fs::write(small_vocab.join("manifest.json"), manifest.to_string()).expect("write");
+    assert_clean_error(
+        &submit(&[at(&small_vocab)]),
+        &["spec.model.vocab_size: 4096 in the model", "vocabulary of 50368"],
+    );
+    // Nothing was accepted; the fitting dataset is.
+    let listed = json(&run(&["runs", "--json"], &url));
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    json(&run(
+        &["submit", "configs/runs/tiny-cpu.toml", "--json", "--set", &at(&dataset)],
+        &url,
+    ));
 }

@@ -2,6 +2,8 @@
 //! real coordinator process, a worker simulated over the real gRPC worker
 //! API, and the PNG decoded pixel by pixel.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -21,6 +23,7 @@ fn twinhead() -> Command {
     command
         .env_remove("TWINHEAD_COORDINATOR")
         .env_remove("TWINHEAD_TOKEN")
+        .env_remove("TWINHEAD_TOKEN_FILE")
         .env("TWINHEAD_LOG", "warn")
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
     command
@@ -93,11 +96,15 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn submit(url: &str, name: &str) -> String {
+/// Submits tiny-cpu.toml with a manifest-only dataset in `dir`.
+fn submit(url: &str, dir: &Path, name: &str) -> String {
+    let dataset = common::manifest_only_dataset(dir, "configs/runs/tiny-cpu.toml");
     let output = run(
         &[
             "submit",
             "configs/runs/tiny-cpu.toml",
+            "--set",
+            &format!("dataset={}", dataset.display()),
             "--set",
             "world_size=1",
             "--set",
@@ -229,7 +236,7 @@ async fn plot_draws_each_phase_in_its_colour() {
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = CoordinatorProcess::start(&dir.path().join("c.db"));
     let url = coordinator.grpc_url.clone();
-    let run_id = submit(&url, "plotted");
+    let run_id = submit(&url, dir.path(), "plotted");
     let mut worker = FakeWorker::register(&url).await;
     worker.next_assignment().await;
     // tiny-cpu: phase 0 is 256 steps of 1,024 tokens, phase 1 is 4 of 8,192.
@@ -311,7 +318,7 @@ async fn plot_fails_cleanly_for_an_unknown_run_or_one_without_progress() {
     let unknown = run(&["plot", "run-999999", "--out", out_arg], &url);
     assert_clean_error(&unknown, "no run \"run-999999\"");
 
-    let run_id = submit(&url, "quiet");
+    let run_id = submit(&url, dir.path(), "quiet");
     let quiet = run(&["plot", &run_id, "--out", out_arg], &url);
     assert_clean_error(&quiet, "has no progress reports yet");
 

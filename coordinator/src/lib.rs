@@ -10,16 +10,19 @@
 //! - [`store`]: the durable store trait and its SQLite implementation.
 //! - `service`: the tonic services, translating calls and errors.
 //! - [`datasets`]: dataset builds handed to dataprep processes task by task.
+//! - [`dataset_check`]: a submitted run against its dataset's manifest.
 //! - [`progress`]: loss curves as served: thinned, on a run-wide token axis.
 //! - `metrics`: the Prometheus text exposition of runs and workers.
 //! - `web`: the HTTP port: dashboard page, JSON API, `/metrics`.
 //! - [`server`]: wiring: listeners, auth, health, reflection, lease reaper.
+//! - [`tls`]: certificates, mTLS, the TLS ports.
 //!
 //! Run lifecycle: `pending → running(phase i) → completed`, or `failed`
 //! (too many world failures) or `cancelled`. A world is one incarnation of a
 //! run on a set of workers; when a member dies the world ends and a new one
 //! is formed from the last committed checkpoint.
 
+pub mod dataset_check;
 pub mod datasets;
 mod metrics;
 pub mod progress;

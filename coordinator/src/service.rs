@@ -67,6 +67,11 @@ impl RunService for Services {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        // The spec's own rules first (no storage read for a malformed
+        // spec), then the dataset it names.
+        twinhead_proto::validate_run_spec(&spec)
+            .map_err(|e| Status::invalid_argument(format!("spec.{e}")))?;
+        crate::dataset_check::check_run_dataset(&spec).await?;
         let run_id = self
             .coordinator
             .apply(|s, now, fx| s.submit(spec, now, fx))

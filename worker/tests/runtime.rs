@@ -74,7 +74,7 @@ fn spec(overrides: &[&str]) -> RunSpec {
 name = "runtime"
 model = "tiny"
 objective = "clm"
-dataset = "file:///tmp/none"
+dataset = "tests/fixtures/runtime-dataset"
 world_size = 2
 global_batch = 4
 [optimizer]

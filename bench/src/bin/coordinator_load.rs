@@ -83,13 +83,14 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[index] as f64 / 1000.0
 }
 
-fn spec_text(name: &str) -> String {
+fn spec_text(name: &str, dataset: &Path) -> String {
+    let dataset = dataset.display();
     format!(
         r#"
 name = "{name}"
 model = "tiny"
 objective = "mlm"
-dataset = "file:///tmp/dataset"
+dataset = "file://{dataset}"
 world_size = {WORLD}
 global_batch = {WORLD}
 [optimizer]
@@ -118,6 +119,15 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("twinhead-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("coordinator.db");
+    // The coordinator checks a submitted run against its dataset's
+    // manifest; the load needs no rows, only the phase it names.
+    let dataset = dir.join("dataset");
+    std::fs::create_dir_all(&dataset)?;
+    std::fs::write(
+        dataset.join("manifest.json"),
+        r#"{"tokenizer": {"vocab_size": 512, "cls_id": 1, "sep_id": 2},
+            "phases": [{"name": "pretrain", "seq_len": 128, "sequences": 0, "shards": []}]}"#,
+    )?;
     let mut child = Command::new(&args.bin)
         .args([
             "coordinator",
@@ -147,20 +157,20 @@ async fn main() -> anyhow::Result<()> {
         .next()
         .context("address line")?
         .to_string();
-    let result = drive(&args, &url, pid).await;
+    let result = drive(&args, &url, pid, &dataset).await;
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn drive(args: &Args, url: &str, pid: u32) -> anyhow::Result<()> {
+async fn drive(args: &Args, url: &str, pid: u32, dataset: &Path) -> anyhow::Result<()> {
     let endpoint = Endpoint::from_shared(url.to_string())?;
     let mut runs = RunServiceClient::new(endpoint.connect().await?);
     for i in 0..args.workers / WORLD {
         let spec = twinhead_proto::config::parse_run(
             "load.toml",
-            &spec_text(&format!("load-{i}")),
+            &spec_text(&format!("load-{i}"), dataset),
             &[],
             Path::new("."),
         )?;

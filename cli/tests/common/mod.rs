@@ -13,6 +13,10 @@ pub fn twinhead() -> Command {
     command
         .env_remove("TWINHEAD_COORDINATOR")
         .env_remove("TWINHEAD_TOKEN")
+        .env_remove("TWINHEAD_TOKEN_FILE")
+        .env_remove("TWINHEAD_CA_CERT")
+        .env_remove("TWINHEAD_CLIENT_CERT")
+        .env_remove("TWINHEAD_CLIENT_KEY")
         .env("TWINHEAD_LOG", "warn")
         .current_dir(repo_root());
     command
@@ -222,6 +226,36 @@ code = 1.0
     let path = dir.join("data.toml");
     std::fs::write(&path, config).expect("config");
     path
+}
+
+/// A dataset folder in `dir` holding only a manifest that fits the recipe
+/// at `recipe` (relative to the repository): its phases at their seq_len,
+/// its model's vocabulary and special tokens. Enough for the coordinator
+/// to accept the recipe at submit, for tests whose runs no worker trains.
+pub fn manifest_only_dataset(dir: &Path, recipe: &str) -> PathBuf {
+    let spec = twinhead_proto::config::load_run(&repo_root().join(recipe), &[]).expect("recipe");
+    let model = spec.model.expect("model");
+    let phases: Vec<serde_json::Value> = spec
+        .phases
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.dataset_phase, "seq_len": p.seq_len, "sequences": 0, "shards": []
+            })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "tokenizer": {
+            "vocab_size": model.vocab_size,
+            "cls_id": model.cls_token_id,
+            "sep_id": model.sep_token_id,
+        },
+        "phases": phases,
+    });
+    let folder = dir.join("manifest-only-dataset");
+    std::fs::create_dir_all(&folder).expect("dataset folder");
+    std::fs::write(folder.join("manifest.json"), manifest.to_string()).expect("manifest");
+    folder
 }
 
 /// Every file under `root`, by relative path.
