@@ -8,6 +8,8 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{CoordinatorProcess, assert_clean_error, fixture_data_config, json, tree, twinhead};
@@ -24,6 +26,46 @@ struct S3Server {
     root: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    tripwire: Tripwire,
+}
+
+/// Once armed, the server stops at the next PUT of a checkpoint object
+/// other than `COMMITTED`: that request never gets an answer and every
+/// connection drops, as when a store goes away in the middle of a
+/// checkpoint upload.
+#[derive(Clone, Default)]
+struct Tripwire {
+    armed: Arc<AtomicBool>,
+    /// The path of the request the server stopped at.
+    tripped: Arc<Mutex<Option<String>>>,
+    fire: Arc<tokio::sync::Notify>,
+}
+
+impl Tripwire {
+    fn catches(&self, request: &hyper::Request<hyper::body::Incoming>) -> bool {
+        let path = request.uri().path();
+        let caught = request.method() == hyper::Method::PUT
+            && path.contains("/checkpoints/")
+            && !path.ends_with("/COMMITTED")
+            && self.armed.swap(false, Ordering::SeqCst);
+        if caught {
+            *self.tripped.lock().expect("tripwire") = Some(path.to_string());
+            self.fire.notify_one();
+        }
+        caught
+    }
+
+    /// Waits until the server stopped at a checkpoint object; its path.
+    fn wait(&self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(path) = self.tripped.lock().expect("tripwire").clone() {
+                return path;
+            }
+            assert!(Instant::now() < deadline, "no checkpoint upload within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl S3Server {
@@ -38,6 +80,8 @@ impl S3Server {
         let addr = listener.local_addr().expect("addr");
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let folder = root.to_path_buf();
+        let tripwire = Tripwire::default();
+        let trip = tripwire.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -51,7 +95,17 @@ impl S3Server {
                     ACCESS_KEY,
                     SECRET_KEY.to_string(),
                 ));
-                let service = builder.build();
+                let s3 = builder.build();
+                let watched = trip.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    let (s3, trip) = (s3.clone(), watched.clone());
+                    async move {
+                        if trip.catches(&request) {
+                            std::future::pending::<()>().await;
+                        }
+                        hyper::service::Service::call(&s3, request).await
+                    }
+                });
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 let http = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
@@ -68,6 +122,7 @@ impl S3Server {
                             });
                         }
                         _ = &mut stopped => break,
+                        _ = trip.fire.notified() => break,
                     }
                 }
             });
@@ -78,6 +133,7 @@ impl S3Server {
             root: root.to_path_buf(),
             stop: Some(stop),
             thread: Some(thread),
+            tripwire,
         }
     }
 
@@ -299,7 +355,7 @@ fn datasets_and_checkpoints_live_on_s3_through_build_verify_training_resume_and_
     assert_clean_error(&refused, &[dataset.as_str()]);
 
     // Two workers train from the S3 shards and write checkpoints there.
-    let coordinator = CoordinatorProcess::start(
+    let coordinator = CoordinatorProcess::start_with_env(
         &dir.path().join("c.db"),
         &[
             "--heartbeat-interval-ms",
@@ -307,6 +363,7 @@ fn datasets_and_checkpoints_live_on_s3_through_build_verify_training_resume_and_
             "--lease-timeout-ms",
             "1500",
         ],
+        &s3.env(),
     );
     let url = coordinator.url.clone();
     let logs: Vec<PathBuf> = (0..3)
@@ -401,13 +458,14 @@ fn dataprep_processes_build_to_s3_the_bytes_of_one_local_process() {
 }
 
 #[test]
-fn an_s3_outage_mid_run_is_ridden_out_and_drops_no_checkpoint() {
+fn an_s3_server_stopped_during_a_checkpoint_upload_is_ridden_out_and_no_partial_checkpoint_is_used()
+{
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("s3");
     let s3 = S3Server::start(&root);
     let config = fixture_data_config(dir.path());
     let dataset = build_on_s3(&s3, &config);
-    let coordinator = CoordinatorProcess::start(
+    let coordinator = CoordinatorProcess::start_with_env(
         &dir.path().join("c.db"),
         &[
             "--heartbeat-interval-ms",
@@ -415,6 +473,7 @@ fn an_s3_outage_mid_run_is_ridden_out_and_drops_no_checkpoint() {
             "--lease-timeout-ms",
             "1500",
         ],
+        &s3.env(),
     );
     let url = coordinator.url.clone();
     let logs = vec![dir.path().join("w0.log")];
@@ -427,30 +486,52 @@ fn an_s3_outage_mid_run_is_ridden_out_and_drops_no_checkpoint() {
         s["checkpoints"].as_array().is_some_and(|c| !c.is_empty())
     });
 
-    // The store goes away mid-run (row reads and checkpoint writes fail,
-    // or wait in the store client's retries) and comes back 4 s later on
-    // the same address.
+    // The store goes away in the middle of the next checkpoint's upload
+    // (row reads and checkpoint writes fail, or wait in the store client's
+    // retries) and comes back 4 s later on the same address.
+    s3.tripwire.armed.store(true, Ordering::SeqCst);
+    let tripped = s3.tripwire.wait(Duration::from_secs(120));
+    let object = tripped.trim_start_matches(&format!("/{BUCKET}/")).to_string();
+    let checkpoint = object
+        .rsplit_once('/')
+        .map(|(folder, _)| folder.to_string())
+        .expect("a checkpoint folder");
+    assert!(
+        !s3.folder(&checkpoint).join("COMMITTED").exists(),
+        "{checkpoint} was committed before all its objects were written"
+    );
     let addr = s3.addr;
     drop(s3);
     std::thread::sleep(Duration::from_secs(4));
     let s3 = S3Server::start_on(&root, addr);
     let done = wait_for(&url, &run, &logs, |s| s["state"] == "completed");
 
-    // Whether the store client's own retries absorbed the outage or a
-    // world failed and was re-formed depends on where the outage fell; in
-    // both cases no checkpoint may look bad.
+    // Whether the store client's own retries finished the upload or a
+    // world failed and was re-formed, no checkpoint may look bad, every
+    // recorded one is whole, and the interrupted one was used only if its
+    // upload was completed and committed.
     let log = std::fs::read_to_string(&logs[0]).unwrap_or_default();
     assert!(
         !log.contains("is unusable"),
         "an unreachable store made a checkpoint look bad:\n{log}"
     );
-    for c in done["checkpoints"].as_array().expect("checkpoints") {
-        let key = c["url"]
+    let key = |c: &serde_json::Value| {
+        c["url"]
             .as_str()
             .unwrap_or("")
-            .trim_start_matches("s3://twinhead/")
-            .to_string();
-        assert!(s3.folder(&key).join("COMMITTED").is_file(), "{c}");
+            .trim_start_matches(&format!("s3://{BUCKET}/"))
+            .trim_end_matches('/')
+            .to_string()
+    };
+    for c in done["checkpoints"].as_array().expect("checkpoints") {
+        assert!(s3.folder(&key(c)).join("COMMITTED").is_file(), "{c}");
+    }
+    if !s3.folder(&checkpoint).join("COMMITTED").is_file() {
+        for attempt in done["attempts"].as_array().expect("attempts") {
+            assert_ne!(key(&attempt["start_checkpoint"]), checkpoint, "{attempt}");
+        }
+    } else {
+        assert!(s3.folder(&object).is_file(), "{object} is missing from a committed checkpoint");
     }
     let phases = done["phases"].as_array().expect("phases");
     assert_eq!(phases[1]["tokens_done"], 4096, "{done}");

@@ -74,7 +74,18 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     pub fn start(db: &Path, extra: &[&str]) -> CoordinatorProcess {
+        Self::start_with_env(db, extra, &[])
+    }
+
+    /// [`CoordinatorProcess::start`] with environment variables (a
+    /// store's, for the manifest it reads at submit).
+    pub fn start_with_env(
+        db: &Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> CoordinatorProcess {
         let mut child = twinhead()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
             .arg(db)
             .args(extra)
