@@ -1271,6 +1271,86 @@ fn a_worker_killed_while_writing_a_checkpoint_leaves_it_unused_and_the_run_resum
     assert_rows_once(&recipe, &run);
 }
 
+#[test]
+fn a_worker_stopped_past_its_lease_inside_a_checkpoint_write_is_dropped_and_rejoins_when_continued()
+{
+    let setup = Setup::new(3);
+    let ckpt = setup.dir.path().join("ckpt");
+    let recipe = Recipe {
+        short_tokens: 6144,
+        ..Recipe::new("hung", &setup.data, 2, &ckpt)
+    };
+    let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+    // Rank 0 (registered first) writes the checkpoints; each of its writes
+    // pauses before the marker, so the stop lands inside one.
+    let hung = worker_with_env(
+        &setup.url,
+        &setup.logs[0],
+        &[("TWINHEAD_TEST_STALL_CHECKPOINT_MS", "2000")],
+    );
+    wait_for_log(&setup.logs[0], "registered", &setup.logs);
+    let hung_id = logged_worker_id(&setup.logs[0]);
+    let _peer = worker(&setup.url, &setup.logs[1]);
+    wait_for_log(&setup.logs[1], "registered", &setup.logs);
+    let _spare = worker(&setup.url, &setup.logs[2]);
+    wait_for_log(&setup.logs[0], "stalling before COMMITTED", &setup.logs);
+    signal(&hung, "STOP");
+    let stopped = Instant::now();
+
+    // Its lease runs out (3 s here), the world ends, and the peer and the
+    // spare form the next one.
+    let reformed = wait_for(&setup.url, &run, &setup.logs, "no world without it", |s| {
+        s["attempts"].as_array().is_some_and(|a| {
+            a.len() >= 2
+                && a.last().is_some_and(|last| {
+                    last["workers"]
+                        .as_array()
+                        .is_some_and(|w| !w.iter().any(|id| id == hung_id.as_str()))
+                })
+        })
+    });
+    let detected = stopped.elapsed();
+    assert!(
+        detected < Duration::from_secs(15),
+        "re-formed {detected:?} after the stop"
+    );
+    assert!(reformed["attempts"][0]["failed"].as_bool().unwrap_or(false));
+
+    // Continued, it finds it was declared dead, drops what it was doing,
+    // registers again, and the run goes on to completion.
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&hung, "CONT");
+    wait_for_log(&setup.logs[0], "registering again", &setup.logs);
+    // The checkpoint it was writing when stopped is not committed by it:
+    // its lease lapsed while it was stopped.
+    wait_for_log(&setup.logs[0], "left uncommitted", &setup.logs);
+    let done = wait_completed(&setup.url, &run, &setup.logs);
+    assert_rows_once(&recipe, &run);
+    // Every checkpoint the run recorded loads (its files hash to its
+    // state), including any folder the continued worker went on writing in.
+    for checkpoint in done["checkpoints"].as_array().expect("checkpoints") {
+        let url = checkpoint["url"].as_str().expect("url");
+        twinhead_worker::checkpoint::load(url)
+            .unwrap_or_else(|e| panic!("{url}: {e}\n{}", dump(&setup.logs)));
+    }
+    for attempt in done["attempts"].as_array().expect("attempts").iter().skip(1) {
+        if let Some(url) = attempt["start_checkpoint"]["url"].as_str() {
+            twinhead_worker::checkpoint::load(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+}
+
+/// The id a worker logged when it registered (`registered worker=ID`).
+fn logged_worker_id(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).expect("log");
+    text.lines()
+        .find(|l| l.contains("registered"))
+        .and_then(|l| l.split("worker=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a registered line with the worker id")
+        .to_string()
+}
+
 /// The run's first checkpoint, loaded.
 fn first_checkpoint(status: &serde_json::Value) -> twinhead_worker::checkpoint::LoadedCheckpoint {
     let url = status["checkpoints"][0]["url"]

@@ -59,6 +59,8 @@ pub enum CheckpointError {
     Snapshot(String),
     #[error("the checkpoint writer thread stopped")]
     WriterStopped,
+    #[error("checkpoint {location} left uncommitted: {reason}")]
+    Fenced { location: String, reason: String },
 }
 
 /// The optimizer state saved with a checkpoint
@@ -323,10 +325,30 @@ fn parse_optimizer(location: &str, bytes: &[u8]) -> Result<OptimizerState, Check
     Ok(OptimizerState { step, tensors })
 }
 
+/// Asked just before a checkpoint's `COMMITTED` marker is written: `Err`
+/// (why) leaves the folder uncommitted. Workers pass their world's
+/// liveness and lease (`runtime::Link::commit_fence`).
+pub type Fence = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// A fence that always lets the commit through.
+pub fn no_fence() -> Fence {
+    std::sync::Arc::new(|| Ok(()))
+}
+
 /// Writes `snapshot` under the checkpoint root `root` and commits it,
 /// synchronously. A folder left by an earlier, interrupted write of the
 /// same step is overwritten (its marker is removed first).
 pub fn write(root: &Location, snapshot: &CheckpointSnapshot) -> Result<Committed, CheckpointError> {
+    write_fenced(root, snapshot, &no_fence())
+}
+
+/// [`write`], committing only if `fence` still allows it once every file
+/// is written.
+pub fn write_fenced(
+    root: &Location,
+    snapshot: &CheckpointSnapshot,
+    fence: &Fence,
+) -> Result<Committed, CheckpointError> {
     let info = &snapshot.info;
     let dir = root.child(&checkpoint_dir(
         &info.run_id,
@@ -350,6 +372,10 @@ pub fn write(root: &Location, snapshot: &CheckpointSnapshot) -> Result<Committed
     dir.put(OPTIMIZER_FILE, optimizer)?;
     dir.put(STATE_FILE, state_json)?;
     stall_before_commit();
+    fence().map_err(|reason| CheckpointError::Fenced {
+        location: dir.url().to_string(),
+        reason,
+    })?;
     dir.put(COMMITTED_FILE, marker)?;
     Ok(Committed {
         url: dir.url().to_string(),
@@ -589,6 +615,15 @@ impl CheckpointWriter {
     /// Starts the writer thread for checkpoints under `ckpt_root` (a local
     /// path, `file://` or cloud URL).
     pub fn spawn(ckpt_root: &str, keep_last: u32) -> Result<Self, CheckpointError> {
+        Self::spawn_fenced(ckpt_root, keep_last, no_fence())
+    }
+
+    /// [`CheckpointWriter::spawn`], each commit asking `fence` first.
+    pub fn spawn_fenced(
+        ckpt_root: &str,
+        keep_last: u32,
+        fence: Fence,
+    ) -> Result<Self, CheckpointError> {
         let root = Location::open(ckpt_root, true)?;
         let (tx, rx) = channel::<Job>();
         let thread_root = root.clone();
@@ -596,7 +631,7 @@ impl CheckpointWriter {
             .name("twinhead-checkpoint".into())
             .spawn(move || {
                 for job in rx {
-                    let result = write(&thread_root, &job.snapshot).and_then(|committed| {
+                    let result = write_fenced(&thread_root, &job.snapshot, &fence).and_then(|committed| {
                         let info = &job.snapshot.info;
                         prune(
                             &thread_root,

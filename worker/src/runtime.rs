@@ -26,7 +26,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
@@ -231,6 +231,26 @@ impl Link {
         self.abort.reason()
     }
 
+    /// The check a checkpoint of this world passes just before its
+    /// `COMMITTED` marker: the world is still the live one, not aborted,
+    /// and this worker's lease has not lapsed. A worker stopped (SIGSTOP, a
+    /// hung host) in the middle of a write and continued after its world
+    /// was re-formed therefore does not commit a checkpoint the
+    /// coordinator never hears of.
+    pub fn commit_fence(&self) -> crate::checkpoint::Fence {
+        let abort = self.abort.clone();
+        let world = abort.world();
+        Arc::new(move || {
+            if abort.world() != world {
+                return Err(format!("world {world} has ended"));
+            }
+            if let Some(reason) = abort.reason() {
+                return Err(format!("world {world} was aborted: {reason}"));
+            }
+            abort.lease_lapsed().map_or(Ok(()), Err)
+        })
+    }
+
     /// Whether this worker was asked to leave: the trainer stops the whole
     /// world after the current step, with a checkpoint.
     pub fn leave_requested(&self) -> bool {
@@ -267,9 +287,36 @@ struct AbortState {
     reason: Mutex<Option<String>>,
     /// The live world and the handle that interrupts its collective.
     world: Mutex<Option<(String, Option<AbortHandle>)>>,
+    /// When the last heartbeat (or the registration) the coordinator
+    /// answered was sent, and the lease it grants; see [`AbortState::lease_lapsed`].
+    lease: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl AbortState {
+    /// Records that the coordinator answered a call sent at `sent`.
+    fn acknowledged(&self, sent: Instant, lease: Duration) {
+        let mut slot = lock(&self.lease);
+        if slot.is_none_or(|(last, _)| sent > last) {
+            *slot = Some((sent, lease));
+        }
+    }
+
+    /// Why this worker can no longer be sure the coordinator counts it
+    /// alive: no call it sent in the last lease period was answered (it was
+    /// stopped, or cut off, for that long), so its world may already have
+    /// been re-formed without it.
+    fn lease_lapsed(&self) -> Option<String> {
+        let (sent, lease) = (*lock(&self.lease))?;
+        let silent = sent.elapsed();
+        (silent >= lease).then(|| {
+            format!(
+                "no heartbeat answered for {:.1}s, the lease is {:.1}s",
+                silent.as_secs_f64(),
+                lease.as_secs_f64()
+            )
+        })
+    }
+
     fn reason(&self) -> Option<String> {
         if !self.aborted.load(Ordering::Acquire) {
             return None;
@@ -456,12 +503,13 @@ impl<'a> Session<'a> {
             pid: std::process::id(),
         };
         let mut waited = false;
-        let reply = loop {
+        let (reply, registering) = loop {
             if stop.load(Ordering::Acquire) {
                 return Ok(None);
             }
+            let sent = Instant::now();
             match client.register(request.clone()).await {
-                Ok(reply) => break reply.into_inner(),
+                Ok(reply) => break (reply.into_inner(), sent),
                 Err(s) if transient(&s) => {
                     if !waited {
                         let error = twinhead_proto::error_chain(&s);
@@ -479,11 +527,18 @@ impl<'a> Session<'a> {
         let worker_id = reply.worker_id;
         tracing::info!(worker = %worker_id, "registered");
         let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(10));
+        // A coordinator that names no lease (0) is not fenced against.
+        let lease = match reply.lease_timeout_ms {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        };
+        abort.acknowledged(registering, lease);
         let forgotten = Arc::new(AtomicBool::new(false));
         let heartbeat = tokio::spawn(heartbeat(
             client.clone(),
             worker_id.clone(),
             interval,
+            lease,
             abort.clone(),
             forgotten.clone(),
         ));
@@ -1083,6 +1138,7 @@ async fn heartbeat(
     mut client: Client,
     worker_id: String,
     interval: Duration,
+    lease: Duration,
     abort: Arc<AbortState>,
     forgotten: Arc<AtomicBool>,
 ) {
@@ -1095,8 +1151,10 @@ async fn heartbeat(
             worker_id: worker_id.clone(),
             world_id: world_id.clone(),
         };
+        let sent = Instant::now();
         match client.heartbeat(request).await {
             Ok(reply) => {
+                abort.acknowledged(sent, lease);
                 let reply = reply.into_inner();
                 if reply.action == WorkerAction::Abort as i32 {
                     abort.abort(&world_id, &reply.reason);
@@ -1123,6 +1181,40 @@ mod tests {
             location: "s3://bucket/run-1".into(),
             source,
         }
+    }
+
+    #[test]
+    fn a_commit_is_fenced_once_the_lease_lapses_or_the_world_ends() {
+        let abort = Arc::new(AbortState::default());
+        abort.enter("world-1");
+        let (messages, _rx) = mpsc::unbounded_channel();
+        let (_leave_tx, leave) = watch::channel(false);
+        let link = Link {
+            messages,
+            abort: abort.clone(),
+            leave,
+        };
+        let fence = link.commit_fence();
+        // No answer yet: nothing to judge by.
+        assert_eq!(fence(), Ok(()));
+        abort.acknowledged(Instant::now(), Duration::from_secs(10));
+        assert_eq!(fence(), Ok(()));
+        // The last answered call was sent longer ago than the lease.
+        let old = Instant::now()
+            .checked_sub(Duration::from_secs(3))
+            .expect("an instant 3 s ago");
+        let lapsed = Arc::new(AbortState::default());
+        lapsed.enter("world-1");
+        lapsed.acknowledged(old, Duration::from_secs(2));
+        let reason = lapsed.lease_lapsed().expect("lapsed");
+        assert!(reason.contains("the lease is 2.0s"), "{reason}");
+        // An aborted or replaced world is fenced too.
+        abort.abort("world-1", "peer died");
+        let err = fence().expect_err("aborted");
+        assert!(err.contains("peer died"), "{err}");
+        abort.enter("world-2");
+        let err = fence().expect_err("replaced");
+        assert!(err.contains("world-1 has ended"), "{err}");
     }
 
     #[test]

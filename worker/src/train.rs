@@ -910,9 +910,13 @@ struct CheckpointReporter {
 }
 
 impl CheckpointReporter {
-    fn spawn(policy: &CheckpointPolicy) -> Result<Self, TrainError> {
+    fn spawn(policy: &CheckpointPolicy, link: &Link) -> Result<Self, TrainError> {
         Ok(Self {
-            writer: CheckpointWriter::spawn(&policy.root, policy.keep_last)?,
+            writer: CheckpointWriter::spawn_fenced(
+                &policy.root,
+                policy.keep_last,
+                link.commit_fence(),
+            )?,
             pending: Vec::new(),
         })
     }
@@ -995,7 +999,7 @@ impl<B: TrainBackend> Trainer for BurnTrainer<B> {
             16,
         )?;
         let mut checkpoints = if a.rank == 0 {
-            Some(CheckpointReporter::spawn(&job.checkpoints)?)
+            Some(CheckpointReporter::spawn(&job.checkpoints, link)?)
         } else {
             None
         };

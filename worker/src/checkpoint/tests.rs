@@ -365,3 +365,25 @@ fn an_interrupted_write_is_never_returned() -> TestResult {
     writer.wait()?;
     Ok(())
 }
+
+#[test]
+fn a_fenced_write_leaves_its_folder_uncommitted() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let fence: Fence = std::sync::Arc::new(|| Err("the lease lapsed".to_string()));
+    let writer = CheckpointWriter::spawn_fenced(&root_url(&dir), 0, fence)?;
+    let handle = writer.write_async(snapshot(4, false))?;
+    let url = handle.url().to_string();
+    let err = handle.wait().expect_err("fenced");
+    writer.wait()?;
+    assert!(
+        matches!(&err, CheckpointError::Fenced { reason, .. } if reason == "the lease lapsed"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("step-0000004"), "{err}");
+    // Every file but the marker is there; the folder does not load.
+    let folder = dir.path().join("run-1/0-pretrain/step-0000004");
+    assert!(folder.join(STATE_FILE).is_file());
+    assert!(!folder.join(COMMITTED_FILE).exists());
+    assert!(matches!(load(&url), Err(CheckpointError::NotCommitted { .. })));
+    Ok(())
+}
