@@ -485,6 +485,73 @@ math = 1.0
     assert_eq!(finished["state"], "complete", "{finished}");
     assert_eq!(tree(&killed), want, "a build that lost a process differs");
 
+    // SIGSTOP a process holding a task (hung, not dead): its lease lapses,
+    // the other process takes the task over and finishes the build; the
+    // stopped one, continued, finds its lease gone and goes back to
+    // waiting for work, and the bytes are still the same.
+    let hung_log = dir.path().join("hung-dataprep.log");
+    let hung = twinhead()
+        .args(["dataprep", "--threads", "1", "--coordinator", &url])
+        .env("TWINHEAD_LOG", "info")
+        .env("TWINHEAD_TEST_STALL_TASK_MS", "1000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&hung_log).expect("log"))
+        .spawn()
+        .expect("spawn dataprep");
+    let stalled = dir.path().join("stalled");
+    let queued = json(&submit(&stalled, &["--detach"]));
+    let id = queued["id"].as_str().expect("id").to_string();
+    let show = || {
+        json(&run(&[
+            "dataset",
+            "show",
+            &id,
+            "--json",
+            "--coordinator",
+            &url,
+        ]))
+    };
+    let pid = hung.id().to_string();
+    // Stopped while it holds a task (inside the hook's pause).
+    while !std::fs::read_to_string(&hung_log).is_ok_and(|t| t.contains("stalling the task")) {
+        assert!(
+            std::time::Instant::now() < deadline + std::time::Duration::from_secs(60),
+            "the process never took a task: {}",
+            show()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    };
+    signal("-STOP");
+    let finished = loop {
+        let d = show();
+        if d["state"] != "building" {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline + std::time::Duration::from_secs(120),
+            "build never finished without the stopped process: {d}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    signal("-CONT");
+    assert_eq!(finished["state"], "complete", "{finished}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut hung = hung;
+    assert!(
+        hung.try_wait().expect("try_wait").is_none(),
+        "the continued process exited:\n{}",
+        std::fs::read_to_string(&hung_log).unwrap_or_default()
+    );
+    assert_eq!(tree(&stalled), want, "a build with a hung process differs");
+    processes.push(hung);
+
     // Bad input fails the build with the input named, and exit status 1.
     let bad_config = dir.path().join("bad.toml");
     let bad_text = std::fs::read_to_string(config)

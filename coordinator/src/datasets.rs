@@ -63,6 +63,11 @@ impl Build {
             .unwrap_or_default()
     }
 
+    /// Whether `key` is leased to a process other than `process`.
+    fn leased_to_another(&self, key: &str, process: &str) -> bool {
+        self.leases.get(key).is_some_and(|lease| lease.process != process)
+    }
+
     fn is_current(&self, key: &str) -> bool {
         self.building()
             && !self.record.done_tasks.iter().any(|k| k == key)
@@ -270,6 +275,11 @@ impl Builds {
         let Some(build) = self.current_task(id, key)? else {
             return Ok(false);
         };
+        if build.leased_to_another(key, process) {
+            // Its lease lapsed (the process hung) and the task went to
+            // another process: that one keeps it.
+            return Ok(false);
+        }
         build.leases.insert(
             key.to_string(),
             Lease {
@@ -345,6 +355,13 @@ impl Builds {
         let Some(build) = self.current_task(&request.dataset_id, &request.key)? else {
             return Ok(());
         };
+        if build.leased_to_another(&request.key, &request.process) {
+            // A process whose lease lapsed while it hung reports on a task
+            // another process now holds: its failure (often the other's
+            // work moving files under it) says nothing about the input.
+            tracing::warn!(task = %request.key, process = %request.process, error = %request.error, "failure from a process that no longer holds the task; ignored");
+            return Ok(());
+        }
         build.leases.remove(&request.key);
         let why = format!("{} (on {})", request.error, request.process);
         if request.retry {
@@ -526,6 +543,34 @@ b = 1.0
         assert!(!b.renew(&d.id, "plan", "p2", t0).unwrap());
         // A failed build is not returned for a new request.
         assert_ne!(submit(&mut b).0.id, d.id);
+    }
+
+    #[test]
+    fn a_process_that_hung_past_its_lease_cannot_take_back_or_fail_the_task() {
+        let mut b = builds();
+        let (d, _) = submit(&mut b);
+        let t0 = Instant::now();
+        assert!(b.claim("hung", t0).is_some());
+        // It stops renewing; the task goes to another process.
+        b.expire(t0 + LEASE, 5, &mut Vec::new());
+        assert_eq!(b.claim("live", t0 + LEASE).unwrap().key, "plan");
+        // Continued, the hung one renews and reports a failure: neither
+        // takes the task from the live one nor ends the build.
+        assert!(!b.renew(&d.id, "plan", "hung", t0 + LEASE).unwrap());
+        let stale = FailTaskRequest {
+            dataset_id: d.id.clone(),
+            key: "plan".into(),
+            process: "hung".into(),
+            error: "the source's plan is missing".into(),
+            retry: false,
+        };
+        b.fail(&stale, 6, &mut Vec::new()).unwrap();
+        assert_eq!(b.get(&d.id).unwrap().state, DatasetState::Building as i32);
+        assert!(b.renew(&d.id, "plan", "live", t0 + LEASE).unwrap());
+        // With nobody holding the task (a restarted coordinator forgets
+        // leases), its process's renewal and report are taken.
+        b.expire(t0 + LEASE * 3, 7, &mut Vec::new());
+        assert!(b.renew(&d.id, "plan", "live", t0 + LEASE * 3).unwrap());
     }
 
     #[test]

@@ -146,6 +146,21 @@ fn open_build(task: &DataprepTask) -> crate::Result<Build> {
 
 /// Runs one task while renewing its lease; `true` when the process was
 /// asked to stop meanwhile.
+/// Test hook, off unless set: `TWINHEAD_TEST_STALL_TASK_MS=N` makes every
+/// task wait N ms before its work (its lease still renewed), so a
+/// process-level test can stop or kill a process that holds a task.
+const STALL_TASK_ENV: &str = "TWINHEAD_TEST_STALL_TASK_MS";
+
+fn stall_task() {
+    let stall = std::env::var(STALL_TASK_ENV)
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok());
+    if let Some(ms) = stall {
+        tracing::warn!(ms, "test hook {STALL_TASK_ENV}: stalling the task");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 async fn run_task(
     client: &mut DataprepClient,
     process: &str,
@@ -167,7 +182,10 @@ async fn run_task(
     let started = std::time::Instant::now();
     let handle = {
         let (pool, stop) = (pool.clone(), stop.clone());
-        tokio::task::spawn_blocking(move || pool.install(|| build.run(which, &StopFlag(stop))))
+        tokio::task::spawn_blocking(move || {
+            stall_task();
+            pool.install(|| build.run(which, &StopFlag(stop)))
+        })
     };
     tokio::pin!(handle);
     let renew_every = Duration::from_millis(u64::from(task.lease_ms.max(300)) / 3);
