@@ -740,19 +740,26 @@ fn a_failure_no_retry_can_fix_fails_the_run_at_once_with_its_message() {
     let ckpt = setup.dir.path().join("ckpt");
     let recipe = Recipe::new("wrong-seq-len", &setup.data, 1, &ckpt);
     let config = recipe.write(setup.dir.path());
-    // The dataset's first phase has rows of 64 tokens; the run asks for 128.
-    let out = twinhead()
-        .args([
-            "submit",
-            "--json",
-            "--coordinator",
-            &setup.url,
-            "--set",
-            "phases[0].seq_len=128",
-        ])
-        .arg(&config)
-        .output()
-        .expect("submit");
+    let submit_with = |set: &[&str]| {
+        let mut command = twinhead();
+        command.args(["submit", "--json", "--coordinator", &setup.url]);
+        for s in set {
+            command.args(["--set", s]);
+        }
+        command.arg(&config).output().expect("submit")
+    };
+    // The dataset's first phase has rows of 64 tokens: a run asking for
+    // 128 is refused at submit.
+    let refused = submit_with(&["phases[0].seq_len=128"]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("spec.phases[0].seq_len: 128 in the run") && said.contains("seq_len 64"),
+        "{said}"
+    );
+    // A run that fits is accepted; then the dataset changes under it (its
+    // manifest now says 128), which no retry can fix.
+    let out = submit_with(&[]);
     assert!(
         out.status.success(),
         "{}",
@@ -762,6 +769,13 @@ fn a_failure_no_retry_can_fix_fails_the_run_at_once_with_its_message() {
         .as_str()
         .expect("run_id")
         .to_string();
+    let manifest_path = twinhead_data::store::local_path(&setup.data)
+        .expect("a local dataset")
+        .join("manifest.json");
+    let manifest = std::fs::read_to_string(&manifest_path).expect("manifest");
+    let mut manifest: serde_json::Value = serde_json::from_str(&manifest).expect("json");
+    manifest["phases"][0]["seq_len"] = 128.into();
+    std::fs::write(&manifest_path, manifest.to_string()).expect("rewrite manifest");
     let _worker = worker(&setup.url, &setup.logs[0]);
     let failed = wait_for(&setup.url, &run, &setup.logs, "the run to end", |s| {
         s["state"] == "failed" || s["state"] == "completed"

@@ -201,6 +201,13 @@ impl Coordinator {
     ) -> Result<Option<Assignment>, Error> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         let mut changes = self.version.subscribe();
+        if self.read(|s| s.draining(worker_id)) {
+            self.apply(|s, now_ms, fx| {
+                s.drained(worker_id, now_ms, fx);
+                Ok(())
+            })
+            .await?;
+        }
         loop {
             changes.borrow_and_update();
             if let Some(a) = self.read(|s| s.assignment(worker_id))?

@@ -38,6 +38,24 @@ pub(crate) struct WorkerEntry {
     pub world: Option<(String, u32)>,
     /// (run id, eval id) while it scores a checkpoint's tasks.
     pub job: Option<(String, String)>,
+    /// A world that failed while this worker was in it, until the worker
+    /// asks for its next assignment (it has left that world). Worlds wait
+    /// for such workers for [`DRAIN_GRACE_MS`], then form without them: a
+    /// worker whose step hangs (a deadlock, a stuck device) stays out of
+    /// new worlds, which it would only make fail at their rendezvous.
+    pub draining: Option<Draining>,
+}
+
+/// How long worlds wait, after a failure, for its members to ask for work
+/// before forming without the ones that have not.
+pub(crate) const DRAIN_GRACE_MS: i64 = 10_000;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Draining {
+    pub world_id: String,
+    pub since_ms: i64,
+    /// Past the grace: worlds no longer wait for it.
+    pub given_up: bool,
 }
 
 /// A worker as monitoring sees it.
@@ -158,6 +176,7 @@ impl State {
                     last_seen: now,
                     world: None,
                     job: None,
+                    draining: None,
                 },
             );
         }
@@ -348,6 +367,7 @@ impl State {
                 last_seen: now,
                 world: None,
                 job: None,
+                draining: None,
             },
         );
         self.form_worlds(now_ms, fx);
@@ -465,7 +485,19 @@ impl State {
         let backoff_over = self.runs.values().any(|e| {
             e.run.retry_after_ms > 0 && e.run.retry_after_ms <= now_ms && !is_terminal(&e.run)
         });
-        if expired.is_empty() && !backoff_over {
+        // Workers still in a failed world past the grace: stop waiting.
+        let mut gave_up = false;
+        for w in self.workers.values_mut() {
+            if let Some(d) = w.draining.as_mut()
+                && !d.given_up
+                && now_ms - d.since_ms >= DRAIN_GRACE_MS
+            {
+                d.given_up = true;
+                gave_up = true;
+                tracing::warn!(worker = %w.row.id, world = %d.world_id, "worker has not left its failed world; forming worlds without it");
+            }
+        }
+        if expired.is_empty() && !backoff_over && !gave_up {
             return;
         }
         expired.sort();
@@ -521,6 +553,13 @@ impl State {
                 && w.world.as_ref().is_some_and(|(id, _)| *id == world_id)
             {
                 w.world = None;
+                if failed {
+                    w.draining = Some(Draining {
+                        world_id: world_id.clone(),
+                        since_ms: now_ms,
+                        given_up: false,
+                    });
+                }
             }
         }
         fx.event(
@@ -561,6 +600,14 @@ impl State {
 
     /// Forms worlds for runs that wait, out of free live workers.
     fn form_worlds(&mut self, now_ms: i64, fx: &mut Effects) {
+        // Members of a world that just failed are usually out of it within
+        // moments: wait for them rather than form smaller worlds.
+        let waiting_for_members = self.workers.values().any(|w| {
+            w.row.status == WorkerStatus::Alive && w.draining.as_ref().is_some_and(|d| !d.given_up)
+        });
+        if waiting_for_members {
+            return;
+        }
         let free = self.free_workers();
         if free.is_empty() {
             return;
@@ -570,13 +617,18 @@ impl State {
         self.assign_checkpoint_evals(now_ms, fx);
     }
 
-    /// Live workers in no world and holding no checkpoint evaluation, in
-    /// registration order.
+    /// Live workers in no world, holding no checkpoint evaluation and out
+    /// of any failed world, in registration order.
     fn free_workers(&self) -> Vec<String> {
         let mut free: Vec<(u64, String)> = self
             .workers
             .values()
-            .filter(|w| w.row.status == WorkerStatus::Alive && w.world.is_none() && w.job.is_none())
+            .filter(|w| {
+                w.row.status == WorkerStatus::Alive
+                    && w.world.is_none()
+                    && w.job.is_none()
+                    && w.draining.is_none()
+            })
             .map(|w| (w.row.seq, w.row.id.clone()))
             .collect();
         free.sort();
@@ -657,6 +709,24 @@ impl State {
     // ------------------------------------------------------ assignments
 
     /// The worker's current assignment, if it belongs to a live world.
+    /// Whether the worker is still out of a failed world (see
+    /// `WorkerEntry::draining`).
+    pub fn draining(&self, worker_id: &str) -> bool {
+        self.workers
+            .get(worker_id)
+            .is_some_and(|w| w.draining.is_some())
+    }
+
+    /// The worker asks for work, so it has left the failed world it was in:
+    /// it may join the next one.
+    pub fn drained(&mut self, worker_id: &str, now_ms: i64, fx: &mut Effects) {
+        if let Some(w) = self.workers.get_mut(worker_id)
+            && w.draining.take().is_some()
+        {
+            self.form_worlds(now_ms, fx);
+        }
+    }
+
     pub fn assignment(&self, worker_id: &str) -> Result<Option<Assignment>, Error> {
         let worker = self.live_worker(worker_id)?;
         if let Some((run_id, eval_id)) = &worker.job {
@@ -1009,6 +1079,10 @@ impl State {
         }
         tracing::warn!(run = %run_id, world = %world_id, %reason, permanent, "world failed");
         self.end_world(&run_id, &reason, true, now_ms, fx);
+        // The reporter's trainer has returned: it is out of the world.
+        if let Some(w) = self.workers.get_mut(worker_id) {
+            w.draining = None;
+        }
         if permanent
             && let Some(entry) = self.runs.get_mut(&run_id)
             && !is_terminal(&entry.run)
@@ -1210,8 +1284,12 @@ mod tests {
         let run = state.run(&run).expect("run");
         assert!(run.attempts[0].failed && run.attempts[0].ended_ms == 6_000);
         assert_eq!(run.state, RunState::Running as i32, "within max_restarts");
-        // A new worker makes a world again, from the initial weights.
+        // A new worker arrives while the survivor has not yet asked for
+        // work (its step may hang): no world forms with it.
         let w3 = state.register("host-3".into(), "cpu".into(), 1, at(7), 7_000, &mut fx);
+        assert_eq!(world_of(&state, &w3), None, "the survivor is still in the failed world");
+        // Once it asks, a world forms again, from the initial weights.
+        state.drained(&ids[1], 7_500, &mut fx);
         let (again, _) = world_of(&state, &ids[1]).expect("re-formed");
         assert_ne!(again, world);
         assert_eq!(world_of(&state, &w3), Some((again, 1)));
@@ -1277,6 +1355,8 @@ mod tests {
             };
             let mut fx = Effects::default();
             state.failure(&report, now_ms, &mut fx).expect("reported");
+            // The other rank asks for work once its step was aborted.
+            state.drained(&ids[0], now_ms, &mut fx);
         };
         let tick = |state: &mut State, now_ms: i64| {
             let mut fx = Effects::default();
@@ -1334,20 +1414,53 @@ mod tests {
         assert!(state.work_pending(&ids[0]), "training");
         assert!(!state.work_pending(&stranger), "never took part");
         for now_ms in [1_000, 2_000] {
-            let (world, _) = world_of(&state, &ids[0]).expect("a world");
+            let (world, _) = world_of(&state, &ids[1]).expect("a world");
             let report = ReportFailureRequest {
                 worker_id: ids[1].clone(),
                 world_id: world,
                 message: "the store timed out".into(),
                 ..Default::default()
             };
-            state
-                .failure(&report, now_ms, &mut Effects::default())
-                .expect("reported");
+            let mut fx = Effects::default();
+            state.failure(&report, now_ms, &mut fx).expect("reported");
+            state.drained(&ids[0], now_ms, &mut fx);
         }
         // Backing off with no world: an exit-when-idle worker must stay.
         assert!(world_of(&state, &ids[0]).is_none());
         assert!(state.work_pending(&ids[0]));
+    }
+
+    #[test]
+    fn a_world_waits_briefly_for_the_members_of_a_failed_one_then_forms_without_a_hung_one() {
+        let t0 = Instant::now();
+        let (mut state, run_id, ids) = started(&["max_restarts=10"], 3, t0);
+        let (world, _) = world_of(&state, &ids[0]).expect("a world of workers 0 and 1");
+        let mut fx = Effects::default();
+        let report = ReportFailureRequest {
+            worker_id: ids[1].clone(),
+            world_id: world.clone(),
+            message: "collective timed out".into(),
+            ..Default::default()
+        };
+        state.failure(&report, 1_000, &mut fx).expect("reported");
+        // Worker 0's step hangs: it never asks for work, though it
+        // heartbeats. Worker 2 is free, but the next world waits for 0.
+        state.heartbeat(&ids[0], &world, t0).expect("alive");
+        let tick = |state: &mut State, now_ms: i64| {
+            state.expire_leases(t0, LEASE, now_ms, &mut Effects::default());
+        };
+        tick(&mut state, 1_000 + DRAIN_GRACE_MS - 1);
+        assert_eq!(world_of(&state, &ids[1]), None, "waiting for worker 0");
+        tick(&mut state, 1_000 + DRAIN_GRACE_MS);
+        let (again, _) = world_of(&state, &ids[1]).expect("formed without worker 0");
+        assert_ne!(again, world);
+        assert!(world_of(&state, &ids[2]).is_some());
+        assert_eq!(world_of(&state, &ids[0]), None);
+        let run = state.run(&run_id).expect("run");
+        assert_eq!(run.attempts.last().map(|a| a.workers.clone()), Some(vec![ids[1].clone(), ids[2].clone()]));
+        // When it finally asks, it is free again.
+        state.drained(&ids[0], 12_000, &mut fx);
+        assert!(!state.draining(&ids[0]));
     }
 
     #[test]
@@ -1365,6 +1478,7 @@ mod tests {
             };
             let (action, _) = state.failure(&report, attempt, &mut fx).expect("reported");
             assert_eq!(action, WorkerAction::Abort);
+            state.drained(&ids[0], attempt, &mut fx);
         }
         let run = state.run(&run_id).expect("run");
         assert_eq!(run.state, RunState::Failed as i32);
