@@ -1365,6 +1365,111 @@ fn logged_worker_id(log: &Path) -> String {
         .to_string()
 }
 
+/// A tmpfs of `size` (e.g. "12m") mounted on a fresh folder: a disk that
+/// fills up. `None` where this process may not mount (not root, no
+/// CAP_SYS_ADMIN): the tests using it then report themselves skipped.
+struct Tmpfs {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).ok()?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(Tmpfs { path, _dir: dir })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn a_full_checkpoint_disk_fails_the_run_clearly_and_commits_no_partial_checkpoint() {
+    let Some(disk) = Tmpfs::mount("12m") else {
+        return;
+    };
+    let setup = Setup::new(1);
+    let ckpt = disk.path.join("ckpt");
+    let recipe = Recipe {
+        extra: "max_restarts = 2",
+        ..Recipe::new("full-disk", &setup.data, 1, &ckpt)
+    };
+    let run = submit(&setup.url, &recipe.write(setup.dir.path()));
+    let _worker = worker(&setup.url, &setup.logs[0]);
+    let failed = wait_for(&setup.url, &run, &setup.logs, "the run to end", |s| {
+        s["state"] == "failed" || s["state"] == "completed"
+    });
+    assert_eq!(failed["state"], "failed", "{failed}\n{}", dump(&setup.logs));
+    // The run says why, naming the file it could not write.
+    let message = failed["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("No space left on device") && message.contains(&ckpt.display().to_string()),
+        "{message}"
+    );
+    // Some checkpoints fitted; every folder with COMMITTED loads whole, the
+    // rest have none, and the last recorded checkpoint is usable.
+    let checkpoints = failed["checkpoints"].as_array().expect("checkpoints");
+    assert!(!checkpoints.is_empty(), "{failed}");
+    let mut partial = 0;
+    for phase in std::fs::read_dir(ckpt.join(&run)).expect("run folder").flatten() {
+        for step in std::fs::read_dir(phase.path()).expect("phase folder").flatten() {
+            let folder = step.path();
+            let url = format!("file://{}", folder.display());
+            if folder.join("COMMITTED").exists() {
+                twinhead_worker::checkpoint::load(&url)
+                    .unwrap_or_else(|e| panic!("{url} is committed but does not load: {e}"));
+            } else {
+                partial += 1;
+            }
+        }
+    }
+    assert!(partial > 0, "no write was cut short: the disk is too large for the test");
+    let last = last_checkpoint_url(&failed);
+    twinhead_worker::checkpoint::load(&last).expect("the last committed checkpoint loads");
+}
+
+#[test]
+fn a_full_dataset_disk_fails_the_build_naming_the_file_and_writes_no_manifest() {
+    let Some(disk) = Tmpfs::mount("64k") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = fixture_data_config(dir.path());
+    let out = twinhead()
+        .args(["dataset", "build"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&disk.path)
+        .output()
+        .expect("dataset build");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("No space left on device") && said.contains(&disk.path.display().to_string()),
+        "{said}"
+    );
+    assert!(!said.contains("panicked"), "{said}");
+    assert!(
+        !disk.path.join("train-fixture/manifest.json").exists(),
+        "a manifest for partial data"
+    );
+}
+
 /// The run's first checkpoint, loaded.
 fn first_checkpoint(status: &serde_json::Value) -> twinhead_worker::checkpoint::LoadedCheckpoint {
     let url = status["checkpoints"][0]["url"]
