@@ -63,12 +63,31 @@ pub enum Error {
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
-            Error::NotFound(m) => tonic::Status::not_found(m),
-            Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            Error::Store(m) => tonic::Status::internal(m),
+            Error::InvalidArgument(m) => tonic::Status::invalid_argument(status_message(m)),
+            Error::NotFound(m) => tonic::Status::not_found(status_message(m)),
+            Error::FailedPrecondition(m) => tonic::Status::failed_precondition(status_message(m)),
+            Error::Store(m) => tonic::Status::internal(status_message(m)),
         }
     }
+}
+
+/// The longest status message sent, in bytes. Messages quote what a
+/// client sent (a config line, a name, an id); the message travels in an
+/// HTTP/2 header, percent-encoded, and one beyond the client's header
+/// limit (16 KiB in tonic) reaches it as an opaque "h2 protocol error".
+pub const MAX_STATUS_MESSAGE: usize = 2048;
+
+/// `message`, cut to [`MAX_STATUS_MESSAGE`] bytes at a character boundary
+/// with a note of how much was cut.
+pub fn status_message(message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message;
+    }
+    let mut cut = MAX_STATUS_MESSAGE;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} more bytes)", &message[..cut], message.len() - cut)
 }
 
 /// Lease timing for workers.

@@ -70,8 +70,10 @@ impl RunService for Services {
         // The spec's own rules first (no storage read for a malformed
         // spec), then the dataset it names.
         twinhead_proto::validate_run_spec(&spec)
-            .map_err(|e| Status::invalid_argument(format!("spec.{e}")))?;
-        crate::dataset_check::check_run_dataset(&spec).await?;
+            .map_err(|e| Status::invalid_argument(crate::status_message(format!("spec.{e}"))))?;
+        crate::dataset_check::check_run_dataset(&spec)
+            .await
+            .map_err(|s| Status::new(s.code(), crate::status_message(s.message().to_string())))?;
         let run_id = self
             .coordinator
             .apply(|s, now, fx| s.submit(spec, now, fx))

@@ -161,11 +161,30 @@ pub fn write_rows(location: &str, rows: &[Row], rows_per_group: usize) -> Result
     write_batch(location, shard_schema(), cols, rows_per_group)
 }
 
+/// Runs `decode` (parquet decoding of a file's bytes), turning a panic of
+/// the parquet crate into an error: some corrupt files make it panic
+/// instead of returning one (a dictionary-encoded page without a
+/// dictionary page: "Decoder for dict should have been set").
+pub fn catch_decoder_panic<T>(decode: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_string());
+        format!("corrupt data: the parquet decoder failed ({what})")
+    })
+}
+
 fn batches(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<RecordBatch>> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
-        .and_then(|b| b.with_batch_size(4096).build())
-        .map_err(|e| perr(location, e))?;
-    reader.map(|b| b.map_err(|e| perr(location, e))).collect()
+    let bytes: bytes::Bytes = bytes.into();
+    catch_decoder_panic(|| {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.with_batch_size(4096).build())
+            .map_err(|e| perr(location, e))?;
+        reader.map(|b| b.map_err(|e| perr(location, e))).collect()
+    })
+    .map_err(|e| perr(location, e))?
 }
 
 fn column<'a, T: 'static>(location: &str, batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
@@ -375,8 +394,17 @@ fn projected_batches(
     bytes: impl Into<bytes::Bytes>,
     columns: &[&str],
 ) -> Result<Vec<RecordBatch>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
-        .map_err(|e| perr(location, e))?;
+    let bytes: bytes::Bytes = bytes.into();
+    catch_decoder_panic(|| projected_batches_of(location, bytes, columns))
+        .map_err(|e| perr(location, e))?
+}
+
+fn projected_batches_of(
+    location: &str,
+    bytes: bytes::Bytes,
+    columns: &[&str],
+) -> Result<Vec<RecordBatch>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| perr(location, e))?;
     if let Some(missing) = columns
         .iter()
         .find(|c| builder.schema().field_with_name(c).is_err())
@@ -394,7 +422,9 @@ fn projected_batches(
 
 /// Row groups and rows of a parquet file (from its footer).
 pub fn row_groups(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<i64>> {
-    let b = ParquetRecordBatchReaderBuilder::try_new(Into::<bytes::Bytes>::into(bytes))
+    let bytes: bytes::Bytes = bytes.into();
+    let b = catch_decoder_panic(|| ParquetRecordBatchReaderBuilder::try_new(bytes))
+        .map_err(|e| perr(location, e))?
         .map_err(|e| perr(location, e))?;
     Ok(b.metadata()
         .row_groups()

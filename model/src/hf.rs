@@ -204,16 +204,27 @@ fn d_gelu() -> String {
 const ENCODER_TYPE: &str = "modernbert";
 const DECODER_TYPE: &str = "modernbert-decoder";
 
+fn layer_type(config: &ModelConfig, i: usize) -> &'static str {
+    if config.is_global_layer(i) {
+        "full_attention"
+    } else {
+        "sliding_attention"
+    }
+}
+
 fn layer_types(config: &ModelConfig) -> Vec<&'static str> {
     (0..config.num_layers)
-        .map(|i| {
-            if config.is_global_layer(i) {
-                "full_attention"
-            } else {
-                "sliding_attention"
-            }
-        })
+        .map(|i| layer_type(config, i))
         .collect()
+}
+
+/// The `config.json` key of a `ModelSpec` field (most are spelled alike).
+fn hf_key(spec_key: &str) -> &str {
+    match spec_key {
+        "num_layers" => "num_hidden_layers",
+        "num_heads" => "num_attention_heads",
+        other => other,
+    }
 }
 
 /// Reads `dir/config.json` into a validated config and the flavour.
@@ -313,18 +324,44 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, Flavour), HfError> {
         pad_token_id,
         cls_token_id: hf.cls_token_id.unwrap_or(50281),
         sep_token_id: hf.sep_token_id.unwrap_or(50282),
-        mask_token_id: hf.mask_token_id.unwrap_or(pad_token_id + 1),
+        // Saturating: a pad_token_id of u32::MAX is refused by validation.
+        mask_token_id: hf.mask_token_id.unwrap_or(pad_token_id.saturating_add(1)),
         unk_token_id: hf.unk_token_id,
     };
-    let config = ModelConfig::from_spec_in(&spec, &path.display().to_string())?;
+    let config =
+        ModelConfig::from_spec_in(&spec, &path.display().to_string()).map_err(|e| match e {
+            // Name the key as config.json spells it.
+            ConfigError::Invalid { file, key, message } => ConfigError::Invalid {
+                file,
+                key: hf_key(&key).to_string(),
+                message,
+            },
+            other => other,
+        })?;
     if let Some(types) = &hf.layer_types {
-        let expected = layer_types(&config);
-        if types.len() != expected.len() || types.iter().zip(&expected).any(|(a, b)| a != b) {
+        // Compared entry by entry: `num_hidden_layers` comes from the file
+        // and may be huge, so the expected list is never built whole.
+        let every = config.global_attn_every_n_layers;
+        if types.len() != config.num_layers {
             return Err(unsupported(
                 "layer_types",
                 format!(
-                    "{types:?} is not global every {} layers from layer 0 ({expected:?})",
-                    config.global_attn_every_n_layers
+                    "has {} entries, num_hidden_layers is {}",
+                    types.len(),
+                    config.num_layers
+                ),
+            ));
+        }
+        if let Some((i, found)) = types
+            .iter()
+            .enumerate()
+            .find(|(i, t)| t.as_str() != layer_type(&config, *i))
+        {
+            return Err(unsupported(
+                "layer_types",
+                format!(
+                    "entry {i} is {found:?}, expected {:?}: twinhead's layers are global every {every} layers from layer 0",
+                    layer_type(&config, i)
                 ),
             ));
         }
@@ -392,6 +429,62 @@ impl Tensors {
     }
 }
 
+impl Tensors {
+    /// Checks `key` is present with shape `expected` (without taking it).
+    fn check(&self, key: &str, expected: &[usize]) -> Result<(), HfError> {
+        match self.map.get(key) {
+            None => Err(HfError::Missing {
+                key: key.to_string(),
+                expected: expected.to_vec(),
+            }),
+            Some((shape, _)) if shape != expected => Err(HfError::Shape {
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                found: shape.clone(),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Checks that every tensor [`load`] takes is present with its shape,
+    /// in the order it takes them (so the same first error is reported).
+    fn check_coverage(&self, config: &ModelConfig, flavour: Flavour) -> Result<(), HfError> {
+        let (v, h, i) = (
+            config.vocab_size,
+            config.hidden_size,
+            config.intermediate_size,
+        );
+        self.check("model.embeddings.tok_embeddings.weight", &[v, h])?;
+        if self.map.contains_key("decoder.weight") {
+            self.check("decoder.weight", &[v, h])?;
+        }
+        self.check("model.embeddings.norm.weight", &[h])?;
+        for l in 0..config.num_layers {
+            let p = format!("model.layers.{l}");
+            if l > 0 {
+                self.check(&format!("{p}.attn_norm.weight"), &[h])?;
+            }
+            match flavour {
+                Flavour::Encoder => self.check(&format!("{p}.attn.Wqkv.weight"), &[3 * h, h])?,
+                Flavour::Decoder => {
+                    for proj in ["q_proj", "k_proj", "v_proj"] {
+                        self.check(&format!("{p}.attn.{proj}.weight"), &[h, h])?;
+                    }
+                }
+            }
+            self.check(&format!("{p}.attn.Wo.weight"), &[h, h])?;
+            self.check(&format!("{p}.mlp_norm.weight"), &[h])?;
+            self.check(&format!("{p}.mlp.Wi.weight"), &[2 * i, h])?;
+            self.check(&format!("{p}.mlp.Wo.weight"), &[h, i])?;
+        }
+        self.check("model.final_norm.weight", &[h])?;
+        let hp = head_prefix(flavour);
+        self.check(&format!("{hp}.dense.weight"), &[h, h])?;
+        self.check(&format!("{hp}.norm.weight"), &[h])?;
+        self.check("decoder.bias", &[v])
+    }
+}
+
 /// `[rows, cols]` row-major → `[cols, rows]` row-major.
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; values.len()];
@@ -438,6 +531,9 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<ModernBert<B>,
         });
     }
     let mut t = Tensors::read(&st_path)?;
+    // Before allocating the model: its sizes come from config.json, and
+    // only a file that holds every tensor is worth that memory.
+    t.check_coverage(&config, flavour)?;
     let (v, h, i) = (
         config.vocab_size,
         config.hidden_size,

@@ -123,18 +123,22 @@ impl BatchSchedule {
             .and_then(|s| self.ramp_offsets.get(s))
         {
             Some(&rows) => rows,
-            None => self.ramp_rows() + (step - self.ramp_steps()) * self.global_batch,
+            // Saturating: a step read from a data-order log or a report may
+            // be any number; past u64::MAX rows every step is empty.
+            None => self.ramp_rows().saturating_add(
+                (step - self.ramp_steps()).saturating_mul(self.global_batch),
+            ),
         }
     }
 
     /// Rows of global batch `step`.
     pub fn rows(&self, step: u64) -> Range<u64> {
-        self.offset(step)..self.offset(step + 1)
+        self.offset(step)..self.offset(step.saturating_add(1))
     }
 
     /// Sequences in global batch `step`.
     pub fn batch(&self, step: u64) -> u64 {
-        self.offset(step + 1) - self.offset(step)
+        self.offset(step.saturating_add(1)) - self.offset(step)
     }
 
     /// The smallest batch of any step (the first).

@@ -132,8 +132,13 @@ pub fn parse_tokens(text: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("expected a token count such as 1000000 or \"1.7T\", got {text:?}"))?;
     let tokens = value * scale;
-    if !(tokens >= 0.0 && tokens < u64::MAX as f64) {
+    if tokens < 0.0 {
         return Err(format!("token count must not be negative, got {text:?}"));
+    }
+    if tokens.is_nan() || tokens >= u64::MAX as f64 {
+        return Err(format!(
+            "token count must be a finite number below 2^64, got {text:?}"
+        ));
     }
     Ok(tokens.round() as u64)
 }
@@ -415,6 +420,12 @@ pub fn parse_run(
     let run: RunFile = from_table(file, table)?;
     let model = load_model(&run.model, base_dir).map_err(|e| match e {
         ConfigError::Other { message, .. } => ConfigError::key(file, "model", message),
+        // A model file that cannot be read is named with the key that names it.
+        ConfigError::Io { file: model_file, source } => ConfigError::key(
+            file,
+            "model",
+            format!("cannot read the model file {model_file}: {source}"),
+        ),
         other => other,
     })?;
     let spec = run_spec(run, model);
@@ -528,7 +539,9 @@ fn from_table<T: de::DeserializeOwned>(file: &str, table: toml::Table) -> Result
         let key = e.path().to_string();
         let message = e.into_inner().to_string();
         let message = message.trim().to_string();
-        if key == "." {
+        // An unknown key that is itself empty ("" = 1) leaves an empty
+        // path; the message still names it ("unknown field ``").
+        if key == "." || key.trim().is_empty() {
             ConfigError::Other {
                 file: file.to_string(),
                 message,

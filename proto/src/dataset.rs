@@ -18,8 +18,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The config file is not valid TOML for the schema (names the key path).
-    #[error("{path}: {key}: {message}")]
+    /// The config file is not valid TOML for the schema (names the key
+    /// path; a syntax error, which has none, names the line instead).
+    #[error("{path}: {}{message}", key_prefix(.key))]
     ConfigParse {
         path: PathBuf,
         key: String,
@@ -35,6 +36,15 @@ pub enum Error {
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `key: ` before a message, or nothing for an empty key path.
+fn key_prefix(key: &str) -> String {
+    if key.trim().is_empty() {
+        String::new()
+    } else {
+        format!("{key}: ")
+    }
+}
 
 // ---------------------------------------------------------------- raw shape
 
