@@ -104,7 +104,6 @@ impl Kind {
             Kind::KillDataprep => "SIGKILL dataprep process",
         }
     }
-
 }
 
 /// One injected fault and what followed it.
@@ -138,7 +137,8 @@ struct Cluster {
 impl Cluster {
     fn start(dir: &Path) -> Cluster {
         let db = dir.join("c.db");
-        let (coordinator, url) = spawn_coordinator(&db, "127.0.0.1:0", &dir.join("coordinator-0.log"));
+        let (coordinator, url) =
+            spawn_coordinator(&db, "127.0.0.1:0", &dir.join("coordinator-0.log"));
         let listen = url.trim_start_matches("http://").to_string();
         Cluster {
             dir: dir.to_path_buf(),
@@ -197,14 +197,18 @@ impl Cluster {
     /// The worker slot whose process registered as `worker_id` last.
     fn slot_of(&self, worker_id: &str) -> Option<usize> {
         (0..WORKERS).find(|slot| {
-            let n = self.started.get(&format!("worker{slot}")).copied().unwrap_or(0);
+            let n = self
+                .started
+                .get(&format!("worker{slot}"))
+                .copied()
+                .unwrap_or(0);
             let log = self.dir.join(format!("worker{slot}-{n}.log"));
             std::fs::read_to_string(log).is_ok_and(|text| {
                 text.lines()
+                    .rev()
                     .filter(|l| l.contains(" registered "))
                     .filter_map(|l| l.split("worker=").nth(1))
-                    .filter_map(|r| r.split_whitespace().next())
-                    .last()
+                    .find_map(|r| r.split_whitespace().next())
                     == Some(worker_id)
             })
         })
@@ -226,13 +230,21 @@ fn spawn_coordinator(db: &Path, listen: &str, log: &Path) -> (Proc, String) {
             .expect("coordinator");
         let mut line = String::new();
         let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
-        if let Some(url) = line.trim().rsplit(' ').next().filter(|u| u.starts_with("http://")) {
+        if let Some(url) = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+        {
             return (Proc(child), url.to_string());
         }
         // The old process's port may not be free yet.
         let _ = child.kill();
         let _ = child.wait();
-        assert!(Instant::now() < deadline, "the coordinator does not start on {listen}");
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator does not start on {listen}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -310,7 +322,11 @@ lr = {{ shape = "one_minus_sqrt", start_factor = 1.0, end_factor = 0.0 }}
 /// `twinhead status` process: more often would load the machine).
 type Samples = Arc<Mutex<Vec<(i64, Value)>>>;
 
-fn monitor(url: String, run: String, stop: Arc<Mutex<bool>>) -> (Samples, std::thread::JoinHandle<()>) {
+fn monitor(
+    url: String,
+    run: String,
+    stop: Arc<Mutex<bool>>,
+) -> (Samples, std::thread::JoinHandle<()>) {
     let samples: Samples = Arc::default();
     let out = samples.clone();
     let handle = std::thread::spawn(move || {
@@ -325,20 +341,37 @@ fn monitor(url: String, run: String, stop: Arc<Mutex<bool>>) -> (Samples, std::t
 }
 
 fn latest(samples: &Samples) -> Option<Value> {
-    samples.lock().expect("samples").last().map(|(_, s)| s.clone())
+    samples
+        .lock()
+        .expect("samples")
+        .last()
+        .map(|(_, s)| s.clone())
 }
 
 /// The (phase, steps done) the run reports.
 fn position(s: &Value) -> (u64, u64) {
     let phase = s["phase_index"].as_u64().unwrap_or(0);
-    (phase, s["phases"][phase as usize]["steps_done"].as_u64().unwrap_or(0))
+    (
+        phase,
+        s["phases"][phase as usize]["steps_done"]
+            .as_u64()
+            .unwrap_or(0),
+    )
 }
 
 /// The folders under the run's checkpoint root, per phase.
 fn checkpoint_folders(ckpt: &Path, run: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for phase in std::fs::read_dir(ckpt.join(run)).into_iter().flatten().flatten() {
-        for step in std::fs::read_dir(phase.path()).into_iter().flatten().flatten() {
+    for phase in std::fs::read_dir(ckpt.join(run))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for step in std::fs::read_dir(phase.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if step.file_name().to_string_lossy().starts_with("step-") {
                 out.push(step.path());
             }
@@ -436,13 +469,14 @@ fn inject(
         }
         Kind::CorruptCheckpoint => {
             let ckpt = cluster.dir.join("ckpt");
-            let Some(newest) = checkpoint_folders(&ckpt, run)
+            let newest = checkpoint_folders(&ckpt, run)
                 .into_iter()
                 .filter(|f| f.join("COMMITTED").exists())
-                .max_by_key(|f| std::fs::metadata(f.join("COMMITTED")).and_then(|m| m.modified()).ok())
-            else {
-                return None;
-            };
+                .max_by_key(|f| {
+                    std::fs::metadata(f.join("COMMITTED"))
+                        .and_then(|m| m.modified())
+                        .ok()
+                })?;
             let model = newest.join("model.safetensors");
             let Ok(len) = std::fs::metadata(&model).map(|m| m.len()) else {
                 return None;
@@ -499,7 +533,8 @@ fn measure(faults: &mut [Fault], samples: &[(i64, Value)]) {
                     start["step"].as_u64().unwrap_or(0),
                 );
                 let moved = position(s) > start_pos
-                    && s["updated_ms"].as_i64().unwrap_or(0) > newer["started_ms"].as_i64().unwrap_or(i64::MAX);
+                    && s["updated_ms"].as_i64().unwrap_or(0)
+                        > newer["started_ms"].as_i64().unwrap_or(i64::MAX);
                 if moved || s["state"] == "completed" {
                     if let Some((phase, step)) = fault.steps_at_fault
                         && phase == start_pos.0
@@ -539,7 +574,11 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
         .arg(&local)
         .output()
         .expect("local build");
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
 
     let mut cluster = Cluster::start(d);
     cluster.start_dataprep(0);
@@ -578,7 +617,11 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
         }
         if injected_in_build < build_faults {
             std::thread::sleep(rng.millis(200, 800));
-            let kind = if injected_in_build % 2 == 0 { Kind::KillDataprep } else { Kind::KillCoordinator };
+            let kind = if injected_in_build % 2 == 0 {
+                Kind::KillDataprep
+            } else {
+                Kind::KillCoordinator
+            };
             let at_ms = now_ms();
             let dummy: Samples = Arc::default();
             if let Some(attempt) = inject(kind, &mut cluster, &dummy, "", &mut rng) {
@@ -651,7 +694,11 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
         {
             break s;
         }
-        assert!(Instant::now() < deadline, "the run did not finish: {:?}", latest(&samples));
+        assert!(
+            Instant::now() < deadline,
+            "the run did not finish: {:?}",
+            latest(&samples)
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let wall = run_started.elapsed();
@@ -725,7 +772,10 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
             corrupt_loads += 1;
         }
     }
-    assert_eq!(corrupt_loads, 0, "an attempt trained from a truncated checkpoint");
+    assert_eq!(
+        corrupt_loads, 0,
+        "an attempt trained from a truncated checkpoint"
+    );
     assert_eq!(bad_checkpoints, 0, "recorded checkpoints that do not load");
     assert!(same_bytes, "the distributed build differs from one process");
 
@@ -733,18 +783,35 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
     measure(&mut faults, &all);
     let mut table = BTreeMap::new();
     for fault in &faults {
-        table.entry(fault.kind).or_insert_with(Vec::new).push(fault.clone());
+        table
+            .entry(fault.kind)
+            .or_insert_with(Vec::new)
+            .push(fault.clone());
     }
-    let seq_for = |phase: u64| spec.phases.get(phase as usize).map_or(0, |p| u64::from(p.seq_len));
+    let seq_for = |phase: u64| {
+        spec.phases
+            .get(phase as usize)
+            .map_or(0, |p| u64::from(p.seq_len))
+    };
     let mut kinds_json = Vec::new();
     for (kind, list) in &table {
-        let mut detected: Vec<f64> = list.iter().filter_map(|f| f.detected_ms).map(|ms| ms as f64 / 1000.0).collect();
-        let mut resumed: Vec<f64> = list.iter().filter_map(|f| f.resumed_ms).map(|ms| ms as f64 / 1000.0).collect();
+        let mut detected: Vec<f64> = list
+            .iter()
+            .filter_map(|f| f.detected_ms)
+            .map(|ms| ms as f64 / 1000.0)
+            .collect();
+        let mut resumed: Vec<f64> = list
+            .iter()
+            .filter_map(|f| f.resumed_ms)
+            .map(|ms| ms as f64 / 1000.0)
+            .collect();
         detected.sort_by(f64::total_cmp);
         resumed.sort_by(f64::total_cmp);
         let recomputed: u64 = list
             .iter()
-            .map(|f| f.recomputed_steps * GLOBAL_BATCH * seq_for(f.steps_at_fault.map_or(0, |p| p.0)))
+            .map(|f| {
+                f.recomputed_steps * GLOBAL_BATCH * seq_for(f.steps_at_fault.map_or(0, |p| p.0))
+            })
             .sum();
         let stats = |v: &[f64]| {
             serde_json::json!({
@@ -763,12 +830,20 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
         }));
     }
     let all_detected: Vec<f64> = {
-        let mut v: Vec<f64> = faults.iter().filter_map(|f| f.detected_ms).map(|ms| ms as f64 / 1000.0).collect();
+        let mut v: Vec<f64> = faults
+            .iter()
+            .filter_map(|f| f.detected_ms)
+            .map(|ms| ms as f64 / 1000.0)
+            .collect();
         v.sort_by(f64::total_cmp);
         v
     };
     let all_resumed: Vec<f64> = {
-        let mut v: Vec<f64> = faults.iter().filter_map(|f| f.resumed_ms).map(|ms| ms as f64 / 1000.0).collect();
+        let mut v: Vec<f64> = faults
+            .iter()
+            .filter_map(|f| f.resumed_ms)
+            .map(|ms| ms as f64 / 1000.0)
+            .collect();
         v.sort_by(f64::total_cmp);
         v
     };
@@ -797,7 +872,10 @@ fn faults_from_env(default: usize) -> usize {
 }
 
 fn report(summary: &Value) {
-    eprintln!("{}", serde_json::to_string_pretty(summary).unwrap_or_default());
+    eprintln!(
+        "{}",
+        serde_json::to_string_pretty(summary).unwrap_or_default()
+    );
     if let Ok(path) = std::env::var("TWINHEAD_CHAOS_OUT") {
         let _ = std::fs::write(path, summary.to_string());
     }
@@ -806,7 +884,10 @@ fn report(summary: &Value) {
 fn check_targets(summary: &Value) {
     let wanted = summary["faults_wanted"].as_u64().unwrap_or(0);
     let got = summary["faults"].as_u64().unwrap_or(0);
-    assert!(got * 10 >= wanted * 8, "only {got} of {wanted} faults struck before the run ended");
+    assert!(
+        got * 10 >= wanted * 8,
+        "only {got} of {wanted} faults struck before the run ended"
+    );
     let detection = summary["detection_p99_s"].as_f64().unwrap_or(f64::NAN);
     let resumed = summary["resumed_p99_s"].as_f64().unwrap_or(f64::NAN);
     assert!(detection < 10.0, "detection p99 {detection} s");

@@ -37,8 +37,8 @@ fn make_pki(dir: &Path) -> Pki {
     ca_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "twinhead test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
-        .expect("ca");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key")).expect("ca");
     let issue = |names: Vec<String>, stem: &str| {
         let key = KeyPair::generate().expect("key");
         let cert = CertificateParams::new(names)
@@ -84,7 +84,13 @@ fn start_coordinator(dir: &Path, pki: &Pki, log: &Path) -> (Proc, String, String
     std::fs::write(&user_token, format!("{USER_TOKEN}\n")).expect("token");
     std::fs::write(&worker_token, format!("{WORKER_TOKEN}\n")).expect("token");
     let mut child = twinhead()
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
         .arg("--db")
         .arg(dir.join("c.db"))
         .arg("--tls-cert")
@@ -303,7 +309,8 @@ fn a_tls_coordinator_refuses_plaintext_untrusting_and_certless_clients_and_runs_
     let certless_err = std::fs::read_to_string(&certless_log).expect("log");
     assert!(!status.success(), "{certless_err}");
     assert!(
-        certless_err.contains("needs a client certificate") && certless_err.contains("--client-cert"),
+        certless_err.contains("needs a client certificate")
+            && certless_err.contains("--client-cert"),
         "{certless_err}"
     );
     let certless_dataprep = twinhead()
@@ -435,5 +442,9 @@ fn a_coordinator_names_the_tls_file_that_is_wrong() {
         .output()
         .expect("coordinator");
     assert!(!keyless.status.success());
-    assert!(common::stderr(&keyless).contains("--tls-key"), "{}", common::stderr(&keyless));
+    assert!(
+        common::stderr(&keyless).contains("--tls-key"),
+        "{}",
+        common::stderr(&keyless)
+    );
 }
