@@ -364,13 +364,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let code = match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", output::one_line(&e));
             ExitCode::FAILURE
         }
-    }
+    };
+    // A worker giving up on a hung step leaves its thread behind: do not
+    // wait for it.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -523,6 +527,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         hostname,
         ring,
         exit_when_idle: args.exit_when_idle,
+        abort_grace: Duration::from_secs(60),
     };
     let trainer: Box<dyn twinhead_worker::runtime::Trainer> = match device {
         twinhead_worker::device::Device::Cpu => Box::new(twinhead_worker::train::BurnTrainer::<

@@ -74,6 +74,11 @@ pub struct WorkerConfig {
     pub ring: RingConfig,
     /// Stop after the first run this worker trains ends (tests, demos).
     pub exit_when_idle: bool,
+    /// How long a step may run on after its world has ended before the
+    /// worker gives up on it and exits with [`WorkerError::Hung`] (a
+    /// deadlock, a stuck device): the coordinator already forms worlds
+    /// without it; exiting lets a supervisor restart it.
+    pub abort_grace: Duration,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -87,6 +92,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("hostname", &self.hostname)
             .field("ring", &self.ring)
             .field("exit_when_idle", &self.exit_when_idle)
+            .field("abort_grace", &self.abort_grace)
             .finish()
     }
 }
@@ -100,6 +106,15 @@ pub enum WorkerError {
     Refused(String),
     #[error("the trainer thread panicked: {0}")]
     TrainerPanicked(String),
+    #[error(
+        "the training step has not stopped {seconds:.1}s after world {world} ended ({reason}); \
+         exiting so that this worker can be restarted"
+    )]
+    Hung {
+        world: String,
+        reason: String,
+        seconds: f64,
+    },
 }
 
 /// How a worker's life ended.
@@ -969,6 +984,9 @@ impl<'a> Session<'a> {
             let outcome = trainer.train(&job, collective.as_mut(), &link);
             (outcome, trainer, collective)
         });
+        // When this worker first saw its world ended, for the grace period.
+        let mut ended_at: Option<tokio::time::Instant> = None;
+        let mut check = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
                 finished = &mut thread => {
@@ -979,6 +997,17 @@ impl<'a> Session<'a> {
                     return finished.map_err(|e| WorkerError::TrainerPanicked(e.to_string()));
                 }
                 Some(message) = inbox.recv() => self.relay(&assignment, message).await,
+                _ = check.tick() => {
+                    let Some(reason) = self.abort.reason() else { continue };
+                    let since = *ended_at.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= self.config.abort_grace {
+                        return Err(WorkerError::Hung {
+                            world: assignment.world_id.clone(),
+                            reason,
+                            seconds: self.config.abort_grace.as_secs_f64(),
+                        });
+                    }
+                }
             }
         }
     }

@@ -138,6 +138,7 @@ fn worker_config(url: &str, name: &str) -> WorkerConfig {
             ..RingConfig::default()
         },
         exit_when_idle: true,
+        abort_grace: Duration::from_secs(60),
     }
 }
 
@@ -315,4 +316,77 @@ async fn a_vanished_worker_is_replaced_and_training_resumes_from_the_checkpoint(
             .expect("task")
             .expect("worker");
     }
+}
+
+/// A trainer whose second step never finishes until `release` is set (a
+/// deadlock, a stuck device): it ignores its world's end.
+struct HangingTrainer {
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Trainer for HangingTrainer {
+    fn train(
+        &mut self,
+        a: &Assignment,
+        collective: &mut dyn Collective,
+        _link: &Link,
+    ) -> Result<PhaseEnd, TrainError> {
+        let mut buf = vec![0.0f32; 3];
+        collective.all_reduce_mean(&mut buf)?;
+        while !self.release.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = a;
+        Ok(PhaseEnd::Finished)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_whose_step_hangs_after_its_world_ended_gives_up_and_exits() {
+    let leases = LeaseSettings {
+        heartbeat_interval: Duration::from_millis(50),
+        lease_timeout: Duration::from_millis(2000),
+    };
+    let c = coordinator(leases).await;
+    let _run_id = submit(&c.url, spec(&["phases[0].tokens=1280"])).await;
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hung_config = worker_config(&c.url, "hung");
+    hung_config.abort_grace = Duration::from_millis(1500);
+    // Short collective timeouts: the healthy rank gives up on the hung one
+    // quickly and reports the failure, which ends the world.
+    let short = |mut config: WorkerConfig| {
+        config.ring.op_timeout = Duration::from_secs(2);
+        config
+    };
+    let hung = tokio::spawn(run_worker(
+        short(hung_config),
+        Box::new(HangingTrainer {
+            release: release.clone(),
+        }),
+        std::future::pending(),
+        std::future::pending(),
+    ));
+    let healthy = tokio::spawn(run_worker(
+        short(worker_config(&c.url, "healthy")),
+        Box::new(ReduceTrainer {
+            seen: Seen::default(),
+            step_delay: Duration::ZERO,
+        }),
+        std::future::pending(),
+        std::future::pending(),
+    ));
+    // Heartbeats keep flowing (its lease never lapses), but the step never
+    // returns: after the grace the worker exits with an error saying so.
+    let outcome = tokio::time::timeout(Duration::from_secs(30), hung)
+        .await
+        .expect("the hung worker exits within its grace")
+        .expect("task");
+    let err = outcome.expect_err("a hung step is an error");
+    assert!(
+        matches!(&err, twinhead_worker::runtime::WorkerError::Hung { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("has not stopped 1.5s after world"), "{err}");
+    release.store(true, std::sync::atomic::Ordering::Release);
+    healthy.abort();
 }
