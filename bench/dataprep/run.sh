@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# bench/dataprep: twinhead's dataset build vs datatrove vs the raw tokenizer
-# ceiling, on the same ~240 MB of registry text, 2 threads/processes each.
+# bench/dataprep: twinhead's dataset build (the fast encoder, and the
+# tokenizers 0.22 reference forced: "before") vs datatrove vs the raw encoder
+# ceilings (0.22 and the fast encoder alone), on the same ~240 MB of registry
+# text, THREADS (default 2) threads/processes each; twinhead also at 1 thread.
 #
-#   bench/dataprep/run.sh [TWINHEAD_BINARY]   (default: target/release/twinhead)
+#   bench/dataprep/run.sh [TWINHEAD_BINARY]
+#
+# TWINHEAD_BINARY is `twinhead` (run as `dataset build … --json`) or the
+# dataprep example `build_dataset` (the same library call, much quicker to
+# build: `cargo build --release -p twinhead-dataprep --example build_dataset
+# --example encode_ceiling`); default target/release/twinhead when built,
+# else target/release/examples/build_dataset. The ceilings need
+# target/release/examples/encode_ceiling. PY_CEILING=1 adds the Python
+# binding's encode_batch ceiling (tokenizers 0.23.3); DATATROVE=0 skips
+# datatrove (about 10 minutes on 2 shared cores).
 #
 # Needs: bench/dataprep/prepare_corpus.py (run first, idempotent), the venv
 # .cache/bench-dataprep/venv with the pinned Python packages (made here if
@@ -10,7 +21,12 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-bin="${1:-$root/target/release/twinhead}"
+bin="${1:-}"
+if [ -z "$bin" ]; then
+  bin="$root/target/release/twinhead"
+  [ -x "$bin" ] || bin="$root/target/release/examples/build_dataset"
+fi
+ceiling="$root/target/release/examples/encode_ceiling"
 cache="$root/.cache/bench-dataprep"
 threads="${THREADS:-2}"
 venv="$cache/venv"
@@ -40,20 +56,44 @@ mkdir -p "$res" "$work"
   echo "corpus: $(python3 -c "import json; s=json.load(open('$corpus/corpus.json')); print(s['docs'], 'docs,', s['mb'], 'MB,', len(s['shards']), 'shards')")"
 } | tee "$res/env.txt"
 
-echo "== raw ceiling (tokenizers encode_batch, $threads threads)"
-RAYON_NUM_THREADS=$threads RAYON_RS_NUM_CPUS=$threads TOKENIZERS_PARALLELISM=true \
-  python3 "$here/measure.py" "$res/raw.json" -- "$py" "$here/raw_ceiling.py" --corpus "$corpus" --tokenizer "$tok"
+if [ "${PY_CEILING:-0}" = 1 ]; then
+  echo "== raw ceiling (Python tokenizers encode_batch, $threads threads)"
+  RAYON_NUM_THREADS=$threads RAYON_RS_NUM_CPUS=$threads TOKENIZERS_PARALLELISM=true \
+    python3 "$here/measure.py" "$res/raw.json" -- "$py" "$here/raw_ceiling.py" --corpus "$corpus" --tokenizer "$tok"
+fi
 
-echo "== twinhead dataset build --threads $threads"
-rm -rf "$work/twinhead"
-python3 "$here/measure.py" "$res/twinhead.json" -- "$bin" dataset build "$here/bench.toml" \
-  --out "$work/twinhead" --threads "$threads" --json
-cp "$work/twinhead/bench-dataprep/manifest.json" "$res/twinhead-manifest.json" 2>/dev/null || true
+echo "== raw encoder ceilings (tokenizers 0.22 and the fast encoder, $threads threads)"
+python3 "$here/measure.py" "$res/ceiling.json" -- "$ceiling" "$tok" "$threads" both "$corpus"/shard-*.jsonl.gz
+echo "uptime: $(uptime)" | tee -a "$res/env.txt"
 
-echo "== datatrove (LocalPipelineExecutor tasks=8 workers=$threads)"
-python3 "$here/measure.py" "$res/datatrove.json" -- "$py" "$here/datatrove_pipeline.py" \
-  --corpus "$corpus" --tokenizer "$tok" --out "$work/datatrove" --workers "$threads"
-cp "$work/datatrove/logs-stage1/stats.json" "$res/datatrove-stats.json" 2>/dev/null || true
+build() { # name encoder threads
+  rm -rf "$work/$1"
+  echo "== twinhead build: encoder $2, $3 thread(s) (uptime: $(uptime | sed 's/.*load/load/'))" | tee -a "$res/env.txt"
+  if [ "$(basename "$bin")" = build_dataset ]; then
+    TWINHEAD_DATAPREP_ENCODER="$2" python3 "$here/measure.py" "$res/$1.json" -- \
+      "$bin" "$here/bench.toml" "$work/$1" "$3"
+  else
+    TWINHEAD_DATAPREP_ENCODER="$2" python3 "$here/measure.py" "$res/$1.json" -- \
+      "$bin" dataset build "$here/bench.toml" --out "$work/$1" --threads "$3" --json
+  fi
+  cp "$work/$1/bench-dataprep/manifest.json" "$res/$1-manifest.json" 2>/dev/null || true
+}
+build twinhead-reference reference "$threads"
+build twinhead fast "$threads"
+build twinhead-reference-1 reference 1
+build twinhead-1 fast 1
+for m in twinhead-reference twinhead-1 twinhead-reference-1; do
+  cmp -s "$res/twinhead-manifest.json" "$res/$m-manifest.json" \
+    && echo "manifest of $m: identical to the fast build's" \
+    || echo "manifest of $m: DIFFERS from the fast build's"
+done | tee -a "$res/env.txt"
+
+if [ "${DATATROVE:-1}" != 0 ]; then
+  echo "== datatrove (LocalPipelineExecutor tasks=8 workers=$threads)"
+  python3 "$here/measure.py" "$res/datatrove.json" -- "$py" "$here/datatrove_pipeline.py" \
+    --corpus "$corpus" --tokenizer "$tok" --out "$work/datatrove" --workers "$threads"
+  cp "$work/datatrove/logs-stage1/stats.json" "$res/datatrove-stats.json" 2>/dev/null || true
+fi
 
 echo "uptime at end: $(uptime)" | tee -a "$res/env.txt"
 python3 "$here/report.py" "$res" "$threads" | tee "$res/table.md"

@@ -2,57 +2,184 @@
 //! heuristics, decontamination), the dedup key, and [`Drop`]: every reason a
 //! document is left out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
 
 use unicode_normalization::UnicodeNormalization;
-use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+use unicode_normalization::{IsNormalized, is_nfc_quick};
+use xxhash_rust::xxh3::{Xxh3Builder, xxh3_64, xxh3_128};
 
 use twinhead_proto::dataset::Filters;
 
 /// NFC, then drop control characters except `\n` and `\t` (`\r\n` and `\r`
 /// become `\n`).
 pub fn normalize(text: &str) -> String {
-    let text = text.replace("\r\n", "\n").replace('\r', "\n");
-    text.nfc()
-        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
-        .collect()
+    normalize_cow(Cow::Borrowed(text))
+}
+
+/// [`normalize`] of an owned text, which is returned as it is (no copy)
+/// when already normalized, as most text is.
+pub fn normalize_owned(text: String) -> String {
+    normalize_cow(Cow::Owned(text))
+}
+
+fn normalize_cow(text: Cow<str>) -> String {
+    let keep = |c: &char| !c.is_control() || *c == '\n' || *c == '\t';
+    let text: Cow<str> = if text.contains('\r') {
+        Cow::Owned(text.replace("\r\n", "\n").replace('\r', "\n"))
+    } else {
+        text
+    };
+    // Most text is already NFC: the quick check ("yes" means NFC leaves it
+    // as it is) costs a fraction of composing, and ASCII needs neither.
+    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        if text.chars().all(|c| keep(&c)) {
+            return text.into_owned();
+        }
+        return text.chars().filter(keep).collect();
+    }
+    text.nfc().filter(keep).collect()
 }
 
 /// Dedup key of a normalized document: 128-bit hash of its lowercased
 /// words joined by single spaces (so whitespace and case do not matter).
 pub fn dedup_key(text: &str) -> u128 {
     let mut canon = String::with_capacity(text.len());
+    // ASCII without vertical tabs: the same words on ASCII whitespace, and
+    // ASCII lowercasing is `to_lowercase` on them.
+    if text.is_ascii() && !text.as_bytes().contains(&0x0b) {
+        for (i, w) in text.split_ascii_whitespace().enumerate() {
+            if i > 0 {
+                canon.push(' ');
+            }
+            canon.push_str(w);
+        }
+        canon.make_ascii_lowercase();
+        return xxh3_128(canon.as_bytes());
+    }
     for (i, w) in text.split_whitespace().enumerate() {
         if i > 0 {
             canon.push(' ');
         }
         for c in w.chars() {
-            canon.extend(c.to_lowercase());
+            if c.is_ascii() {
+                canon.push(c.to_ascii_lowercase());
+            } else {
+                canon.extend(c.to_lowercase());
+            }
         }
     }
     xxh3_128(canon.as_bytes())
 }
 
-/// Hasher for keys that are already hashes (n-gram keys): passes them on.
-#[derive(Default)]
-struct PassThrough(u64);
+/// An n-gram key's count and first position.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    key: u64,
+    /// Position of the first n-gram with this key.
+    first: u32,
+    /// Occurrences so far; 0 marks an empty slot.
+    count: u32,
+}
 
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
+/// The n-gram statistics' table, one per thread and reused: open
+/// addressing over already-hashed keys, one cache line per lookup (a
+/// `HashMap` of these keys costs about twice as much per n-gram, and the
+/// n-gram rules are most of a filtered build's time after tokenizing).
+#[derive(Default)]
+struct NgramTable {
+    slots: Vec<Slot>,
+    /// Slots in use: `slots[..mask + 1]`.
+    mask: usize,
+    shift: u32,
+}
+
+thread_local! {
+    static TABLE: std::cell::RefCell<NgramTable> = std::cell::RefCell::new(NgramTable::default());
+}
+
+impl NgramTable {
+    /// Empty, with room for `items` keys at most half full.
+    fn reset(&mut self, items: usize) {
+        let size = (items * 2).next_power_of_two().max(16);
+        if self.slots.len() < size {
+            self.slots = vec![Slot::default(); size];
+        } else {
+            self.slots[..size].fill(Slot::default());
+        }
+        self.mask = size - 1;
+        self.shift = 64 - size.trailing_zeros();
     }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
+
+    /// The slot of `key`, claimed for position `i` when new (count 0).
+    fn slot(&mut self, key: u64, i: usize) -> &mut Slot {
+        let mut p = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize;
+        loop {
+            let s = self.slots[p];
+            if s.count == 0 {
+                self.slots[p] = Slot {
+                    key,
+                    first: i as u32,
+                    count: 0,
+                };
+                return &mut self.slots[p];
+            }
+            if s.key == key {
+                return &mut self.slots[p];
+            }
+            p = (p + 1) & self.mask;
         }
     }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
+
+    /// The keys seen since the last reset.
+    fn used(&self) -> impl Iterator<Item = &Slot> {
+        self.slots[..=self.mask].iter().filter(|s| s.count > 0)
     }
 }
 
-type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
+/// The keys of a document's word n-grams, `n` by `n`: the key of words
+/// `[i, i + n)` folds their hashes in order, so the keys for `n + 1` extend
+/// those for `n` by one word instead of refolding `n` hashes.
+struct NgramKeys<'a> {
+    hashes: &'a [u64],
+    /// Keys of every n-gram for `n` words (`hashes.len() - n + 1` of them).
+    keys: Vec<u64>,
+    n: usize,
+}
+
+impl<'a> NgramKeys<'a> {
+    const SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    fn step(acc: u64, h: u64) -> u64 {
+        (acc.rotate_left(5) ^ h).wrapping_mul(0x0100_0000_01B3)
+    }
+
+    fn new(hashes: &'a [u64]) -> Self {
+        NgramKeys {
+            hashes,
+            keys: vec![Self::SEED; hashes.len() + 1],
+            n: 0,
+        }
+    }
+
+    /// Keys of the `n`-grams, in order (`n <= hashes.len()`).
+    fn keys(&mut self, n: usize) -> &[u64] {
+        if n < self.n {
+            self.keys.clear();
+            self.keys.resize(self.hashes.len() + 1, Self::SEED);
+            self.n = 0;
+        }
+        while self.n < n {
+            let m = self.n;
+            self.keys.truncate(self.hashes.len() - m);
+            for (i, k) in self.keys.iter_mut().enumerate() {
+                *k = Self::step(*k, self.hashes[i + m]);
+            }
+            self.n += 1;
+        }
+        &self.keys
+    }
+}
 
 /// Hashes of a text's word n-grams for decontamination: words are runs of
 /// letters and digits, lowercased, so punctuation and case do not hide an
@@ -184,8 +311,19 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
     if f.max_chars.is_some_and(|m| chars > m) {
         return Err(Drop::MaxChars);
     }
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let word_chars: Vec<usize> = words.iter().map(|w| w.chars().count()).collect();
+    // ASCII without vertical tabs splits the same on ASCII whitespace, and
+    // its words have as many characters as bytes.
+    let ascii = text.is_ascii() && !text.as_bytes().contains(&0x0b);
+    let words: Vec<&str> = if ascii {
+        text.split_ascii_whitespace().collect()
+    } else {
+        text.split_whitespace().collect()
+    };
+    let word_chars: Vec<usize> = if ascii {
+        words.iter().map(|w| w.len()).collect()
+    } else {
+        words.iter().map(|w| w.chars().count()).collect()
+    };
     let total_word_chars: usize = word_chars.iter().sum();
     if let Some([lo, hi]) = f.mean_word_length {
         let mean = total_word_chars as f64 / words.len().max(1) as f64;
@@ -215,7 +353,7 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
         }
     }
     if let Some(m) = f.max_repeated_lines {
-        let mut seen = HashSet::new();
+        let mut seen: HashSet<&str, Xxh3Builder> = HashSet::with_hasher(Xxh3Builder::new());
         let (mut lines, mut repeated) = (0usize, 0usize);
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             lines += 1;
@@ -231,74 +369,93 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
         return Ok(());
     }
     let hashes: Vec<u64> = words.iter().map(|w| xxh3_64(w.as_bytes())).collect();
-    let ngram_key = |i: usize, n: usize| -> u64 {
-        // Combine word hashes of [i, i+n) into one key.
-        hashes[i..i + n]
-            .iter()
-            .fold(0x9E37_79B9_7F4A_7C15u64, |acc, h| {
-                (acc.rotate_left(5) ^ h).wrapping_mul(0x0100_0000_01B3)
-            })
-    };
-    for rule in &f.top_ngrams {
-        let n = rule.n;
-        if words.len() < n {
-            continue;
-        }
-        let mut counts: KeyMap<(usize, usize)> = KeyMap::default();
-        for i in 0..=words.len() - n {
-            let e = counts.entry(ngram_key(i, n)).or_insert((0, i));
-            e.0 += 1;
-        }
-        // Characters in the most frequent n-gram (ties: more characters).
-        let best = counts
-            .values()
-            .map(|&(count, first)| count * word_chars[first..first + n].iter().sum::<usize>())
-            .max()
-            .unwrap_or(0);
-        let best_count = counts.values().map(|c| c.0).max().unwrap_or(0);
-        if best_count > 1 && best as f64 / total_word_chars as f64 > rule.max_fraction {
-            return Err(Drop::TopNgram);
-        }
-    }
-    for rule in &f.duplicate_ngrams {
-        let n = rule.n;
-        if words.len() < n {
-            continue;
-        }
-        let mut seen: KeyMap<usize> = KeyMap::default();
-        let mut covered = vec![false; words.len()];
-        for i in 0..=words.len() - n {
-            let k = ngram_key(i, n);
-            match seen.get(&k) {
-                Some(&first) => {
-                    for flag in &mut covered[first..first + n] {
-                        *flag = true;
-                    }
-                    for flag in &mut covered[i..i + n] {
-                        *flag = true;
-                    }
-                }
-                None => {
-                    seen.insert(k, i);
-                }
+    let mut grams = NgramKeys::new(&hashes);
+    // Word characters before word i (so any n-gram's characters in O(1)).
+    let chars_before: Vec<usize> = std::iter::once(0)
+        .chain(word_chars.iter().scan(0, |acc, &c| {
+            *acc += c;
+            Some(*acc)
+        }))
+        .collect();
+    TABLE.with_borrow_mut(|table| {
+        for rule in &f.top_ngrams {
+            let n = rule.n;
+            if words.len() < n {
+                continue;
+            }
+            let keys = grams.keys(n);
+            table.reset(keys.len());
+            for (i, &k) in keys.iter().enumerate() {
+                table.slot(k, i).count += 1;
+            }
+            // Characters in the most frequent n-gram (ties: more characters).
+            let (mut best, mut best_count) = (0usize, 0u32);
+            for s in table.used() {
+                best_count = best_count.max(s.count);
+                let first = s.first as usize;
+                best = best.max(s.count as usize * (chars_before[first + n] - chars_before[first]));
+            }
+            if best_count > 1 && best as f64 / total_word_chars as f64 > rule.max_fraction {
+                return Err(Drop::TopNgram);
             }
         }
-        let dup_chars: usize = covered
-            .iter()
-            .zip(&word_chars)
-            .filter(|(c, _)| **c)
-            .map(|(_, n)| n)
-            .sum();
-        if dup_chars as f64 / total_word_chars as f64 > rule.max_fraction {
-            return Err(Drop::DuplicateNgram);
+        let mut covered = vec![false; words.len()];
+        for rule in &f.duplicate_ngrams {
+            let n = rule.n;
+            if words.len() < n {
+                continue;
+            }
+            let keys = grams.keys(n);
+            table.reset(keys.len());
+            covered.fill(false);
+            for (i, &k) in keys.iter().enumerate() {
+                let s = table.slot(k, i);
+                s.count += 1;
+                if s.count > 1 {
+                    let first = s.first as usize;
+                    covered[first..first + n].fill(true);
+                    covered[i..i + n].fill(true);
+                }
+            }
+            let dup_chars: usize = covered
+                .iter()
+                .zip(&word_chars)
+                .filter(|(c, _)| **c)
+                .map(|(_, n)| n)
+                .sum();
+            if dup_chars as f64 / total_word_chars as f64 > rule.max_fraction {
+                return Err(Drop::DuplicateNgram);
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::hash::{BuildHasherDefault, Hasher};
+
+    /// Hasher for keys that are already hashes (n-gram keys): passes them on.
+    #[derive(Default)]
+    struct PassThrough(u64);
+
+    impl Hasher for PassThrough {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 << 8) | u64::from(*b);
+            }
+        }
+        fn write_u64(&mut self, v: u64) {
+            self.0 = v;
+        }
+    }
+
+    type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
 
     #[test]
     fn word_ngrams_ignore_case_and_punctuation() {
@@ -314,9 +471,62 @@ mod tests {
     use twinhead_proto::dataset::NgramRule;
 
     #[test]
+    fn normalize_is_the_plain_composition() {
+        let plain = |t: &str| -> String {
+            let t = t.replace("\r\n", "\n").replace('\r', "\n");
+            t.nfc()
+                .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+                .collect()
+        };
+        for t in [
+            "plain ascii",
+            "",
+            "ascii\r\nwith\rcr\u{7}bell\u{0}",
+            "caf\u{e9} ok",
+            "cafe\u{301}",
+            "e\u{7}\u{301} control between",
+            "\u{85}nel \u{9f} c1",
+            "q\u{307}\u{323}",
+            "\u{212b} \u{1100}\u{1161}",
+            "日本語\u{3000}\u{1f44d}\u{1f3fd}",
+            "\r\u{301}",
+        ] {
+            assert_eq!(normalize(t), plain(t), "{t:?}");
+            assert_eq!(normalize_owned(t.to_string()), plain(t), "{t:?}");
+        }
+    }
+
+    #[test]
     fn normalize_nfc_and_controls() {
         let s = "Cafe\u{301}\u{0007} ok\r\nnext\tline\u{0000}";
         assert_eq!(normalize(s), "Caf\u{e9} ok\nnext\tline");
+    }
+
+    #[test]
+    fn dedup_key_ascii_path_is_the_general_one() {
+        let general = |text: &str| -> u128 {
+            let mut canon = String::new();
+            for (i, w) in text.split_whitespace().enumerate() {
+                if i > 0 {
+                    canon.push(' ');
+                }
+                for c in w.chars() {
+                    canon.extend(c.to_lowercase());
+                }
+            }
+            xxh3_128(canon.as_bytes())
+        };
+        for t in [
+            "",
+            "  ",
+            "Hello   World\n",
+            "a\u{b}b",
+            "A\u{c}B\rC\tD",
+            "MiXeD 123 !?",
+            "caf\u{c9} X",
+        ] {
+            assert_eq!(dedup_key(t), general(t), "{t:?}");
+        }
     }
 
     #[test]
@@ -430,5 +640,193 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    /// `check` as it was before the n-gram keys were computed incrementally:
+    /// the drops must not change (datasets stay byte-identical).
+    fn check_before(f: &Filters, text: &str) -> Result<(), Drop> {
+        if text.trim().is_empty() {
+            return Err(Drop::Empty);
+        }
+        let chars = text.chars().count() as u64;
+        if f.min_chars.is_some_and(|m| chars < m) {
+            return Err(Drop::MinChars);
+        }
+        if f.max_chars.is_some_and(|m| chars > m) {
+            return Err(Drop::MaxChars);
+        }
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let word_chars: Vec<usize> = words.iter().map(|w| w.chars().count()).collect();
+        let total_word_chars: usize = word_chars.iter().sum();
+        if let Some([lo, hi]) = f.mean_word_length {
+            let mean = total_word_chars as f64 / words.len().max(1) as f64;
+            if mean < lo || mean > hi {
+                return Err(Drop::MeanWordLength);
+            }
+        }
+        if f.max_symbol_ratio.is_some() || f.max_digit_ratio.is_some() {
+            let (mut non_space, mut symbols, mut digits) = (0usize, 0usize, 0usize);
+            for c in text.chars() {
+                if c.is_whitespace() {
+                    continue;
+                }
+                non_space += 1;
+                if c.is_numeric() {
+                    digits += 1;
+                } else if !c.is_alphabetic() && !is_plain_punct(c) {
+                    symbols += 1;
+                }
+            }
+            let n = non_space.max(1) as f64;
+            if f.max_symbol_ratio.is_some_and(|m| symbols as f64 / n > m) {
+                return Err(Drop::SymbolRatio);
+            }
+            if f.max_digit_ratio.is_some_and(|m| digits as f64 / n > m) {
+                return Err(Drop::DigitRatio);
+            }
+        }
+        if let Some(m) = f.max_repeated_lines {
+            let mut seen = HashSet::new();
+            let (mut lines, mut repeated) = (0usize, 0usize);
+            for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                lines += 1;
+                if !seen.insert(line) {
+                    repeated += 1;
+                }
+            }
+            if lines > 0 && repeated as f64 / lines as f64 > m {
+                return Err(Drop::RepeatedLines);
+            }
+        }
+        if total_word_chars == 0 {
+            return Ok(());
+        }
+        let hashes: Vec<u64> = words.iter().map(|w| xxh3_64(w.as_bytes())).collect();
+        let ngram_key = |i: usize, n: usize| -> u64 {
+            // Combine word hashes of [i, i+n) into one key.
+            hashes[i..i + n]
+                .iter()
+                .fold(0x9E37_79B9_7F4A_7C15u64, |acc, h| {
+                    (acc.rotate_left(5) ^ h).wrapping_mul(0x0100_0000_01B3)
+                })
+        };
+        for rule in &f.top_ngrams {
+            let n = rule.n;
+            if words.len() < n {
+                continue;
+            }
+            let mut counts: KeyMap<(usize, usize)> = KeyMap::default();
+            for i in 0..=words.len() - n {
+                let e = counts.entry(ngram_key(i, n)).or_insert((0, i));
+                e.0 += 1;
+            }
+            // Characters in the most frequent n-gram (ties: more characters).
+            let best = counts
+                .values()
+                .map(|&(count, first)| count * word_chars[first..first + n].iter().sum::<usize>())
+                .max()
+                .unwrap_or(0);
+            let best_count = counts.values().map(|c| c.0).max().unwrap_or(0);
+            if best_count > 1 && best as f64 / total_word_chars as f64 > rule.max_fraction {
+                return Err(Drop::TopNgram);
+            }
+        }
+        for rule in &f.duplicate_ngrams {
+            let n = rule.n;
+            if words.len() < n {
+                continue;
+            }
+            let mut seen: KeyMap<usize> = KeyMap::default();
+            let mut covered = vec![false; words.len()];
+            for i in 0..=words.len() - n {
+                let k = ngram_key(i, n);
+                match seen.get(&k) {
+                    Some(&first) => {
+                        for flag in &mut covered[first..first + n] {
+                            *flag = true;
+                        }
+                        for flag in &mut covered[i..i + n] {
+                            *flag = true;
+                        }
+                    }
+                    None => {
+                        seen.insert(k, i);
+                    }
+                }
+            }
+            let dup_chars: usize = covered
+                .iter()
+                .zip(&word_chars)
+                .filter(|(c, _)| **c)
+                .map(|(_, n)| n)
+                .sum();
+            if dup_chars as f64 / total_word_chars as f64 > rule.max_fraction {
+                return Err(Drop::DuplicateNgram);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ngram_rules_match_the_previous_implementation() {
+        use crate::rng::Rng;
+        let vocab = [
+            "a",
+            "the",
+            "whale",
+            "click",
+            "here",
+            "sea",
+            "ship",
+            "of",
+            "x",
+            "longerword",
+            "caf\u{e9}",
+            "\u{b}",
+            "日本",
+            "\u{a0}",
+        ];
+        let mut rng = Rng::new(7, &[b"filters"]);
+        let rules = |ns: &[usize], frac: f64| -> Vec<NgramRule> {
+            ns.iter()
+                .map(|&n| NgramRule {
+                    n,
+                    max_fraction: frac,
+                })
+                .collect()
+        };
+        let configs = [
+            Filters {
+                top_ngrams: rules(&[2, 3, 4], 0.2),
+                duplicate_ngrams: rules(&[5, 6, 7, 8, 9, 10], 0.15),
+                ..f()
+            },
+            Filters {
+                top_ngrams: rules(&[4, 2], 0.5),
+                duplicate_ngrams: rules(&[10, 5, 7], 0.4),
+                ..f()
+            },
+            Filters {
+                top_ngrams: rules(&[1, 3], 0.9),
+                duplicate_ngrams: rules(&[1, 2], 0.9),
+                ..f()
+            },
+        ];
+        let mut drops = BTreeMap::new();
+        for i in 0..3000 {
+            let words = rng.below(120) as usize;
+            let spread = 1 + rng.below(vocab.len() as u64) as usize;
+            let text: Vec<&str> = (0..words)
+                .map(|_| vocab[rng.below(spread as u64) as usize])
+                .collect();
+            let text = text.join(if i % 2 == 0 { " " } else { "\n" });
+            for c in &configs {
+                let (now, before) = (check(c, &text), check_before(c, &text));
+                assert_eq!(now, before, "{text:?}");
+                *drops.entry(format!("{now:?}")).or_insert(0) += 1;
+            }
+        }
+        // Every outcome is exercised.
+        assert!(drops.len() >= 3, "{drops:?}");
     }
 }

@@ -13,6 +13,7 @@
 //! - [`read`]: jsonl / jsonl.gz / jsonl.zst / parquet / text readers.
 //! - [`filters`]: normalization, quality filters, dedup key.
 //! - [`tokenizer`]: load `tokenizer.json` or train a byte-level BPE.
+//! - [`encode`]: the fast encoding path (the ids of `tokenizers` 0.22, faster).
 //! - [`stage1`]: per source and input file: scan, dedup, tokenize, write parts.
 //! - [`stage2`]: per phase: split, draw, mix, pack, shuffle, write shards.
 //! - [`rng`]: the seeded generator behind every shuffle.
@@ -22,6 +23,7 @@
 //! `phases/<p>/shard-NNNNN.parquet`, each with a `.done.json` marker, and
 //! `manifest.json` written last.
 
+pub mod encode;
 pub mod error;
 pub mod filters;
 pub mod inputs;
@@ -87,8 +89,11 @@ pub struct BuildReport {
     pub seconds: f64,
     /// Input records read per second (0 when up to date).
     pub docs_per_second: f64,
-    /// Notable facts: repeated or subsampled sources, skipped inputs.
+    /// Notable facts: repeated or subsampled sources, skipped inputs, a
+    /// tokenizer the fast encoder cannot express.
     pub notes: Vec<String>,
+    /// How documents were encoded (`None` when nothing was tokenized).
+    pub encoder: Option<tasks::EncoderReport>,
     /// The manifest written (or found).
     pub manifest: Manifest,
 }
@@ -130,15 +135,34 @@ pub fn build(
 }
 
 /// [`build`] from an already loaded config: every task of
-/// [`tasks::Build`] in this process.
+/// [`tasks::Build`] in this process. The encoder is the fast path unless
+/// [`encode::ENCODER_ENV`] says `reference`.
 pub fn build_config(
     cfg: &DatasetConfig,
     out_url: &str,
     threads: usize,
     progress: &dyn ProgressSink,
 ) -> Result<BuildReport> {
+    build_config_with(
+        cfg,
+        out_url,
+        threads,
+        encode::EncoderChoice::from_env(),
+        progress,
+    )
+}
+
+/// [`build_config`] with the encoder chosen; the bytes written do not
+/// depend on it.
+pub fn build_config_with(
+    cfg: &DatasetConfig,
+    out_url: &str,
+    threads: usize,
+    encoder: encode::EncoderChoice,
+    progress: &dyn ProgressSink,
+) -> Result<BuildReport> {
     let t0 = Instant::now();
-    let job = tasks::Build::new(cfg.clone(), out_url)?;
+    let job = tasks::Build::new(cfg.clone(), out_url)?.with_encoder(encoder);
     if let Some(manifest) = job.complete()? {
         return Ok(BuildReport {
             url: job.url().to_string(),
@@ -148,6 +172,7 @@ pub fn build_config(
             seconds: t0.elapsed().as_secs_f64(),
             docs_per_second: 0.0,
             notes: vec!["dataset already complete with this config; nothing to do".into()],
+            encoder: None,
             manifest,
         });
     }
@@ -155,6 +180,9 @@ pub fn build_config(
     let (manifest, written) = pool.install(|| job.run_all(progress))?;
     let seconds = t0.elapsed().as_secs_f64();
     let read: u64 = manifest.sources.iter().map(|s| s.read).sum();
+    let encoder = job.encoder_report();
+    let mut notes = notes(&manifest);
+    notes.extend(encoder.as_ref().and_then(encoder_note));
     Ok(BuildReport {
         url: job.url().to_string(),
         up_to_date: false,
@@ -162,9 +190,27 @@ pub fn build_config(
         files_skipped: written.skipped,
         seconds,
         docs_per_second: read as f64 / seconds.max(1e-9),
-        notes: notes(&manifest),
+        notes,
+        encoder,
         manifest,
     })
+}
+
+/// What to tell about the encoder: a fallback to `tokenizers` 0.22 and why,
+/// or documents the fast path left to it.
+pub fn encoder_note(e: &tasks::EncoderReport) -> Option<String> {
+    match (&e.fallback, e.docs_reference) {
+        (Some(why), _) => Some(format!(
+            "tokenizer: {} document(s) encoded by tokenizers 0.22, not the fast path: {why}",
+            e.docs_reference
+        )),
+        (None, 0) => None,
+        (None, n) => Some(format!(
+            "tokenizer: {} document(s) on the fast path, {n} by tokenizers 0.22 \
+             (text that 0.22's Unicode 9 NFC would change; same ids either way)",
+            e.docs_fast
+        )),
+    }
 }
 
 /// Facts worth telling whoever built `manifest`: skipped inputs, and

@@ -181,7 +181,7 @@ pub fn scan_part(
     let judged: Vec<std::result::Result<CleanDoc, filters::Drop>> = raw
         .into_par_iter()
         .map(|d| {
-            let text = filters::normalize(&d.text);
+            let text = filters::normalize_owned(d.text);
             filters::judge(&src.filters, reference, &text)?;
             let key = filters::dedup_key(&text);
             Ok(CleanDoc {
@@ -247,6 +247,62 @@ impl Dedup {
         self.kept_chars += chars;
         true
     }
+}
+
+/// The scan file of a part (`_work/scan/…`): the columns of
+/// `twinhead_data::formats::write_scan`, which `read_scan` reads, but written
+/// for a scratch file that no manifest lists and `finalize` removes: zstd
+/// level 1 and no dictionary attempt on the text column (most of a scan's
+/// writing time at level 3 with the dictionary tried first).
+pub fn write_scan(location: &str, docs: &[twinhead_data::formats::ScanDoc]) -> Result<Vec<u8>> {
+    use std::sync::Arc;
+
+    use arrow_array::builder::{StringBuilder, UInt64Builder};
+    use arrow_array::{ArrayRef, RecordBatch};
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::{Compression, ZstdLevel};
+    use parquet::file::properties::WriterProperties;
+
+    let err = |e: &dyn std::fmt::Display| crate::error::Error::Corrupt {
+        location: location.to_string(),
+        message: format!("writing the scan file: {e}"),
+    };
+    let bytes: usize = docs.iter().map(|d| d.text.len()).sum();
+    let mut id = StringBuilder::new();
+    let mut text = StringBuilder::with_capacity(docs.len(), bytes);
+    let (mut hi, mut lo, mut chars) = (
+        UInt64Builder::with_capacity(docs.len()),
+        UInt64Builder::with_capacity(docs.len()),
+        UInt64Builder::with_capacity(docs.len()),
+    );
+    for d in docs {
+        id.append_value(&d.id);
+        text.append_value(&d.text);
+        hi.append_value((d.key >> 64) as u64);
+        lo.append_value(d.key as u64);
+        chars.append_value(d.chars);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(id.finish()),
+        Arc::new(text.finish()),
+        Arc::new(hi.finish()),
+        Arc::new(lo.finish()),
+        Arc::new(chars.finish()),
+    ];
+    let schema = twinhead_data::formats::scan_schema();
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
+    let props = WriterProperties::builder()
+        .set_created_by(twinhead_data::formats::CREATED_BY.to_string())
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).map_err(|e| err(&e))?,
+        ))
+        .set_dictionary_enabled(false)
+        .set_max_row_group_row_count(Some(4096))
+        .build();
+    let mut w = ArrowWriter::try_new(Vec::with_capacity(bytes / 2), schema, Some(props))
+        .map_err(|e| err(&e))?;
+    w.write(&batch).map_err(|e| err(&e))?;
+    w.into_inner().map_err(|e| err(&e))
 }
 
 /// sha256 hex of bytes.

@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::encode::EncoderChoice;
 use crate::error::{Error, Result};
 use crate::filters;
 use crate::inputs;
@@ -120,6 +121,28 @@ pub struct Build {
     url: String,
     tokenizer: OnceLock<Arc<Tokenizer>>,
     reference: OnceLock<Option<Arc<Reference>>>,
+    encoder: EncoderChoice,
+    /// Held while the tokenizer loads, so parallel tasks load it once.
+    loading: std::sync::Mutex<()>,
+}
+
+/// How this process encoded documents: the fast path or `tokenizers` 0.22
+/// (the same ids either way; not in the manifest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EncoderReport {
+    /// The path asked for ([`crate::encode::ENCODER_ENV`], or the API).
+    pub asked: EncoderChoice,
+    /// `fast` when the fast path encoded documents, `reference` when 0.22
+    /// encoded all of them.
+    pub path: EncoderChoice,
+    /// Why 0.22 encoded every document: forced, or what the fast path
+    /// cannot express in this tokenizer.
+    pub fallback: Option<String>,
+    /// Documents the fast path encoded.
+    pub docs_fast: u64,
+    /// Documents 0.22 encoded: all of them on a fallback, else those on
+    /// which 0.22's NFC (Unicode 9) is not the identity.
+    pub docs_reference: u64,
 }
 
 fn plan_path(source: &str) -> String {
@@ -205,6 +228,33 @@ impl Build {
             url,
             tokenizer: OnceLock::new(),
             reference: OnceLock::new(),
+            encoder: EncoderChoice::from_env(),
+            loading: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// The same build with the encoder chosen (the default comes from
+    /// [`crate::encode::ENCODER_ENV`]); output bytes do not depend on it.
+    pub fn with_encoder(mut self, choice: EncoderChoice) -> Build {
+        self.encoder = choice;
+        self
+    }
+
+    /// How documents were encoded so far in this process; `None` before
+    /// the tokenizer is loaded.
+    pub fn encoder_report(&self) -> Option<EncoderReport> {
+        let t = self.tokenizer.get()?;
+        let (docs_fast, docs_reference) = t.tok.counts();
+        Some(EncoderReport {
+            asked: self.encoder,
+            path: if t.tok.is_fast() {
+                EncoderChoice::Fast
+            } else {
+                EncoderChoice::Reference
+            },
+            fallback: t.tok.fallback().map(str::to_string),
+            docs_fast,
+            docs_reference,
         })
     }
 
@@ -435,7 +485,7 @@ impl Build {
             .collect();
         let rel = scan_path(&src.name, part);
         self.out
-            .put(&rel, formats::write_scan(&self.out.name(&rel), &docs)?)?;
+            .put(&rel, stage1::write_scan(&self.out.name(&rel), &docs)?)?;
         let ReadOutput {
             records,
             rejected,
@@ -606,6 +656,12 @@ impl Build {
         if let Some(t) = self.tokenizer.get() {
             return Ok(t.clone());
         }
+        // Loading takes a while (two libraries parse 50k-token files): the
+        // first task loads, the others wait for it.
+        let _loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = self.tokenizer.get() {
+            return Ok(t.clone());
+        }
         let bytes = match self.cfg.tokenizer {
             TokenizerSpec::Train { .. } => self.trained_tokenizer()?,
             TokenizerSpec::Path { .. } | TokenizerSpec::Ettin { .. } => {
@@ -613,6 +669,12 @@ impl Build {
             }
         }
         .ok_or_else(|| missing(&self.out, manifest::TOKENIZER, "the tokenizer"))?;
+        let loaded = self.load_tokenizer(&bytes)?;
+        Ok(self.tokenizer.get_or_init(|| loaded).clone())
+    }
+
+    /// The tokenizer of `tokenizer.json` bytes, with its build key.
+    fn load_tokenizer(&self, bytes: &[u8]) -> Result<Arc<Tokenizer>> {
         let (cls, sep) = match &self.cfg.tokenizer {
             TokenizerSpec::Path {
                 cls_token,
@@ -621,14 +683,21 @@ impl Build {
             } => (cls_token.as_str(), sep_token.as_str()),
             TokenizerSpec::Train { .. } | TokenizerSpec::Ettin { .. } => ("[CLS]", "[SEP]"),
         };
-        let tok = Tok::from_bytes(&bytes, cls, sep)?;
-        let sha256 = stage1::sha256(&bytes);
-        let loaded = Arc::new(Tokenizer {
+        let tok = Tok::with_encoder(bytes, cls, sep, self.encoder)?;
+        match tok.fallback() {
+            Some(why) if self.encoder == EncoderChoice::Fast => tracing::warn!(
+                reason = why,
+                "the fast encoder cannot express this tokenizer; documents are encoded by tokenizers 0.22"
+            ),
+            Some(why) => tracing::info!(reason = why, "documents are encoded by tokenizers 0.22"),
+            None => {}
+        }
+        let sha256 = stage1::sha256(bytes);
+        Ok(Arc::new(Tokenizer {
             tok,
             build_key: format!("{}+{}", self.cfg.sha256, sha256),
             sha256,
-        });
-        Ok(self.tokenizer.get_or_init(|| loaded).clone())
+        }))
     }
 
     fn tokenize(&self, source: usize, part: usize) -> Result<Written> {
@@ -875,6 +944,12 @@ impl Build {
                 }
                 _ => {
                     use rayon::prelude::*;
+                    if matches!(first, Task::Tokenize { .. }) {
+                        // Load the tokenizer with the whole pool (its two
+                        // libraries side by side) rather than in the first
+                        // task while the others wait for it.
+                        self.tokenizer()?;
+                    }
                     let stage = stage_name(first);
                     progress.start(stage, step.len() as u64);
                     let outcomes: Vec<Result<Outcome>> = step

@@ -2,6 +2,10 @@
 //! layout built from a base tokenizer (the OLMo BPE), or a byte-level BPE
 //! trained (deterministically) on the kept documents. Either way its bytes
 //! are stored with the dataset as `tokenizer.json`.
+//!
+//! `tokenizers` 0.22 trains, builds the Ettin layout and is the reference
+//! encoder; documents are encoded by the fast path ([`crate::encode`]) where
+//! the tokenizer allows it, with exactly the same ids.
 
 use std::collections::HashSet;
 
@@ -13,6 +17,7 @@ use tokenizers::{
     Tokenizer, TokenizerBuilder,
 };
 
+use crate::encode::{EncodeCounts, EncoderChoice, FastEncoder};
 use crate::error::{Error, Result};
 
 /// Special tokens of a trained tokenizer, in id order: [UNK]=0, [CLS]=1,
@@ -22,6 +27,12 @@ pub const SPECIALS: [&str; 5] = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"];
 /// A loaded tokenizer with the ids that frame every document.
 pub struct Tok {
     inner: Tokenizer,
+    /// The fast path, when asked for and the tokenizer allows it.
+    fast: Option<FastEncoder>,
+    /// Why the fast path is not used (forced, or what it cannot express).
+    fallback: Option<String>,
+    /// Documents encoded each way.
+    counts: EncodeCounts,
     /// Id of the token that opens a document.
     pub cls: u32,
     /// Id of the token that closes a document.
@@ -34,11 +45,41 @@ fn terr(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
+/// `Tokenizer::from_bytes`, with a panic turned into an error: `tokenizers`
+/// 0.22 panics on some malformed tables instead of failing (a `decoder` it
+/// cannot read: `.expect("Helper")`; a `normalizer`'s: `.expect("Parsed
+/// values")`), which would take a dataprep process down with no word of
+/// which file was bad.
+pub fn parse_tokenizer(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
+    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+        Ok(parsed) => parsed.map_err(|e| e.to_string()),
+        Err(_) => Err("a table of it (decoder, normalizer, ...) is malformed: \
+                       the tokenizers library could not read it"
+            .into()),
+    }
+}
+
 impl Tok {
     /// Load `tokenizer.json` bytes; `cls` and `sep` name the framing tokens.
+    /// Encodes on the fast path where the tokenizer allows it.
     pub fn from_bytes(bytes: &[u8], cls: &str, sep: &str) -> Result<Self> {
-        let inner =
-            Tokenizer::from_bytes(bytes).map_err(|e| terr(format!("not a tokenizer.json: {e}")))?;
+        Self::with_encoder(bytes, cls, sep, EncoderChoice::Fast)
+    }
+
+    /// [`Tok::from_bytes`] with the encoder chosen: [`EncoderChoice::Reference`]
+    /// encodes every document with `tokenizers` 0.22.
+    pub fn with_encoder(bytes: &[u8], cls: &str, sep: &str, choice: EncoderChoice) -> Result<Self> {
+        // The two libraries read the file side by side.
+        let (inner, fast) = rayon::join(
+            || parse_tokenizer(bytes),
+            || match choice {
+                EncoderChoice::Reference => {
+                    Err(format!("forced ({}=reference)", crate::encode::ENCODER_ENV))
+                }
+                EncoderChoice::Fast => FastEncoder::new(bytes).map_err(|why| why.to_string()),
+            },
+        );
+        let inner = inner.map_err(|e| terr(format!("not a tokenizer.json: {e}")))?;
         let id = |t: &str| {
             inner.token_to_id(t).ok_or_else(|| {
                 terr(format!(
@@ -48,16 +89,42 @@ impl Tok {
         };
         let (cls, sep) = (id(cls)?, id(sep)?);
         let vocab_size = u32::try_from(inner.get_vocab_size(true)).map_err(terr)?;
+        let (fast, fallback) = match fast {
+            Ok(f) => (Some(f), None),
+            Err(why) => (None, Some(why)),
+        };
         Ok(Tok {
             inner,
+            fast,
+            fallback,
+            counts: EncodeCounts::default(),
             cls,
             sep,
             vocab_size,
         })
     }
 
-    /// `[CLS] ids… [SEP]` of a document.
+    /// `[CLS] ids… [SEP]` of a document: the fast path where it applies,
+    /// else `tokenizers` 0.22 (the same ids either way).
     pub fn encode_doc(&self, text: &str) -> Result<Vec<u32>> {
+        if let Some(fast) = self.fast.as_ref().filter(|f| f.accepts(text)) {
+            let mut out = Vec::with_capacity(text.len() / 3 + 2);
+            out.push(self.cls);
+            fast.encode_into(text, &mut out).map_err(terr)?;
+            out.push(self.sep);
+            self.counts
+                .fast
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(out);
+        }
+        self.counts
+            .reference
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.encode_doc_reference(text)
+    }
+
+    /// `[CLS] ids… [SEP]` of a document by `tokenizers` 0.22.
+    pub fn encode_doc_reference(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(terr)?;
         let ids = enc.get_ids();
         let mut out = Vec::with_capacity(ids.len() + 2);
@@ -65,6 +132,21 @@ impl Tok {
         out.extend_from_slice(ids);
         out.push(self.sep);
         Ok(out)
+    }
+
+    /// Whether documents go the fast way (some may still need 0.22).
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Why every document goes to 0.22, when it does.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
+    /// `(fast, reference)` documents encoded so far by this tokenizer.
+    pub fn counts(&self) -> (u64, u64) {
+        self.counts.get()
     }
 }
 
@@ -82,7 +164,7 @@ pub const ETTIN_UNUSED: usize = 83;
 /// `[MASK]` stripping the space before it as ModernBERT's does, and a
 /// `[CLS] $A [SEP]` post-processor. Deterministic for the same base.
 pub fn ettin_layout(base: &[u8]) -> Result<Vec<u8>> {
-    let mut tok = Tokenizer::from_bytes(base).map_err(|e| terr(format!("base tokenizer: {e}")))?;
+    let mut tok = parse_tokenizer(base).map_err(|e| terr(format!("base tokenizer: {e}")))?;
     let first = u32::try_from(tok.get_vocab_size(true)).map_err(terr)?;
     let mut added: Vec<AddedToken> = ETTIN_SPECIALS
         .iter()

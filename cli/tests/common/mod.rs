@@ -79,11 +79,7 @@ impl CoordinatorProcess {
 
     /// [`CoordinatorProcess::start`] with environment variables (a
     /// store's, for the manifest it reads at submit).
-    pub fn start_with_env(
-        db: &Path,
-        extra: &[&str],
-        env: &[(&str, String)],
-    ) -> CoordinatorProcess {
+    pub fn start_with_env(db: &Path, extra: &[&str], env: &[(&str, String)]) -> CoordinatorProcess {
         let mut child = twinhead()
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
