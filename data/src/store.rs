@@ -77,6 +77,82 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime, StoreError> {
     .map_err(|e| StoreError::Runtime(e.clone()))
 }
 
+/// A read started on the storage runtime ([`Location::start_get_range`],
+/// [`Location::start_get_tail`], [`Location::start_get`]): it goes on while
+/// the caller does other work, [`Pending::wait`] blocks for its result, and
+/// dropping it unwaited cancels it.
+pub struct Pending<T> {
+    rt: &'static tokio::runtime::Runtime,
+    task: Option<tokio::task::JoinHandle<Result<T, StoreError>>>,
+    /// The object, for messages.
+    location: String,
+}
+
+impl<T> Pending<T> {
+    /// Whether the read is over (waiting will not block).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// The read's result if it comes within `timeout` (the read goes on
+    /// otherwise), so that a waiting thread can check whether it should
+    /// stop. Like every blocking call here, not from inside an async task.
+    pub fn wait_for(&mut self, timeout: std::time::Duration) -> Option<Result<T, StoreError>> {
+        let Some(task) = self.task.as_mut() else {
+            return Some(Err(StoreError::Runtime(format!(
+                "the read of {} was already taken",
+                self.location
+            ))));
+        };
+        let joined = self
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, task).await })
+            .ok()?;
+        self.task = None;
+        Some(joined.unwrap_or_else(|e| {
+            Err(StoreError::Runtime(format!(
+                "the read of {} stopped: {e}",
+                self.location
+            )))
+        }))
+    }
+
+    /// The read's result, blocking until it is there. Like every blocking
+    /// call here, not from inside an async task.
+    pub fn wait(mut self) -> Result<T, StoreError> {
+        let Some(task) = self.task.take() else {
+            return Err(StoreError::Runtime(format!(
+                "the read of {} was already taken",
+                self.location
+            )));
+        };
+        match self.rt.block_on(task) {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::Runtime(format!(
+                "the read of {} stopped: {e}",
+                self.location
+            ))),
+        }
+    }
+}
+
+impl<T> Drop for Pending<T> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("location", &self.location)
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
 /// A folder-like location in some object store.
 #[derive(Clone)]
 pub struct Location {
@@ -305,6 +381,63 @@ impl Location {
         Ok((bytes, size))
     }
 
+    /// Starts reading bytes `range` of the object `rel` on the storage
+    /// runtime and returns at once: several reads can be in flight while
+    /// the caller works (the loader's read-ahead).
+    pub fn start_get_range(&self, rel: &str, range: Range<u64>) -> Pending<Bytes> {
+        let (store, path) = (self.store.clone(), self.full(rel));
+        self.start(rel, async move { store.get_range(&path, range).await })
+    }
+
+    /// [`Location::get_tail`], started like [`Location::start_get_range`].
+    pub fn start_get_tail(&self, rel: &str, max: u64) -> Pending<(Bytes, u64)> {
+        let (store, path) = (self.store.clone(), self.full(rel));
+        self.start(rel, async move {
+            let size = store.head(&path).await?.size;
+            let bytes = store
+                .get_range(&path, size.saturating_sub(max)..size)
+                .await?;
+            Ok((bytes, size))
+        })
+    }
+
+    /// [`Location::get`], started like [`Location::start_get_range`].
+    pub fn start_get(&self, rel: &str) -> Pending<Bytes> {
+        let (store, path) = (self.store.clone(), self.full(rel));
+        self.start(rel, async move { store.get(&path).await?.bytes().await })
+    }
+
+    /// Spawns `read` on the runtime, its errors naming `rel`.
+    fn start<T: Send + 'static>(
+        &self,
+        rel: &str,
+        read: impl Future<Output = Result<T, object_store::Error>> + Send + 'static,
+    ) -> Pending<T> {
+        let (me, rel) = (self.clone(), rel.to_string());
+        let location = self.name(&rel);
+        Pending {
+            rt: self.rt,
+            task: Some(
+                self.rt
+                    .spawn(async move { read.await.map_err(|e| me.err(&rel, e)) }),
+            ),
+            location,
+        }
+    }
+
+    /// This location with its store replaced by `wrap(store)` (same prefix
+    /// and name): a store that counts, delays or fails requests, for tests
+    /// and measurements.
+    pub fn map_store(
+        &self,
+        wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>,
+    ) -> Location {
+        Location {
+            store: wrap(self.store.clone()),
+            ..self.clone()
+        }
+    }
+
     /// The size in bytes of the object `rel`.
     pub fn size(&self, rel: &str) -> Result<u64, StoreError> {
         let path = self.full(rel);
@@ -467,6 +600,42 @@ mod tests {
             loc.get_tail("missing.bin", 4),
             Err(StoreError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn reads_started_ahead_return_what_blocking_reads_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let loc = Location::open(dir.path().to_str().expect("utf-8"), true).expect("open");
+        loc.put("f.bin", Bytes::from_static(b"0123456789"))
+            .expect("put");
+        // Several in flight at once, waited for in another order.
+        let range = loc.start_get_range("f.bin", 2..5);
+        let tail = loc.start_get_tail("f.bin", 4);
+        let whole = loc.start_get("f.bin");
+        let missing = loc.start_get_range("missing.bin", 0..1);
+        drop(loc.start_get("f.bin")); // dropped unwaited: cancelled
+        assert_eq!(&whole.wait().expect("whole")[..], b"0123456789");
+        let (bytes, size) = tail.wait().expect("tail");
+        assert_eq!((&bytes[..], size), (&b"6789"[..], 10));
+        assert_eq!(&range.wait().expect("range")[..], b"234");
+        let err = missing
+            .wait()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("missing.bin") && err.contains("does not exist"),
+            "{err}"
+        );
+        let mut polled = loc.start_get_range("f.bin", 9..10);
+        let got = loop {
+            if let Some(got) = polled.wait_for(std::time::Duration::from_millis(1)) {
+                break got;
+            }
+        };
+        assert_eq!(&got.expect("polled")[..], b"9");
+        assert!(polled.is_finished());
+        assert!(polled.wait().is_err(), "a result is taken once");
     }
 
     #[test]

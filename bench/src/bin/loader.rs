@@ -7,13 +7,28 @@
 //! them through an in-process S3 server (`s3s-fs`, loopback, signed
 //! requests), then alternates a child process reading every row from
 //! `file://` and from `s3://`, `--rounds` times each, the way the training
-//! loader's prefetch thread reads: `--batch` rows at a time, in order.
+//! loader's prefetch thread reads: `--batch` rows at a time, in order,
+//! with that order given to the reader as its plan so it keeps
+//! `--in-flight` reads ahead (`ReadAhead::requests`; 0: none, each row
+//! group's read waited for).
 //!
-//!     cargo run --release -p twinhead-bench --bin loader -- \
-//!         [--rows 32768] [--seq 1024] [--batch 8] [--rounds 3] [--out OUT.jsonl]
+//!     cargo build --release -p twinhead-bench --bin loader && target/release/loader \
+//!         [--rows 32768] [--seq 1024] [--batch 8] [--rounds 3] [--in-flight 4] \
+//!         [--server-nagle] [--reader-cpus LIST] [--out OUT.jsonl]
 //!
-//! Prints one JSON line per read and a summary line with the S3/local
-//! ratio of rows/s (target ≥ 0.9) and the bytes fetched per row.
+//! On a small machine the server and the reader share the cores, so the
+//! server's CPU time counts against the S3 read; to give each its own,
+//! start the bench (the server) on one core and the readers on another:
+//! `taskset -c 1 target/release/loader --reader-cpus 0`.
+//!
+//! The server's sockets set TCP_NODELAY, as S3 and MinIO do; with
+//! `--server-nagle` they do not, and each response's last segment waits
+//! for the client's delayed ACK (about 40 ms per request on Linux).
+//!
+//! Prints one JSON line per read (with the reader's CPU time and the
+//! server's, which is this process's meanwhile) and a summary line with
+//! the S3/local ratio of rows/s (target ≥ 0.9) and the bytes fetched per
+//! row.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,7 +39,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use twinhead_data::formats::{Row, write_rows};
-use twinhead_worker::loader::{PhaseReader, ReaderOptions};
+use twinhead_worker::loader::{PhaseReader, ReadAhead, ReaderOptions};
 
 const VOCAB: u32 = 50_368;
 const ROWS_PER_SHARD: usize = 1024;
@@ -39,6 +54,12 @@ struct Args {
     seq: usize,
     batch: u64,
     rounds: usize,
+    /// Reads the reader keeps ahead (`ReadAhead::requests`).
+    in_flight: usize,
+    /// Leave Nagle's algorithm on on the server's sockets.
+    server_nagle: bool,
+    /// CPUs (a `taskset` list) the reading children run on.
+    reader_cpus: Option<String>,
     out: Option<PathBuf>,
     /// Child mode: read every row of the dataset at this URL.
     read: Option<String>,
@@ -52,6 +73,9 @@ fn parse_args() -> anyhow::Result<Args> {
         seq: 1024,
         batch: 8,
         rounds: 3,
+        in_flight: ReadAhead::default().requests,
+        server_nagle: false,
+        reader_cpus: None,
         out: None,
         read: None,
         upload: None,
@@ -64,6 +88,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--seq" => args.seq = value()?.parse().context("--seq")?,
             "--batch" => args.batch = value()?.parse().context("--batch")?,
             "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
+            "--in-flight" => args.in_flight = value()?.parse().context("--in-flight")?,
+            "--server-nagle" => args.server_nagle = true,
+            "--reader-cpus" => args.reader_cpus = Some(value()?),
             "--out" => args.out = Some(PathBuf::from(value()?)),
             "--read" => args.read = Some(value()?),
             "--upload" => {
@@ -152,18 +179,44 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Child mode: every row of the phase at `url`, `batch` rows per read.
-fn read_all(url: &str, batch: u64) -> anyhow::Result<()> {
+/// CPU seconds (user + system) this process has used so far, from
+/// `/proc/self/stat` (clock ticks of 1/100 s); 0 where there is none.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, utime and stime fields 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / 100.0,
+        _ => 0.0,
+    }
+}
+
+/// Child mode: every row of the phase at `url`, `batch` rows per read,
+/// `in_flight` reads ahead.
+fn read_all(url: &str, batch: u64, in_flight: usize) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut reader = PhaseReader::open(url, PHASE, phase_seq(url)?, ReaderOptions::default())?;
+    let options = ReaderOptions {
+        read_ahead: ReadAhead {
+            requests: in_flight,
+            ..ReadAhead::default()
+        },
+        ..ReaderOptions::default()
+    };
+    let mut reader = PhaseReader::open(url, PHASE, phase_seq(url)?, options)?;
     let total = reader.sequences();
+    let reads = move |first: u64| first..(first + batch).min(total);
+    reader.plan_reads((0..total).step_by(batch as usize).map(reads));
     let mut tokens = 0u64;
     let mut first = 0;
     while first < total {
-        let last = (first + batch).min(total);
-        let micro = reader.read_rows(first..last)?;
+        let micro = reader.read_rows(reads(first))?;
         tokens += micro.input_ids.iter().map(|r| r.len() as u64).sum::<u64>();
-        first = last;
+        first = micro.rows.end;
     }
     let seconds = started.elapsed().as_secs_f64();
     let stats = reader.stats();
@@ -173,8 +226,14 @@ fn read_all(url: &str, batch: u64) -> anyhow::Result<()> {
             "rows": total,
             "tokens": tokens,
             "seconds": seconds,
+            "reader_cpu_s": cpu_seconds(),
             "bytes_fetched": stats.bytes_fetched,
             "groups_decoded": stats.groups_decoded,
+            "shards_opened": stats.shards_opened,
+            "group_reads": stats.group_reads,
+            "groups_read_ahead": stats.groups_read_ahead,
+            "peak_reads_ahead": stats.peak_reads_ahead,
+            "read_seconds": stats.read_micros as f64 / 1e6,
         })
     );
     Ok(())
@@ -194,7 +253,10 @@ fn phase_seq(url: &str) -> anyhow::Result<u32> {
 /// `root/data`), on a runtime of its own. Objects are put through it (not
 /// copied in): s3s-fs keeps their checksums then, instead of hashing the
 /// whole file on every ranged GET.
-fn serve_s3(root: &Path) -> anyhow::Result<(std::net::SocketAddr, tokio::runtime::Runtime)> {
+fn serve_s3(
+    root: &Path,
+    nagle: bool,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::runtime::Runtime)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -216,6 +278,9 @@ fn serve_s3(root: &Path) -> anyhow::Result<(std::net::SocketAddr, tokio::runtime
         let http =
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
         while let Ok((socket, _)) = listener.accept().await {
+            if !nagle {
+                let _ = socket.set_nodelay(true);
+            }
             let conn = http
                 .serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone())
                 .into_owned();
@@ -246,9 +311,23 @@ fn upload(dir: &Path, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs this program as a child with the S3 server's variables.
-fn child(me: &Path, addr: std::net::SocketAddr, args: &[&str]) -> anyhow::Result<Vec<u8>> {
-    let output = Command::new(me)
+/// Runs this program as a child with the S3 server's variables, on
+/// `cpus` (a `taskset` list) when given.
+fn child(
+    me: &Path,
+    addr: std::net::SocketAddr,
+    args: &[&str],
+    cpus: Option<&str>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut command = match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(me);
+            c
+        }
+        None => Command::new(me),
+    };
+    let output = command
         .args(args)
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -268,7 +347,7 @@ fn child(me: &Path, addr: std::net::SocketAddr, args: &[&str]) -> anyhow::Result
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if let Some(url) = &args.read {
-        return read_all(url, args.batch);
+        return read_all(url, args.batch, args.in_flight);
     }
     if let Some((dir, url)) = &args.upload {
         return upload(dir, url);
@@ -284,12 +363,12 @@ fn main() -> anyhow::Result<()> {
         args.seq,
         bytes as f64 / 1e6
     );
-    let (addr, _server) = serve_s3(&s3_root)?;
+    let (addr, _server) = serve_s3(&s3_root, args.server_nagle)?;
     let me = std::env::current_exe()?;
     // Through the S3 API, as a dataset build to s3:// puts its files.
     let dataset_arg = dataset.display().to_string();
     let target = format!("s3://{BUCKET}/ds");
-    child(&me, addr, &["--upload", &dataset_arg, &target])?;
+    child(&me, addr, &["--upload", &dataset_arg, &target], None)?;
     let sources = [
         ("local", format!("file://{}", dataset.display())),
         ("s3", format!("s3://{BUCKET}/ds")),
@@ -302,8 +381,15 @@ fn main() -> anyhow::Result<()> {
     let mut bytes_per_row = [0f64; 2];
     for round in 0..args.rounds {
         for (i, (name, url)) in sources.iter().enumerate() {
-            let batch = args.batch.to_string();
-            let stdout = child(&me, addr, &["--read", url, "--batch", &batch])?;
+            let (batch, in_flight) = (args.batch.to_string(), args.in_flight.to_string());
+            let server_cpu = cpu_seconds();
+            let stdout = child(
+                &me,
+                addr,
+                &["--read", url, "--batch", &batch, "--in-flight", &in_flight],
+                args.reader_cpus.as_deref(),
+            )?;
+            let server_cpu = cpu_seconds() - server_cpu;
             let mut line: serde_json::Value = serde_json::from_slice(&stdout)?;
             let rows = line["rows"].as_f64().unwrap_or(0.0);
             let seconds = line["seconds"].as_f64().unwrap_or(f64::NAN);
@@ -311,6 +397,7 @@ fn main() -> anyhow::Result<()> {
             rows_per_s[i].push(rows / seconds);
             bytes_per_row[i] = fetched / rows.max(1.0);
             line["source"] = json!(name);
+            line["server_cpu_s"] = json!(server_cpu);
             line["round"] = json!(round);
             line["rows_per_s"] = json!(rows / seconds);
             line["bytes_per_row"] = json!(bytes_per_row[i]);
@@ -332,6 +419,9 @@ fn main() -> anyhow::Result<()> {
             "summary": true,
             "rows": args.rows,
             "seq": args.seq,
+            "in_flight": args.in_flight,
+            "reader_cpus": args.reader_cpus,
+            "server_nagle": args.server_nagle,
             "shard_bytes_per_row": bytes as f64 / args.rows as f64,
             "local_rows_per_s": local,
             "s3_rows_per_s": s3,

@@ -28,24 +28,34 @@
 //! the row within it come from the manifest's cumulative row counts, and
 //! only the row groups holding the wanted rows are fetched (the current
 //! shard's footer and one decoded row group are cached). [`Prefetcher`]
-//! reads a few steps ahead on its own thread.
+//! decodes a few steps ahead on its own thread and, since it knows which
+//! rows those steps take, keeps several row-group reads in flight ahead of
+//! that ([`ReadAhead`]), so that an object store's latency overlaps the
+//! decoding instead of adding to it.
 //!
 //! # Layout
 //!
 //! * The manifest is `twinhead_data::manifest`'s, which dataprep writes.
 //! * `shard` — footer and row-group reads of one shard.
+//! * `ahead` — reads started ahead of the reader, in the order its plan
+//!   needs them.
 //! * `order` — the data-order log and its verifier.
 
+mod ahead;
 pub mod order;
 mod shard;
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
+pub use ahead::ReadAhead;
+use ahead::{Ahead, Ctx};
 pub use shard::sha256_hex;
-use shard::{DecodedGroup, OpenShard};
+use shard::{DecodedGroup, Fetched, OpenShard, PendingOpen};
 
 use twinhead_proto::BatchSchedule;
 
@@ -249,6 +259,9 @@ pub struct ReaderOptions {
     /// Fetch every shard whole and check its sha256 against the manifest
     /// before using it (costs a full read per shard).
     pub verify_sha256: bool,
+    /// How far to read ahead once given a plan
+    /// ([`PhaseReader::plan_reads`]; the [`Prefetcher`] gives one).
+    pub read_ahead: ReadAhead,
 }
 
 /// What a [`PhaseReader`] has fetched so far.
@@ -258,9 +271,20 @@ pub struct ReaderStats {
     pub shards_opened: u64,
     /// Row groups fetched and decoded.
     pub groups_decoded: u64,
-    /// Bytes fetched from storage (footers, column chunks, whole shards
-    /// when verifying).
+    /// Bytes fetched from storage and taken by the reader (footers, column
+    /// chunks, whole shards when verifying); reads ahead that the reader
+    /// never took are not counted.
     pub bytes_fetched: u64,
+    /// Range reads made for row groups (a read ahead of several
+    /// consecutive row groups counts once).
+    pub group_reads: u64,
+    /// Row groups whose reads were started ahead of the reader.
+    pub groups_read_ahead: u64,
+    /// Most row-group reads ahead outstanding at once.
+    pub peak_reads_ahead: u64,
+    /// Microseconds the reader spent getting footers and row-group bytes
+    /// (waiting for the store, or reading locally), not decoding.
+    pub read_micros: u64,
 }
 
 /// The dataset at `dataset_url` and its manifest's entry for `phase`.
@@ -285,8 +309,14 @@ pub struct PhaseReader {
     /// First logical row of every shard, and the phase's row count last.
     shard_starts: Vec<u64>,
     options: ReaderOptions,
-    open: Option<OpenShard>,
+    open: Option<Arc<OpenShard>>,
     group: Option<DecodedGroup>,
+    /// Reads started ahead, once given a plan.
+    ahead: Option<Ahead>,
+    /// Set by the [`Prefetcher`] when dropped: waits for reads give up.
+    stop: Option<Arc<AtomicBool>>,
+    /// The step [`PhaseReader::batch`] reads.
+    step: u64,
     stats: ReaderStats,
 }
 
@@ -388,6 +418,9 @@ impl PhaseReader {
             options,
             open: None,
             group: None,
+            ahead: None,
+            stop: None,
+            step: 0,
             stats: ReaderStats::default(),
         })
     }
@@ -411,28 +444,118 @@ impl PhaseReader {
         self.phase.seq_len as usize
     }
 
+    /// Tells the reader which logical rows it will be asked for next, in
+    /// order (e.g. this rank's rows of the coming steps), so that it reads
+    /// their row groups ahead within [`ReaderOptions::read_ahead`]. Reads
+    /// outside the plan stay correct; they stop the read-ahead.
+    pub fn plan_reads<I>(&mut self, rows: I)
+    where
+        I: IntoIterator<Item = Range<u64>>,
+        I::IntoIter: Send + 'static,
+    {
+        let limits = self.options.read_ahead;
+        if limits.requests == 0 {
+            self.ahead = None;
+            return;
+        }
+        self.ahead = Some(Ahead::new(limits, Box::new(rows.into_iter())));
+        let (ctx, ahead, stats) = self.parts();
+        if let Some(ahead) = ahead {
+            ahead.pump(&ctx, stats, false);
+        }
+    }
+
+    /// The reader's fields, borrowed apart for the read-ahead.
+    fn parts(&mut self) -> (Ctx<'_>, Option<&mut Ahead>, &mut ReaderStats) {
+        let ctx = Ctx {
+            root: &self.root,
+            phase: &self.phase,
+            shard_starts: &self.shard_starts,
+            verify_sha256: self.options.verify_sha256,
+            stop: self.stop.as_deref(),
+            step: self.step,
+        };
+        (ctx, self.ahead.as_mut(), &mut self.stats)
+    }
+
+    /// Stops reading ahead: the reader left its plan, or a read failed.
+    fn drop_read_ahead(&mut self, why: &str) {
+        if self.ahead.take().is_some() {
+            tracing::debug!(phase = %self.phase.name, why, "read-ahead stopped");
+        }
+    }
+
+    /// Shard `index`, opened: from the read-ahead when it has it.
+    fn open_shard(&mut self, index: usize) -> Result<Arc<OpenShard>, LoaderError> {
+        let (ctx, ahead, stats) = self.parts();
+        let taken = ahead.and_then(|a| a.take_shard(&ctx, stats, index));
+        match taken {
+            Some(Ok(open)) => return Ok(open),
+            Some(Err(e)) => {
+                self.drop_read_ahead("a shard failed to open");
+                return Err(e);
+            }
+            None => self.drop_read_ahead("the reader left its plan"),
+        }
+        let (ctx, _, stats) = self.parts();
+        let (rel, whole) = (&ctx.phase.shards[index].path, ctx.verify_sha256);
+        let fetched = match ctx.stop {
+            Some(_) => {
+                let mut pending = PendingOpen::start(ctx.root, rel, whole);
+                ctx.wait(|limit| pending.wait_for(limit))?
+            }
+            None => Fetched::fetch(ctx.root, rel, whole)?,
+        };
+        ctx.finish_open(index, fetched, stats)
+    }
+
+    /// Bytes `range` of `open` for row group `group`: from the read-ahead
+    /// when it has them.
+    fn fetch_group(
+        &mut self,
+        open: &OpenShard,
+        group: usize,
+        range: Range<u64>,
+    ) -> Result<bytes::Bytes, LoaderError> {
+        let (ctx, ahead, stats) = self.parts();
+        match ahead.and_then(|a| a.take_group(&ctx, stats, open.index, group)) {
+            Some(Ok(bytes)) => return Ok(bytes),
+            Some(Err(e)) => {
+                self.drop_read_ahead("a read failed");
+                return Err(e);
+            }
+            None => {}
+        }
+        self.drop_read_ahead("the reader left its plan");
+        let (ctx, _, stats) = self.parts();
+        let bytes = match ctx.stop {
+            Some(_) => {
+                let mut pending = ctx.root.start_get_range(open.rel(), range.clone());
+                ctx.wait(|limit| pending.wait_for(limit))?
+            }
+            None => ctx.root.get_range(open.rel(), range.clone())?,
+        };
+        stats.bytes_fetched += range.end - range.start;
+        stats.group_reads += 1;
+        Ok(bytes)
+    }
+
     /// Makes the row group holding physical row `row` the cached one.
     fn load(&mut self, row: u64) -> Result<&DecodedGroup, LoaderError> {
         let shard = self.shard_starts.partition_point(|&s| s <= row) - 1;
         let in_shard = row - self.shard_starts[shard];
-        if self.open.as_ref().map(|o| o.index) != Some(shard) {
-            self.group = None;
-            let entry = &self.phase.shards[shard];
-            let sha = self.options.verify_sha256.then_some(entry.sha256.as_str());
-            let opened = OpenShard::open(&self.root, shard, &entry.path, sha)?;
-            self.stats.shards_opened += 1;
-            self.stats.bytes_fetched += opened.bytes_fetched;
-            if opened.rows() != entry.rows {
-                return Err(LoaderError::ShardRows {
-                    actual: opened.rows(),
-                    location: opened.name,
-                    expected: entry.rows,
-                });
+        let open = match &self.open {
+            Some(open) if open.index == shard => open.clone(),
+            _ => {
+                self.group = None;
+                self.open = None;
+                let started = Instant::now();
+                let open = self.open_shard(shard);
+                self.stats.read_micros += started.elapsed().as_micros() as u64;
+                let open = open?;
+                self.open = Some(open.clone());
+                open
             }
-            self.open = Some(opened);
-        }
-        let Some(open) = self.open.as_ref() else {
-            return Err(LoaderError::Plan("no shard open".into()));
         };
         let group = open.group_of(in_shard);
         let cached = self
@@ -441,9 +564,18 @@ impl PhaseReader {
             .is_some_and(|g| g.shard == shard && g.group == group);
         if !cached {
             self.group = None;
-            let (decoded, fetched) = open.read_group(&self.root, group, self.seq_len())?;
+            let read = open.group_read(group)?;
+            let fetched = match &read.fetch {
+                Some(range) => {
+                    let started = Instant::now();
+                    let fetched = self.fetch_group(&open, group, range.clone());
+                    self.stats.read_micros += started.elapsed().as_micros() as u64;
+                    Some(fetched?)
+                }
+                None => None,
+            };
+            let decoded = open.decode_group(group, &read, fetched, self.seq_len())?;
             self.stats.groups_decoded += 1;
-            self.stats.bytes_fetched += fetched;
             self.group = Some(decoded);
         }
         self.group
@@ -487,6 +619,7 @@ impl PhaseReader {
 
     /// This rank's batch of `step` under `plan`.
     pub fn batch(&mut self, plan: &BatchPlan, step: u64) -> Result<Batch, LoaderError> {
+        self.step = step;
         let micro_batches = plan
             .micro_ranges(step)
             .into_iter()
@@ -507,6 +640,8 @@ impl PhaseReader {
 pub struct Prefetcher {
     rx: Option<Receiver<Result<Batch, LoaderError>>>,
     handle: Option<JoinHandle<()>>,
+    /// Tells the thread's reader to stop waiting for reads.
+    stop: Arc<AtomicBool>,
     next: u64,
     end: u64,
 }
@@ -514,7 +649,7 @@ pub struct Prefetcher {
 impl Prefetcher {
     /// Starts reading steps `steps` (e.g. `first_step..last_step + 1`).
     pub fn spawn(
-        reader: PhaseReader,
+        mut reader: PhaseReader,
         plan: BatchPlan,
         steps: Range<u64>,
         depth: usize,
@@ -528,6 +663,8 @@ impl Prefetcher {
                 "the steps need more rows than the phase holds: wrapping around for another epoch"
             );
         }
+        let stop = Arc::new(AtomicBool::new(false));
+        reader.stop = Some(stop.clone());
         let (tx, rx) = sync_channel(depth.max(1));
         let range = steps.clone();
         let handle = std::thread::Builder::new()
@@ -537,6 +674,7 @@ impl Prefetcher {
         Ok(Self {
             rx: Some(rx),
             handle: Some(handle),
+            stop,
             next: steps.start,
             end: steps.end,
         })
@@ -578,7 +716,10 @@ impl Iterator for Prefetcher {
 
 impl Drop for Prefetcher {
     fn drop(&mut self) {
-        // Dropping the receiver makes the thread's next send fail.
+        // Dropping the receiver makes the thread's next send fail; the stop
+        // flag ends a wait for a read (within STOP_POLL); the reader,
+        // dropped with the thread, cancels its reads in flight.
+        self.stop.store(true, Ordering::Relaxed);
         self.rx = None;
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
@@ -592,6 +733,9 @@ fn prefetch(
     steps: Range<u64>,
     tx: SyncSender<Result<Batch, LoaderError>>,
 ) {
+    // The rows of the coming steps, in the order `batch` reads them.
+    let ahead = plan.clone();
+    reader.plan_reads(steps.clone().map(move |step| ahead.rank_rows(step)));
     for step in steps {
         let batch = reader.batch(&plan, step);
         let failed = batch.is_err();

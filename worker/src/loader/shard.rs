@@ -3,6 +3,7 @@
 //! the `input_ids` and `doc_lens` column chunks of the wanted row group.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_array::{Array, ListArray, UInt32Array};
 use bytes::{Buf, Bytes};
@@ -15,6 +16,7 @@ use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::reader::{ChunkReader, Length};
 
 use twinhead_data::formats::{DOC_LENS, INPUT_IDS};
+use twinhead_data::store::{Location, Pending, StoreError};
 
 use super::LoaderError;
 
@@ -22,7 +24,6 @@ use super::LoaderError;
 /// and, for the shards dataprep writes (a few KiB of metadata), the whole
 /// metadata, in one range. Larger metadata costs one more.
 const FOOTER_READ: u64 = 64 * 1024;
-use twinhead_data::store::Location;
 
 /// The columns the loader decodes.
 const COLUMNS: [&str; 2] = [INPUT_IDS, DOC_LENS];
@@ -69,6 +70,70 @@ impl ChunkReader for RangeBytes {
     fn get_bytes(&self, start: u64, length: usize) -> Result<Bytes, ParquetError> {
         self.slice(start, length)
     }
+}
+
+/// What opening a shard fetched: the whole file (when its hash is checked)
+/// or its tail (the footer, and for a small shard the whole file) and size.
+pub(super) enum Fetched {
+    Whole(Bytes),
+    Tail { bytes: Bytes, file_len: u64 },
+}
+
+impl Fetched {
+    /// Fetches what opening `rel` needs, blocking.
+    pub fn fetch(root: &Location, rel: &str, whole: bool) -> Result<Self, StoreError> {
+        if whole {
+            Ok(Self::Whole(root.get(rel)?))
+        } else {
+            let (bytes, file_len) = root.get_tail(rel, FOOTER_READ)?;
+            Ok(Self::Tail { bytes, file_len })
+        }
+    }
+}
+
+/// The read that opens a shard, started on the storage runtime (read-ahead).
+pub(super) enum PendingOpen {
+    Whole(Pending<Bytes>),
+    Tail(Pending<(Bytes, u64)>),
+}
+
+impl PendingOpen {
+    /// Starts fetching what opening `rel` needs.
+    pub fn start(root: &Location, rel: &str, whole: bool) -> Self {
+        if whole {
+            Self::Whole(root.start_get(rel))
+        } else {
+            Self::Tail(root.start_get_tail(rel, FOOTER_READ))
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        match self {
+            Self::Whole(p) => p.is_finished(),
+            Self::Tail(p) => p.is_finished(),
+        }
+    }
+
+    /// What was fetched, if it comes within `timeout`.
+    pub fn wait_for(&mut self, timeout: Duration) -> Option<Result<Fetched, StoreError>> {
+        match self {
+            Self::Whole(p) => p.wait_for(timeout).map(|r| r.map(Fetched::Whole)),
+            Self::Tail(p) => p
+                .wait_for(timeout)
+                .map(|r| r.map(|(bytes, file_len)| Fetched::Tail { bytes, file_len })),
+        }
+    }
+}
+
+/// What reading one row group takes: the byte range of its column chunks
+/// and the part of it not already held, to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct GroupRead {
+    /// The column chunks of `input_ids` and `doc_lens`.
+    pub range: std::ops::Range<u64>,
+    /// The bytes to fetch: `range`, or its head when the rest was fetched
+    /// with the footer; `None` when all of it was.
+    pub fetch: Option<std::ops::Range<u64>>,
 }
 
 /// One opened shard: its footer and, when hashes are verified, its bytes.
@@ -126,36 +191,31 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl OpenShard {
-    /// Reads the footer of `rel` below `root`. With `expected_sha256`, the
-    /// whole file is fetched, hashed and kept for the row-group reads.
-    pub fn open(
+    /// Opens `rel` from what [`Fetched`] brought (checking the hash when
+    /// given one); metadata longer than the tail read costs one more read.
+    pub fn from_fetched(
         root: &Location,
         index: usize,
         rel: &str,
+        fetched: Fetched,
         expected_sha256: Option<&str>,
     ) -> Result<Self, LoaderError> {
         let name = root.name(rel);
-        // Without verification, one read of the tail brings the footer and,
-        // for the shards dataprep writes, the whole metadata with it.
-        let mut tail_read: Option<Bytes> = None;
-        let (file_len, whole) = match expected_sha256 {
-            Some(expected) => {
-                let bytes = root.get(rel)?;
-                let actual = sha256_hex(&bytes);
-                if !actual.eq_ignore_ascii_case(expected) {
-                    return Err(LoaderError::ShardHash {
-                        location: name,
-                        expected: expected.to_string(),
-                        actual,
-                    });
+        let (file_len, whole, tail_read) = match fetched {
+            Fetched::Whole(bytes) => {
+                if let Some(expected) = expected_sha256 {
+                    let actual = sha256_hex(&bytes);
+                    if !actual.eq_ignore_ascii_case(expected) {
+                        return Err(LoaderError::ShardHash {
+                            location: name,
+                            expected: expected.to_string(),
+                            actual,
+                        });
+                    }
                 }
-                (bytes.len() as u64, Some(bytes))
+                (bytes.len() as u64, Some(bytes), None)
             }
-            None => {
-                let (bytes, len) = root.get_tail(rel, FOOTER_READ)?;
-                tail_read = Some(bytes);
-                (len, None)
-            }
+            Fetched::Tail { bytes, file_len } => (file_len, None, Some(bytes)),
         };
         let tail_start = file_len - tail_read.as_ref().map_or(0, |b| b.len() as u64);
         let mut extra_fetched = 0u64;
@@ -233,27 +293,16 @@ impl OpenShard {
         self.group_starts.partition_point(|&s| s <= row) - 1
     }
 
-    /// Fetches and decodes row group `group`, checking every row against
-    /// `seq_len`; also returns the bytes fetched.
-    pub fn read_group(
-        &self,
-        root: &Location,
-        group: usize,
-        seq_len: usize,
-    ) -> Result<(DecodedGroup, u64), LoaderError> {
+    /// The shard's path below the dataset root.
+    pub fn rel(&self) -> &str {
+        &self.rel
+    }
+
+    /// What reading row group `group` takes (see [`GroupRead`]).
+    pub fn group_read(&self, group: usize) -> Result<GroupRead, LoaderError> {
         let name = &self.name;
         if group + 1 >= self.group_starts.len() {
             return Err(perr(name, format!("no row group {group}")));
-        }
-        let schema = self.metadata.file_metadata().schema_descr();
-        let roots = schema.root_schema().get_fields();
-        let mut root_indices = Vec::new();
-        for column in COLUMNS {
-            let index = roots
-                .iter()
-                .position(|f| f.name() == column)
-                .ok_or_else(|| perr(name, format!("no column `{column}`")))?;
-            root_indices.push(index);
         }
         let rg = &self.metadata.row_groups()[group];
         let mut lo = u64::MAX;
@@ -276,21 +325,76 @@ impl OpenShard {
         if lo >= hi || hi > self.file_len {
             return Err(perr(name, format!("bad column chunk range {lo}..{hi}")));
         }
-        let mut fetched = 0;
-        let reader = match &self.held {
-            Some((start, bytes)) if lo >= *start => RangeBytes {
-                file_len: self.file_len,
-                start: *start,
-                data: bytes.clone(),
-            },
-            _ => {
-                fetched = hi - lo;
-                RangeBytes {
-                    file_len: self.file_len,
-                    start: lo,
-                    data: root.get_range(&self.rel, lo..hi)?,
+        let held_from = self.held.as_ref().map_or(u64::MAX, |(start, _)| *start);
+        let fetch = (lo < held_from).then(|| lo..hi.min(held_from));
+        Ok(GroupRead {
+            range: lo..hi,
+            fetch,
+        })
+    }
+
+    /// Decodes row group `group` from `fetched` (the bytes of
+    /// `read.fetch`) and the bytes held since opening, checking every row
+    /// against `seq_len`.
+    pub fn decode_group(
+        &self,
+        group: usize,
+        read: &GroupRead,
+        fetched: Option<Bytes>,
+        seq_len: usize,
+    ) -> Result<DecodedGroup, LoaderError> {
+        let name = &self.name;
+        if group + 1 >= self.group_starts.len() {
+            return Err(perr(name, format!("no row group {group}")));
+        }
+        let schema = self.metadata.file_metadata().schema_descr();
+        let roots = schema.root_schema().get_fields();
+        let mut root_indices = Vec::new();
+        for column in COLUMNS {
+            let index = roots
+                .iter()
+                .position(|f| f.name() == column)
+                .ok_or_else(|| perr(name, format!("no column `{column}`")))?;
+            root_indices.push(index);
+        }
+        let (lo, hi) = (read.range.start, read.range.end);
+        let held = |from: u64, to: u64| -> Result<Bytes, LoaderError> {
+            match &self.held {
+                Some((start, bytes)) if from >= *start && to <= start + bytes.len() as u64 => {
+                    Ok(bytes.slice((from - start) as usize..(to - start) as usize))
+                }
+                _ => Err(perr(name, format!("bytes {from}..{to} were not fetched"))),
+            }
+        };
+        let data = match (&read.fetch, fetched) {
+            (None, _) => held(lo, hi)?,
+            (Some(range), Some(bytes)) if bytes.len() as u64 == range.end - range.start => {
+                if range.end == hi {
+                    bytes
+                } else {
+                    // The head fetched now, the rest held with the footer.
+                    let mut joined = Vec::with_capacity((hi - lo) as usize);
+                    joined.extend_from_slice(&bytes);
+                    joined.extend_from_slice(&held(range.end, hi)?);
+                    Bytes::from(joined)
                 }
             }
+            (Some(range), got) => {
+                return Err(perr(
+                    name,
+                    format!(
+                        "read of bytes {}..{} returned {} bytes",
+                        range.start,
+                        range.end,
+                        got.map_or(0, |b| b.len())
+                    ),
+                ));
+            }
+        };
+        let reader = RangeBytes {
+            file_len: self.file_len,
+            start: lo,
+            data,
         };
         let mask = ProjectionMask::roots(schema, root_indices);
         let batches =
@@ -347,7 +451,7 @@ impl OpenShard {
                 ),
             ));
         }
-        Ok((out, fetched))
+        Ok(out)
     }
 }
 

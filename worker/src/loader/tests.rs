@@ -1,6 +1,7 @@
 //! Loader tests on real parquet shards written to a temporary folder.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arrow_array::builder::{ListBuilder, UInt16Builder, UInt32Builder};
 use arrow_array::{ArrayRef, RecordBatch};
@@ -10,6 +11,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 use super::*;
+use probe::{Counts, Probe};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -390,6 +392,7 @@ fn a_corrupted_shard_fails_the_hash_check() -> TestResult {
     std::fs::write(&path, bytes)?;
     let verify = ReaderOptions {
         verify_sha256: true,
+        ..ReaderOptions::default()
     };
     let mut reader = PhaseReader::open(&f.url(), "pretrain", 4, verify)?;
     assert!(reader.read_rows(0..10).is_ok());
@@ -410,6 +413,7 @@ fn verified_reads_return_the_same_rows() -> TestResult {
     let f = fixture(30, 4, 11, 4)?;
     let verify = ReaderOptions {
         verify_sha256: true,
+        ..ReaderOptions::default()
     };
     let mut a = PhaseReader::open(&f.url(), "pretrain", 4, verify)?;
     let mut b = open(&f)?;
@@ -603,5 +607,534 @@ fn shards_that_disagree_with_the_manifest_are_named() -> TestResult {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("shard-00001.parquet does not exist"), "{err}");
+    Ok(())
+}
+
+/// An object store in front of another that delays every get, counts the
+/// gets in flight, and fails the reads that cover one byte of one file.
+mod probe {
+    use std::future::Future;
+    use std::ops::Range;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use futures::stream::BoxStream;
+    use object_store::path::Path;
+    use object_store::{
+        CopyOptions, GetOptions, GetRange, GetResult, ListResult, MultipartUpload, ObjectMeta,
+        ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+    };
+
+    /// What the probe saw.
+    #[derive(Debug, Default)]
+    pub struct Counts {
+        /// Gets started (heads and reads).
+        pub started: AtomicU64,
+        /// Ranged reads started.
+        pub ranges: AtomicU64,
+        pub in_flight: AtomicU64,
+        /// Most gets in flight at once.
+        pub peak: AtomicU64,
+        /// Reads started that will fail.
+        pub failing: AtomicU64,
+    }
+
+    impl Counts {
+        pub fn get(counter: &AtomicU64) -> u64 {
+            counter.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Counts a get in flight until dropped (also when the get is
+    /// cancelled).
+    struct InFlight<'a>(&'a Counts);
+
+    impl<'a> InFlight<'a> {
+        fn enter(counts: &'a Counts) -> Self {
+            counts.started.fetch_add(1, Ordering::SeqCst);
+            let now = counts.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            counts.peak.fetch_max(now, Ordering::SeqCst);
+            Self(counts)
+        }
+    }
+
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct Probe {
+        pub inner: Arc<dyn ObjectStore>,
+        /// Every get of a shard waits this long first…
+        pub delay: Duration,
+        /// …but those of shards whose path holds this.
+        pub fast: Option<String>,
+        /// Adds 0–4 ms, varying with the range, so reads finish out of order.
+        pub jitter: bool,
+        /// Reads of a file whose path ends so, covering this byte, fail.
+        pub fail: Option<(String, u64)>,
+        pub counts: Arc<Counts>,
+    }
+
+    impl std::fmt::Display for Probe {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Probe({})", self.inner)
+        }
+    }
+
+    type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+    // The methods as `#[async_trait]` writes them (no async-trait here).
+    impl ObjectStore for Probe {
+        fn put_opts<'life0, 'life1, 'async_trait>(
+            &'life0 self,
+            location: &'life1 Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> Fut<'async_trait, PutResult>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            Self: 'async_trait,
+        {
+            self.inner.put_opts(location, payload, opts)
+        }
+
+        fn put_multipart_opts<'life0, 'life1, 'async_trait>(
+            &'life0 self,
+            location: &'life1 Path,
+            opts: PutMultipartOptions,
+        ) -> Fut<'async_trait, Box<dyn MultipartUpload>>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            Self: 'async_trait,
+        {
+            self.inner.put_multipart_opts(location, opts)
+        }
+
+        fn get_opts<'life0, 'life1, 'async_trait>(
+            &'life0 self,
+            location: &'life1 Path,
+            options: GetOptions,
+        ) -> Fut<'async_trait, GetResult>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async move {
+                let _in_flight = InFlight::enter(&self.counts);
+                let range: Option<Range<u64>> = match &options.range {
+                    Some(GetRange::Bounded(r)) => Some(r.clone()),
+                    _ => None,
+                };
+                if range.is_some() {
+                    self.counts.ranges.fetch_add(1, Ordering::SeqCst);
+                }
+                let fails = match (&self.fail, &range) {
+                    (Some((suffix, byte)), Some(r)) => {
+                        location.as_ref().ends_with(suffix.as_str()) && r.contains(byte)
+                    }
+                    _ => false,
+                };
+                if fails {
+                    self.counts.failing.fetch_add(1, Ordering::SeqCst);
+                }
+                let path = location.as_ref();
+                let fast = self
+                    .fast
+                    .as_ref()
+                    .is_some_and(|f| path.contains(f.as_str()));
+                let mut delay = if path.contains("shard-") && !fast {
+                    self.delay
+                } else {
+                    Duration::ZERO
+                };
+                if self.jitter {
+                    let start = range.as_ref().map_or(0, |r| r.start);
+                    delay += Duration::from_millis(start % 5);
+                }
+                tokio::time::sleep(delay).await;
+                if fails {
+                    return Err(object_store::Error::Generic {
+                        store: "probe",
+                        source: "injected failure".into(),
+                    });
+                }
+                self.inner.get_opts(location, options).await
+            })
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, Result<Path>>,
+        ) -> BoxStream<'static, Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        fn list_with_delimiter<'life0, 'life1, 'async_trait>(
+            &'life0 self,
+            prefix: Option<&'life1 Path>,
+        ) -> Fut<'async_trait, ListResult>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            Self: 'async_trait,
+        {
+            self.inner.list_with_delimiter(prefix)
+        }
+
+        fn copy_opts<'life0, 'life1, 'life2, 'async_trait>(
+            &'life0 self,
+            from: &'life1 Path,
+            to: &'life2 Path,
+            options: CopyOptions,
+        ) -> Fut<'async_trait, ()>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            'life2: 'async_trait,
+            Self: 'async_trait,
+        {
+            self.inner.copy_opts(from, to, options)
+        }
+    }
+}
+
+/// How a probed reader's store behaves.
+#[derive(Default)]
+struct ProbeSetup {
+    delay: Duration,
+    fast: Option<String>,
+    jitter: bool,
+    fail: Option<(String, u64)>,
+}
+
+/// `f`'s phase read through a [`Probe`].
+fn probed(
+    f: &Fixture,
+    setup: ProbeSetup,
+    read_ahead: ReadAhead,
+) -> Result<(PhaseReader, Arc<Counts>), Box<dyn std::error::Error>> {
+    let counts = Arc::new(Counts::default());
+    let probe_counts = counts.clone();
+    let root = Location::open(&f.url(), false)?.map_store(move |inner| {
+        Arc::new(Probe {
+            inner,
+            delay: setup.delay,
+            fast: setup.fast,
+            jitter: setup.jitter,
+            fail: setup.fail,
+            counts: probe_counts,
+        })
+    });
+    let name = root.name(MANIFEST);
+    let manifest = Manifest::parse(&name, &root.get(MANIFEST)?)?;
+    let phase = manifest.phase(&name, "pretrain")?.clone();
+    let options = ReaderOptions {
+        read_ahead,
+        ..ReaderOptions::default()
+    };
+    let reader = PhaseReader::from_manifest_phase(root, phase, f.seq_len as u32, options)?;
+    Ok((reader, counts))
+}
+
+/// The first byte of row group `group`'s column chunks in shard `shard`.
+fn group_start(f: &Fixture, shard: usize, group: usize) -> Result<u64, Box<dyn std::error::Error>> {
+    let root = Location::open(&f.url(), false)?;
+    let rel = format!("phases/pretrain/shard-{shard:05}.parquet");
+    let fetched = shard::Fetched::fetch(&root, &rel, false)?;
+    let open = shard::OpenShard::from_fetched(&root, shard, &rel, fetched, None)?;
+    Ok(open.group_read(group)?.range.start)
+}
+
+/// Waits up to 5 s for `done`.
+fn eventually(what: &str, done: impl Fn() -> bool) -> TestResult {
+    within(Duration::from_secs(5), what, done)
+}
+
+/// Waits up to `limit` for `done`.
+fn within(limit: Duration, what: &str, done: impl Fn() -> bool) -> TestResult {
+    let until = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > until {
+            return Err(format!("timed out waiting for {what}").into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+#[test]
+fn read_ahead_delivers_the_same_rows_in_the_same_order() -> TestResult {
+    // Small shards (read whole with their footers) and shards of 5 row
+    // groups larger than that read; plans past the end of the phase.
+    let small = fixture(100, 8, 23, 5)?;
+    let large = fixture(120, 2048, 40, 8)?;
+    let limits = [
+        ReadAhead::default(),
+        ReadAhead {
+            requests: 1,
+            bytes: 1,
+        },
+        ReadAhead {
+            requests: 3,
+            bytes: 200_000,
+        },
+    ];
+    for (f, plans) in [
+        (
+            &small,
+            vec![(1u32, 0u32, 12u64, 0u64), (3, 2, 10, 1), (4, 1, 16, 3)],
+        ),
+        (&large, vec![(1, 0, 8, 3), (2, 1, 16, 0), (3, 0, 12, 5)]),
+    ] {
+        for (n, r, b, micro) in plans {
+            let plan = BatchPlan::new(b, n, r, micro)?;
+            let steps = 2..f.rows * 2 / b; // two epochs
+            let mut direct = open(f)?;
+            let want: Vec<Batch> = steps
+                .clone()
+                .map(|s| direct.batch(&plan, s))
+                .collect::<Result<_, _>>()?;
+            for limits in limits {
+                let setup = ProbeSetup {
+                    jitter: true,
+                    ..ProbeSetup::default()
+                };
+                let (reader, _) = probed(f, setup, limits)?;
+                let got: Vec<Batch> = Prefetcher::spawn(reader, plan.clone(), steps.clone(), 2)?
+                    .collect::<Result<_, _>>()?;
+                assert_eq!(got, want, "n={n} r={r} b={b} {limits:?}");
+                // The same through the reader alone, which counts.
+                let (mut reader, _) = probed(f, ProbeSetup::default(), limits)?;
+                let ranks = plan.clone();
+                reader.plan_reads(steps.clone().map(move |s| ranks.rank_rows(s)));
+                for (s, want) in steps.clone().zip(&want) {
+                    assert_eq!(&reader.batch(&plan, s)?, want);
+                }
+                // It never left its plan, so every read was made ahead.
+                assert!(reader.ahead.is_some(), "n={n} r={r} b={b} {limits:?}");
+                if std::ptr::eq(f, &large) {
+                    assert!(reader.stats().groups_read_ahead > 0);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn several_row_group_reads_are_in_flight_at_once() -> TestResult {
+    // 10 shards of 5 row groups; rank 1 of 2 reads every other group, so
+    // no two of its groups share a read.
+    let f = fixture(400, 4096, 40, 8)?;
+    let plan = BatchPlan::new(16, 2, 1, 0)?;
+    let steps = 0..f.rows / 16;
+    for requests in [1, 4] {
+        let setup = ProbeSetup {
+            delay: Duration::from_millis(20),
+            ..ProbeSetup::default()
+        };
+        let limits = ReadAhead {
+            requests,
+            ..ReadAhead::default()
+        };
+        let (mut reader, counts) = probed(&f, setup, limits)?;
+        let ranks = plan.clone();
+        reader.plan_reads(steps.clone().map(move |s| ranks.rank_rows(s)));
+        for step in steps.clone() {
+            let batch = reader.batch(&plan, step)?;
+            assert_eq!(batch.rows, plan.rank_rows(step));
+        }
+        let peak = Counts::get(&counts.peak);
+        let stats = reader.stats();
+        // At most `requests` row-group reads and `requests + 1` footer
+        // reads at once.
+        assert!(peak <= 2 * requests as u64 + 1, "{peak} in flight");
+        assert_eq!(stats.peak_reads_ahead, requests as u64, "{stats:?}");
+        if requests > 1 {
+            assert!(peak >= 2, "only {peak} read in flight at once");
+        }
+    }
+    // The whole phase in order: a shard's row groups come in one read, and
+    // nothing is read twice or for nothing.
+    let (mut reader, counts) = probed(&f, ProbeSetup::default(), ReadAhead::default())?;
+    reader.plan_reads((0..f.rows).step_by(8).map(|r| r..r + 8));
+    for r in (0..f.rows).step_by(8) {
+        reader.read_rows(r..r + 8)?;
+    }
+    let shards: u64 = (0..10)
+        .map(|i| {
+            std::fs::metadata(
+                f.dir
+                    .path()
+                    .join(format!("phases/pretrain/shard-{i:05}.parquet")),
+            )
+        })
+        .map(|m| m.map(|m| m.len()))
+        .sum::<Result<u64, _>>()?;
+    let stats = reader.stats();
+    assert!(
+        stats.bytes_fetched <= shards,
+        "{} > {shards}",
+        stats.bytes_fetched
+    );
+    // 10 footers and, instead of 50 row-group reads, one or two per shard.
+    let ranges = Counts::get(&counts.ranges);
+    assert!(
+        ranges <= 10 + 20,
+        "{ranges} range reads for 10 shards of 5 groups"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failed_read_ahead_is_reported_in_the_step_that_needs_it() -> TestResult {
+    // Rank 1 of 2 reads rows 88..96 (shard 2, group 1) in step 5 and rows
+    // 104..112 (shard 2, group 3) in step 6; the read of group 3 fails.
+    let f = fixture(400, 4096, 40, 8)?;
+    let plan = BatchPlan::new(16, 2, 1, 0)?;
+    assert_eq!((plan.rank_rows(5), plan.rank_rows(6)), (88..96, 104..112));
+    let fail = Some(("shard-00002.parquet".to_string(), group_start(&f, 2, 3)?));
+    let setup = || ProbeSetup {
+        delay: Duration::from_millis(5),
+        fail: fail.clone(),
+        ..ProbeSetup::default()
+    };
+    let (mut reader, counts) = probed(&f, setup(), ReadAhead::default())?;
+    let ranks = plan.clone();
+    reader.plan_reads((0..20).map(move |s| ranks.rank_rows(s)));
+    for step in 0..=5 {
+        reader.batch(&plan, step)?;
+    }
+    // The failing read went out ahead of step 6…
+    eventually("the failing read", || Counts::get(&counts.failing) == 1)?;
+    std::thread::sleep(Duration::from_millis(20));
+    // …and fails step 6, naming the shard.
+    let err = reader
+        .batch(&plan, 6)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("phases/pretrain/shard-00002.parquet") && err.contains("injected failure"),
+        "{err}"
+    );
+    // Through the prefetcher: steps 0..6, then the error once, then nothing.
+    let (reader, _) = probed(&f, setup(), ReadAhead::default())?;
+    let got: Vec<_> = Prefetcher::spawn(reader, plan.clone(), 0..20, 2)?.collect();
+    assert_eq!(got.len(), 7);
+    assert!(got[..6].iter().all(Result::is_ok));
+    let err = got[6]
+        .as_ref()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("shard-00002.parquet"), "{err}");
+    // One rank reading every row: shard 2's groups come in one read, so
+    // its first step is the one that needs the failed read.
+    let whole = BatchPlan::new(8, 1, 0, 0)?;
+    let (reader, _) = probed(&f, setup(), ReadAhead::default())?;
+    let got: Vec<_> = Prefetcher::spawn(reader, whole, 0..20, 2)?.collect();
+    assert_eq!(got.len(), 11, "steps 0..10 and the error");
+    assert!(got[..10].iter().all(Result::is_ok));
+    assert!(got[10].is_err());
+    Ok(())
+}
+
+#[test]
+fn dropping_a_prefetcher_mid_way_cancels_its_reads() -> TestResult {
+    let f = fixture(400, 4096, 40, 8)?;
+    // A step per shard: step 0 is shard 0, which reads at once; a read of
+    // any other shard takes 5 s.
+    let plan = BatchPlan::new(40, 1, 0, 8)?;
+    let setup = ProbeSetup {
+        delay: Duration::from_secs(5),
+        fast: Some("shard-00000".into()),
+        ..ProbeSetup::default()
+    };
+    let (reader, counts) = probed(&f, setup, ReadAhead::default())?;
+    let mut pre = Prefetcher::spawn(reader, plan, 0..1000, 2)?;
+    assert!(pre.next_batch().transpose()?.is_some());
+    // The thread waits for shard 1 (step 1); footers of the next shards
+    // are on their way.
+    eventually("reads of the next shards", || {
+        Counts::get(&counts.in_flight) >= 2
+    })?;
+    let dropping = Instant::now();
+    drop(pre);
+    // Neither the wait nor the reads in flight take their 5 s.
+    let took = dropping.elapsed();
+    assert!(took < Duration::from_secs(1), "dropping took {took:?}");
+    within(Duration::from_secs(1), "the reads to be cancelled", || {
+        Counts::get(&counts.in_flight) == 0
+    })?;
+    let started = Counts::get(&counts.started);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(Counts::get(&counts.started), started, "reads went on");
+    Ok(())
+}
+
+#[test]
+fn a_reader_that_leaves_its_plan_still_reads_the_right_rows() -> TestResult {
+    let f = fixture(400, 4096, 40, 8)?;
+    let (mut reader, _) = probed(&f, ProbeSetup::default(), ReadAhead::default())?;
+    reader.plan_reads((0..50).map(|s| s * 8..s * 8 + 8));
+    assert_eq!(
+        reader.read_rows(0..8)?.input_ids,
+        expected(0..8, 4096, 400).0
+    );
+    // Off the plan: rows from another shard, then back.
+    for rows in [300..310, 8..16, 399..403] {
+        let got = reader.read_rows(rows.clone())?;
+        assert_eq!(got.input_ids, expected(rows, 4096, 400).0);
+    }
+    Ok(())
+}
+
+#[test]
+fn verified_reads_ahead_return_the_same_rows_and_name_a_bad_hash() -> TestResult {
+    // Shards of 11 rows: step 7 (rows 21..24) is the first to enter shard 2.
+    let f = fixture(30, 4, 11, 4)?;
+    let verify = ReaderOptions {
+        verify_sha256: true,
+        ..ReaderOptions::default()
+    };
+    let plan = BatchPlan::new(3, 1, 0, 2)?;
+    let mut direct = open(&f)?;
+    let want: Vec<Batch> = (0..10)
+        .map(|s| direct.batch(&plan, s))
+        .collect::<Result<_, _>>()?;
+    let reader = PhaseReader::open(&f.url(), "pretrain", 4, verify)?;
+    let got: Vec<Batch> =
+        Prefetcher::spawn(reader, plan.clone(), 0..10, 2)?.collect::<Result<_, _>>()?;
+    assert_eq!(got, want);
+    let path = f.dir.path().join("phases/pretrain/shard-00002.parquet");
+    let mut bytes = std::fs::read(&path)?;
+    bytes[10] ^= 0xff;
+    std::fs::write(&path, bytes)?;
+    let reader = PhaseReader::open(&f.url(), "pretrain", 4, verify)?;
+    let got: Vec<_> = Prefetcher::spawn(reader, plan, 0..10, 2)?.collect();
+    assert_eq!(got.len(), 8, "steps 0..7, then the error");
+    assert!(got[..7].iter().all(Result::is_ok));
+    let err = got[7]
+        .as_ref()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("shard-00002.parquet") && err.contains("sha256"),
+        "{err}"
+    );
     Ok(())
 }
