@@ -84,7 +84,10 @@ impl Connection {
         twinhead_proto::tls::token_from(
             self.token.as_deref(),
             self.token_file.as_deref(),
-            ("--token (TWINHEAD_TOKEN)", "--token-file (TWINHEAD_TOKEN_FILE)"),
+            (
+                "--token (TWINHEAD_TOKEN)",
+                "--token-file (TWINHEAD_TOKEN_FILE)",
+            ),
         )
         .map_err(anyhow::Error::from)
     }

@@ -234,15 +234,27 @@ fn submit_refuses_a_run_its_dataset_cannot_feed() {
     let missing = dir.path().join("not-built");
     assert_clean_error(
         &submit(&[at(&missing)]),
-        &["invalid argument", "spec.dataset", "not-built", "no dataset at"],
+        &[
+            "invalid argument",
+            "spec.dataset",
+            "not-built",
+            "no dataset at",
+        ],
     );
     assert_clean_error(
         &submit(&[at(&dataset), "phases[2].dataset_phase=anneal".into()]),
-        &["spec.phases[2].dataset_phase", "\"anneal\"", "pretrain (seq_len 128)"],
+        &[
+            "spec.phases[2].dataset_phase",
+            "\"anneal\"",
+            "pretrain (seq_len 128)",
+        ],
     );
     assert_clean_error(
         &submit(&[at(&dataset), "phases[1].seq_len=512".into()]),
-        &["spec.phases[1].seq_len: 512 in the run", "built at seq_len 1024"],
+        &[
+            "spec.phases[1].seq_len: 512 in the run",
+            "built at seq_len 1024",
+        ],
     );
     // A model whose vocabulary is smaller than the dataset's.
     let small_vocab = dir.path().join("small-vocab");
@@ -253,13 +265,22 @@ fn submit_refuses_a_run_its_dataset_cannot_feed() {
     std::fs::write(small_vocab.join("manifest.json"), manifest.to_string()).expect("write");
     assert_clean_error(
         &submit(&[at(&small_vocab)]),
-        &["spec.model.vocab_size: 4096 in the model", "vocabulary of 50368"],
+        &[
+            "spec.model.vocab_size: 4096 in the model",
+            "vocabulary of 50368",
+        ],
     );
     // Nothing was accepted; the fitting dataset is.
     let listed = json(&run(&["runs", "--json"], &url));
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
     json(&run(
-        &["submit", "configs/runs/tiny-cpu.toml", "--json", "--set", &at(&dataset)],
+        &[
+            "submit",
+            "configs/runs/tiny-cpu.toml",
+            "--json",
+            "--set",
+            &at(&dataset),
+        ],
         &url,
     ));
 }

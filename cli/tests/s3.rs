@@ -62,7 +62,10 @@ impl Tripwire {
             if let Some(path) = self.tripped.lock().expect("tripwire").clone() {
                 return path;
             }
-            assert!(Instant::now() < deadline, "no checkpoint upload within {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint upload within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -491,7 +494,9 @@ fn an_s3_server_stopped_during_a_checkpoint_upload_is_ridden_out_and_no_partial_
     // retries) and comes back 4 s later on the same address.
     s3.tripwire.armed.store(true, Ordering::SeqCst);
     let tripped = s3.tripwire.wait(Duration::from_secs(120));
-    let object = tripped.trim_start_matches(&format!("/{BUCKET}/")).to_string();
+    let object = tripped
+        .trim_start_matches(&format!("/{BUCKET}/"))
+        .to_string();
     let checkpoint = object
         .rsplit_once('/')
         .map(|(folder, _)| folder.to_string())
@@ -531,7 +536,10 @@ fn an_s3_server_stopped_during_a_checkpoint_upload_is_ridden_out_and_no_partial_
             assert_ne!(key(&attempt["start_checkpoint"]), checkpoint, "{attempt}");
         }
     } else {
-        assert!(s3.folder(&object).is_file(), "{object} is missing from a committed checkpoint");
+        assert!(
+            s3.folder(&object).is_file(),
+            "{object} is missing from a committed checkpoint"
+        );
     }
     let phases = done["phases"].as_array().expect("phases");
     assert_eq!(phases[1]["tokens_done"], 4096, "{done}");

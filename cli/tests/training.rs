@@ -1347,7 +1347,12 @@ fn a_worker_stopped_past_its_lease_inside_a_checkpoint_write_is_dropped_and_rejo
         twinhead_worker::checkpoint::load(url)
             .unwrap_or_else(|e| panic!("{url}: {e}\n{}", dump(&setup.logs)));
     }
-    for attempt in done["attempts"].as_array().expect("attempts").iter().skip(1) {
+    for attempt in done["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .skip(1)
+    {
         if let Some(url) = attempt["start_checkpoint"]["url"].as_str() {
             twinhead_worker::checkpoint::load(url).unwrap_or_else(|e| panic!("{url}: {e}"));
         }
@@ -1418,7 +1423,8 @@ fn a_full_checkpoint_disk_fails_the_run_clearly_and_commits_no_partial_checkpoin
     // The run says why, naming the file it could not write.
     let message = failed["message"].as_str().unwrap_or("");
     assert!(
-        message.contains("No space left on device") && message.contains(&ckpt.display().to_string()),
+        message.contains("No space left on device")
+            && message.contains(&ckpt.display().to_string()),
         "{message}"
     );
     // Some checkpoints fitted; every folder with COMMITTED loads whole, the
@@ -1426,8 +1432,14 @@ fn a_full_checkpoint_disk_fails_the_run_clearly_and_commits_no_partial_checkpoin
     let checkpoints = failed["checkpoints"].as_array().expect("checkpoints");
     assert!(!checkpoints.is_empty(), "{failed}");
     let mut partial = 0;
-    for phase in std::fs::read_dir(ckpt.join(&run)).expect("run folder").flatten() {
-        for step in std::fs::read_dir(phase.path()).expect("phase folder").flatten() {
+    for phase in std::fs::read_dir(ckpt.join(&run))
+        .expect("run folder")
+        .flatten()
+    {
+        for step in std::fs::read_dir(phase.path())
+            .expect("phase folder")
+            .flatten()
+        {
             let folder = step.path();
             let url = format!("file://{}", folder.display());
             if folder.join("COMMITTED").exists() {
@@ -1438,7 +1450,10 @@ fn a_full_checkpoint_disk_fails_the_run_clearly_and_commits_no_partial_checkpoin
             }
         }
     }
-    assert!(partial > 0, "no write was cut short: the disk is too large for the test");
+    assert!(
+        partial > 0,
+        "no write was cut short: the disk is too large for the test"
+    );
     let last = last_checkpoint_url(&failed);
     twinhead_worker::checkpoint::load(&last).expect("the last committed checkpoint loads");
 }

@@ -47,13 +47,17 @@ fn read_manifest(url: &str) -> Result<Manifest, Status> {
         other => store_status(other),
     })?;
     let name = root.name(MANIFEST);
-    let bytes = root.get_opt(MANIFEST).map_err(store_status)?.ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "spec.dataset: no dataset at {url} ({name} does not exist; build one with \
+    let bytes = root
+        .get_opt(MANIFEST)
+        .map_err(store_status)?
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "spec.dataset: no dataset at {url} ({name} does not exist; build one with \
              `twinhead dataset build`)"
-        ))
-    })?;
-    Manifest::parse(&name, &bytes).map_err(|e| Status::invalid_argument(format!("spec.dataset: {e}")))
+            ))
+        })?;
+    Manifest::parse(&name, &bytes)
+        .map_err(|e| Status::invalid_argument(format!("spec.dataset: {e}")))
 }
 
 /// The rules, on a manifest already read: every phase's `dataset_phase`
@@ -62,7 +66,9 @@ fn read_manifest(url: &str) -> Result<Manifest, Status> {
 /// rows were packed with.
 pub fn check_against_manifest(spec: &RunSpec, manifest: &Manifest) -> Result<(), Status> {
     let url = spec.dataset.trim_end_matches('/');
-    let refuse = |key: String, message: String| Err(Status::invalid_argument(format!("spec.{key}: {message}")));
+    let refuse = |key: String, message: String| {
+        Err(Status::invalid_argument(format!("spec.{key}: {message}")))
+    };
     let available = || {
         manifest
             .phases
@@ -72,7 +78,11 @@ pub fn check_against_manifest(spec: &RunSpec, manifest: &Manifest) -> Result<(),
             .join(", ")
     };
     for (i, phase) in spec.phases.iter().enumerate() {
-        let Some(built) = manifest.phases.iter().find(|p| p.name == phase.dataset_phase) else {
+        let Some(built) = manifest
+            .phases
+            .iter()
+            .find(|p| p.name == phase.dataset_phase)
+        else {
             return refuse(
                 format!("phases[{i}].dataset_phase"),
                 format!(
@@ -114,8 +124,18 @@ pub fn check_against_manifest(spec: &RunSpec, manifest: &Manifest) -> Result<(),
         );
     }
     for (key, in_model, in_data, token) in [
-        ("model.cls_token_id", model.cls_token_id, tokenizer.cls_id, "[CLS]"),
-        ("model.sep_token_id", model.sep_token_id, tokenizer.sep_id, "[SEP]"),
+        (
+            "model.cls_token_id",
+            model.cls_token_id,
+            tokenizer.cls_id,
+            "[CLS]",
+        ),
+        (
+            "model.sep_token_id",
+            model.sep_token_id,
+            tokenizer.sep_id,
+            "[SEP]",
+        ),
     ] {
         if in_model != in_data {
             return refuse(
@@ -207,13 +227,22 @@ mod tests {
         s.phases[1].dataset_phase = "decay".into();
         let msg = refused(&s, &m);
         assert!(msg.starts_with("spec.phases[1].dataset_phase:"), "{msg}");
-        assert!(msg.contains("\"decay\"") && msg.contains("s3://b/d has no phase"), "{msg}");
-        assert!(msg.contains("short (seq_len 64), long (seq_len 256)"), "{msg}");
+        assert!(
+            msg.contains("\"decay\"") && msg.contains("s3://b/d has no phase"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("short (seq_len 64), long (seq_len 256)"),
+            "{msg}"
+        );
 
         let mut s = spec();
         s.phases[1].seq_len = 512;
         let msg = refused(&s, &m);
-        assert!(msg.starts_with("spec.phases[1].seq_len: 512 in the run"), "{msg}");
+        assert!(
+            msg.starts_with("spec.phases[1].seq_len: 512 in the run"),
+            "{msg}"
+        );
         assert!(msg.contains("built at seq_len 256"), "{msg}");
 
         let mut s = spec();
@@ -221,7 +250,10 @@ mod tests {
             model.vocab_size = 256;
         }
         let msg = refused(&s, &m);
-        assert!(msg.starts_with("spec.model.vocab_size: 256 in the model"), "{msg}");
+        assert!(
+            msg.starts_with("spec.model.vocab_size: 256 in the model"),
+            "{msg}"
+        );
         assert!(msg.contains("vocabulary of 512"), "{msg}");
 
         let mut s = spec();
@@ -229,7 +261,10 @@ mod tests {
             model.sep_token_id = 50282;
         }
         let msg = refused(&s, &m);
-        assert!(msg.starts_with("spec.model.sep_token_id: 50282 in the model"), "{msg}");
+        assert!(
+            msg.starts_with("spec.model.sep_token_id: 50282 in the model"),
+            "{msg}"
+        );
         assert!(msg.contains("[SEP] = 2"), "{msg}");
 
         // A larger model vocabulary (Ettin pads 50,280 to 50,368) is fine.
@@ -246,15 +281,27 @@ mod tests {
         let url = format!("file://{}", dir.path().join("nothing-here").display());
         let status = read_manifest(&url).expect_err("missing");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().contains("no dataset at"), "{}", status.message());
-        assert!(status.message().contains("nothing-here"), "{}", status.message());
+        assert!(
+            status.message().contains("no dataset at"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("nothing-here"),
+            "{}",
+            status.message()
+        );
 
         let broken = dir.path().join("broken");
         std::fs::create_dir_all(&broken)?;
         std::fs::write(broken.join(MANIFEST), b"{\"phases\": 3}")?;
         let status = read_manifest(&broken.display().to_string()).expect_err("broken");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().contains("manifest.json"), "{}", status.message());
+        assert!(
+            status.message().contains("manifest.json"),
+            "{}",
+            status.message()
+        );
         Ok(())
     }
 }

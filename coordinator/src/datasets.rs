@@ -65,7 +65,9 @@ impl Build {
 
     /// Whether `key` is leased to a process other than `process`.
     fn leased_to_another(&self, key: &str, process: &str) -> bool {
-        self.leases.get(key).is_some_and(|lease| lease.process != process)
+        self.leases
+            .get(key)
+            .is_some_and(|lease| lease.process != process)
     }
 
     fn is_current(&self, key: &str) -> bool {

@@ -43,9 +43,9 @@ use twinhead_proto::v1::{Assignment, DataprepTask, Dataset, RunEvent};
 use datasets::Builds;
 pub use datasets::MAX_TASK_ATTEMPTS;
 pub use server::{ServeError, ServerConfig, serve, serve_with_http};
-pub use tls::ServerTls;
 use state::{Effects, State};
 use store::{ProgressRow, Store, StoreError, Write};
+pub use tls::ServerTls;
 
 /// A failed coordinator operation, mapped onto one gRPC status each.
 #[derive(Debug, thiserror::Error)]

@@ -159,7 +159,10 @@ pub async fn serve_coordinator(
     let worker_auth = BearerAuth {
         token: config.worker_token.clone().map(Arc::from),
         api: "worker",
-        client_cert: config.tls.as_ref().is_some_and(ServerTls::requires_client_certs),
+        client_cert: config
+            .tls
+            .as_ref()
+            .is_some_and(ServerTls::requires_client_certs),
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -230,7 +233,11 @@ pub async fn serve_coordinator(
                 },
             ));
         match incoming {
-            GrpcIncoming::Tls(stream) => router.serve_with_incoming_shutdown(stream, stop_signal()).await,
+            GrpcIncoming::Tls(stream) => {
+                router
+                    .serve_with_incoming_shutdown(stream, stop_signal())
+                    .await
+            }
             GrpcIncoming::Plain(listener) => {
                 router
                     .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal())

@@ -1287,7 +1287,11 @@ mod tests {
         // A new worker arrives while the survivor has not yet asked for
         // work (its step may hang): no world forms with it.
         let w3 = state.register("host-3".into(), "cpu".into(), 1, at(7), 7_000, &mut fx);
-        assert_eq!(world_of(&state, &w3), None, "the survivor is still in the failed world");
+        assert_eq!(
+            world_of(&state, &w3),
+            None,
+            "the survivor is still in the failed world"
+        );
         // Once it asks, a world forms again, from the initial weights.
         state.drained(&ids[1], 7_500, &mut fx);
         let (again, _) = world_of(&state, &ids[1]).expect("re-formed");
@@ -1457,7 +1461,10 @@ mod tests {
         assert!(world_of(&state, &ids[2]).is_some());
         assert_eq!(world_of(&state, &ids[0]), None);
         let run = state.run(&run_id).expect("run");
-        assert_eq!(run.attempts.last().map(|a| a.workers.clone()), Some(vec![ids[1].clone(), ids[2].clone()]));
+        assert_eq!(
+            run.attempts.last().map(|a| a.workers.clone()),
+            Some(vec![ids[1].clone(), ids[2].clone()])
+        );
         // When it finally asks, it is free again.
         state.drained(&ids[0], 12_000, &mut fx);
         assert!(!state.draining(&ids[0]));

@@ -50,7 +50,11 @@ const TLS_HANDSHAKE: u8 = 0x16;
 impl ServerTls {
     /// Reads and checks the certificate chain, its key and the optional
     /// client CA, naming the file that is wrong.
-    pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTls, String> {
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<ServerTls, String> {
         let read = |path: &Path, flag: &str| {
             std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
         };
@@ -62,8 +66,7 @@ impl ServerTls {
             key_pem,
             client_ca_pem,
         };
-        certificates(&tls.cert_pem)
-            .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+        certificates(&tls.cert_pem).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
         PrivateKeyDer::from_pem_slice(&tls.key_pem)
             .map_err(|e| format!("--tls-key {}: no private key in PEM ({e})", key.display()))?;
         if let (Some(pem), Some(path)) = (&tls.client_ca_pem, client_ca) {
@@ -77,7 +80,11 @@ impl ServerTls {
             } else {
                 e
             };
-            format!("--tls-cert {} with --tls-key {}: {e}", cert.display(), key.display())
+            format!(
+                "--tls-cert {} with --tls-key {}: {e}",
+                cert.display(),
+                key.display()
+            )
         })?;
         Ok(tls)
     }
@@ -165,10 +172,7 @@ pub(crate) async fn split_plaintext(
                 }
                 Ok(Ok(1)) => {
                     let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(
-                            TokioIo::new(stream),
-                            TowerToHyperService::new(plaintext),
-                        )
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(plaintext))
                         .await;
                 }
                 _ => {}
@@ -185,7 +189,10 @@ pub(crate) fn plaintext_router(health: tonic::service::Routes) -> axum::Router {
     health.into_axum_router().fallback(|| async {
         let mut response = StatusCode::OK.into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         // 9: FAILED_PRECONDITION. The message is plain ASCII, as grpc-message
         // allows without percent-encoding.
         headers.insert("grpc-status", HeaderValue::from_static("9"));

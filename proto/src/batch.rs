@@ -125,9 +125,9 @@ impl BatchSchedule {
             Some(&rows) => rows,
             // Saturating: a step read from a data-order log or a report may
             // be any number; past u64::MAX rows every step is empty.
-            None => self.ramp_rows().saturating_add(
-                (step - self.ramp_steps()).saturating_mul(self.global_batch),
-            ),
+            None => self
+                .ramp_rows()
+                .saturating_add((step - self.ramp_steps()).saturating_mul(self.global_batch)),
         }
     }
 

@@ -421,7 +421,10 @@ pub fn parse_run(
     let model = load_model(&run.model, base_dir).map_err(|e| match e {
         ConfigError::Other { message, .. } => ConfigError::key(file, "model", message),
         // A model file that cannot be read is named with the key that names it.
-        ConfigError::Io { file: model_file, source } => ConfigError::key(
+        ConfigError::Io {
+            file: model_file,
+            source,
+        } => ConfigError::key(
             file,
             "model",
             format!("cannot read the model file {model_file}: {source}"),

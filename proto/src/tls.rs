@@ -47,7 +47,9 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, EndpointError> {
         .connect_timeout(Duration::from_secs(5));
     let https = url.starts_with("https://");
     if !https && !url.starts_with("http://") {
-        return Err(bad_url("expected http://HOST:PORT or https://HOST:PORT".into()));
+        return Err(bad_url(
+            "expected http://HOST:PORT or https://HOST:PORT".into(),
+        ));
     }
     if tls.client_cert.is_some() != tls.client_key.is_some() {
         return Err(EndpointError::Settings(
@@ -111,8 +113,7 @@ pub fn hint(url: &str, error_text: &str) -> Option<&'static str> {
             "the coordinator's certificate is not trusted: pass the CA that signed it \
              with --ca-cert or TWINHEAD_CA_CERT",
         )
-    } else if https && (lower.contains("corrupt message") || lower.contains("invalidcontenttype"))
-    {
+    } else if https && (lower.contains("corrupt message") || lower.contains("invalidcontenttype")) {
         Some("the coordinator does not serve TLS at this address: use an http:// URL")
     } else {
         None
@@ -186,7 +187,10 @@ mod tests {
         let der = dir.join("ca.der");
         std::fs::write(&der, [0x30u8, 0x82, 0x01])?;
         let err = read_pem(&der, "CA certificate").expect_err("not PEM");
-        assert!(err.to_string().contains("ca.der is not a PEM file"), "{err}");
+        assert!(
+            err.to_string().contains("ca.der is not a PEM file"),
+            "{err}"
+        );
         let missing = read_pem(&dir.join("nope.pem"), "CA certificate").expect_err("missing");
         assert!(missing.to_string().contains("nope.pem"), "{missing}");
 
@@ -197,10 +201,16 @@ mod tests {
             token_from(None, Some(&token), ("--token", "--token-file"))?,
             Some("s3cret".to_string())
         );
-        assert_eq!(token_from(Some("x"), None, ("--token", "--token-file"))?, Some("x".into()));
-        let both = token_from(Some("x"), Some(&token), ("--token", "--token-file"))
-            .expect_err("both");
-        assert!(both.to_string().contains("--token or --token-file"), "{both}");
+        assert_eq!(
+            token_from(Some("x"), None, ("--token", "--token-file"))?,
+            Some("x".into())
+        );
+        let both =
+            token_from(Some("x"), Some(&token), ("--token", "--token-file")).expect_err("both");
+        assert!(
+            both.to_string().contains("--token or --token-file"),
+            "{both}"
+        );
         std::fs::write(&token, "\n")?;
         let empty = read_token_file(&token).expect_err("empty");
         assert!(empty.to_string().contains("is empty"), "{empty}");

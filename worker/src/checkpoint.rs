@@ -631,17 +631,18 @@ impl CheckpointWriter {
             .name("twinhead-checkpoint".into())
             .spawn(move || {
                 for job in rx {
-                    let result = write_fenced(&thread_root, &job.snapshot, &fence).and_then(|committed| {
-                        let info = &job.snapshot.info;
-                        prune(
-                            &thread_root,
-                            &info.run_id,
-                            info.phase_index,
-                            &info.phase_name,
-                            keep_last,
-                        )?;
-                        Ok(committed)
-                    });
+                    let result =
+                        write_fenced(&thread_root, &job.snapshot, &fence).and_then(|committed| {
+                            let info = &job.snapshot.info;
+                            prune(
+                                &thread_root,
+                                &info.run_id,
+                                info.phase_index,
+                                &info.phase_name,
+                                keep_last,
+                            )?;
+                            Ok(committed)
+                        });
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, "checkpoint write failed");
                     }

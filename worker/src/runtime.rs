@@ -425,12 +425,13 @@ pub async fn run_worker(
         url: config.coordinator.clone(),
         message: e.to_string(),
     })?;
-    let endpoint = twinhead_proto::tls::endpoint(&config.coordinator, &config.tls).map_err(|e| {
-        WorkerError::Url {
-            url: config.coordinator.clone(),
-            message: e.to_string(),
-        }
-    })?;
+    let endpoint =
+        twinhead_proto::tls::endpoint(&config.coordinator, &config.tls).map_err(|e| {
+            WorkerError::Url {
+                url: config.coordinator.clone(),
+                message: e.to_string(),
+            }
+        })?;
     // Lazy: the coordinator may not be up yet; calls retry until it is.
     let client: Client = WorkerServiceClient::with_interceptor(endpoint.connect_lazy(), bearer);
     let stop = Arc::new(AtomicBool::new(false));
@@ -529,8 +530,12 @@ impl<'a> Session<'a> {
                     if !waited {
                         let error = twinhead_proto::error_chain(&s);
                         match twinhead_proto::tls::hint(&config.coordinator, &error) {
-                            Some(hint) => tracing::warn!(coordinator = %config.coordinator, %error, hint, "waiting for the coordinator"),
-                            None => tracing::info!(coordinator = %config.coordinator, %error, "waiting for the coordinator"),
+                            Some(hint) => {
+                                tracing::warn!(coordinator = %config.coordinator, %error, hint, "waiting for the coordinator")
+                            }
+                            None => {
+                                tracing::info!(coordinator = %config.coordinator, %error, "waiting for the coordinator")
+                            }
                         }
                         waited = true;
                     }

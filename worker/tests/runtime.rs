@@ -386,7 +386,10 @@ async fn a_worker_whose_step_hangs_after_its_world_ended_gives_up_and_exits() {
         matches!(&err, twinhead_worker::runtime::WorkerError::Hung { .. }),
         "{err}"
     );
-    assert!(err.to_string().contains("has not stopped 1.5s after world"), "{err}");
+    assert!(
+        err.to_string().contains("has not stopped 1.5s after world"),
+        "{err}"
+    );
     release.store(true, std::sync::atomic::Ordering::Release);
     healthy.abort();
 }

@@ -384,6 +384,9 @@ fn a_fenced_write_leaves_its_folder_uncommitted() -> TestResult {
     let folder = dir.path().join("run-1/0-pretrain/step-0000004");
     assert!(folder.join(STATE_FILE).is_file());
     assert!(!folder.join(COMMITTED_FILE).exists());
-    assert!(matches!(load(&url), Err(CheckpointError::NotCommitted { .. })));
+    assert!(matches!(
+        load(&url),
+        Err(CheckpointError::NotCommitted { .. })
+    ));
     Ok(())
 }
