@@ -347,6 +347,10 @@ fn child(
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if let Some(url) = &args.read {
+        // The allocator settings of a worker process, whose loader this is
+        // (without them glibc returns the reader's freed buffers to the
+        // system and faults them back in, and local reads swing 2x).
+        twinhead_worker::host_memory::keep_freed_memory();
         return read_all(url, args.batch, args.in_flight);
     }
     if let Some((dir, url)) = &args.upload {
