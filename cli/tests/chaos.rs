@@ -309,9 +309,9 @@ mask_ratio = 0.15
 lr = {{ shape = "one_minus_sqrt", start_factor = 1.0, end_factor = 0.0 }}
 "#,
         ckpt = ckpt.display(),
-        pretrain = 64 * GLOBAL_BATCH * 100 * scale,
-        extension = 256 * GLOBAL_BATCH * 24 * scale,
-        decay = 256 * GLOBAL_BATCH * 12 * scale,
+        pretrain = 64 * GLOBAL_BATCH * 70 * scale,
+        extension = 256 * GLOBAL_BATCH * 14 * scale,
+        decay = 256 * GLOBAL_BATCH * 7 * scale,
     );
     let path = dir.join("chaos.toml");
     std::fs::write(&path, text).expect("recipe");
@@ -424,7 +424,7 @@ fn inject(
             let slot = rng.pick(&members);
             struck = Some(attempt);
             cluster.workers[slot] = None;
-            let delay = rng.millis(500, 3000);
+            let delay = rng.millis(300, 1500);
             std::thread::sleep(delay);
             cluster.start_worker(slot);
         }
@@ -434,13 +434,13 @@ fn inject(
             struck = Some(attempt);
             if let Some(p) = &cluster.workers[slot] {
                 p.signal("STOP");
-                std::thread::sleep(Duration::from_millis(LEASE_MS + 1000));
+                std::thread::sleep(Duration::from_millis(LEASE_MS + 500));
                 p.signal("CONT");
             }
         }
         Kind::KillCoordinator => {
             cluster.coordinator = None;
-            std::thread::sleep(rng.millis(500, 3000));
+            std::thread::sleep(rng.millis(300, 1500));
             cluster.restart_coordinator();
         }
         Kind::KillDuringCheckpoint => {
@@ -464,7 +464,7 @@ fn inject(
             };
             struck = Some(attempt);
             cluster.workers[slot] = None;
-            std::thread::sleep(rng.millis(500, 3000));
+            std::thread::sleep(rng.millis(300, 1500));
             cluster.start_worker(slot);
         }
         Kind::CorruptCheckpoint => {
@@ -490,7 +490,7 @@ fn inject(
             let slot = rng.pick(&members);
             struck = Some(attempt);
             cluster.workers[slot] = None;
-            std::thread::sleep(rng.millis(500, 3000));
+            std::thread::sleep(rng.millis(300, 1500));
             cluster.start_worker(slot);
         }
         Kind::KillDataprep => {
@@ -666,7 +666,7 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
     ];
     let run_started = Instant::now();
     while faults.len() < faults_wanted {
-        std::thread::sleep(rng.millis(1000, 3000));
+        std::thread::sleep(rng.millis(600, 1800));
         let s = latest(&samples);
         if s.as_ref().is_some_and(|s| s["state"] == "completed") {
             break;
