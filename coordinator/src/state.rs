@@ -571,16 +571,25 @@ impl State {
             return;
         }
         let run = &mut entry.run;
-        // Worlds that fail again from the same checkpoint (no progress in
-        // between) are re-formed after 1, 2, 4… up to 60 s: a store or a
-        // network that is down gets time to come back before the restarts
-        // run out.
-        let from = run.attempts.last().map(|a| a.start_checkpoint.clone());
+        // Worlds of the same workers that fail again from the same
+        // checkpoint (no progress in between) are re-formed after 1, 2, 4…
+        // up to 60 s: a store or a network that is down gets time to come
+        // back before the restarts run out. A world that lost a member is
+        // re-formed at once: its replacement is no reason to wait.
+        let last = run
+            .attempts
+            .last()
+            .map(|a| (a.start_checkpoint.clone(), a.workers.clone()));
         let in_a_row = run
             .attempts
             .iter()
             .rev()
-            .take_while(|a| a.failed && Some(&a.start_checkpoint) == from.as_ref())
+            .take_while(|a| {
+                a.failed
+                    && last.as_ref().is_some_and(|(from, workers)| {
+                        a.start_checkpoint == *from && a.workers == *workers
+                    })
+            })
             .count();
         if in_a_row >= 2 {
             let delay = (1000i64 << (in_a_row - 2).min(6)).min(MAX_RETRY_DELAY_MS);
@@ -1401,6 +1410,47 @@ mod tests {
         );
         tick(&mut state, 100_000);
         assert!(world_of(&state, &ids[0]).is_none());
+    }
+
+    #[test]
+    fn a_world_that_lost_a_member_re_forms_at_once_however_often() {
+        let t0 = Instant::now();
+        let (mut state, run_id, mut ids) = started(&["max_restarts=10"], 2, t0);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Each round rank 0 dies and a new worker takes its place: no
+        // failure repeats with the same workers, so no backoff.
+        for round in 0..3u64 {
+            let (world, _) = world_of(&state, &ids[1]).expect("a live world");
+            let now = 10_000 * (round + 1);
+            let mut fx = Effects::default();
+            let fresh = state.register(
+                format!("new-{round}"),
+                "cpu".into(),
+                1,
+                at(now),
+                now as i64,
+                &mut fx,
+            );
+            state.heartbeat(&ids[1], &world, at(now)).expect("alive");
+            state.expire_leases(at(now + 4_000), LEASE, (now + 4_000) as i64, &mut fx);
+            state.drained(&ids[1], (now + 4_000) as i64, &mut fx);
+            assert_eq!(
+                state.run(&run_id).expect("run").retry_after_ms,
+                0,
+                "round {round}"
+            );
+            assert!(
+                world_of(&state, &fresh).is_some(),
+                "round {round}: re-formed at once"
+            );
+            ids = vec![fresh, ids[1].clone()];
+            // The survivor is rank 1 again only if it registered later; keep
+            // it as the one that heartbeats.
+            if world_of(&state, &ids[1]).map(|(_, r)| r) == Some(0) {
+                ids.swap(0, 1);
+            }
+        }
+        assert!(state.run(&run_id).expect("run").attempts.len() >= 4);
     }
 
     #[test]
