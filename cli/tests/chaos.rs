@@ -503,6 +503,17 @@ fn inject(
     Some(struck)
 }
 
+/// One measurement of each fault that has it, in seconds, ascending.
+fn sorted_seconds(faults: &[Fault], ms: impl Fn(&Fault) -> Option<i64>) -> Vec<f64> {
+    let mut v: Vec<f64> = faults
+        .iter()
+        .filter_map(ms)
+        .map(|ms| ms as f64 / 1000.0)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -795,18 +806,8 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
     };
     let mut kinds_json = Vec::new();
     for (kind, list) in &table {
-        let mut detected: Vec<f64> = list
-            .iter()
-            .filter_map(|f| f.detected_ms)
-            .map(|ms| ms as f64 / 1000.0)
-            .collect();
-        let mut resumed: Vec<f64> = list
-            .iter()
-            .filter_map(|f| f.resumed_ms)
-            .map(|ms| ms as f64 / 1000.0)
-            .collect();
-        detected.sort_by(f64::total_cmp);
-        resumed.sort_by(f64::total_cmp);
+        let detected = sorted_seconds(list, |f| f.detected_ms);
+        let resumed = sorted_seconds(list, |f| f.resumed_ms);
         let recomputed: u64 = list
             .iter()
             .map(|f| {
@@ -829,24 +830,8 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
             "tokens_recomputed": recomputed,
         }));
     }
-    let all_detected: Vec<f64> = {
-        let mut v: Vec<f64> = faults
-            .iter()
-            .filter_map(|f| f.detected_ms)
-            .map(|ms| ms as f64 / 1000.0)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        v
-    };
-    let all_resumed: Vec<f64> = {
-        let mut v: Vec<f64> = faults
-            .iter()
-            .filter_map(|f| f.resumed_ms)
-            .map(|ms| ms as f64 / 1000.0)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        v
-    };
+    let all_detected = sorted_seconds(&faults, |f| f.detected_ms);
+    let all_resumed = sorted_seconds(&faults, |f| f.resumed_ms);
     serde_json::json!({
         "seed": seed,
         "faults": faults.len(),
