@@ -27,7 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{fixture_data_config, json, tree, twinhead};
+use common::{fixture_data_config, json, tree_differences, twinhead};
 use serde_json::Value;
 
 const HEARTBEAT_MS: u64 = 200;
@@ -570,8 +570,9 @@ fn measure(faults: &mut [Fault], samples: &[(i64, Value)]) {
 }
 
 fn chaos(faults_wanted: usize, seed: u64) -> Value {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
+    let mut dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_path_buf();
+    let d = d.as_path();
     let scale = (faults_wanted as u64).div_ceil(10).max(1);
     let mut rng = Rng(seed.max(1));
     let config = data_config(d, scale);
@@ -651,7 +652,16 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
         assert!(Instant::now() < deadline, "the build did not finish");
         std::thread::sleep(Duration::from_millis(200));
     };
-    let same_bytes = tree(&shared.join("train-fixture")) == tree(&local.join("train-fixture"));
+    let differences = tree_differences(&shared.join("train-fixture"), &local.join("train-fixture"));
+    let same_bytes = differences.is_empty();
+    if !same_bytes {
+        // The folder is the finding: keep it for a look.
+        dir.disable_cleanup(true);
+        eprintln!(
+            "the distributed build differs from one process (kept in {}): {differences:#?}",
+            d.display()
+        );
+    }
     cluster.dataprep = vec![None, None];
 
     // The run.

@@ -191,6 +191,14 @@ pub fn local_path(url: &str) -> Option<PathBuf> {
     Some(PathBuf::from(url))
 }
 
+/// Whether a local file name is one `LocalFileSystem::put` writes before
+/// renaming it into place: `NAME#DIGITS`.
+fn is_staged_write(file_name: &str) -> bool {
+    file_name.rsplit_once('#').is_some_and(|(name, suffix)| {
+        !name.is_empty() && !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 /// `path` with `.` and `..` resolved by name (an object path has neither);
 /// a `..` above the root stays at the root, as the kernel does.
 fn without_dots(path: &std::path::Path) -> PathBuf {
@@ -466,6 +474,42 @@ impl Location {
             .map_err(|e| self.err(rel, e))
     }
 
+    /// Removes what interrupted writes left below this location: a local
+    /// `put` writes `NAME#N` and renames it, so a process killed in
+    /// between leaves the `#N` file behind (object stores' single-request
+    /// puts leave nothing). Only call it when no writer is active, e.g.
+    /// before a commit point. Returns how many files it removed.
+    pub fn remove_interrupted_writes(&self) -> Result<usize, StoreError> {
+        let Some(root) = &self.local else {
+            return Ok(0);
+        };
+        let failed = |path: &std::path::Path, e: std::io::Error| StoreError::Url {
+            url: path.display().to_string(),
+            message: format!("cannot clean up an interrupted write: {e}"),
+        };
+        let mut removed = 0;
+        let mut folders = vec![root.clone()];
+        while let Some(folder) = folders.pop() {
+            let entries = match std::fs::read_dir(&folder) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(failed(&folder, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| failed(&folder, e))?;
+                let path = entry.path();
+                let kind = entry.file_type().map_err(|e| failed(&path, e))?;
+                if kind.is_dir() {
+                    folders.push(path);
+                } else if is_staged_write(&entry.file_name().to_string_lossy()) {
+                    std::fs::remove_file(&path).map_err(|e| failed(&path, e))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Deletes the object `rel`; a missing one is not an error.
     pub fn delete(&self, rel: &str) -> Result<(), StoreError> {
         let path = self.full(rel);
@@ -543,6 +587,47 @@ impl Location {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interrupted_local_writes_are_removed_and_nothing_else()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let root = Location::open(dir.path().to_str().ok_or("path")?, false)?;
+        root.put("a/shard.parquet", b"whole".to_vec())?;
+        std::fs::write(dir.path().join("a/shard.parquet#3"), b"who")?;
+        std::fs::create_dir_all(dir.path().join("b/c"))?;
+        std::fs::write(dir.path().join("b/c/part.parquet#12"), b"")?;
+        // Names that only look alike are the user's files.
+        for kept in ["a/notes#draft", "a/#7", "a/trailing#"] {
+            std::fs::write(dir.path().join(kept), b"x")?;
+        }
+        assert_eq!(root.remove_interrupted_writes()?, 2);
+        let mut left: Vec<String> = walk(dir.path());
+        left.sort();
+        assert_eq!(
+            left,
+            ["a/#7", "a/notes#draft", "a/shard.parquet", "a/trailing#"]
+        );
+        assert_eq!(root.get("a/shard.parquet")?, b"whole".as_slice());
+        // A folder that does not exist has nothing to clean.
+        assert_eq!(root.child("missing").remove_interrupted_writes()?, 0);
+        Ok(())
+    }
+
+    fn walk(root: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else if let Ok(rel) = e.path().strip_prefix(root) {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        out
+    }
 
     #[test]
     fn put_get_list_delete_on_local_paths() -> Result<(), Box<dyn std::error::Error>> {

@@ -895,6 +895,10 @@ impl Build {
             phases,
             decontamination: self.reference()?.map(|r| r.info.clone()),
         };
+        // Every task is done, so no writer is active: what a killed
+        // process left half-written goes before the commit point, and the
+        // folder holds the same files as an uninterrupted build.
+        self.out.remove_interrupted_writes()?;
         self.out.put(
             manifest::MANIFEST,
             to_json(&self.out, manifest::MANIFEST, &manifest)?,

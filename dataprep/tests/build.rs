@@ -204,6 +204,10 @@ fn interrupted_build_resumes_without_redoing_finished_files() {
     ] {
         std::fs::remove_file(ds.join(rel)).unwrap();
     }
+    // A process killed inside a write leaves the half-written file under
+    // the name it would have been renamed from.
+    std::fs::write(ds.join("phases/short/shard-00002.parquet#4"), b"PAR1 half").unwrap();
+    std::fs::write(ds.join("sources/web/part-00001.parquet#17"), b"").unwrap();
     // Files left with a marker are not rewritten: make one recognisable.
     let kept = ds.join("phases/long/shard-00000.parquet");
     let mtime = std::fs::metadata(&kept).unwrap().modified().unwrap();

@@ -371,6 +371,9 @@ pub fn write_fenced(
     dir.put(MODEL_FILE, model)?;
     dir.put(OPTIMIZER_FILE, optimizer)?;
     dir.put(STATE_FILE, state_json)?;
+    // A writer of this folder killed inside a write (an earlier attempt at
+    // the same step) left its half-written file beside the whole ones.
+    dir.remove_interrupted_writes()?;
     stall_before_commit();
     fence().map_err(|reason| CheckpointError::Fenced {
         location: dir.url().to_string(),

@@ -266,6 +266,25 @@ pub fn manifest_only_dataset(dir: &Path, recipe: &str) -> PathBuf {
 }
 
 /// Every file under `root`, by relative path.
+/// The paths where two folders differ: only in one, or different bytes.
+pub fn tree_differences(got: &Path, want: &Path) -> Vec<String> {
+    let (got, want) = (tree(got), tree(want));
+    let mut out = Vec::new();
+    for (path, bytes) in &got {
+        match want.get(path) {
+            None => out.push(format!("{path}: only in the build under test")),
+            Some(w) if w != bytes => {
+                out.push(format!("{path}: {} bytes, {} wanted", bytes.len(), w.len()))
+            }
+            Some(_) => {}
+        }
+    }
+    for path in want.keys().filter(|p| !got.contains_key(*p)) {
+        out.push(format!("{path}: missing"));
+    }
+    out
+}
+
 pub fn tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];

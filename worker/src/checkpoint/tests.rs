@@ -367,6 +367,28 @@ fn an_interrupted_write_is_never_returned() -> TestResult {
 }
 
 #[test]
+fn a_rewritten_folder_loses_what_a_killed_writer_left() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let root = Location::open(&root_url(&dir), true)?;
+    // An earlier attempt at step 5 was killed while writing the weights.
+    let folder = dir.path().join("run-1/0-pretrain/step-0000005");
+    std::fs::create_dir_all(&folder)?;
+    std::fs::write(folder.join("model.safetensors#2"), b"half")?;
+    let committed = write(&root, &snapshot(5, false))?;
+    let mut files: Vec<String> = std::fs::read_dir(&folder)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    assert_eq!(
+        files,
+        [COMMITTED_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE],
+        "{}",
+        committed.url
+    );
+    Ok(())
+}
+
+#[test]
 fn a_fenced_write_leaves_its_folder_uncommitted() -> TestResult {
     let dir = tempfile::tempdir()?;
     let fence: Fence = std::sync::Arc::new(|| Err("the lease lapsed".to_string()));
