@@ -3,8 +3,9 @@
 //! seeded schedule of faults: SIGKILL of a worker, of the coordinator (back
 //! on the same port after a pause) and of a dataprep process; SIGSTOP of a
 //! worker for longer than its lease; SIGKILL of rank 0 while a checkpoint
-//! is half written; a truncated latest checkpoint. Killed processes come
-//! back after a random delay. Afterwards: the dataset equals a
+//! is half written; a truncated latest checkpoint; a ring link between two
+//! live workers stalled or cut (every link goes through a proxy in this
+//! test). Killed processes come back after a random delay. Afterwards: the dataset equals a
 //! single-process build byte for byte, every row of every phase was
 //! consumed exactly once across all attempts, every checkpoint the
 //! coordinator recorded (and every committed folder on disk) loads whole,
@@ -21,9 +22,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -91,6 +94,8 @@ enum Kind {
     KillDuringCheckpoint,
     CorruptCheckpoint,
     KillDataprep,
+    StallRingLink,
+    CutRingLink,
 }
 
 impl Kind {
@@ -102,6 +107,8 @@ impl Kind {
             Kind::KillDuringCheckpoint => "SIGKILL rank 0 mid-checkpoint",
             Kind::CorruptCheckpoint => "truncate latest checkpoint, then SIGKILL a worker",
             Kind::KillDataprep => "SIGKILL dataprep process",
+            Kind::StallRingLink => "stall a ring link (proxy stops forwarding)",
+            Kind::CutRingLink => "cut a ring link (proxy closes it)",
         }
     }
 }
@@ -120,6 +127,109 @@ struct Fault {
     recomputed_steps: u64,
 }
 
+/// A proxy on loopback that every ring link goes through (the workers'
+/// `TWINHEAD_TEST_RING_PROXY`), so that a link between two live workers
+/// can be stalled or cut.
+struct RingProxy {
+    addr: String,
+    links: Arc<Mutex<Vec<Arc<ProxyLink>>>>,
+}
+
+/// One proxied link: the dialing rank's socket and its right neighbour's.
+struct ProxyLink {
+    ends: [TcpStream; 2],
+    stalled: AtomicBool,
+    closed: AtomicBool,
+}
+
+impl ProxyLink {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for end in &self.ends {
+            let _ = end.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl RingProxy {
+    fn start() -> RingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let links: Arc<Mutex<Vec<Arc<ProxyLink>>>> = Arc::default();
+        let registry = links.clone();
+        std::thread::spawn(move || {
+            for dialed in listener.incoming().flatten() {
+                let registry = registry.clone();
+                std::thread::spawn(move || {
+                    let _ = proxy_link(dialed, &registry);
+                });
+            }
+        });
+        RingProxy { addr, links }
+    }
+
+    /// A link that carries traffic now, if any.
+    fn pick_live(&self, rng: &mut Rng) -> Option<Arc<ProxyLink>> {
+        let live: Vec<Arc<ProxyLink>> = self
+            .links
+            .lock()
+            .expect("links")
+            .iter()
+            .filter(|l| !l.closed.load(Ordering::SeqCst) && !l.stalled.load(Ordering::SeqCst))
+            .cloned()
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        Some(live[(rng.next() % live.len() as u64) as usize].clone())
+    }
+}
+
+/// Reads the target's address (one line), dials it and forwards both ways.
+fn proxy_link(dialed: TcpStream, registry: &Mutex<Vec<Arc<ProxyLink>>>) -> std::io::Result<()> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 100 {
+        (&dialed).read_exact(&mut byte)?;
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    let target = TcpStream::connect(String::from_utf8_lossy(&line).as_ref())?;
+    target.set_nodelay(true)?;
+    dialed.set_nodelay(true)?;
+    let link = Arc::new(ProxyLink {
+        ends: [dialed, target],
+        stalled: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+    });
+    registry.lock().expect("links").push(link.clone());
+    for (from, to) in [(0, 1), (1, 0)] {
+        let link = link.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                // A stalled link neither reads nor writes: the senders'
+                // buffers fill and the readers hear nothing.
+                while link.stalled.load(Ordering::SeqCst) && !link.closed.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                match (&link.ends[from]).read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if (&link.ends[to]).write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            link.close();
+        });
+    }
+    Ok(())
+}
+
 /// The processes of the test and how to restart them.
 struct Cluster {
     dir: PathBuf,
@@ -132,6 +242,7 @@ struct Cluster {
     started: BTreeMap<String, usize>,
     /// Checkpoint folders this test truncated.
     corrupted: Vec<PathBuf>,
+    proxy: RingProxy,
 }
 
 impl Cluster {
@@ -150,6 +261,7 @@ impl Cluster {
             dataprep: vec![None, None],
             started: BTreeMap::new(),
             corrupted: Vec::new(),
+            proxy: RingProxy::start(),
         }
     }
 
@@ -174,6 +286,7 @@ impl Cluster {
             // Checkpoint writes pause before their marker, so a kill can
             // land inside one.
             .env("TWINHEAD_TEST_STALL_CHECKPOINT_MS", "300")
+            .env("TWINHEAD_TEST_RING_PROXY", &self.proxy.addr)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -408,6 +521,20 @@ fn live_world(cluster: &Cluster, samples: &Samples) -> Option<(usize, Vec<usize>
     }
 }
 
+/// Waits until the run's attempt `index` has ended, at most `limit`.
+fn wait_for_end(samples: &Samples, index: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let ended = latest(samples)
+            .and_then(|s| s["attempts"][index]["ended_ms"].as_i64())
+            .is_some_and(|ended| ended > 0);
+        if ended {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Injects `kind`; for a fault on the run's world, the index of the
 /// attempt it struck. `None`: nothing to strike.
 fn inject(
@@ -492,6 +619,22 @@ fn inject(
             cluster.workers[slot] = None;
             std::thread::sleep(rng.millis(300, 1500));
             cluster.start_worker(slot);
+        }
+        Kind::StallRingLink => {
+            let (attempt, _) = live_world(cluster, samples)?;
+            let link = cluster.proxy.pick_live(rng)?;
+            struck = Some(attempt);
+            link.stalled.store(true, Ordering::SeqCst);
+            // Nothing else strikes until the world has noticed, so the
+            // detection measured is the stall's own.
+            wait_for_end(samples, attempt, Duration::from_secs(30));
+            link.close();
+        }
+        Kind::CutRingLink => {
+            let (attempt, _) = live_world(cluster, samples)?;
+            let link = cluster.proxy.pick_live(rng)?;
+            struck = Some(attempt);
+            link.close();
         }
         Kind::KillDataprep => {
             let slot = (rng.next() % 2) as usize;
@@ -684,6 +827,8 @@ fn chaos(faults_wanted: usize, seed: u64) -> Value {
         Kind::KillCoordinator,
         Kind::KillDuringCheckpoint,
         Kind::CorruptCheckpoint,
+        Kind::StallRingLink,
+        Kind::CutRingLink,
     ];
     let run_started = Instant::now();
     while faults.len() < faults_wanted {

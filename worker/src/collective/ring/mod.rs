@@ -46,8 +46,13 @@
 //!
 //! # Failure
 //!
-//! Every socket has a read or write timeout (no progress for
-//! `op_timeout` fails the call). Each operation starts with a header (sequence
+//! A rank with nothing to send for `keepalive_interval` (between calls, or
+//! inside one while the ring waits on a slower rank) sends its right
+//! neighbour a one-byte keepalive; data chunks carry a one-byte tag. So a
+//! read that hears nothing for `silence_timeout` means a stalled link or a
+//! stopped process, found in seconds whatever the compute skew, while a
+//! neighbour that is alive but slow is waited for up to `op_timeout` (which
+//! also bounds every write). Each operation starts with a header (sequence
 //! number, kind, root, length) that the receiver checks against its own, so
 //! ranks that disagree about the call fail with
 //! [`CollectiveError::CallMismatch`] instead of exchanging garbage. On any
@@ -60,7 +65,7 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
 
@@ -72,7 +77,9 @@ mod wire;
 
 pub use rendezvous::{RingHost, RingPeer};
 use sockets::net_err;
-use wire::{KIND_ALL_REDUCE, KIND_BARRIER, KIND_BROADCAST, OP_HEADER_LEN, OpHeader};
+use wire::{
+    CHUNK, KEEPALIVE, KIND_ALL_REDUCE, KIND_BARRIER, KIND_BROADCAST, OP_HEADER_LEN, OpHeader,
+};
 
 /// Settings of the CPU ring engine. The same values should be used on
 /// every rank.
@@ -85,9 +92,19 @@ pub struct RingConfig {
     /// `bind_ip`, or, when that is unspecified (`0.0.0.0`), to the local
     /// address of the connection to rank 0 (rank 0 itself then needs it).
     pub advertise_ip: Option<IpAddr>,
-    /// A collective call fails when a socket makes no progress for this
-    /// long (so it must exceed the largest compute skew between ranks).
+    /// A collective call fails when a write makes no progress, or the left
+    /// neighbour does not start the same call, for this long (so it must
+    /// exceed the largest compute skew between ranks).
     pub op_timeout: Duration,
+    /// Between calls every rank sends its right neighbour a keepalive this
+    /// often, so that a silent link means a stalled link or process rather
+    /// than a slow step.
+    pub keepalive_interval: Duration,
+    /// Reading fails when nothing at all (data or keepalive) arrives from
+    /// the left neighbour for this long: a stalled link or a stopped
+    /// process is found in seconds whatever the compute skew. Capped at
+    /// `op_timeout`.
+    pub silence_timeout: Duration,
     /// Deadline for forming the world.
     pub connect_timeout: Duration,
     /// Pipelining granularity.
@@ -97,12 +114,23 @@ pub struct RingConfig {
     pub socket_buffer_bytes: Option<usize>,
 }
 
+impl RingConfig {
+    /// How long a read from the left neighbour may wait for a byte.
+    fn read_timeout(&self) -> Duration {
+        self.silence_timeout
+            .min(self.op_timeout)
+            .max(Duration::from_millis(1))
+    }
+}
+
 impl Default for RingConfig {
     fn default() -> Self {
         Self {
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_ip: None,
             op_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(1),
+            silence_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(120),
             chunk_bytes: 512 * 1024,
             socket_buffer_bytes: None,
@@ -226,18 +254,104 @@ fn split_segments<T>(buf: &mut [T], n: usize, chunk: usize) -> Vec<Vec<Option<&m
 }
 
 /// The sender half of an operation: writes every chunk it is handed, in
-/// order, handing each back when written.
+/// order, handing each back when written; while it waits for the next one
+/// (the ring is waiting on a slower rank) it sends keepalives.
 fn send_loop<'a, T: Pod>(
     mut out: &TcpStream,
     rx: mpsc::Receiver<Chunk<'a, T>>,
     back: mpsc::Sender<Chunk<'a, T>>,
+    keepalive: Duration,
 ) -> io::Result<()> {
-    for (seg, k, data) in rx {
-        out.write_all(bytemuck::cast_slice(&*data))?;
-        // The reducing thread may be done with this chunk already.
-        let _ = back.send((seg, k, data));
+    loop {
+        match rx.recv_timeout(keepalive) {
+            Ok((seg, k, data)) => {
+                write_chunk(out, bytemuck::cast_slice(&*data))?;
+                // The reducing thread may be done with this chunk already.
+                let _ = back.send((seg, k, data));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => out.write_all(&[KEEPALIVE])?,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
+/// Writes the chunk tag and the chunk in one call where the kernel takes
+/// both.
+fn write_chunk(mut out: &TcpStream, data: &[u8]) -> io::Result<()> {
+    let tag = [CHUNK];
+    let mut sent = 0;
+    let total = 1 + data.len();
+    while sent < total {
+        let n = if sent == 0 {
+            out.write_vectored(&[io::IoSlice::new(&tag), io::IoSlice::new(data)])?
+        } else {
+            out.write(&data[sent - 1..])?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        sent += n;
     }
     Ok(())
+}
+
+/// A neighbour that kept its link alive but did not send what the call
+/// needs before the op timeout.
+#[derive(Debug)]
+struct NotArrived;
+
+impl std::fmt::Display for NotArrived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("only keepalives arrived until the op timeout")
+    }
+}
+
+impl std::error::Error for NotArrived {}
+
+/// Names a failed read from the left neighbour: silence for the read
+/// timeout, or keepalives only for the op timeout.
+fn read_failed(
+    rank: usize,
+    peer: usize,
+    op: &'static str,
+    cfg: &RingConfig,
+    e: io::Error,
+) -> CollectiveError {
+    let waited = if e.get_ref().is_some_and(|inner| inner.is::<NotArrived>()) {
+        cfg.op_timeout
+    } else {
+        cfg.read_timeout()
+    };
+    net_err(rank, peer, op, waited, e)
+}
+
+/// Reads bytes until one that is not a keepalive and returns it; keepalives
+/// past `deadline` (a neighbour alive but not arriving) are a timeout.
+fn skip_keepalives(mut left: &TcpStream, deadline: Instant) -> io::Result<u8> {
+    loop {
+        let mut b = [0u8; 1];
+        left.read_exact(&mut b)?;
+        if b[0] != KEEPALIVE {
+            return Ok(b[0]);
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, NotArrived));
+        }
+    }
+}
+
+/// Reads the next chunk of an operation from the left neighbour.
+fn read_chunk(left: &TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    match skip_keepalives(left, deadline)? {
+        CHUNK => {
+            let mut left = left;
+            left.read_exact(buf)
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected a chunk, got byte {other:#04x}"),
+        )),
+    }
 }
 
 /// The ends of an operation's sender thread: chunks sent on `to_right` are
@@ -254,12 +368,16 @@ struct Sender<'s, 'a, T> {
 /// failed write.
 fn with_sender<'a, T: Pod + Send>(
     right: &TcpStream,
+    writing: &Mutex<()>,
+    keepalive: Duration,
     header: &OpHeader,
     failure: OpFailure<'_>,
     send_failed: impl Fn(io::Error) -> CollectiveError + Send + Sync,
     lost: impl Fn() -> CollectiveError,
     receive: impl FnOnce(Sender<'_, 'a, T>) -> Result<()>,
 ) -> Result<()> {
+    // The keepalive thread writes only between calls.
+    let _writing = writing.lock().unwrap_or_else(|p| p.into_inner());
     // The header goes out before anything can fail, so that a neighbour
     // that disagrees about the call reads it and reports the mismatch.
     let mut out = right;
@@ -269,7 +387,7 @@ fn with_sender<'a, T: Pod + Send>(
         let (back_tx, back_rx) = mpsc::channel::<Chunk<'a, T>>();
         let (send_failed, failure) = (&send_failed, &failure);
         let sender = s.spawn(move || {
-            if let Err(e) = send_loop(right, rx, back_tx) {
+            if let Err(e) = send_loop(right, rx, back_tx, keepalive) {
                 failure.record(send_failed(e));
             }
         });
@@ -304,6 +422,10 @@ pub struct CpuRingEngine {
     cfg: RingConfig,
     seq: u64,
     scratch: Vec<f32>,
+    /// Held while a call writes to the right neighbour.
+    writing: Arc<Mutex<()>>,
+    /// Dropping it stops the keepalive thread.
+    _keepalive: Option<mpsc::Sender<()>>,
 }
 
 impl std::fmt::Debug for CpuRingEngine {
@@ -328,6 +450,8 @@ impl CpuRingEngine {
             cfg: RingConfig::default(),
             seq: 0,
             scratch: Vec::new(),
+            writing: Arc::default(),
+            _keepalive: None,
         }
     }
 
@@ -387,11 +511,15 @@ impl CpuRingEngine {
     }
 
     /// Reads the left neighbour's header and compares it with ours.
+    /// Reads the left neighbour's header and compares it with ours,
+    /// skipping the keepalives it sends while it has not reached the call
+    /// (for at most `op_timeout`).
     fn check_header(&self, mut left: &TcpStream, mine: &OpHeader, op: &'static str) -> Result<()> {
         let peer = self.left_rank();
+        let net = |e| read_failed(self.rank, peer, op, &self.cfg, e);
         let mut b = [0u8; OP_HEADER_LEN];
-        left.read_exact(&mut b)
-            .map_err(|e| net_err(self.rank, peer, op, self.cfg.op_timeout, e))?;
+        b[0] = skip_keepalives(left, Instant::now() + self.cfg.op_timeout).map_err(net)?;
+        left.read_exact(&mut b[1..]).map_err(net)?;
         let theirs = OpHeader::decode(&b).ok_or_else(|| CollectiveError::CallMismatch {
             rank: self.rank,
             peer,
@@ -430,62 +558,72 @@ impl CpuRingEngine {
         let mut slots = split_segments(buf, n, chunk_elems);
         let n_f32 = n as f32;
         let send_failed = move |e| net_err(rank, rrank, op, timeout, e);
-        let result = with_sender(right, &header, failure, send_failed, lost, |sender| {
-            let tx = sender.to_right;
-            // Reduce-scatter step 0 sends this rank's own segment.
-            for (k, slot) in slots[r].iter_mut().enumerate() {
-                if let Some(c) = slot.take() {
-                    tx.send((r, k, c)).map_err(|_| lost())?;
-                }
-            }
-            self.check_header(left, &header, op)?;
-            let mut left = left;
-            let net = |e| net_err(rank, lrank, op, timeout, e);
-            // Reduce-scatter: step s receives segment r-s-1 and adds this
-            // rank's values to the partial sums of ranks r-s-1 .. r-1.
-            for step in 0..n - 1 {
-                let seg = (r + 2 * n - step - 1) % n;
-                let last = step == n - 2;
-                for k in 0..slots[seg].len() {
-                    let dst = slots[seg][k].take().ok_or_else(lost)?;
-                    let m = dst.len();
-                    let incoming = &mut scratch[..m];
-                    left.read_exact(bytemuck::cast_slice_mut(incoming))
-                        .map_err(net)?;
-                    if last {
-                        for (d, x) in dst.iter_mut().zip(incoming.iter()) {
-                            *d = (*x + *d) / n_f32;
-                        }
-                    } else {
-                        for (d, x) in dst.iter_mut().zip(incoming.iter()) {
-                            *d += *x; // x: partial sum of the ranks before this one
-                        }
+        let result = with_sender(
+            right,
+            &self.writing,
+            self.cfg.keepalive_interval,
+            &header,
+            failure,
+            send_failed,
+            lost,
+            |sender| {
+                let tx = sender.to_right;
+                // Reduce-scatter step 0 sends this rank's own segment.
+                for (k, slot) in slots[r].iter_mut().enumerate() {
+                    if let Some(c) = slot.take() {
+                        tx.send((r, k, c)).map_err(|_| lost())?;
                     }
-                    // Sent in the next reduce-scatter step, or (the
-                    // finished segment r+1) in all-gather step 0.
-                    tx.send((seg, k, dst)).map_err(|_| lost())?;
                 }
-            }
-            // All-gather: step t receives the finished segment r-t.
-            for step in 0..n - 1 {
-                let seg = (r + n - step) % n;
-                for k in 0..slots[seg].len() {
-                    let dst = loop {
-                        if let Some(c) = slots[seg][k].take() {
-                            break c;
+                self.check_header(left, &header, op)?;
+                let deadline = Instant::now() + self.cfg.op_timeout;
+                let cfg = &self.cfg;
+                let net = |e| read_failed(rank, lrank, op, cfg, e);
+                // Reduce-scatter: step s receives segment r-s-1 and adds this
+                // rank's values to the partial sums of ranks r-s-1 .. r-1.
+                for step in 0..n - 1 {
+                    let seg = (r + 2 * n - step - 1) % n;
+                    let last = step == n - 2;
+                    for k in 0..slots[seg].len() {
+                        let dst = slots[seg][k].take().ok_or_else(lost)?;
+                        let m = dst.len();
+                        let incoming = &mut scratch[..m];
+                        read_chunk(left, bytemuck::cast_slice_mut(incoming), deadline)
+                            .map_err(net)?;
+                        if last {
+                            for (d, x) in dst.iter_mut().zip(incoming.iter()) {
+                                *d = (*x + *d) / n_f32;
+                            }
+                        } else {
+                            for (d, x) in dst.iter_mut().zip(incoming.iter()) {
+                                *d += *x; // x: partial sum of the ranks before this one
+                            }
                         }
-                        let (s2, k2, c) = sender.written.recv().map_err(|_| lost())?;
-                        slots[s2][k2] = Some(c);
-                    };
-                    left.read_exact(bytemuck::cast_slice_mut(&mut *dst))
-                        .map_err(net)?;
-                    if step < n - 2 {
+                        // Sent in the next reduce-scatter step, or (the
+                        // finished segment r+1) in all-gather step 0.
                         tx.send((seg, k, dst)).map_err(|_| lost())?;
                     }
                 }
-            }
-            Ok(())
-        });
+                // All-gather: step t receives the finished segment r-t.
+                for step in 0..n - 1 {
+                    let seg = (r + n - step) % n;
+                    for k in 0..slots[seg].len() {
+                        let dst = loop {
+                            if let Some(c) = slots[seg][k].take() {
+                                break c;
+                            }
+                            let (s2, k2, c) = sender.written.recv().map_err(|_| lost())?;
+                            slots[s2][k2] = Some(c);
+                        };
+                        read_chunk(left, bytemuck::cast_slice_mut(&mut *dst), deadline)
+                            .map_err(net)?;
+                        if step < n - 2 {
+                            tx.send((seg, k, dst)).map_err(|_| lost())?;
+                        }
+                    }
+                }
+                Ok(())
+            },
+        );
         self.scratch = scratch;
         result
     }
@@ -506,26 +644,35 @@ impl CpuRingEngine {
 
         let chunks: Vec<&mut [u8]> = buf.chunks_mut(chunk).collect();
         let send_failed = move |e| net_err(rank, rrank, op, timeout, e);
-        with_sender(right, &header, failure, send_failed, lost, |sender| {
-            let tx = sender.to_right;
-            if rank == root {
-                for (k, c) in chunks.into_iter().enumerate() {
-                    tx.send((0, k, c)).map_err(|_| lost())?;
-                }
-                self.check_header(left, &header, op)?;
-            } else {
-                self.check_header(left, &header, op)?;
-                let mut left = left;
-                for (k, c) in chunks.into_iter().enumerate() {
-                    left.read_exact(c)
-                        .map_err(|e| net_err(rank, lrank, op, timeout, e))?;
-                    if rrank != root {
+        with_sender(
+            right,
+            &self.writing,
+            self.cfg.keepalive_interval,
+            &header,
+            failure,
+            send_failed,
+            lost,
+            |sender| {
+                let tx = sender.to_right;
+                if rank == root {
+                    for (k, c) in chunks.into_iter().enumerate() {
                         tx.send((0, k, c)).map_err(|_| lost())?;
                     }
+                    self.check_header(left, &header, op)?;
+                } else {
+                    self.check_header(left, &header, op)?;
+                    let deadline = Instant::now() + self.cfg.op_timeout;
+                    for (k, c) in chunks.into_iter().enumerate() {
+                        read_chunk(left, c, deadline)
+                            .map_err(|e| read_failed(rank, lrank, op, &self.cfg, e))?;
+                        if rrank != root {
+                            tx.send((0, k, c)).map_err(|_| lost())?;
+                        }
+                    }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     }
 }
 

@@ -374,6 +374,9 @@ impl CpuRingEngine {
     ) -> Result<Self> {
         let setup =
             |e: io::Error| CollectiveError::Rendezvous(format!("rank {rank}: socket options: {e}"));
+        // Writes may wait for a neighbour still computing (up to the op
+        // timeout); reads from the left see data or keepalives every
+        // keepalive interval, so silence is a stall.
         let timeout = Some(cfg.op_timeout.max(Duration::from_millis(1)));
         for s in [&left, &right] {
             if let Some(bytes) = cfg.socket_buffer_bytes {
@@ -385,6 +388,15 @@ impl CpuRingEngine {
             s.set_read_timeout(timeout).map_err(setup)?;
             s.set_write_timeout(timeout).map_err(setup)?;
         }
+        left.set_read_timeout(Some(cfg.read_timeout()))
+            .map_err(setup)?;
+        let writing = Arc::new(Mutex::new(()));
+        let keepalive = spawn_keepalive(
+            right.try_clone().map_err(setup)?,
+            writing.clone(),
+            cfg.keepalive_interval,
+        )
+        .map_err(setup)?;
         {
             let mut sockets = shared.sockets.lock().unwrap_or_else(|p| p.into_inner());
             sockets.push(left.try_clone().map_err(setup)?);
@@ -400,6 +412,35 @@ impl CpuRingEngine {
             cfg,
             seq: 0,
             scratch: vec![0.0; chunk_elems],
+            writing,
+            _keepalive: Some(keepalive),
         })
     }
+}
+
+/// Starts the thread that sends the right neighbour a keepalive every
+/// `every` while no call is writing; it stops when the returned sender is
+/// dropped (with the engine) or the link fails.
+fn spawn_keepalive(
+    right: TcpStream,
+    writing: Arc<Mutex<()>>,
+    every: Duration,
+) -> io::Result<mpsc::Sender<()>> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let every = every.max(Duration::from_millis(1));
+    thread::Builder::new()
+        .name("ring-keepalive".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                // A call in progress keeps the link busy by itself.
+                let Ok(_writing) = writing.try_lock() else {
+                    continue;
+                };
+                if (&right).write_all(&[KEEPALIVE]).is_err() {
+                    // The calls find the failure themselves.
+                    return;
+                }
+            }
+        })?;
+    Ok(stop)
 }

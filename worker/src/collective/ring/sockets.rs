@@ -147,11 +147,34 @@ impl<'a> DataRing<'a> {
     }
 }
 
+/// Test hook: `TWINHEAD_TEST_RING_PROXY=HOST:PORT` makes every rank dial
+/// its right neighbour through a proxy there, which is told the real
+/// address in one line and can then stall or reset the link.
+const RING_PROXY_ENV: &str = "TWINHEAD_TEST_RING_PROXY";
+
 /// Dials the right neighbour's data listener and introduces itself.
 pub(super) fn connect_data(addr: SocketAddr, ring: &DataRing<'_>) -> Result<TcpStream> {
     let (nonce, rank, world, deadline, shared) = ring.parts();
     let right = (rank + 1) % world;
-    let s = connect_before(addr, deadline, shared, &format!("rank {right}"))?;
+    let proxy = std::env::var(RING_PROXY_ENV)
+        .ok()
+        .and_then(|p| p.parse::<SocketAddr>().ok());
+    let s = match proxy {
+        Some(proxy) => {
+            let s = connect_before(
+                proxy,
+                deadline,
+                shared,
+                &format!("the proxy to rank {right}"),
+            )?;
+            (&s).write_all(format!("{addr}\n").as_bytes())
+                .map_err(|e| {
+                    CollectiveError::Rendezvous(format!("rank {rank}: proxy at {proxy}: {e}"))
+                })?;
+            s
+        }
+        None => connect_before(addr, deadline, shared, &format!("rank {right}"))?,
+    };
     let mut hello = Vec::with_capacity(4 + NONCE_LEN + 8);
     hello.extend_from_slice(DATA_MAGIC);
     hello.extend_from_slice(nonce);

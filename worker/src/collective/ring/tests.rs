@@ -192,3 +192,128 @@ fn rendezvous_rejects_wrong_world_size() {
     let err = peer.join().expect("join").expect_err("refused");
     assert!(err.to_string().contains("rank 0 refused rank 1"), "{err}");
 }
+
+/// Rank 0 of a world of two whose rank 1 is the test: returns the engine
+/// and the test's ends of rank 0's left (the test writes) and right (the
+/// test reads) links.
+fn rank0_facing_the_test(cfg: RingConfig) -> (CpuRingEngine, TcpStream, TcpStream) {
+    let pair = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let dialed = TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        (dialed, accepted)
+    };
+    let (left, test_writes) = pair();
+    let (right, test_reads) = pair();
+    let engine =
+        CpuRingEngine::from_streams(0, 2, left, right, Shared::new(0), cfg).expect("engine");
+    (engine, test_writes, test_reads)
+}
+
+fn keepalive_cfg() -> RingConfig {
+    RingConfig {
+        op_timeout: Duration::from_secs(20),
+        keepalive_interval: Duration::from_millis(50),
+        silence_timeout: Duration::from_millis(400),
+        ..quick()
+    }
+}
+
+#[test]
+fn an_idle_engine_sends_keepalives_to_its_right() {
+    let (_engine, _left, mut right) = rank0_facing_the_test(keepalive_cfg());
+    right
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    for _ in 0..3 {
+        let mut b = [0u8; 1];
+        right.read_exact(&mut b).expect("a keepalive");
+        assert_eq!(b[0], KEEPALIVE);
+    }
+}
+
+#[test]
+fn a_neighbour_that_keeps_the_link_alive_is_waited_for_past_the_silence_timeout() {
+    let (mut engine, mut left, right) = rank0_facing_the_test(keepalive_cfg());
+    // The neighbour is "computing" for three silence timeouts, sending
+    // keepalives, then stops sending anything: a stalled link.
+    let neighbour = thread::spawn(move || {
+        for _ in 0..24 {
+            left.write_all(&[KEEPALIVE]).expect("keepalive");
+            thread::sleep(Duration::from_millis(50));
+        }
+        thread::sleep(Duration::from_secs(3));
+        drop((left, right));
+    });
+    let start = Instant::now();
+    let err = engine
+        .all_reduce_mean(&mut [1.0f32; 8])
+        .expect_err("the link went silent");
+    let waited = start.elapsed();
+    assert!(
+        matches!(
+            err,
+            CollectiveError::Timeout {
+                rank: 0,
+                peer: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("0.4 s"), "{err}");
+    // 1.2 s of keepalives, then 0.4 s of silence; far below the op timeout.
+    assert!(
+        waited >= Duration::from_millis(1_400) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    neighbour.join().expect("join");
+}
+
+#[test]
+fn keepalives_do_not_stretch_the_wait_past_the_op_timeout() {
+    let cfg = RingConfig {
+        op_timeout: Duration::from_millis(700),
+        ..keepalive_cfg()
+    };
+    let (mut engine, mut left, _right) = rank0_facing_the_test(cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    // Alive but never reaching the call (a deadlocked step).
+    let neighbour = thread::spawn(move || {
+        while !stopped.load(Ordering::SeqCst) {
+            if left.write_all(&[KEEPALIVE]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let start = Instant::now();
+    let err = engine.barrier().expect_err("op timeout");
+    let waited = start.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    assert!(err.to_string().contains("0.7 s"), "{err}");
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    neighbour.join().expect("join");
+}
+
+#[test]
+fn a_slow_neighbour_with_keepalives_completes_the_call() {
+    let cfg = keepalive_cfg();
+    let engines = world(3, cfg);
+    let out = on_all(engines, |e| {
+        // Rank 2 computes for three silence timeouts first.
+        if e.rank() == 2 {
+            thread::sleep(Duration::from_millis(1_200));
+        }
+        let mut v = vec![e.rank() as f32; 1000];
+        e.all_reduce_mean(&mut v).map(|()| v[0])
+    });
+    for (_, got) in out {
+        assert_eq!(got.expect("all-reduce"), 1.0);
+    }
+}

@@ -18,6 +18,12 @@ pub(super) const MAX_TEXT_LEN: usize = 1024;
 pub(super) const KIND_ALL_REDUCE: u8 = 1;
 pub(super) const KIND_BROADCAST: u8 = 2;
 pub(super) const KIND_BARRIER: u8 = 3;
+/// Sent whenever a rank has had nothing to send for a keepalive interval,
+/// before an operation's header or a chunk, so that a silent link means a
+/// stalled one.
+pub(super) const KEEPALIVE: u8 = b'K';
+/// Opens every chunk of an operation's data.
+pub(super) const CHUNK: u8 = b'D';
 
 /// The header every rank sends its right neighbour at the start of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
