@@ -313,6 +313,10 @@ struct CoordinatorArgs {
 /// closed stdout (`twinhead runs | head`) ends the program quietly.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
+        // A reader's panic that the code turns into an error is not a crash.
+        if twinhead_data::caught::is_catching() {
+            return;
+        }
         let message = info
             .payload()
             .downcast_ref::<&str>()

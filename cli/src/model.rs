@@ -276,8 +276,12 @@ pub(crate) fn load(dir: &Path) -> anyhow::Result<Loaded> {
             tok_path.display()
         );
     }
-    let tokenizer = Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {}", tok_path.display(), e))?;
+    let bytes = std::fs::read(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", tok_path.display()))?;
+    // The tokenizers library panics on some malformed tables; this names
+    // the file instead.
+    let tokenizer = twinhead_dataprep::tokenizer::parse_tokenizer(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
     let model = hf::load::<CpuBackend>(dir, &Default::default())
         .map_err(|e| anyhow::anyhow!(twinhead_proto::error_chain(&e)))?;
     let vocab = model.config().vocab_size;

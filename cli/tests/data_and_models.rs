@@ -327,6 +327,22 @@ fn model_folder_without_tokenizer_is_a_clean_error() {
     assert_clean_error(&missing, &["no/such/dir"]);
 }
 
+#[test]
+fn a_tokenizer_the_library_panics_on_is_a_clean_error() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = tiny_model_dir(root.path(), Flavour::Encoder);
+    let path = dir.join("tokenizer.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+    // tokenizers 0.22 panics on this table (`.expect("Helper")`).
+    value["decoder"] = serde_json::json!({"type": "ByteLevel", "x\u{1}": [1]});
+    // A raw control character in the key, as the fuzzer wrote it.
+    let text = value.to_string().replace("x\\u0001", "x\u{1}");
+    std::fs::write(&path, text).expect("write");
+    let output = run(&["fill-mask", dir.to_str().expect("utf-8"), "a [MASK] b"]);
+    assert_clean_error(&output, &["tokenizer.json", "malformed"]);
+}
+
 fn dataprep_process(url: &str) -> std::process::Child {
     twinhead()
         .args(["dataprep", "--threads", "1", "--coordinator", url])

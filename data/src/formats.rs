@@ -166,14 +166,8 @@ pub fn write_rows(location: &str, rows: &[Row], rows_per_group: usize) -> Result
 /// instead of returning one (a dictionary-encoded page without a
 /// dictionary page: "Decoder for dict should have been set").
 pub fn catch_decoder_panic<T>(decode: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).map_err(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".to_string());
-        format!("corrupt data: the parquet decoder failed ({what})")
-    })
+    crate::caught::catch_panic(decode)
+        .map_err(|what| format!("corrupt data: the parquet decoder failed ({what})"))
 }
 
 fn batches(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<RecordBatch>> {

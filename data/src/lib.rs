@@ -6,11 +6,13 @@
 //!   synchronous API.
 //! - [`manifest`]: `manifest.json`, the per-file completion markers and the
 //!   names of the files at a dataset's root.
+//! - [`caught`]: panics of third-party readers turned into errors.
 //! - [`formats`]: the parquet layouts (stage-1 documents and scans, phase
 //!   shards), written so that the same rows always give the same bytes.
 //!
 //! This crate depends on no other twinhead crate.
 
+pub mod caught;
 pub mod formats;
 pub mod manifest;
 pub mod store;

@@ -269,7 +269,7 @@ impl FastEncoder {
         let (canonical, nfc) = canonical(json)?;
         // A reader that panics on a table it does not expect must not take
         // the build down: 0.22 encodes instead.
-        let pipeline = std::panic::catch_unwind(|| tk_serialize::from_json(&canonical))
+        let pipeline = twinhead_data::caught::catch_panic(|| tk_serialize::from_json(&canonical))
             .map_err(|_| unsupported("tokenizers 1.0 could not read it (its reader panicked)"))?
             .map_err(|e| unsupported(format!("tokenizers 1.0 does not read it: {e}")))?;
         Ok(FastEncoder { pipeline, nfc })

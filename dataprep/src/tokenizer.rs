@@ -51,7 +51,7 @@ fn terr(e: impl std::fmt::Display) -> Error {
 /// values")`), which would take a dataprep process down with no word of
 /// which file was bad.
 pub fn parse_tokenizer(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
-    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+    match twinhead_data::caught::catch_panic(|| Tokenizer::from_bytes(bytes)) {
         Ok(parsed) => parsed.map_err(|e| e.to_string()),
         Err(_) => Err("a table of it (decoder, normalizer, ...) is malformed: \
                        the tokenizers library could not read it"
