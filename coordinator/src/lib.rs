@@ -34,14 +34,16 @@ pub mod store;
 pub mod tls;
 mod web;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{broadcast, watch};
-use twinhead_proto::v1::{Assignment, DataprepTask, Dataset, RunEvent};
+use tokio::sync::{Notify, broadcast, watch};
+use twinhead_proto::v1::{Assignment, DataprepTask, Dataset, RunEvent, WorkerAction};
 
 use datasets::Builds;
 pub use datasets::MAX_TASK_ATTEMPTS;
+use metrics::Liveness;
 pub use server::{ServeError, ServerConfig, serve, serve_with_http};
 use state::{Effects, State};
 use store::{ProgressRow, Store, StoreError, Write};
@@ -120,8 +122,15 @@ pub struct Coordinator {
     datasets: Mutex<datasets::Builds>,
     store: Arc<dyn Store>,
     events: broadcast::Sender<Arc<RunEvent>>,
+    /// Bumped on every change; wakes rendezvous and dataprep long-polls.
     version: watch::Sender<u64>,
+    /// Long-polling `GetAssignment` calls, by worker id: woken only when
+    /// that worker's assignment may have changed. Waking every waiting
+    /// worker on every change (as `version` does) makes a registration
+    /// storm of N workers cost N² wake-ups, all taking the state lock.
+    assignment_waiters: Mutex<HashMap<String, Arc<Notify>>>,
     leases: LeaseSettings,
+    liveness: Liveness,
 }
 
 fn now_ms() -> i64 {
@@ -147,7 +156,9 @@ impl Coordinator {
             store,
             events,
             version,
+            assignment_waiters: Mutex::new(HashMap::new()),
             leases,
+            liveness: Liveness::default(),
         }))
     }
 
@@ -179,13 +190,14 @@ impl Coordinator {
         f: impl FnOnce(&mut State, i64, &mut Effects) -> Result<R, Error>,
     ) -> Result<R, Error> {
         let now = now_ms();
-        let (result, events, committed) = {
+        let (result, finished, committed) = {
             let mut state = self.lock();
             let mut effects = Effects::default();
             let result = f(&mut state, now, &mut effects)?;
-            let (writes, events) = state.finish(effects, now);
+            let mut finished = state.finish(effects, now);
+            let writes = std::mem::take(&mut finished.writes);
             let committed = (!writes.is_empty()).then(|| self.store.submit(writes));
-            (result, events, committed)
+            (result, finished, committed)
         };
         if let Some(committed) = committed {
             committed
@@ -193,21 +205,84 @@ impl Coordinator {
                 .map_err(|_| Error::Store("the store's writer has stopped".into()))?
                 .map_err(Error::Store)?;
         }
-        for event in events {
+        self.wake_assignment_waiters(&finished.reassigned);
+        for event in finished.events {
             let _ = self.events.send(Arc::new(event));
         }
         self.version.send_modify(|v| *v = v.wrapping_add(1));
         Ok(result)
     }
 
-    /// Declares workers with expired leases dead; run by the lease reaper.
-    pub async fn expire_leases(&self) -> Result<(), Error> {
+    /// Declares workers with expired leases dead; run by the lease reaper
+    /// for its check due at `due`.
+    ///
+    /// A check that starts late (the runtime busy with other calls, the
+    /// process not scheduled, the state lock held) was late for the same
+    /// reason the heartbeats that arrived meanwhile wait unprocessed: every
+    /// lease is extended by the delay first, so the coordinator's own
+    /// slowness never counts as a worker's silence.
+    pub async fn expire_leases(&self, due: Instant) -> Result<(), Error> {
         let timeout = self.leases.lease_timeout;
-        self.apply(|state, now_ms, fx| {
-            state.expire_leases(Instant::now(), timeout, now_ms, fx);
-            Ok(())
-        })
-        .await
+        let tolerance = reaper_tick(self.leases) / 2;
+        let mut stall = Duration::ZERO;
+        let result = self
+            .apply(|state, now_ms, fx| {
+                let now = Instant::now();
+                let late = now.saturating_duration_since(due);
+                if late > tolerance {
+                    state.extend_leases(late, now);
+                    stall = late;
+                }
+                state.expire_leases(now, timeout, now_ms, fx);
+                Ok(())
+            })
+            .await;
+        if !stall.is_zero() {
+            self.liveness.stalled(stall);
+            tracing::warn!(
+                late_ms = stall.as_millis() as u64,
+                "lease check ran late; leases extended by the delay"
+            );
+        }
+        result
+    }
+
+    /// Renews the worker's lease from `arrived`, when its heartbeat reached
+    /// the handler (waiting for the state lock counts as the coordinator's
+    /// time, not the worker's).
+    pub(crate) fn heartbeat(
+        &self,
+        worker_id: &str,
+        world_id: &str,
+        arrived: Instant,
+    ) -> Result<(WorkerAction, String), Error> {
+        let answer = self.lock().heartbeat(worker_id, world_id, arrived);
+        self.liveness.heartbeat_handled(arrived.elapsed());
+        answer
+    }
+
+    pub(crate) fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// Wakes the `GetAssignment` long-polls of these workers.
+    fn wake_assignment_waiters(&self, workers: &[String]) {
+        if workers.is_empty() {
+            return;
+        }
+        let waiters = self.assignment_waiters();
+        for worker in workers {
+            if let Some(waiter) = waiters.get(worker) {
+                waiter.notify_waiters();
+            }
+        }
+    }
+
+    fn assignment_waiters(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        // The map holds no invariant a panic could break halfway.
+        self.assignment_waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The worker's assignment, waiting up to `wait` for one whose id
@@ -219,7 +294,7 @@ impl Coordinator {
         wait: Duration,
     ) -> Result<Option<Assignment>, Error> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
-        let mut changes = self.version.subscribe();
+        let waiter = AssignmentWaiter::register(self, worker_id);
         if self.read(|s| s.draining(worker_id)) {
             self.apply(|s, now_ms, fx| {
                 s.drained(worker_id, now_ms, fx);
@@ -228,16 +303,19 @@ impl Coordinator {
             .await?;
         }
         loop {
-            changes.borrow_and_update();
+            let Some(woken) = waiter.woken() else {
+                return Ok(None);
+            };
+            tokio::pin!(woken);
+            // Listening before looking: a change between the look and the
+            // wait still wakes this call.
+            woken.as_mut().enable();
             if let Some(a) = self.read(|s| s.assignment(worker_id))?
                 && a.assignment_id != known
             {
                 return Ok(Some(a));
             }
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
                 return Ok(None);
             }
         }
@@ -299,6 +377,57 @@ impl Coordinator {
     /// Run events as they are committed.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<RunEvent>> {
         self.events.subscribe()
+    }
+}
+
+/// How often the lease reaper checks: a few times per lease, so a dead
+/// worker is found within the timeout plus a fraction of it.
+pub(crate) fn reaper_tick(leases: LeaseSettings) -> Duration {
+    (leases.lease_timeout / 8)
+        .min(leases.heartbeat_interval)
+        .max(Duration::from_millis(20))
+}
+
+/// One long-polling `GetAssignment` call's place in
+/// `Coordinator::assignment_waiters`; the entry goes with the worker's last
+/// waiting call, even one cancelled by its client.
+struct AssignmentWaiter<'a> {
+    coordinator: &'a Coordinator,
+    worker_id: &'a str,
+    /// Taken back under the map's lock when the call ends.
+    notify: Option<Arc<Notify>>,
+}
+
+impl<'a> AssignmentWaiter<'a> {
+    fn register(coordinator: &'a Coordinator, worker_id: &'a str) -> Self {
+        let notify = coordinator
+            .assignment_waiters()
+            .entry(worker_id.to_string())
+            .or_default()
+            .clone();
+        AssignmentWaiter {
+            coordinator,
+            worker_id,
+            notify: Some(notify),
+        }
+    }
+
+    /// A wake-up of this call, listening once enabled.
+    fn woken(&self) -> Option<tokio::sync::futures::Notified<'_>> {
+        self.notify.as_deref().map(Notify::notified)
+    }
+}
+
+impl Drop for AssignmentWaiter<'_> {
+    fn drop(&mut self) {
+        let mut waiters = self.coordinator.assignment_waiters();
+        // References are taken and given back under this lock: two (the
+        // map's and ours) mean no other call of this worker waits.
+        if let Some(notify) = self.notify.take()
+            && Arc::strong_count(&notify) == 2
+        {
+            waiters.remove(self.worker_id);
+        }
     }
 }
 

@@ -5,8 +5,13 @@
 //! Per-run series carry `run` and `name` labels; per-worker series exist for
 //! live workers only (dead ones are counted in `twinhead_workers`), so the
 //! number of series does not grow with every worker that ever registered.
+//!
+//! [`Liveness`] adds what a snapshot cannot hold: how long the coordinator
+//! took to handle heartbeats, and how long its lease checks ran late.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use twinhead_proto::v1::{
     CheckpointEval, CheckpointEvalState, EvalPoint, PhaseProgress, Run, RunState,
@@ -275,6 +280,92 @@ pub(crate) fn render(runs: &[Run], workers: &[WorkerView]) -> String {
     out
 }
 
+/// Upper bounds, in seconds, of the heartbeat handling histogram's buckets.
+const HANDLING_BOUNDS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+/// How well the coordinator keeps up with heartbeats, counted as they
+/// happen; atomics, so that a heartbeat never waits on monitoring.
+#[derive(Default)]
+pub(crate) struct Liveness {
+    /// Heartbeats per handling-time bucket (not cumulative); the last one
+    /// counts those beyond every bound.
+    handled: [AtomicU64; HANDLING_BOUNDS.len() + 1],
+    handled_nanos: AtomicU64,
+    /// Lease checks that ran late, and their delay in total.
+    stalls: AtomicU64,
+    stalled_nanos: AtomicU64,
+}
+
+impl Liveness {
+    /// A heartbeat took `took` from its handler's start to its answer.
+    pub(crate) fn heartbeat_handled(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = HANDLING_BOUNDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(HANDLING_BOUNDS.len());
+        self.handled[bucket].fetch_add(1, Ordering::Relaxed);
+        self.handled_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// A lease check ran `late`; leases were extended by as much.
+    pub(crate) fn stalled(&self, late: Duration) {
+        self.stalls.fetch_add(1, Ordering::Relaxed);
+        self.stalled_nanos
+            .fetch_add(late.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Appends the [`Liveness`] families.
+pub(crate) fn render_liveness(out: &mut String, liveness: &Liveness) {
+    let name = "twinhead_heartbeat_handling_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time the coordinator took to handle a heartbeat, from its handler's start to \
+         its answer (waiting for the state lock included)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, count) in liveness.handled.iter().enumerate() {
+        cumulative += count.load(Ordering::Relaxed);
+        let bound = HANDLING_BOUNDS.get(i).copied().unwrap_or(f64::INFINITY);
+        sample(
+            out,
+            &format!("{name}_bucket"),
+            &[("le", &format_value(bound))],
+            cumulative as f64,
+        );
+    }
+    let seconds = |nanos: &AtomicU64| nanos.load(Ordering::Relaxed) as f64 / 1e9;
+    sample(
+        out,
+        &format!("{name}_sum"),
+        &[],
+        seconds(&liveness.handled_nanos),
+    );
+    sample(out, &format!("{name}_count"), &[], cumulative as f64);
+    for (name, help, value) in [
+        (
+            "twinhead_lease_checks_late_total",
+            "Lease checks that ran late enough to extend every lease (the coordinator too busy, or not scheduled).",
+            liveness.stalls.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "twinhead_lease_check_delay_seconds_total",
+            "Total delay of those late lease checks: time by which leases were extended.",
+            seconds(&liveness.stalled_nanos),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(out, "# TYPE {name} counter");
+        sample(out, name, &[], value);
+    }
+}
+
 fn family(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
     let _ = writeln!(out, "# TYPE {name} gauge");
@@ -342,6 +433,29 @@ mod tests {
         assert_eq!(format_value(f64::NEG_INFINITY), "-Inf");
         assert_eq!(format_value(2.5), "2.5");
         assert_eq!(format_value(1e-7), "0.0000001");
+    }
+
+    #[test]
+    fn heartbeat_handling_is_a_cumulative_histogram() {
+        let liveness = Liveness::default();
+        liveness.heartbeat_handled(Duration::from_micros(30));
+        liveness.heartbeat_handled(Duration::from_micros(700));
+        liveness.heartbeat_handled(Duration::from_secs(20));
+        liveness.stalled(Duration::from_millis(1500));
+        let mut text = String::new();
+        render_liveness(&mut text, &liveness);
+        for line in [
+            "twinhead_heartbeat_handling_seconds_bucket{le=\"0.00005\"} 1\n",
+            "twinhead_heartbeat_handling_seconds_bucket{le=\"0.0005\"} 1\n",
+            "twinhead_heartbeat_handling_seconds_bucket{le=\"0.001\"} 2\n",
+            "twinhead_heartbeat_handling_seconds_bucket{le=\"10\"} 2\n",
+            "twinhead_heartbeat_handling_seconds_bucket{le=\"+Inf\"} 3\n",
+            "twinhead_heartbeat_handling_seconds_count 3\n",
+            "twinhead_lease_checks_late_total 1\n",
+            "twinhead_lease_check_delay_seconds_total 1.5\n",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     #[test]

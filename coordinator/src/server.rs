@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -22,7 +21,7 @@ use twinhead_proto::auth::{TokenProblem, check_bearer};
 use crate::service::Services;
 use crate::store::{SqliteStore, StoreError};
 use crate::tls::ServerTls;
-use crate::{Coordinator, LeaseSettings};
+use crate::{Coordinator, LeaseSettings, reaper_tick};
 
 /// How a coordinator is started.
 #[derive(Clone)]
@@ -279,18 +278,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Checks leases a few times per timeout, so a dead worker is found within
-/// the timeout plus a fraction of it; dataprep task leases on the same tick.
+/// Checks leases a few times per timeout (see [`reaper_tick`]); dataprep
+/// task leases on the same tick.
 async fn reap_leases(coordinator: Arc<Coordinator>) {
-    let leases = coordinator.leases();
-    let tick = (leases.lease_timeout / 8)
-        .min(leases.heartbeat_interval)
-        .max(Duration::from_millis(20));
-    let mut interval = tokio::time::interval(tick);
+    let mut interval = tokio::time::interval(reaper_tick(coordinator.leases()));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        interval.tick().await;
-        if let Err(e) = coordinator.expire_leases().await {
+        // A tick missed while this loop itself waited (on the store) is
+        // due from when the loop came back, not from its schedule.
+        let back = tokio::time::Instant::now();
+        let due = interval.tick().await.max(back);
+        // A timer's task may run ahead of the tasks already queued (the
+        // connections holding heartbeats); going once to the back of the
+        // queue makes the check's delay include theirs.
+        tokio::task::yield_now().await;
+        if let Err(e) = coordinator.expire_leases(due.into_std()).await {
             tracing::error!(error = %e, "lease check failed");
         }
         if let Err(e) = coordinator.expire_tasks().await {

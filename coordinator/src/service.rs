@@ -234,13 +234,11 @@ impl WorkerService for Services {
             worker_id,
             world_id,
         } = request.into_inner();
+        let arrived = Instant::now();
         required("worker_id", &worker_id)?;
         // Heartbeats only renew an in-memory lease: a restarted coordinator
         // gives every live worker a fresh lease, so nothing is persisted.
-        let (action, reason) =
-            self.coordinator
-                .lock()
-                .heartbeat(&worker_id, &world_id, Instant::now())?;
+        let (action, reason) = self.coordinator.heartbeat(&worker_id, &world_id, arrived)?;
         Ok(Response::new(HeartbeatResponse {
             action: action as i32,
             reason,

@@ -97,6 +97,18 @@ impl Effects {
     }
 }
 
+/// An operation's outcome for the caller to carry out: commit the writes,
+/// then wake the reassigned workers' long-polls and publish the events.
+pub(crate) struct Finished {
+    pub writes: Vec<Write>,
+    pub events: Vec<RunEvent>,
+    /// Workers whose assignment may have changed: an assignment comes from
+    /// the worker's run (its world, phase or checkpoint evaluation) or its
+    /// own record, so the members and scorers of every changed run and
+    /// every worker whose record was written.
+    pub reassigned: Vec<String>,
+}
+
 pub(crate) struct State {
     runs: HashMap<String, RunEntry>,
     workers: HashMap<String, WorkerEntry>,
@@ -213,9 +225,35 @@ impl State {
         state
     }
 
-    /// Turns effects into store writes and run events, stamping changed runs.
-    pub fn finish(&mut self, effects: Effects, now_ms: i64) -> (Vec<Write>, Vec<RunEvent>) {
+    /// Turns effects into store writes, run events and the workers to wake,
+    /// stamping changed runs.
+    pub fn finish(&mut self, effects: Effects, now_ms: i64) -> Finished {
         let mut writes = effects.writes;
+        let mut reassigned: BTreeSet<String> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Worker(row) => Some(row.id.clone()),
+                _ => None,
+            })
+            .collect();
+        for run in effects
+            .dirty_runs
+            .iter()
+            .filter_map(|id| self.runs.get(id))
+            .map(|e| &e.run)
+        {
+            reassigned.extend(
+                active(run)
+                    .into_iter()
+                    .flat_map(|a| a.workers.iter().cloned()),
+            );
+            reassigned.extend(
+                run.checkpoint_evals
+                    .iter()
+                    .filter(|c| c.state == CheckpointEvalState::Running as i32)
+                    .map(|c| c.worker_id.clone()),
+            );
+        }
         for id in &effects.dirty_runs {
             if let Some(entry) = self.runs.get_mut(id) {
                 entry.run.updated_ms = now_ms;
@@ -236,7 +274,11 @@ impl State {
                 })
             })
             .collect();
-        (writes, events)
+        Finished {
+            writes,
+            events,
+            reassigned: reassigned.into_iter().collect(),
+        }
     }
 
     fn take_counter(&mut self, name: &'static str, fx: &mut Effects) -> u64 {
@@ -453,7 +495,9 @@ impl State {
     ) -> Result<(WorkerAction, String), Error> {
         self.live_worker(worker_id)?;
         if let Some(w) = self.workers.get_mut(worker_id) {
-            w.last_seen = now;
+            // A heartbeat that waited for the lock behind a lease check
+            // that extended the lease past its arrival keeps the later time.
+            w.last_seen = w.last_seen.max(now);
         }
         if world_id.is_empty() {
             return Ok((WorkerAction::Continue, String::new()));
@@ -462,6 +506,16 @@ impl State {
             Ok(_) => (WorkerAction::Continue, String::new()),
             Err(reason) => (WorkerAction::Abort, reason),
         })
+    }
+
+    /// Extends every live worker's lease by `by` (up to `now`): time the
+    /// coordinator could not serve heartbeats is no worker's silence.
+    pub fn extend_leases(&mut self, by: Duration, now: Instant) {
+        for w in self.workers.values_mut() {
+            if w.row.status == WorkerStatus::Alive {
+                w.last_seen = (w.last_seen + by).min(now);
+            }
+        }
     }
 
     /// Declares workers whose lease ran out dead and tears down their worlds.

@@ -118,7 +118,9 @@ async fn metrics_text(State(shared): State<Shared>) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
-    (headers, metrics::render(&runs, &workers)).into_response()
+    let mut text = metrics::render(&runs, &workers);
+    metrics::render_liveness(&mut text, shared.coordinator.liveness());
+    (headers, text).into_response()
 }
 
 // ------------------------------------------------------------------ runs

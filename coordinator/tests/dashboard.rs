@@ -154,11 +154,13 @@ fn strict_sample(line: &str) -> StrictSample {
 }
 
 /// Checks the whole exposition strictly: every sample's family has HELP
-/// and TYPE lines before it, no family is declared twice, every sample
-/// line parses. Returns the samples.
+/// and TYPE lines before it (gauges, counters, and histograms whose samples
+/// are its `_bucket`, `_sum` and `_count`), no family is declared twice,
+/// every sample line parses. Returns the samples.
 fn strict_exposition(text: &str) -> Vec<StrictSample> {
     let mut helped = Vec::new();
     let mut typed = Vec::new();
+    let mut histograms: Vec<String> = Vec::new();
     let mut samples = Vec::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
@@ -168,14 +170,27 @@ fn strict_exposition(text: &str) -> Vec<StrictSample> {
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut parts = rest.split(' ');
             let name = parts.next().expect("name").to_string();
-            assert_eq!(parts.next(), Some("gauge"), "{line}");
+            match parts.next() {
+                Some("gauge" | "counter") => {}
+                Some("histogram") => histograms.push(name.clone()),
+                _ => panic!("unexpected type in {line:?}"),
+            }
             assert!(!typed.contains(&name), "TYPE twice for {name}");
             typed.push(name);
         } else {
             assert!(!line.starts_with('#'), "stray comment {line:?}");
             let sample = strict_sample(line);
-            assert!(helped.contains(&sample.name), "no HELP before {line:?}");
-            assert!(typed.contains(&sample.name), "no TYPE before {line:?}");
+            let family = histograms
+                .iter()
+                .find(|h| {
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|suffix| sample.name == format!("{h}{suffix}"))
+                })
+                .cloned()
+                .unwrap_or_else(|| sample.name.clone());
+            assert!(helped.contains(&family), "no HELP before {line:?}");
+            assert!(typed.contains(&family), "no TYPE before {line:?}");
             assert!(!sample.value.is_nan(), "NaN in {line:?}");
             samples.push(sample);
         }

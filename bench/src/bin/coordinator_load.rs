@@ -2,22 +2,39 @@
 //!
 //! Starts `twinhead coordinator` as a child process on loopback with a
 //! SQLite file, submits runs that need every worker (worlds of 8), then
-//! runs N workers as tokio tasks, each with its own gRPC connection:
-//! register, long-poll for an assignment, heartbeat every second and report
-//! progress every two seconds. After a warm-up, it measures for the given
-//! time: heartbeat and report latency (p50, p99, max), reports per second,
-//! and the coordinator's CPU and resident memory from /proc.
+//! runs N workers as tokio tasks, each with its own gRPC connection. All of
+//! them register at once (a registration storm, as when a fleet restarts)
+//! and then behave as `twinhead worker` does: heartbeat every second from
+//! registration on, long-poll for an assignment meanwhile, and once
+//! assigned report progress every two seconds.
 //!
-//! Usage: coordinator_load [--workers 1000] [--seconds 60] [--bin PATH]
+//! Measured, during the storm (until every worker holds an assignment) and
+//! then for the given time: heartbeat and report latency as the client sees
+//! it (p50, p99, max), the coordinator's own heartbeat handling time from its
+//! `/metrics` histogram, the longest gap between a worker's acknowledged
+//! heartbeats, false deaths (workers declared dead while heartbeating: every
+//! simulated worker is alive, so every death is false), and the CPU and
+//! memory of both processes from /proc.
+//!
+//! `--coordinator-cpus` and `--generator-cpus` pin the two processes to
+//! disjoint CPUs (`taskset` lists such as `0` or `0-1`), so that the load
+//! generator's own scheduling does not count as coordinator latency.
+//!
+//! Usage: coordinator_load [--workers 1000] [--idle-workers 0] [--seconds 60] [--bin PATH]
+//! [--lease-timeout-ms 10000] [--coordinator-cpus LIST] [--generator-cpus LIST]
+//! [--storm-timeout-s 120] [--heartbeat-while-waiting true]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tokio::sync::watch;
+use tonic::Code;
 use tonic::transport::Endpoint;
 use twinhead_proto::v1::run_service_client::RunServiceClient;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
@@ -27,42 +44,123 @@ use twinhead_proto::v1::{
 };
 
 const WORLD: usize = 8;
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// As `twinhead worker` waits before it tries to register again.
+const REGISTER_RETRY: Duration = Duration::from_millis(250);
+/// The coordinator's server-side heartbeat histogram (see its `/metrics`).
+const HANDLING_HISTOGRAM: &str = "twinhead_heartbeat_handling_seconds";
 
 struct Args {
     workers: usize,
+    /// Of `workers`, those no run needs: they heartbeat and long-poll for
+    /// work through the whole bench, as a fleet larger than its runs does.
+    idle_workers: usize,
     seconds: u64,
     bin: PathBuf,
+    lease_timeout_ms: u64,
+    coordinator_cpus: Option<String>,
+    generator_cpus: Option<String>,
+    storm_timeout: Duration,
+    /// Heartbeat from registration on, as `twinhead worker` does; false:
+    /// only once assigned, as this bench did before (a worker waiting for
+    /// its world-mates then looks silent to the coordinator).
+    heartbeat_while_waiting: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         workers: 1000,
+        idle_workers: 0,
         seconds: 60,
         bin: PathBuf::from("target/release/twinhead"),
+        lease_timeout_ms: 10_000,
+        coordinator_cpus: None,
+        generator_cpus: None,
+        storm_timeout: Duration::from_secs(120),
+        heartbeat_while_waiting: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--workers" => args.workers = value.parse().context("--workers")?,
+            "--idle-workers" => args.idle_workers = value.parse().context("--idle-workers")?,
             "--seconds" => args.seconds = value.parse().context("--seconds")?,
             "--bin" => args.bin = PathBuf::from(value),
-            other => bail!("unknown flag {other}; expected --workers, --seconds, --bin"),
+            "--lease-timeout-ms" => {
+                args.lease_timeout_ms = value.parse().context("--lease-timeout-ms")?
+            }
+            "--coordinator-cpus" => args.coordinator_cpus = Some(cpu_list(&flag, value)?),
+            "--generator-cpus" => args.generator_cpus = Some(cpu_list(&flag, value)?),
+            "--storm-timeout-s" => {
+                args.storm_timeout =
+                    Duration::from_secs(value.parse().context("--storm-timeout-s")?)
+            }
+            "--heartbeat-while-waiting" => {
+                args.heartbeat_while_waiting = value
+                    .parse()
+                    .context("--heartbeat-while-waiting: true or false")?
+            }
+            other => bail!(
+                "unknown flag {other}; expected --workers, --idle-workers, --seconds, --bin, --lease-timeout-ms, \
+                 --coordinator-cpus, --generator-cpus, --storm-timeout-s, --heartbeat-while-waiting"
+            ),
         }
     }
-    if !args.workers.is_multiple_of(WORLD) {
-        bail!("--workers must be a multiple of {WORLD}");
+    if args.idle_workers > args.workers || !(args.workers - args.idle_workers).is_multiple_of(WORLD)
+    {
+        bail!("--workers less --idle-workers must be a multiple of {WORLD}");
+    }
+    if args.workers == 0 {
+        bail!("--workers must be positive");
+    }
+    if args.lease_timeout_ms <= HEARTBEAT_INTERVAL.as_millis() as u64 {
+        bail!("--lease-timeout-ms must be longer than the 1000 ms heartbeat interval");
     }
     Ok(args)
 }
 
+/// A `taskset` CPU list: digits, commas and dashes only, as it is passed
+/// on to a command line.
+fn cpu_list(flag: &str, value: String) -> anyhow::Result<String> {
+    if value.is_empty()
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == ',' || c == '-')
+    {
+        bail!("{flag}: {value:?} is not a CPU list such as 0 or 0-1 or 0,2");
+    }
+    Ok(value)
+}
+
+/// Pins every thread of this process (the tokio workers already exist;
+/// threads started later inherit the mask).
+fn pin_self(cpus: &str) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args(["--all-tasks", "--cpu-list", "--pid", cpus])
+        .arg(std::process::id().to_string())
+        .stdout(Stdio::null())
+        .status()
+        .context("run taskset (util-linux) to pin the load generator")?;
+    if !status.success() {
+        bail!("taskset could not pin the load generator to CPUs {cpus}: {status}");
+    }
+    Ok(())
+}
+
 /// (user + system CPU seconds, resident KiB, peak resident KiB) of a process.
-fn process_usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
+fn process_usage(pid: &str) -> anyhow::Result<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after_name = stat.rsplit(')').next().context("stat format")?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the name.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let field = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("stat: too few fields")?
+            .parse::<f64>()?)
+    };
+    let ticks = field(11)? + field(12)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |key: &str| {
         status
@@ -106,16 +204,141 @@ mask_ratio = 0.3
     )
 }
 
+// ------------------------------------------------- the coordinator's side
+
+/// The body of `GET path` on a plain HTTP/1.0 port.
+fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("http response without a header end")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!(
+            "GET {path}: {}",
+            head.lines().next().unwrap_or("no status line")
+        );
+    }
+    Ok(body.to_string())
+}
+
+/// What the bench reads from the coordinator's `/metrics`.
+#[derive(Debug, Default, Clone)]
+struct CoordinatorMetrics {
+    dead_workers: f64,
+    /// Lease checks that ran late, and by how long in all (s): time the
+    /// coordinator extended every lease by.
+    late_lease_checks: f64,
+    lease_check_delay: f64,
+    /// Cumulative (upper bound in seconds, count) of the heartbeat
+    /// handling histogram; empty when the coordinator has none.
+    handling: Vec<(f64, f64)>,
+}
+
+async fn scrape(addr: SocketAddr) -> anyhow::Result<CoordinatorMetrics> {
+    let text = tokio::task::spawn_blocking(move || http_get(addr, "/metrics")).await??;
+    let mut metrics = CoordinatorMetrics::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let value: f64 = value.parse().unwrap_or(f64::NAN);
+        if series == r#"twinhead_workers{state="dead"}"# {
+            metrics.dead_workers = value;
+        } else if series == "twinhead_lease_checks_late_total" {
+            metrics.late_lease_checks = value;
+        } else if series == "twinhead_lease_check_delay_seconds_total" {
+            metrics.lease_check_delay = value;
+        } else if let Some(labels) = series.strip_prefix(&format!("{HANDLING_HISTOGRAM}_bucket{{"))
+        {
+            let bound = labels
+                .strip_prefix("le=\"")
+                .and_then(|l| l.strip_suffix("\"}"))
+                .map(|b| {
+                    if b == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        b.parse().unwrap_or(f64::NAN)
+                    }
+                });
+            if let Some(bound) = bound {
+                metrics.handling.push((bound, value));
+            }
+        }
+    }
+    Ok(metrics)
+}
+
+/// The bucket bound (ms) under which a share `p` of the heartbeats handled
+/// between two scrapes fell; NaN without the histogram.
+fn handling_quantile(before: &CoordinatorMetrics, after: &CoordinatorMetrics, p: f64) -> f64 {
+    let count = |m: &CoordinatorMetrics, bound: f64| {
+        m.handling
+            .iter()
+            .find(|(b, _)| *b == bound)
+            .map_or(0.0, |(_, c)| *c)
+    };
+    let deltas: Vec<(f64, f64)> = after
+        .handling
+        .iter()
+        .map(|(bound, c)| (*bound, c - count(before, *bound)))
+        .collect();
+    let Some(total) = deltas.last().map(|(_, c)| *c).filter(|t| *t > 0.0) else {
+        return f64::NAN;
+    };
+    deltas
+        .iter()
+        .find(|(_, c)| *c >= p * total)
+        .map_or(f64::NAN, |(bound, _)| bound * 1000.0)
+}
+
+// ------------------------------------------------------------------- main
+
 #[derive(Default)]
 struct Samples {
+    register_us: Vec<u32>,
+    /// Heartbeats before every worker held an assignment.
+    storm_heartbeat_us: Vec<u32>,
     heartbeat_us: Vec<u32>,
     report_us: Vec<u32>,
+    /// Longest time between a worker's registration or acknowledged
+    /// heartbeat and its next acknowledged one.
+    longest_gap: Duration,
+    /// Told it is unknown or dead while it was heartbeating.
+    declared_dead: bool,
     errors: usize,
+}
+
+/// Where the run is: workers record samples by phase.
+const STORM: usize = 0;
+const SETTLING: usize = 1;
+const MEASURING: usize = 2;
+const DONE: usize = 3;
+
+struct Shared {
+    phase: AtomicUsize,
+    registered: AtomicUsize,
+    assigned: AtomicUsize,
+    /// Declared dead by the coordinator.
+    dead: AtomicUsize,
+    /// Could not connect or register within the storm's time.
+    failed: AtomicUsize,
+    /// Connections or registrations that failed and were tried again.
+    retries: AtomicUsize,
+    first_error: std::sync::Mutex<Option<String>>,
+    storm_timeout: Duration,
+    stop: watch::Receiver<bool>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    if let Some(cpus) = &args.generator_cpus {
+        pin_self(cpus)?;
+    }
     let dir = std::env::temp_dir().join(format!("twinhead-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("coordinator.db");
@@ -128,13 +351,23 @@ async fn main() -> anyhow::Result<()> {
         r#"{"tokenizer": {"vocab_size": 512, "cls_id": 1, "sep_id": 2},
             "phases": [{"name": "pretrain", "seq_len": 128, "sequences": 0, "shards": []}]}"#,
     )?;
-    let mut child = Command::new(&args.bin)
+    let mut command = match &args.coordinator_cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["--cpu-list", cpus]).arg(&args.bin);
+            c
+        }
+        None => Command::new(&args.bin),
+    };
+    let mut child = command
         .args([
             "coordinator",
             "--listen",
             "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
             "--lease-timeout-ms",
-            "10000",
+            &args.lease_timeout_ms.to_string(),
             "--db",
         ])
         .arg(&db)
@@ -148,26 +381,43 @@ async fn main() -> anyhow::Result<()> {
                 args.bin.display()
             )
         })?;
-    let pid = child.id();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let url = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .context("address line")?
-        .to_string();
-    let result = drive(&args, &url, pid, &dataset).await;
+    // taskset execs the coordinator, so the pid is the coordinator's.
+    let pid = child.id().to_string();
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let address = |line: &str| line.trim().rsplit(' ').next().map(str::to_string);
+    let (mut grpc_line, mut http_line) = (String::new(), String::new());
+    stdout.read_line(&mut grpc_line)?;
+    stdout.read_line(&mut http_line)?;
+    let result = match (address(&grpc_line), address(&http_line)) {
+        (Some(url), Some(http)) => {
+            let http: SocketAddr = http
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .parse()
+                .with_context(|| format!("http address in {http_line:?}"))?;
+            drive(&args, &url, http, &pid, &dataset).await
+        }
+        _ => Err(anyhow::anyhow!(
+            "the coordinator printed no addresses: {grpc_line:?} {http_line:?}"
+        )),
+    };
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn drive(args: &Args, url: &str, pid: u32, dataset: &Path) -> anyhow::Result<()> {
+async fn drive(
+    args: &Args,
+    url: &str,
+    http: SocketAddr,
+    pid: &str,
+    dataset: &Path,
+) -> anyhow::Result<()> {
     let endpoint = Endpoint::from_shared(url.to_string())?;
     let mut runs = RunServiceClient::new(endpoint.connect().await?);
-    for i in 0..args.workers / WORLD {
+    let busy = args.workers - args.idle_workers;
+    for i in 0..busy / WORLD {
         let spec = twinhead_proto::config::parse_run(
             "load.toml",
             &spec_text(&format!("load-{i}"), dataset),
@@ -178,156 +428,372 @@ async fn drive(args: &Args, url: &str, pid: u32, dataset: &Path) -> anyhow::Resu
             .await?;
     }
 
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let assigned = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        phase: AtomicUsize::new(STORM),
+        registered: AtomicUsize::new(0),
+        assigned: AtomicUsize::new(0),
+        dead: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        retries: AtomicUsize::new(0),
+        first_error: std::sync::Mutex::new(None),
+        storm_timeout: args.storm_timeout,
+        stop,
+    });
+    let self_pid = std::process::id().to_string();
+    let (generator_cpu0, _, _) = process_usage(&self_pid)?;
+    let (coordinator_cpu0, _, _) = process_usage(pid)?;
     let started = Instant::now();
-    let base = tokio::time::Instant::now() + Duration::from_millis(200);
+    let base = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(args.workers);
     for i in 0..args.workers {
-        let endpoint = endpoint.clone();
-        let (measuring, stop, assigned) = (measuring.clone(), stop.clone(), assigned.clone());
-        // Spread workers evenly over the heartbeat period, as real ones are.
-        let offset = Duration::from_micros((i as u64 * 1_000_000) / args.workers as u64);
-        tasks.push(tokio::spawn(async move {
-            worker(endpoint, i, base + offset, measuring, stop, assigned).await
-        }));
+        let (endpoint, shared) = (endpoint.clone(), shared.clone());
+        // Heartbeats spread evenly over the period, as real workers' are.
+        let offset = HEARTBEAT_INTERVAL.mul_f64(i as f64 / args.workers as f64);
+        let schedule = base + offset;
+        let while_waiting = args.heartbeat_while_waiting;
+        tasks.push(tokio::spawn(worker(
+            endpoint,
+            i,
+            schedule,
+            while_waiting,
+            shared,
+        )));
     }
-    while assigned.load(Ordering::Relaxed) < args.workers {
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "only {} of {} workers got an assignment in 120 s",
-                assigned.load(Ordering::Relaxed),
-                args.workers
-            );
+    let mut all_registered = None;
+    // Over once every worker has registered and every run's world formed.
+    let over = |s: &Shared| {
+        s.assigned.load(Ordering::Relaxed) >= busy
+            && s.registered.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed)
+                == args.workers
+    };
+    while !over(&shared) && started.elapsed() < args.storm_timeout {
+        if all_registered.is_none() && shared.registered.load(Ordering::Relaxed) == args.workers {
+            all_registered = Some(started.elapsed());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let ready = started.elapsed();
+    if all_registered.is_none() && shared.registered.load(Ordering::Relaxed) == args.workers {
+        all_registered = Some(started.elapsed());
+    }
+    let storm = started.elapsed();
+    let storm_over = over(&shared);
+    let (coordinator_storm_cpu, _, storm_peak) = process_usage(pid)?;
+    let (generator_storm_cpu, _, _) = process_usage(&self_pid)?;
+    let storm_metrics = scrape(http).await?;
+    shared.phase.store(SETTLING, Ordering::Relaxed);
     // Let the staggered loops settle before measuring.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (cpu0, _, _) = process_usage(pid)?;
+    let (coordinator_cpu1, _, _) = process_usage(pid)?;
+    let (generator_cpu1, _, _) = process_usage(&self_pid)?;
+    let before = scrape(http).await?;
     let t0 = Instant::now();
-    measuring.store(true, Ordering::Relaxed);
+    shared.phase.store(MEASURING, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-    measuring.store(false, Ordering::Relaxed);
+    shared.phase.store(DONE, Ordering::Relaxed);
     let window = t0.elapsed().as_secs_f64();
-    let (cpu1, rss, peak) = process_usage(pid)?;
-    stop.store(true, Ordering::Relaxed);
+    let (coordinator_cpu2, rss, peak) = process_usage(pid)?;
+    let (generator_cpu2, _, _) = process_usage(&self_pid)?;
+    let after = scrape(http).await?;
+    let _ = stop_tx.send(true);
 
     let mut all = Samples::default();
+    let mut false_deaths = 0;
     for task in tasks {
-        let s = task.await??;
+        let s = task.await?;
+        all.register_us.extend(s.register_us);
+        all.storm_heartbeat_us.extend(s.storm_heartbeat_us);
         all.heartbeat_us.extend(s.heartbeat_us);
         all.report_us.extend(s.report_us);
+        all.longest_gap = all.longest_gap.max(s.longest_gap);
         all.errors += s.errors;
+        false_deaths += usize::from(s.declared_dead);
     }
-    all.heartbeat_us.sort_unstable();
-    all.report_us.sort_unstable();
-    let cpu = (cpu1 - cpu0) / window;
+    // Read again once the workers have stopped (well within a lease of
+    // their last heartbeat): deaths after the window's end count too.
+    let stopped = scrape(http).await?;
+    for v in [
+        &mut all.register_us,
+        &mut all.storm_heartbeat_us,
+        &mut all.heartbeat_us,
+        &mut all.report_us,
+    ] {
+        v.sort_unstable();
+    }
+    let ms = |v: &[u32]| {
+        format!(
+            "{:.2} / {:.2} / {:.2}",
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            percentile(v, 1.0)
+        )
+    };
+    let assigned = shared.assigned.load(Ordering::Relaxed);
+    let pinning = match (&args.coordinator_cpus, &args.generator_cpus) {
+        (None, None) => "unpinned".to_string(),
+        (c, g) => format!(
+            "coordinator on CPUs {}, generator on CPUs {}",
+            c.as_deref().unwrap_or("any"),
+            g.as_deref().unwrap_or("any")
+        ),
+    };
     println!(
-        "coordinator_load: {} workers (worlds of {WORLD}), {:.0} s measured, all assigned after {:.1} s",
-        args.workers,
-        window,
-        ready.as_secs_f64()
+        "coordinator_load: {} workers ({} idle, the others in worlds of {WORLD}), lease {} ms, {pinning}, {:.0} s measured",
+        args.workers, args.idle_workers, args.lease_timeout_ms, window
     );
     println!("| metric | value |");
     println!("|---|---|");
+    println!(
+        "| storm: all registered / all assigned after (s) | {} / {} |",
+        all_registered.map_or("not all".into(), |d| format!("{:.1}", d.as_secs_f64())),
+        if storm_over {
+            format!("{:.1}", storm.as_secs_f64())
+        } else {
+            format!("{assigned} of {busy} in {:.0}", storm.as_secs_f64())
+        }
+    );
+    println!(
+        "| storm: register p50 / p99 / max (ms) | {} |",
+        ms(&all.register_us)
+    );
+    println!(
+        "| storm: heartbeat p50 / p99 / max (ms) | {} |",
+        ms(&all.storm_heartbeat_us)
+    );
+    println!(
+        "| storm: coordinator / generator CPU (cores), coordinator peak RSS (MB) | {:.2} / {:.2}, {:.1} |",
+        (coordinator_storm_cpu - coordinator_cpu0) / storm.as_secs_f64(),
+        (generator_storm_cpu - generator_cpu0) / storm.as_secs_f64(),
+        storm_peak as f64 / 1024.0
+    );
+    println!(
+        "| longest gap between a worker's acknowledged heartbeats (s) | {:.2} |",
+        all.longest_gap.as_secs_f64()
+    );
+    println!(
+        "| false deaths: told dead while heartbeating / dead in coordinator's /metrics | {false_deaths} / {} (after the storm: {}) |",
+        stopped.dead_workers, storm_metrics.dead_workers
+    );
+    println!(
+        "| lease checks late (leases extended) / their delay in all (s) | {} / {:.1} |",
+        stopped.late_lease_checks, stopped.lease_check_delay
+    );
     println!(
         "| heartbeats/s | {:.0} |",
         all.heartbeat_us.len() as f64 / window
     );
     println!(
-        "| heartbeat p50 / p99 / max (ms) | {:.2} / {:.2} / {:.2} |",
-        percentile(&all.heartbeat_us, 0.5),
-        percentile(&all.heartbeat_us, 0.99),
-        percentile(&all.heartbeat_us, 1.0)
+        "| heartbeat p50 / p99 / max (ms) | {} |",
+        ms(&all.heartbeat_us)
+    );
+    println!(
+        "| coordinator-side heartbeat handling p50 / p99 (ms, bucket bound) | ≤ {} / ≤ {} |",
+        handling_quantile(&before, &after, 0.5),
+        handling_quantile(&before, &after, 0.99)
     );
     println!(
         "| progress reports/s | {:.0} |",
         all.report_us.len() as f64 / window
     );
+    println!("| report p50 / p99 / max (ms) | {} |", ms(&all.report_us));
     println!(
-        "| report p50 / p99 / max (ms) | {:.2} / {:.2} / {:.2} |",
-        percentile(&all.report_us, 0.5),
-        percentile(&all.report_us, 0.99),
-        percentile(&all.report_us, 1.0)
+        "| coordinator / generator CPU (cores) | {:.2} / {:.2} |",
+        (coordinator_cpu2 - coordinator_cpu1) / window,
+        (generator_cpu2 - generator_cpu1) / window
     );
-    println!("| coordinator CPU (cores) | {cpu:.2} |");
     println!(
         "| coordinator RSS / peak (MB) | {:.1} / {:.1} |",
         rss as f64 / 1024.0,
         peak as f64 / 1024.0
     );
-    println!("| errors | {} |", all.errors);
+    println!(
+        "| errors in measured calls; registrations retried; workers never registered | {} ; {} ; {} |",
+        all.errors,
+        shared.retries.load(Ordering::Relaxed),
+        shared.failed.load(Ordering::Relaxed)
+    );
+    if let Ok(first) = shared.first_error.lock()
+        && let Some(error) = first.as_ref()
+    {
+        println!("first registration error: {error}");
+    }
     Ok(())
 }
 
+/// One simulated worker: registers, then heartbeats on its own schedule
+/// while it long-polls for an assignment, as `twinhead worker` does; once
+/// assigned it also reports progress every other heartbeat.
 async fn worker(
     endpoint: Endpoint,
     index: usize,
-    start: tokio::time::Instant,
-    measuring: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    assigned: Arc<AtomicUsize>,
-) -> anyhow::Result<Samples> {
-    let mut client = WorkerServiceClient::new(endpoint.connect().await?);
-    let worker_id = client
+    schedule: tokio::time::Instant,
+    heartbeat_while_waiting: bool,
+    shared: Arc<Shared>,
+) -> Samples {
+    let mut samples = Samples::default();
+    let t = Instant::now();
+    // Like `twinhead worker`, retry a connection or registration that
+    // failed until the storm is over.
+    let (client, worker_id) = loop {
+        match register(&endpoint, index).await {
+            Ok(registered) => break registered,
+            Err(error) => {
+                shared.retries.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut first) = shared.first_error.lock() {
+                    first.get_or_insert(error);
+                }
+                if t.elapsed() > shared.storm_timeout {
+                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                    return samples;
+                }
+                tokio::time::sleep(REGISTER_RETRY).await;
+            }
+        }
+    };
+    samples.register_us.push(t.elapsed().as_micros() as u32);
+    shared.registered.fetch_add(1, Ordering::Relaxed);
+
+    let (world_tx, world) = watch::channel(None::<String>);
+    let assignment = wait_for_assignment(client.clone(), &worker_id, world_tx, &shared);
+    let beats = heartbeat(
+        client,
+        &worker_id,
+        schedule,
+        heartbeat_while_waiting,
+        world,
+        &shared,
+        &mut samples,
+    );
+    tokio::join!(assignment, beats);
+    samples
+}
+
+/// A new connection and a worker id, or why not.
+async fn register(
+    endpoint: &Endpoint,
+    index: usize,
+) -> Result<(WorkerServiceClient<tonic::transport::Channel>, String), String> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {}", twinhead_proto::error_chain(&e)))?;
+    let mut client = WorkerServiceClient::new(channel);
+    let reply = client
         .register(RegisterRequest {
             hostname: format!("sim-{index}"),
             device: "cpu".into(),
             pid: index as u32,
         })
-        .await?
-        .into_inner()
-        .worker_id;
-    let assignment = loop {
-        let reply = client
-            .get_assignment(GetAssignmentRequest {
-                worker_id: worker_id.clone(),
-                known_assignment_id: String::new(),
-                wait_ms: 10_000,
-            })
-            .await?
-            .into_inner();
-        if let Some(a) = reply.assignment {
-            break a;
+        .await
+        .map_err(|s| format!("register: {}", s.message()))?;
+    Ok((client, reply.into_inner().worker_id))
+}
+
+/// Long-polls until assigned, told the worker is unknown (its heartbeats
+/// count that death), or stopped.
+async fn wait_for_assignment(
+    mut client: WorkerServiceClient<tonic::transport::Channel>,
+    worker_id: &str,
+    world: watch::Sender<Option<String>>,
+    shared: &Shared,
+) {
+    let mut stop = shared.stop.clone();
+    loop {
+        let request = GetAssignmentRequest {
+            worker_id: worker_id.to_string(),
+            known_assignment_id: String::new(),
+            wait_ms: 10_000,
+        };
+        let reply = tokio::select! {
+            reply = client.get_assignment(request) => reply,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match reply {
+            Ok(reply) => {
+                if let Some(a) = reply.into_inner().assignment {
+                    shared.assigned.fetch_add(1, Ordering::Relaxed);
+                    let _ = world.send(Some(a.world_id));
+                    return;
+                }
+            }
+            Err(s) if s.code() == Code::NotFound => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
+    }
+}
+
+async fn heartbeat(
+    mut client: WorkerServiceClient<tonic::transport::Channel>,
+    worker_id: &str,
+    schedule: tokio::time::Instant,
+    while_waiting: bool,
+    mut world: watch::Receiver<Option<String>>,
+    shared: &Shared,
+    samples: &mut Samples,
+) {
+    let mut stop = shared.stop.clone();
+    let first = if while_waiting {
+        // The first beat of this worker's slot after registration.
+        let now = tokio::time::Instant::now();
+        let periods = now.saturating_duration_since(schedule).as_nanos()
+            / HEARTBEAT_INTERVAL.as_nanos()
+            + u128::from(now > schedule);
+        schedule + HEARTBEAT_INTERVAL * periods as u32
+    } else {
+        tokio::select! {
+            _ = world.wait_for(|w| w.is_some()) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        schedule.max(tokio::time::Instant::now())
     };
-    assigned.fetch_add(1, Ordering::Relaxed);
-    let mut samples = Samples::default();
-    let mut ticker = tokio::time::interval_at(
-        start.max(tokio::time::Instant::now()),
-        Duration::from_secs(1),
-    );
+    let mut ticker = tokio::time::interval_at(first, HEARTBEAT_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ack = Instant::now();
     let mut tick: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
         tick += 1;
+        let world_id = world.borrow().clone();
+        let phase = shared.phase.load(Ordering::Relaxed);
         let t = Instant::now();
         let beat = client
             .heartbeat(HeartbeatRequest {
-                worker_id: worker_id.clone(),
-                world_id: assignment.world_id.clone(),
+                worker_id: worker_id.to_string(),
+                world_id: world_id.clone().unwrap_or_default(),
             })
             .await;
         let took = t.elapsed().as_micros() as u32;
-        let record = measuring.load(Ordering::Relaxed);
         match beat {
             Ok(r) if r.get_ref().action == WorkerAction::Continue as i32 => {
-                if record {
-                    samples.heartbeat_us.push(took);
+                samples.longest_gap = samples.longest_gap.max(last_ack.elapsed());
+                last_ack = Instant::now();
+                match phase {
+                    STORM => samples.storm_heartbeat_us.push(took),
+                    MEASURING => samples.heartbeat_us.push(took),
+                    _ => {}
                 }
             }
-            _ => samples.errors += usize::from(record),
+            Err(s) if s.code() == Code::NotFound => {
+                // A live worker told it is dead: the false death the bench
+                // counts. A real worker would register again.
+                samples.declared_dead = true;
+                shared.dead.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            _ => samples.errors += usize::from(phase == MEASURING),
         }
+        let Some(world_id) = world_id else {
+            continue;
+        };
         if tick.is_multiple_of(2) {
             let t = Instant::now();
             let report = client
                 .report_progress(ReportProgressRequest {
-                    worker_id: worker_id.clone(),
-                    world_id: assignment.world_id.clone(),
+                    worker_id: worker_id.to_string(),
+                    world_id,
                     phase_index: 0,
                     step: tick,
                     tokens: tick * 1024,
@@ -340,11 +806,10 @@ async fn worker(
                 .await;
             let took = t.elapsed().as_micros() as u32;
             match report {
-                Ok(_) if record => samples.report_us.push(took),
+                Ok(_) if phase == MEASURING => samples.report_us.push(took),
                 Ok(_) => {}
-                Err(_) => samples.errors += usize::from(record),
+                Err(_) => samples.errors += usize::from(phase == MEASURING),
             }
         }
     }
-    Ok(samples)
 }
