@@ -357,11 +357,6 @@ impl Build {
             let rel = plan_path(&src.name);
             self.out.put(&rel, to_json(&self.out, &rel, &plan)?)?;
         }
-        // A given tokenizer is stored now, so that it can load while the
-        // scan runs; a trained one needs the scan's documents.
-        if !self.trains_tokenizer() {
-            self.store_tokenizer()?;
-        }
         Ok(Outcome::Planned {
             parts_per_source,
             complete: None,
@@ -568,16 +563,7 @@ impl Build {
             let rel = merge_path(&src.name);
             self.out.put(&rel, to_json(&self.out, &rel, &merge)?)?;
         }
-        // A given tokenizer was stored by the plan and may be loaded
-        // already: storing it again could swap the bytes under it.
-        if self.trains_tokenizer() || !self.out.exists(manifest::TOKENIZER)? {
-            self.store_tokenizer()?;
-        }
-        Ok(())
-    }
-
-    fn trains_tokenizer(&self) -> bool {
-        matches!(self.cfg.tokenizer, TokenizerSpec::Train { .. })
+        self.store_tokenizer()
     }
 
     /// Copies the configured tokenizer into the dataset, or trains one on
@@ -970,26 +956,14 @@ impl Build {
                     }
                     let stage = stage_name(first);
                     progress.start(stage, step.len() as u64);
-                    let run_step = || -> Vec<Result<Outcome>> {
-                        step.par_iter()
-                            .map(|t| {
-                                let r = self.run(*t, progress);
-                                progress.inc(1);
-                                r
-                            })
-                            .collect()
-                    };
-                    // A given tokenizer loads on one thread while the
-                    // others start scanning, instead of alone before the
-                    // tokenize stage.
-                    let (outcomes, preloaded) =
-                        if matches!(first, Task::Scan { .. }) && !self.trains_tokenizer() {
-                            let (outcomes, preloaded) =
-                                rayon::join(run_step, || self.tokenizer().map(drop));
-                            (outcomes, preloaded)
-                        } else {
-                            (run_step(), Ok(()))
-                        };
+                    let outcomes: Vec<Result<Outcome>> = step
+                        .par_iter()
+                        .map(|t| {
+                            let r = self.run(*t, progress);
+                            progress.inc(1);
+                            r
+                        })
+                        .collect();
                     progress.finish(stage);
                     for o in outcomes {
                         if let Outcome::Files(w) = o? {
@@ -997,7 +971,6 @@ impl Build {
                             written.skipped += w.skipped;
                         }
                     }
-                    preloaded?;
                 }
             }
         }
