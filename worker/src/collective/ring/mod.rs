@@ -361,21 +361,33 @@ struct Sender<'s, 'a, T> {
     written: &'s mpsc::Receiver<Chunk<'a, T>>,
 }
 
+/// The connection to the right neighbour, as an operation writes to it.
+struct RightLink<'a> {
+    stream: &'a TcpStream,
+    /// Held for the whole operation, keeping the keepalive thread out.
+    writing: &'a Mutex<()>,
+    /// How long the sender may wait for a chunk before a keepalive.
+    keepalive: Duration,
+}
+
 /// Runs one operation: sends `header` to the right neighbour, starts the
 /// thread that writes chunks to it, and runs `receive` (reading from the
 /// left) on this thread. The first failure on either side is recorded in
 /// `failure` (aborting the world) and returned; `send_failed` names a
 /// failed write.
 fn with_sender<'a, T: Pod + Send>(
-    right: &TcpStream,
-    writing: &Mutex<()>,
-    keepalive: Duration,
+    link: RightLink<'_>,
     header: &OpHeader,
     failure: OpFailure<'_>,
     send_failed: impl Fn(io::Error) -> CollectiveError + Send + Sync,
     lost: impl Fn() -> CollectiveError,
     receive: impl FnOnce(Sender<'_, 'a, T>) -> Result<()>,
 ) -> Result<()> {
+    let RightLink {
+        stream: right,
+        writing,
+        keepalive,
+    } = link;
     // The keepalive thread writes only between calls.
     let _writing = writing.lock().unwrap_or_else(|p| p.into_inner());
     // The header goes out before anything can fail, so that a neighbour
@@ -559,9 +571,11 @@ impl CpuRingEngine {
         let n_f32 = n as f32;
         let send_failed = move |e| net_err(rank, rrank, op, timeout, e);
         let result = with_sender(
-            right,
-            &self.writing,
-            self.cfg.keepalive_interval,
+            RightLink {
+                stream: right,
+                writing: &self.writing,
+                keepalive: self.cfg.keepalive_interval,
+            },
             &header,
             failure,
             send_failed,
@@ -645,9 +659,11 @@ impl CpuRingEngine {
         let chunks: Vec<&mut [u8]> = buf.chunks_mut(chunk).collect();
         let send_failed = move |e| net_err(rank, rrank, op, timeout, e);
         with_sender(
-            right,
-            &self.writing,
-            self.cfg.keepalive_interval,
+            RightLink {
+                stream: right,
+                writing: &self.writing,
+                keepalive: self.cfg.keepalive_interval,
+            },
             &header,
             failure,
             send_failed,
