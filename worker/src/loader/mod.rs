@@ -397,9 +397,15 @@ impl PhaseReader {
         }
         let mut shard_starts = Vec::with_capacity(phase.shards.len() + 1);
         let mut total = 0u64;
-        for shard in &phase.shards {
+        for (i, shard) in phase.shards.iter().enumerate() {
             shard_starts.push(total);
-            total += shard.rows;
+            // The counts come from the manifest: any number may be there.
+            total = total.checked_add(shard.rows).ok_or_else(|| {
+                bad(format!(
+                    "`shards[{i}].rows` = {}: the shards' rows add up past 2^64",
+                    shard.rows
+                ))
+            })?;
         }
         shard_starts.push(total);
         if total != phase.sequences {

@@ -241,7 +241,8 @@ pub fn read_attempts(
             resumed_from: 0,
             entries: Vec::new(),
         };
-        let mut resumed: Option<u64> = None;
+        // The first header's `resumed_from`, and its file.
+        let mut resumed: Option<(u64, String)> = None;
         for file in adir.list("")?.into_iter().map(|listed| listed.rel) {
             let bytes = adir.get(&file)?;
             let bad = |message: String| LoaderError::OrderLog {
@@ -249,36 +250,61 @@ pub fn read_attempts(
                 message,
             };
             if file.ends_with(".attempt.json") {
-                let header: AttemptHeader =
-                    serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-                if resumed.is_some_and(|r| r != header.resumed_from) {
-                    return Err(bad(format!(
-                        "ranks disagree on resumed_from ({resumed:?} vs {})",
-                        header.resumed_from
-                    )));
+                let header: AttemptHeader = parse_json(&bytes).map_err(bad)?;
+                match &resumed {
+                    Some((r, first)) if *r != header.resumed_from => {
+                        return Err(bad(format!(
+                            "ranks disagree on resumed_from: {} here, {r} in {}",
+                            header.resumed_from,
+                            adir.name(first)
+                        )));
+                    }
+                    Some(_) => {}
+                    None => resumed = Some((header.resumed_from, file.clone())),
                 }
-                resumed = Some(header.resumed_from);
                 log.opened_ms = log.opened_ms.min(header.opened_ms);
             } else if file.ends_with(".jsonl") {
-                let text = std::str::from_utf8(&bytes).map_err(|e| bad(e.to_string()))?;
-                for (n, line) in text
-                    .lines()
+                // Line by line on bytes: a damaged line (bad UTF-8 included)
+                // is reported by its number.
+                for (n, line) in bytes
+                    .split(|&b| b == b'\n')
                     .enumerate()
-                    .filter(|(_, l)| !l.trim().is_empty())
+                    .filter(|(_, l)| !l.trim_ascii().is_empty())
                 {
-                    let entry: OrderEntry = serde_json::from_str(line)
-                        .map_err(|e| bad(format!("line {}: {e}", n + 1)))?;
+                    let at = |e: String| bad(format!("line {}: {e}", n + 1));
+                    // serde_json does not check the bytes of fields it skips.
+                    std::str::from_utf8(line).map_err(|e| at(e.to_string()))?;
+                    let entry: OrderEntry = parse_json(line).map_err(at)?;
                     log.entries.push(entry);
                 }
             }
         }
-        log.resumed_from = resumed.ok_or_else(|| LoaderError::OrderLog {
-            location: adir.url().to_string(),
-            message: "no rank-*.attempt.json header".into(),
-        })?;
+        log.resumed_from = resumed
+            .map(|(r, _)| r)
+            .ok_or_else(|| LoaderError::OrderLog {
+                location: adir.url().to_string(),
+                message: "no rank-*.attempt.json header".into(),
+            })?;
         out.push(log);
     }
     Ok(out)
+}
+
+/// `bytes` as one JSON value of type `T`; an error names the field at
+/// fault (serde_json's own message names only a column).
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("`{path}`: {}", e.inner())
+        }
+    })?;
+    // As serde_json::from_slice: nothing may follow the value.
+    de.end().map_err(|e| e.to_string())?;
+    Ok(value)
 }
 
 /// What [`verify`] found.

@@ -15,7 +15,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::reader::{ChunkReader, Length};
 
-use twinhead_data::formats::{DOC_LENS, INPUT_IDS};
+use twinhead_data::formats::{DOC_LENS, INPUT_IDS, catch_decoder_panic};
 use twinhead_data::store::{Location, Pending, StoreError};
 
 use super::LoaderError;
@@ -258,10 +258,21 @@ impl OpenShard {
             .map_err(|e| perr(&name, e))?;
         let mut group_starts = Vec::with_capacity(metadata.num_row_groups() + 1);
         let mut row = 0u64;
-        for group in metadata.row_groups() {
+        for (i, group) in metadata.row_groups().iter().enumerate() {
             group_starts.push(row);
-            row += u64::try_from(group.num_rows())
-                .map_err(|_| perr(&name, "negative row count in a row group"))?;
+            // Counts from the footer: any number may be there.
+            row = u64::try_from(group.num_rows())
+                .ok()
+                .and_then(|rows| row.checked_add(rows))
+                .ok_or_else(|| {
+                    perr(
+                        &name,
+                        format!(
+                            "row group {i} has {} rows: the row counts are negative or add up past 2^64",
+                            group.num_rows()
+                        ),
+                    )
+                })?;
         }
         group_starts.push(row);
         Ok(Self {
@@ -397,13 +408,6 @@ impl OpenShard {
             data,
         };
         let mask = ProjectionMask::roots(schema, root_indices);
-        let batches =
-            ParquetRecordBatchReaderBuilder::new_with_metadata(reader, self.reader_meta.clone())
-                .with_row_groups(vec![group])
-                .with_projection(mask)
-                .with_batch_size(8192)
-                .build()
-                .map_err(|e| perr(name, e))?;
         let first_row = self.group_starts[group];
         let mut out = DecodedGroup {
             shard: self.index,
@@ -412,35 +416,25 @@ impl OpenShard {
             input_ids: Vec::new(),
             doc_lens: Vec::new(),
         };
-        for batch in batches {
-            let batch = batch.map_err(|e| perr(name, e))?;
-            let ids = list_u32(name, &batch, INPUT_IDS)?;
-            let lens = list_u32(name, &batch, DOC_LENS)?;
-            for row in 0..batch.num_rows() {
-                let global = first_row + out.rows();
-                let tokens = ids.row(row);
-                if tokens.len() != seq_len {
-                    return Err(LoaderError::RowLength {
-                        location: name.clone(),
-                        row: global,
-                        expected: seq_len,
-                        got: tokens.len(),
-                    });
-                }
-                let docs = lens.row(row);
-                let sum: u64 = docs.iter().map(|&d| u64::from(d)).sum();
-                if sum != seq_len as u64 {
-                    return Err(LoaderError::DocLens {
-                        location: name.clone(),
-                        row: global,
-                        sum,
-                        seq_len,
-                    });
-                }
-                out.input_ids.extend_from_slice(tokens);
-                out.doc_lens.push(docs.to_vec());
+        // The parquet crate panics on some corrupt pages (a varint longer
+        // than 10 bytes, a dictionary page missing) instead of failing.
+        catch_decoder_panic(|| {
+            let batches = ParquetRecordBatchReaderBuilder::new_with_metadata(
+                reader,
+                self.reader_meta.clone(),
+            )
+            .with_row_groups(vec![group])
+            .with_projection(mask)
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| perr(name, e))?;
+            for batch in batches {
+                let batch = batch.map_err(|e| perr(name, e))?;
+                self.take_rows(&batch, seq_len, &mut out)?;
             }
-        }
+            Ok::<(), LoaderError>(())
+        })
+        .map_err(|e| perr(name, e))??;
         let expected = self.group_starts[group + 1] - first_row;
         if out.rows() != expected {
             return Err(perr(
@@ -452,6 +446,46 @@ impl OpenShard {
             ));
         }
         Ok(out)
+    }
+}
+
+impl OpenShard {
+    /// Appends the rows of `batch` to `out`, checking every row against
+    /// `seq_len`.
+    fn take_rows(
+        &self,
+        batch: &arrow_array::RecordBatch,
+        seq_len: usize,
+        out: &mut DecodedGroup,
+    ) -> Result<(), LoaderError> {
+        let name = &self.name;
+        let ids = list_u32(name, batch, INPUT_IDS)?;
+        let lens = list_u32(name, batch, DOC_LENS)?;
+        for row in 0..batch.num_rows() {
+            let global = out.first_row + out.rows();
+            let tokens = ids.row(row);
+            if tokens.len() != seq_len {
+                return Err(LoaderError::RowLength {
+                    location: name.clone(),
+                    row: global,
+                    expected: seq_len,
+                    got: tokens.len(),
+                });
+            }
+            let docs = lens.row(row);
+            let sum: u64 = docs.iter().map(|&d| u64::from(d)).sum();
+            if sum != seq_len as u64 {
+                return Err(LoaderError::DocLens {
+                    location: name.clone(),
+                    row: global,
+                    sum,
+                    seq_len,
+                });
+            }
+            out.input_ids.extend_from_slice(tokens);
+            out.doc_lens.push(docs.to_vec());
+        }
+        Ok(())
     }
 }
 
