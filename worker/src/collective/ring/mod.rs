@@ -523,6 +523,15 @@ impl CpuRingEngine {
     }
 
     /// Reads the left neighbour's header and compares it with ours.
+    /// The right neighbour's connection as an operation writes to it.
+    fn right_link<'a>(&'a self, stream: &'a TcpStream) -> RightLink<'a> {
+        RightLink {
+            stream,
+            writing: &self.writing,
+            keepalive: self.cfg.keepalive_interval,
+        }
+    }
+
     /// Reads the left neighbour's header and compares it with ours,
     /// skipping the keepalives it sends while it has not reached the call
     /// (for at most `op_timeout`).
@@ -571,11 +580,7 @@ impl CpuRingEngine {
         let n_f32 = n as f32;
         let send_failed = move |e| net_err(rank, rrank, op, timeout, e);
         let result = with_sender(
-            RightLink {
-                stream: right,
-                writing: &self.writing,
-                keepalive: self.cfg.keepalive_interval,
-            },
+            self.right_link(right),
             &header,
             failure,
             send_failed,
@@ -659,11 +664,7 @@ impl CpuRingEngine {
         let chunks: Vec<&mut [u8]> = buf.chunks_mut(chunk).collect();
         let send_failed = move |e| net_err(rank, rrank, op, timeout, e);
         with_sender(
-            RightLink {
-                stream: right,
-                writing: &self.writing,
-                keepalive: self.cfg.keepalive_interval,
-            },
+            self.right_link(right),
             &header,
             failure,
             send_failed,
