@@ -161,6 +161,54 @@ pub fn write_rows(location: &str, rows: &[Row], rows_per_group: usize) -> Result
     write_batch(location, shard_schema(), cols, rows_per_group)
 }
 
+/// A parquet file's bytes as the decoder reads them, where reading past the
+/// end is an error. parquet 60 reads page headers from a `Read` and skips
+/// an unknown field by copying that many bytes to a sink, which stops
+/// quietly at the end of the input: a damaged header declaring a list of
+/// 2^31 such fields took seconds to refuse. Here the first read past the
+/// end fails, and the header with it.
+#[derive(Clone, Debug)]
+pub struct EndCheckedBytes(pub bytes::Bytes);
+
+impl parquet::file::reader::Length for EndCheckedBytes {
+    fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+impl parquet::file::reader::ChunkReader for EndCheckedBytes {
+    type T = EndCheckedReader;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        parquet::file::reader::ChunkReader::get_read(&self.0, start)
+            .map(|r| EndCheckedReader(r.into_inner()))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        parquet::file::reader::ChunkReader::get_bytes(&self.0, start, length)
+    }
+}
+
+/// A reader over bytes whose read past the end (a non-empty buffer asked
+/// for when nothing is left) is an `UnexpectedEof` error, not `Ok(0)`.
+#[derive(Debug)]
+pub struct EndCheckedReader(pub bytes::Bytes);
+
+impl std::io::Read for EndCheckedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use bytes::Buf;
+        if self.0.is_empty() && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "a page header runs past the end of its data",
+            ));
+        }
+        let n = buf.len().min(self.0.len());
+        self.0.copy_to_slice(&mut buf[..n]);
+        Ok(n)
+    }
+}
+
 /// Runs `decode` (parquet decoding of a file's bytes), turning a panic of
 /// the parquet crate into an error: some corrupt files make it panic
 /// instead of returning one (a dictionary-encoded page without a
@@ -173,7 +221,7 @@ pub fn catch_decoder_panic<T>(decode: impl FnOnce() -> T) -> std::result::Result
 fn batches(location: &str, bytes: impl Into<bytes::Bytes>) -> Result<Vec<RecordBatch>> {
     let bytes: bytes::Bytes = bytes.into();
     catch_decoder_panic(|| {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        let reader = ParquetRecordBatchReaderBuilder::try_new(EndCheckedBytes(bytes))
             .and_then(|b| b.with_batch_size(4096).build())
             .map_err(|e| perr(location, e))?;
         reader.map(|b| b.map_err(|e| perr(location, e))).collect()
@@ -398,7 +446,8 @@ fn projected_batches_of(
     bytes: bytes::Bytes,
     columns: &[&str],
 ) -> Result<Vec<RecordBatch>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| perr(location, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(EndCheckedBytes(bytes))
+        .map_err(|e| perr(location, e))?;
     if let Some(missing) = columns
         .iter()
         .find(|c| builder.schema().field_with_name(c).is_err())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_array::{Array, ListArray, UInt32Array};
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
@@ -15,7 +15,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::reader::{ChunkReader, Length};
 
-use twinhead_data::formats::{DOC_LENS, INPUT_IDS, catch_decoder_panic};
+use twinhead_data::formats::{DOC_LENS, EndCheckedReader, INPUT_IDS, catch_decoder_panic};
 use twinhead_data::store::{Location, Pending, StoreError};
 
 use super::LoaderError;
@@ -59,12 +59,14 @@ impl Length for RangeBytes {
 }
 
 impl ChunkReader for RangeBytes {
-    type T = bytes::buf::Reader<Bytes>;
+    // Page headers are read from it: reading past the end must fail
+    // (`EndCheckedReader` says why).
+    type T = EndCheckedReader;
 
     fn get_read(&self, start: u64) -> Result<Self::T, ParquetError> {
         let data_end = self.start + self.data.len() as u64;
         let length = data_end.saturating_sub(start) as usize;
-        Ok(self.slice(start, length)?.reader())
+        Ok(EndCheckedReader(self.slice(start, length)?))
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> Result<Bytes, ParquetError> {
