@@ -51,12 +51,52 @@ fn terr(e: impl std::fmt::Display) -> Error {
 /// values")`), which would take a dataprep process down with no word of
 /// which file was bad.
 pub fn parse_tokenizer(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
+    check_added_tokens(bytes)?;
+    parse_checked(bytes)
+}
+
+fn parse_checked(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
     match twinhead_data::caught::catch_panic(|| Tokenizer::from_bytes(bytes)) {
         Ok(parsed) => parsed.map_err(|e| e.to_string()),
         Err(_) => Err("a table of it (decoder, normalizer, ...) is malformed: \
                        the tokenizers library could not read it"
             .into()),
     }
+}
+
+/// The longest added token (in characters) a tokenizer may have. Both
+/// tokenizers libraries build their added-token matcher (an Aho-Corasick
+/// DFA) in time quadratic in a token's length: one token of 5,000
+/// characters took over a second per load, five seconds for the Ettin
+/// layout. Real files stay far below this (the OLMo file's longest: 24).
+pub const MAX_ADDED_TOKEN_CHARS: usize = 512;
+
+/// Refuses an added token longer than [`MAX_ADDED_TOKEN_CHARS`], naming it;
+/// anything else wrong with the file is left to the tokenizers library,
+/// which says what.
+fn check_added_tokens(bytes: &[u8]) -> std::result::Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct AddedTokens {
+        #[serde(default)]
+        added_tokens: Option<Vec<serde_json::Value>>,
+    }
+    let Ok(file) = serde_json::from_slice::<AddedTokens>(bytes) else {
+        return Ok(());
+    };
+    for (i, token) in file.added_tokens.unwrap_or_default().iter().enumerate() {
+        let chars = token
+            .get("content")
+            .and_then(serde_json::Value::as_str)
+            .map_or(0, |c| c.chars().count());
+        if chars > MAX_ADDED_TOKEN_CHARS {
+            return Err(format!(
+                "added_tokens[{i}].content has {chars} characters; added tokens of up to \
+                 {MAX_ADDED_TOKEN_CHARS} are read (the tokenizers library's matcher takes \
+                 time quadratic in a token's length to build)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Tok {
@@ -69,9 +109,10 @@ impl Tok {
     /// [`Tok::from_bytes`] with the encoder chosen: [`EncoderChoice::Reference`]
     /// encodes every document with `tokenizers` 0.22.
     pub fn with_encoder(bytes: &[u8], cls: &str, sep: &str, choice: EncoderChoice) -> Result<Self> {
+        check_added_tokens(bytes).map_err(|e| terr(format!("not a tokenizer.json: {e}")))?;
         // The two libraries read the file side by side.
         let (inner, fast) = rayon::join(
-            || parse_tokenizer(bytes),
+            || parse_checked(bytes),
             || match choice {
                 EncoderChoice::Reference => {
                     Err(format!("forced ({}=reference)", crate::encode::ENCODER_ENV))

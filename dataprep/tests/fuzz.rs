@@ -82,9 +82,9 @@ fn tokenizer_json(short: u32) {
             json_doc::apply(&mut value, 16, *pick, edit);
         }
         let bytes = text::mutated(&serde_json::to_vec(&value).unwrap_or_default(), &m.bytes);
-        // The reference encoder (tokenizers 0.22): the fast path's loader
-        // aborts on a huge token id (see the ignored test below).
-        match Tok::with_encoder(&bytes, "[CLS]", "[SEP]", EncoderChoice::Reference) {
+        // Both encoders, as a build loads them (the fast one where it can
+        // read the file, 0.22 beside it).
+        match Tok::from_bytes(&bytes, "[CLS]", "[SEP]") {
             Ok(tok) => {
                 for t in TEXTS {
                     if let Err(e) = tok.encode_doc(t) {
@@ -155,4 +155,40 @@ fn tokenizer_json_short() {
 #[ignore = "bench mode: TWINHEAD_FUZZ_CASES cases, release build"]
 fn fuzz_tokenizer_json() {
     tokenizer_json(SHORT);
+}
+
+/// Finding 16: one added token of 5,000 characters took over a second to
+/// load and five seconds for the Ettin layout (the tokenizers library's
+/// added-token matcher builds in time quadratic in a token's length). Such
+/// a token is refused at once, by its place in the file.
+#[test]
+fn an_overlong_added_token_is_refused_quickly() {
+    let mut value: serde_json::Value = serde_json::from_slice(&trained()).expect("json");
+    value["added_tokens"][4]["content"] = "x".repeat(5000).into();
+    let bytes = serde_json::to_vec(&value).expect("json");
+    let started = std::time::Instant::now();
+    for choice in [EncoderChoice::Fast, EncoderChoice::Reference] {
+        let err = Tok::with_encoder(&bytes, "[CLS]", "[SEP]", choice)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("added_tokens[4].content has 5000 characters"),
+            "{err}"
+        );
+    }
+    let err = ettin_layout(&bytes)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("added_tokens[4]"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refusing it took {:?}",
+        started.elapsed()
+    );
+    // At the limit it still loads.
+    value["added_tokens"][4]["content"] = "x".repeat(512).into();
+    let bytes = serde_json::to_vec(&value).expect("json");
+    assert!(Tok::from_bytes(&bytes, "[CLS]", "[SEP]").is_ok());
 }
