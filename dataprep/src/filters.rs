@@ -400,9 +400,24 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
             }
         }
         let mut covered = vec![false; words.len()];
+        // A repeated (n+1)-gram is made of repeated n-grams (keys equal up
+        // to a 64-bit hash collision), so the words
+        // that repeated n-grams cover include those of every longer one:
+        // a fraction measured for n bounds every rule for a larger n, and
+        // a rule whose limit is at or above that bound cannot drop the
+        // document (most documents: Gopher's limits fall as n grows).
+        let mut bounds: Vec<(usize, usize)> = Vec::new();
         for rule in &f.duplicate_ngrams {
             let n = rule.n;
             if words.len() < n {
+                continue;
+            }
+            let bound = bounds
+                .iter()
+                .filter(|(m, _)| *m <= n)
+                .map(|(_, chars)| *chars)
+                .min();
+            if bound.is_some_and(|b| b as f64 / total_word_chars as f64 <= rule.max_fraction) {
                 continue;
             }
             let keys = grams.keys(n);
@@ -426,6 +441,7 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
             if dup_chars as f64 / total_word_chars as f64 > rule.max_fraction {
                 return Err(Drop::DuplicateNgram);
             }
+            bounds.push((n, dup_chars));
         }
         Ok(())
     })
@@ -811,6 +827,28 @@ mod tests {
                 duplicate_ngrams: rules(&[1, 2], 0.9),
                 ..f()
             },
+            // Limits that fall, rise and repeat as n grows, in any order:
+            // a shorter rule's fraction may bound a longer one's, never
+            // the other way round.
+            Filters {
+                duplicate_ngrams: [
+                    (5, 0.15),
+                    (6, 0.14),
+                    (7, 0.13),
+                    (8, 0.12),
+                    (9, 0.11),
+                    (10, 0.1),
+                ]
+                .map(|(n, max_fraction)| NgramRule { n, max_fraction })
+                .to_vec(),
+                ..f()
+            },
+            Filters {
+                duplicate_ngrams: [(6, 0.5), (2, 0.6), (4, 0.3), (3, 0.45), (8, 0.05), (5, 0.3)]
+                    .map(|(n, max_fraction)| NgramRule { n, max_fraction })
+                    .to_vec(),
+                ..f()
+            },
         ];
         let mut drops = BTreeMap::new();
         for i in 0..3000 {
@@ -828,5 +866,6 @@ mod tests {
         }
         // Every outcome is exercised.
         assert!(drops.len() >= 3, "{drops:?}");
+        assert!(drops.contains_key("Err(DuplicateNgram)"), "{drops:?}");
     }
 }
