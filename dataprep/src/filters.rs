@@ -32,8 +32,16 @@ fn normalize_cow(text: Cow<str>) -> String {
     };
     // Most text is already NFC: the quick check ("yes" means NFC leaves it
     // as it is) costs a fraction of composing, and ASCII needs neither.
-    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
-        if text.chars().all(|c| keep(&c)) {
+    let ascii = text.is_ascii();
+    if ascii || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        // On ASCII, the control characters are the bytes below 0x20 and 0x7f.
+        let clean = if ascii {
+            text.bytes()
+                .all(|b| (b >= 0x20 && b != 0x7f) || b == b'\n' || b == b'\t')
+        } else {
+            text.chars().all(|c| keep(&c))
+        };
+        if clean {
             return text.into_owned();
         }
         return text.chars().filter(keep).collect();
@@ -129,11 +137,6 @@ impl NgramTable {
             }
             p = (p + 1) & self.mask;
         }
-    }
-
-    /// The keys seen since the last reset.
-    fn used(&self) -> impl Iterator<Item = &Slot> {
-        self.slots[..=self.mask].iter().filter(|s| s.count > 0)
     }
 }
 
@@ -385,15 +388,16 @@ pub fn check(f: &Filters, text: &str) -> Result<(), Drop> {
             }
             let keys = grams.keys(n);
             table.reset(keys.len());
-            for (i, &k) in keys.iter().enumerate() {
-                table.slot(k, i).count += 1;
-            }
-            // Characters in the most frequent n-gram (ties: more characters).
+            // Characters in the most frequent n-gram (ties: more
+            // characters), kept up to date as counts grow rather than
+            // found by a pass over the table.
             let (mut best, mut best_count) = (0usize, 0u32);
-            for s in table.used() {
-                best_count = best_count.max(s.count);
-                let first = s.first as usize;
-                best = best.max(s.count as usize * (chars_before[first + n] - chars_before[first]));
+            for (i, &k) in keys.iter().enumerate() {
+                let s = table.slot(k, i);
+                s.count += 1;
+                let (count, first) = (s.count, s.first as usize);
+                best_count = best_count.max(count);
+                best = best.max(count as usize * (chars_before[first + n] - chars_before[first]));
             }
             if best_count > 1 && best as f64 / total_word_chars as f64 > rule.max_fraction {
                 return Err(Drop::TopNgram);
@@ -498,6 +502,7 @@ mod tests {
             "plain ascii",
             "",
             "ascii\r\nwith\rcr\u{7}bell\u{0}",
+            "ascii del\u{7f} unit\u{1f} sep, tab\t and ~ kept",
             "caf\u{e9} ok",
             "cafe\u{301}",
             "e\u{7}\u{301} control between",

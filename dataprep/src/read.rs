@@ -120,39 +120,35 @@ pub fn read_input(
 }
 
 fn read_lines<R: Read>(
-    r: R,
+    mut r: R,
     name: &str,
     rel: &str,
     src: &SourceConfig,
     on_error: OnError,
     out: &mut ReadOutput,
 ) -> Result<()> {
-    // Decompress sequentially, then parse the lines in parallel (in order).
-    let mut reader = BufReader::with_capacity(1 << 16, r);
-    let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
+    // Decompress sequentially into one buffer, then parse the lines in
+    // parallel (in order), as slices of it: no allocation per line.
+    let mut all = Vec::new();
+    let broken = r.read_to_end(&mut all).err();
+    // A stream that broke keeps its complete lines only.
+    let complete = match broken {
+        Some(_) => all.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1),
+        None => all.len(),
+    };
+    let mut lines: Vec<(u64, &[u8])> = Vec::new();
     let mut line_no = 0u64;
-    let mut broken = None;
-    loop {
-        let mut buf = Vec::new();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
-                broken = Some(format!(
-                    "truncated or corrupt stream after line {line_no}: {e}"
-                ));
-                break;
-            }
-        }
+    for line in all[..complete].split_inclusive(|&b| b == b'\n') {
         line_no += 1;
-        if buf.iter().all(u8::is_ascii_whitespace) {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        lines.push((line_no, buf));
+        lines.push((line_no, line));
     }
+    let broken = broken.map(|e| format!("truncated or corrupt stream after line {line_no}: {e}"));
     let parsed: Vec<std::result::Result<RawDoc, (&'static str, String)>> = lines
         .par_iter()
-        .map(|(no, buf)| {
+        .map(|&(no, buf)| {
             let line = buf.strip_suffix(b"\n").unwrap_or(buf);
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let text = std::str::from_utf8(line).map_err(|e| ("invalid_utf8", e.to_string()))?;
@@ -187,9 +183,9 @@ fn lookup<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Va
     })
 }
 
-fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
+fn collect_strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
     match v {
-        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::String(s) => out.push(s),
         serde_json::Value::Array(a) => a.iter().for_each(|x| collect_strings(x, out)),
         serde_json::Value::Object(m) => m.values().for_each(|x| collect_strings(x, out)),
         _ => {}
@@ -198,12 +194,12 @@ fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
 
 /// Text (fields joined by a blank line; arrays and objects contribute their
 /// strings joined by newlines) and optional id; `Err(field)` names the first
-/// missing or empty field.
+/// missing or empty field. The text is copied once, into its final size.
 fn extract(
     v: &serde_json::Value,
     src: &SourceConfig,
 ) -> std::result::Result<(String, Option<String>), String> {
-    let mut parts = Vec::with_capacity(src.text_fields.len());
+    let mut fields: Vec<Vec<&str>> = Vec::with_capacity(src.text_fields.len());
     for f in &src.text_fields {
         let mut strings = Vec::new();
         match lookup(v, f) {
@@ -213,7 +209,23 @@ fn extract(
         if strings.is_empty() {
             return Err(f.clone());
         }
-        parts.push(strings.join("\n"));
+        fields.push(strings);
+    }
+    let len: usize = fields
+        .iter()
+        .map(|strings| strings.iter().map(|s| s.len() + 1).sum::<usize>() + 1)
+        .sum();
+    let mut text = String::with_capacity(len);
+    for (i, strings) in fields.iter().enumerate() {
+        if i > 0 {
+            text.push_str("\n\n");
+        }
+        for (j, s) in strings.iter().enumerate() {
+            if j > 0 {
+                text.push('\n');
+            }
+            text.push_str(s);
+        }
     }
     let id = src
         .id_field
@@ -224,7 +236,7 @@ fn extract(
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
         });
-    Ok((parts.join("\n\n"), id))
+    Ok((text, id))
 }
 
 fn string_at(col: &dyn Array, i: usize) -> Option<String> {
