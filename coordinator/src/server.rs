@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use twinhead_proto::v1::FILE_DESCRIPTOR_SET;
@@ -239,7 +238,7 @@ pub async fn serve_coordinator(
             }
             GrpcIncoming::Plain(listener) => {
                 router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal())
+                    .serve_with_incoming_shutdown(grpc_connections(listener), stop_signal())
                     .await
             }
         }
@@ -254,13 +253,32 @@ pub async fn serve_coordinator(
             Some(tls) => crate::tls::serve_http(tls, listener, app, stop_signal())
                 .await
                 .map_err(ServeError::Http),
-            None => axum::serve(listener, app)
+            None => axum::serve(http_connections(listener), app)
                 .with_graceful_shutdown(stop_signal())
                 .await
                 .map_err(ServeError::Http),
         }
     };
     tokio::try_join!(grpc, http_server).map(|_| ())
+}
+
+/// The plaintext gRPC port's connections, with TCP_NODELAY. Without it a
+/// response's last segment waits for the client's delayed ACK (40 ms on
+/// Linux): every call took that long. tonic sets it only on listeners it
+/// binds itself.
+fn grpc_connections(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// The plaintext HTTP port's connections, with TCP_NODELAY (as
+/// [`grpc_connections`]).
+fn http_connections(
+    listener: TcpListener,
+) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
+    fn no_nagle(tcp: &mut tokio::net::TcpStream) {
+        let _ = tcp.set_nodelay(true);
+    }
+    axum::serve::ListenerExt::tap_io(listener, no_nagle)
 }
 
 /// The gRPC port's connections: straight from the listener, or TLS ones
@@ -298,5 +316,39 @@ async fn reap_leases(coordinator: Arc<Coordinator>) {
         if let Err(e) = coordinator.expire_tasks().await {
             tracing::error!(error = %e, "dataprep task lease check failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    async fn listener() -> (TcpListener, std::net::SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("address");
+        (l, addr)
+    }
+
+    #[tokio::test]
+    async fn grpc_connections_are_accepted_without_nagle() {
+        let (l, addr) = listener().await;
+        let mut incoming = grpc_connections(l);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("TCP_NODELAY readable"));
+    }
+
+    #[tokio::test]
+    async fn http_connections_are_accepted_without_nagle() {
+        let (l, addr) = listener().await;
+        let mut incoming = http_connections(l);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = axum::serve::Listener::accept(&mut incoming).await;
+        assert!(accepted.nodelay().expect("TCP_NODELAY readable"));
     }
 }

@@ -151,7 +151,11 @@ pub(crate) async fn split_plaintext(
         let stream = tokio::select! {
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // As on the plaintext ports (`server::grpc_connections`).
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: pass the error
                     // on (tonic logs and goes on) and keep accepting.
@@ -221,7 +225,11 @@ pub(crate) async fn serve_http(
         let stream = tokio::select! {
             _ = &mut stop => return Ok(()),
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // As on the plaintext ports (`server::grpc_connections`).
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "http port: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
