@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use twinhead_proto::build_tasks::{Task, steps};
+use twinhead_proto::build_tasks::{Task, check_parts, steps};
 use twinhead_proto::dataset::DatasetConfig;
 use twinhead_proto::v1::{
     BuildDatasetRequest, CompleteTaskRequest, DataprepStep, DataprepTask, Dataset, DatasetState,
@@ -319,6 +319,9 @@ impl Builds {
                 "parts_per_source: {} sources reported, the config has {sources}",
                 request.parts_per_source.len()
             )));
+        }
+        if task == Task::Plan && !request.already_complete {
+            check_parts(&request.parts_per_source).map_err(Error::InvalidArgument)?;
         }
         build.leases.remove(&request.key);
         build.record.done_tasks.push(request.key.clone());

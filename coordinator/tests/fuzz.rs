@@ -802,6 +802,45 @@ async fn refusals_quoting_long_inputs_reach_the_client() {
     c.stop().await;
 }
 
+/// Finding 18: a plan's `parts_per_source` was taken as reported, and the
+/// coordinator listed a task per part: `[u32::MAX, …]` made it allocate
+/// 57 GB and abort (found by the first 1,000,000-case gRPC run). A plan of
+/// more than a million parts is refused and the build stays where it was.
+#[tokio::test]
+async fn a_plan_of_billions_of_parts_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Coordinator::start(&dir.path().join("c.db")).await;
+    let ids = scenario(&c, 1).await;
+    assert_eq!(ids.task, "plan", "{ids:?}");
+    let complete = |parts: Vec<u32>| CompleteTaskRequest {
+        dataset_id: ids.dataset.clone(),
+        key: ids.task.clone(),
+        process: "fuzz".into(),
+        parts_per_source: parts,
+        ..Default::default()
+    };
+    let status = c
+        .dataprep()
+        .await
+        .complete_task(complete(vec![u32::MAX]))
+        .await
+        .expect_err("too many parts");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("parts_per_source: 4294967295 parts"),
+        "{status:?}"
+    );
+    // Still serving, and the plan can still be completed.
+    c.dataprep()
+        .await
+        .complete_task(complete(vec![2]))
+        .await
+        .expect("a plan of 2 parts");
+    c.stop().await;
+}
+
 #[test]
 fn grpc_short() {
     grpc(SHORT);

@@ -349,6 +349,17 @@ impl Build {
             let mut counters = Counters::default();
             let (_, parts) = stage1::plan(src, self.cfg.on_error, &mut counters)?;
             parts_per_source.push(parts.len());
+            // The coordinator refuses a larger plan (every part is two
+            // tasks); one process refuses it the same way.
+            let counts: Vec<u32> = parts_per_source
+                .iter()
+                .map(|&n| u32::try_from(n).unwrap_or(u32::MAX))
+                .collect();
+            twinhead_proto::build_tasks::check_parts(&counts).map_err(|message| Error::Input {
+                source_name: src.name.clone(),
+                input: src.input.clone(),
+                message,
+            })?;
             let plan = SourcePlan {
                 config_sha256: self.cfg.sha256.clone(),
                 parts: parts.into_iter().map(|p| p.files).collect(),

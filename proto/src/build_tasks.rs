@@ -57,6 +57,23 @@ impl Task {
     }
 }
 
+/// The most parts (input files, or groups of text files) a build may have,
+/// over all its sources: every part is a scan and a tokenize task, and a
+/// plan's counts come from a dataprep process over the network.
+pub const MAX_PARTS: u64 = 1_000_000;
+
+/// Refuses a plan of more than [`MAX_PARTS`] parts, naming the count.
+pub fn check_parts(parts_per_source: &[u32]) -> Result<(), String> {
+    let total: u64 = parts_per_source.iter().map(|&n| u64::from(n)).sum();
+    if total > MAX_PARTS {
+        return Err(format!(
+            "parts_per_source: {total} parts in all; a build has at most {MAX_PARTS} \
+             (one per input file)"
+        ));
+    }
+    Ok(())
+}
+
 /// The steps of a build in order, each with its tasks, given the parts per
 /// source from [`Task::Plan`] and the number of phases.
 pub fn steps(parts_per_source: &[usize], phases: usize) -> Vec<Vec<Task>> {
