@@ -207,6 +207,20 @@ pub const ETTIN_UNUSED: usize = 83;
 pub fn ettin_layout(base: &[u8]) -> Result<Vec<u8>> {
     let mut tok = parse_tokenizer(base).map_err(|e| terr(format!("base tokenizer: {e}")))?;
     let first = u32::try_from(tok.get_vocab_size(true)).map_err(terr)?;
+    // The layout's ids follow the base's: they must run 0..n without
+    // holes. (Writing a vocabulary with holes also makes the tokenizers
+    // library print every missing id: gigabytes for an id of 4294967295.)
+    if let Some((token, id)) = tok
+        .get_vocab(true)
+        .into_iter()
+        .filter(|(_, id)| *id >= first)
+        .max_by_key(|(_, id)| *id)
+    {
+        return Err(terr(format!(
+            "base tokenizer: token {token:?} has id {id}, but there are only {first} tokens; \
+             the Ettin layout needs ids 0..{first} without holes"
+        )));
+    }
     let mut added: Vec<AddedToken> = ETTIN_SPECIALS
         .iter()
         .map(|s| AddedToken::from(*s, true).lstrip(*s == "[MASK]"))

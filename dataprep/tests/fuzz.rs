@@ -126,6 +126,29 @@ fn huge_id() -> Vec<u8> {
     serde_json::to_vec(&value).expect("json")
 }
 
+/// Finding 19: the Ettin layout of a base tokenizer with the id 4294967295
+/// made the tokenizers library print every missing id while writing it
+/// (a 56 GB log before the first million-case run was stopped). A base
+/// whose ids have holes is refused, naming the token.
+#[test]
+fn an_ettin_base_with_holes_in_its_ids_is_refused() {
+    let err = ettin_layout(&huge_id())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains(r#"token "a" has id 4294967295"#) && err.contains("without holes"),
+        "{err}"
+    );
+    // Holes are what is refused: the trained tokenizer (ids 0..n) is
+    // refused for another reason, its own special tokens.
+    let err = ettin_layout(&trained())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("the base tokenizer already has"), "{err}");
+}
+
 #[test]
 fn a_huge_token_id_loads_with_the_reference_encoder() {
     let bytes = huge_id();
