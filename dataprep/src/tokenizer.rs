@@ -344,6 +344,16 @@ mod tests {
             for s in SPECIALS {
                 vocab.remove(s);
             }
+            // Ids 0..n again, without the specials' (merges name tokens,
+            // not ids).
+            let mut tokens: Vec<(String, u64)> = vocab
+                .iter()
+                .map(|(t, id)| (t.clone(), id.as_u64().unwrap_or(u64::MAX)))
+                .collect();
+            tokens.sort_by_key(|(_, id)| *id);
+            for (new_id, (token, _)) in tokens.into_iter().enumerate() {
+                vocab.insert(token, new_id.into());
+            }
         }
         let base = serde_json::to_vec(&json).map_err(terr)?;
         let base_size = Tokenizer::from_bytes(&base)
