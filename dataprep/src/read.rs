@@ -4,7 +4,7 @@
 //! build, per `on_error`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 
 use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
