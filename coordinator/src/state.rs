@@ -914,6 +914,15 @@ impl State {
         let run_id = self.worlds.get(&req.world_id).cloned().unwrap_or_default();
         let run = self.run(&run_id)?;
         check_in_phase(run, "report", "step", req.phase_index, req.step)?;
+        // Progress rows are stored as SQLite integers (i64): a larger count
+        // would fail the whole commit it shares with other calls.
+        if i64::try_from(req.tokens).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "tokens: {} is past {}, the largest count stored",
+                req.tokens,
+                i64::MAX
+            )));
+        }
         if rank != 0 {
             return Ok((WorkerAction::Continue, String::new()));
         }

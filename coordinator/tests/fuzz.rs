@@ -841,6 +841,50 @@ async fn a_plan_of_billions_of_parts_is_refused() {
     c.stop().await;
 }
 
+/// Finding 20: a progress report of more than 2^63 − 1 tokens reached the
+/// store, whose SQLite integer refused it: INTERNAL, and the commit it
+/// shared with other calls failed with it. It is refused at the door.
+#[tokio::test]
+async fn progress_past_the_stored_range_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Coordinator::start(&dir.path().join("c.db")).await;
+    c.runs()
+        .await
+        .submit_run(SubmitRunRequest {
+            spec: Some(tiny_spec("huge-tokens")),
+        })
+        .await
+        .expect("submit");
+    let mut a = SimWorker::register(&c, "a").await;
+    let mut b = SimWorker::register(&c, "b").await;
+    a.next_assignment().await;
+    b.next_assignment().await;
+    for w in [&mut a, &mut b] {
+        let assignment = w.assignment.clone().expect("assigned");
+        let status = w
+            .client
+            .report_progress(ReportProgressRequest {
+                worker_id: w.id.clone(),
+                world_id: assignment.world_id,
+                phase_index: assignment.phase_index,
+                step: 1,
+                tokens: 13_872_134_233_781_010_482,
+                ..Default::default()
+            })
+            .await
+            .expect_err("too many tokens");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with("tokens: 13872134233781010482"),
+            "{status:?}"
+        );
+    }
+    // The store still takes reports.
+    a.progress(1, 2.5).await;
+    b.progress(1, 2.5).await;
+    c.stop().await;
+}
+
 #[test]
 fn grpc_short() {
     grpc(SHORT);
