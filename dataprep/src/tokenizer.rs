@@ -166,7 +166,15 @@ impl Tok {
 
     /// `[CLS] ids… [SEP]` of a document by `tokenizers` 0.22.
     pub fn encode_doc_reference(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(terr)?;
+        // 0.22 panics on some tables it reads without complaint (a
+        // `Prepend` normalizer of an empty string indexes past its end).
+        let enc = twinhead_data::caught::catch_panic(|| self.inner.encode(text, false))
+            .map_err(|why| {
+                terr(format!(
+                    "the tokenizers library failed on a document ({why})"
+                ))
+            })?
+            .map_err(terr)?;
         let ids = enc.get_ids();
         let mut out = Vec::with_capacity(ids.len() + 2);
         out.push(self.cls);

@@ -215,3 +215,24 @@ fn an_overlong_added_token_is_refused_quickly() {
     let bytes = serde_json::to_vec(&value).expect("json");
     assert!(Tok::from_bytes(&bytes, "[CLS]", "[SEP]").is_ok());
 }
+
+/// Finding 21: a tokenizer whose `normalizer` is `[""]` (read by 0.22 as a
+/// `Prepend` of the empty string) loaded, then panicked on the first
+/// document it encoded. Encoding by 0.22 is guarded: an error naming the
+/// tokenizer.
+#[test]
+fn a_tokenizer_that_panics_while_encoding_is_an_error() {
+    let mut value: serde_json::Value = serde_json::from_slice(&trained()).expect("json");
+    value["normalizer"] = serde_json::json!([""]);
+    let bytes = serde_json::to_vec(&value).expect("json");
+    let tok = Tok::from_bytes(&bytes, "[CLS]", "[SEP]").expect("0.22 reads it");
+    let err = tok
+        .encode_doc(TEXTS[0])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.starts_with("tokenizer: the tokenizers library failed on a document"),
+        "{err}"
+    );
+}
