@@ -268,6 +268,7 @@ weights = { web = 1.0 }
 /// Words a refusal may name: fields of the requests and what they point at.
 const FIELDS: &[&str] = &[
     "spec",
+    "tokens",
     "run_id",
     "run ",
     "worker_id",
