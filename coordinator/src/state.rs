@@ -923,6 +923,20 @@ impl State {
                 i64::MAX
             )));
         }
+        // SQLite stores NaN as NULL, which the columns refuse.
+        for (field, value) in [
+            ("loss", req.loss),
+            ("tokens_per_sec", req.tokens_per_sec),
+            ("lr", req.lr),
+            ("grad_norm", req.grad_norm),
+            ("mfu", req.mfu),
+        ] {
+            if !value.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "{field}: {value} is not a finite number"
+                )));
+            }
+        }
         if rank != 0 {
             return Ok((WorkerAction::Continue, String::new()));
         }

@@ -269,6 +269,10 @@ weights = { web = 1.0 }
 const FIELDS: &[&str] = &[
     "spec",
     "tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "mfu",
     "run_id",
     "run ",
     "worker_id",
@@ -842,11 +846,12 @@ async fn a_plan_of_billions_of_parts_is_refused() {
     c.stop().await;
 }
 
-/// Finding 20: a progress report of more than 2^63 − 1 tokens reached the
-/// store, whose SQLite integer refused it: INTERNAL, and the commit it
-/// shared with other calls failed with it. It is refused at the door.
+/// Findings 20 and 22: a progress report of more than 2^63 − 1 tokens, or
+/// with a NaN loss (stored as NULL), reached the store, which refused it:
+/// INTERNAL, and the commit it shared with other calls failed with it.
+/// Both are refused at the door.
 #[tokio::test]
-async fn progress_past_the_stored_range_is_refused() {
+async fn progress_the_store_cannot_hold_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = Coordinator::start(&dir.path().join("c.db")).await;
     c.runs()
@@ -879,6 +884,24 @@ async fn progress_past_the_stored_range_is_refused() {
             status.message().starts_with("tokens: 13872134233781010482"),
             "{status:?}"
         );
+    }
+    for w in [&mut a, &mut b] {
+        let assignment = w.assignment.clone().expect("assigned");
+        let status = w
+            .client
+            .report_progress(ReportProgressRequest {
+                worker_id: w.id.clone(),
+                world_id: assignment.world_id,
+                phase_index: assignment.phase_index,
+                step: 1,
+                tokens: 1000,
+                loss: f64::NAN,
+                ..Default::default()
+            })
+            .await
+            .expect_err("a NaN loss");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with("loss: NaN"), "{status:?}");
     }
     // The store still takes reports.
     a.progress(1, 2.5).await;
