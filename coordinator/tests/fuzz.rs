@@ -866,42 +866,31 @@ async fn progress_the_store_cannot_hold_is_refused() {
     a.next_assignment().await;
     b.next_assignment().await;
     for w in [&mut a, &mut b] {
-        let assignment = w.assignment.clone().expect("assigned");
-        let status = w
-            .client
-            .report_progress(ReportProgressRequest {
-                worker_id: w.id.clone(),
-                world_id: assignment.world_id,
-                phase_index: assignment.phase_index,
-                step: 1,
-                tokens: 13_872_134_233_781_010_482,
-                ..Default::default()
-            })
-            .await
-            .expect_err("too many tokens");
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(
-            status.message().starts_with("tokens: 13872134233781010482"),
-            "{status:?}"
-        );
-    }
-    for w in [&mut a, &mut b] {
-        let assignment = w.assignment.clone().expect("assigned");
-        let status = w
-            .client
-            .report_progress(ReportProgressRequest {
-                worker_id: w.id.clone(),
-                world_id: assignment.world_id,
-                phase_index: assignment.phase_index,
-                step: 1,
-                tokens: 1000,
-                loss: f64::NAN,
-                ..Default::default()
-            })
-            .await
-            .expect_err("a NaN loss");
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(status.message().starts_with("loss: NaN"), "{status:?}");
+        for (tokens, loss, named) in [
+            (
+                13_872_134_233_781_010_482,
+                2.5,
+                "tokens: 13872134233781010482",
+            ),
+            (1000, f64::NAN, "loss: NaN"),
+        ] {
+            let assignment = w.assignment.clone().expect("assigned");
+            let status = w
+                .client
+                .report_progress(ReportProgressRequest {
+                    worker_id: w.id.clone(),
+                    world_id: assignment.world_id,
+                    phase_index: assignment.phase_index,
+                    step: 1,
+                    tokens,
+                    loss,
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a report the store cannot hold");
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(status.message().starts_with(named), "{status:?}");
+        }
     }
     // The store still takes reports.
     a.progress(1, 2.5).await;
