@@ -20,9 +20,15 @@
 //! disjoint CPUs (`taskset` lists such as `0` or `0-1`), so that the load
 //! generator's own scheduling does not count as coordinator latency.
 //!
+//! A call of the bulk generator can wait behind hundreds of other simulated
+//! workers' calls in its runtime's queue, which no real worker (a process
+//! of its own) does. So `--probe-workers` of the workers run on a thread of
+//! their own at real-time priority: their latency is the network's and the
+//! coordinator's only, and the bench reports it beside the bulk figure.
+//!
 //! Usage: coordinator_load [--workers 1000] [--idle-workers 0] [--seconds 60] [--bin PATH]
 //! [--lease-timeout-ms 10000] [--coordinator-cpus LIST] [--generator-cpus LIST]
-//! [--storm-timeout-s 120] [--heartbeat-while-waiting true]
+//! [--storm-timeout-s 120] [--probe-workers 80] [--heartbeat-while-waiting true]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -35,6 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::sync::watch;
 use tonic::Code;
+use tonic::codegen::http;
 use tonic::transport::Endpoint;
 use twinhead_proto::v1::run_service_client::RunServiceClient;
 use twinhead_proto::v1::worker_service_client::WorkerServiceClient;
@@ -61,6 +68,9 @@ struct Args {
     coordinator_cpus: Option<String>,
     generator_cpus: Option<String>,
     storm_timeout: Duration,
+    /// Of the busy workers, these many (spread evenly over the heartbeat
+    /// period) run on a thread of their own at real-time priority.
+    probe_workers: usize,
     /// Heartbeat from registration on, as `twinhead worker` does; false:
     /// only once assigned, as this bench did before (a worker waiting for
     /// its world-mates then looks silent to the coordinator).
@@ -77,6 +87,7 @@ fn parse_args() -> anyhow::Result<Args> {
         coordinator_cpus: None,
         generator_cpus: None,
         storm_timeout: Duration::from_secs(120),
+        probe_workers: 80,
         heartbeat_while_waiting: true,
     };
     let mut it = std::env::args().skip(1);
@@ -96,6 +107,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.storm_timeout =
                     Duration::from_secs(value.parse().context("--storm-timeout-s")?)
             }
+            "--probe-workers" => args.probe_workers = value.parse().context("--probe-workers")?,
             "--heartbeat-while-waiting" => {
                 args.heartbeat_while_waiting = value
                     .parse()
@@ -103,7 +115,8 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             other => bail!(
                 "unknown flag {other}; expected --workers, --idle-workers, --seconds, --bin, --lease-timeout-ms, \
-                 --coordinator-cpus, --generator-cpus, --storm-timeout-s, --heartbeat-while-waiting"
+                 --coordinator-cpus, --generator-cpus, --storm-timeout-s, --probe-workers, \
+                 --heartbeat-while-waiting"
             ),
         }
     }
@@ -113,6 +126,9 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     if args.workers == 0 {
         bail!("--workers must be positive");
+    }
+    if args.probe_workers > args.workers {
+        bail!("--probe-workers must not exceed --workers");
     }
     if args.lease_timeout_ms <= HEARTBEAT_INTERVAL.as_millis() as u64 {
         bail!("--lease-timeout-ms must be longer than the 1000 ms heartbeat interval");
@@ -146,6 +162,122 @@ fn pin_self(cpus: &str) -> anyhow::Result<()> {
         bail!("taskset could not pin the load generator to CPUs {cpus}: {status}");
     }
     Ok(())
+}
+
+/// A simulated worker's gRPC connection: the generated client over hyper's
+/// HTTP/2 connection handle. tonic's `Channel` passes every call through a
+/// buffer task of its own (another wake-up and two channel hops a call),
+/// which one CPU pays 15,000 times a second at 10,000 workers; the
+/// coordinator sees the same HTTP/2 requests either way.
+#[derive(Clone)]
+struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+type ConnectionResponse = http::Response<hyper::body::Incoming>;
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Connection {
+    type Response = ConnectionResponse;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<ConnectionResponse, hyper::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// Where the simulated workers connect.
+#[derive(Clone)]
+struct Target {
+    address: SocketAddr,
+    origin: http::Uri,
+}
+
+impl Target {
+    async fn connect(&self) -> anyhow::Result<WorkerServiceClient<Connection>> {
+        let stream = tokio::net::TcpStream::connect(self.address).await?;
+        stream.set_nodelay(true)?;
+        let (send, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await?;
+        tokio::spawn(connection);
+        Ok(WorkerServiceClient::with_origin(
+            Connection(send),
+            self.origin.clone(),
+        ))
+    }
+}
+
+/// A runtime on a thread of its own at real-time priority (`SCHED_FIFO`),
+/// for the probe workers. The bulk generator runs thousands of simulated
+/// workers on one CPU, and a call of theirs can wait behind hundreds of
+/// others in its queue; a probe never does, so its latency is what a
+/// worker process of its own would see: network and coordinator only.
+struct ProbeRuntime {
+    handle: tokio::runtime::Handle,
+    /// False where this process may not raise a thread's priority: the
+    /// probes then take turns with the generator like any thread.
+    realtime: bool,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ProbeRuntime {
+    fn start() -> anyhow::Result<ProbeRuntime> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("probe-workers".into())
+            .spawn(move || {
+                let realtime = raise_to_realtime();
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => {
+                        let _ = ready_tx.send(Ok((runtime.handle().clone(), realtime)));
+                        runtime.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })?;
+        let (handle, realtime) = ready_rx
+            .recv()
+            .context("the probe thread ended before its runtime started")??;
+        Ok(ProbeRuntime {
+            handle,
+            realtime,
+            stop,
+            thread,
+        })
+    }
+
+    fn shut_down(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Puts the calling thread under `SCHED_FIFO` at the lowest real-time
+/// priority; whether that was allowed.
+fn raise_to_realtime() -> bool {
+    let param = libc::sched_param { sched_priority: 1 };
+    #[allow(unsafe_code)] // one system call on the calling thread (pid 0); param outlives it
+    let status = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    status == 0
 }
 
 /// (user + system CPU seconds, resident KiB, peak resident KiB) of a process.
@@ -333,12 +465,22 @@ struct Shared {
     stop: watch::Receiver<bool>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    // Pinned before the runtime starts, so that it sizes its worker threads
+    // to the CPUs it may use: two threads on one CPU take turns in the
+    // scheduler's slices of several milliseconds, which the calls waiting
+    // on the other thread would count as latency.
     if let Some(cpus) = &args.generator_cpus {
         pin_self(cpus)?;
     }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(generate(args))
+}
+
+async fn generate(args: Args) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("twinhead-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("coordinator.db");
@@ -416,6 +558,16 @@ async fn drive(
 ) -> anyhow::Result<()> {
     let endpoint = Endpoint::from_shared(url.to_string())?;
     let mut runs = RunServiceClient::new(endpoint.connect().await?);
+    let origin: http::Uri = url.parse()?;
+    let target = Target {
+        address: origin
+            .authority()
+            .context("the coordinator's address has no host and port")?
+            .as_str()
+            .parse()
+            .with_context(|| format!("the coordinator's address {url}"))?,
+        origin,
+    };
     let busy = args.workers - args.idle_workers;
     for i in 0..busy / WORLD {
         let spec = twinhead_proto::config::parse_run(
@@ -443,22 +595,25 @@ async fn drive(
     let self_pid = std::process::id().to_string();
     let (generator_cpu0, _, _) = process_usage(&self_pid)?;
     let (coordinator_cpu0, _, _) = process_usage(pid)?;
+    let probes = ProbeRuntime::start()?;
+    // Probes spread evenly over the workers, so over the heartbeat period.
+    let probe_every = args.workers / args.probe_workers.max(1);
+    let is_probe = |i: usize| i.is_multiple_of(probe_every) && i / probe_every < args.probe_workers;
     let started = Instant::now();
     let base = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(args.workers);
     for i in 0..args.workers {
-        let (endpoint, shared) = (endpoint.clone(), shared.clone());
+        let (target, shared) = (target.clone(), shared.clone());
         // Heartbeats spread evenly over the period, as real workers' are.
         let offset = HEARTBEAT_INTERVAL.mul_f64(i as f64 / args.workers as f64);
         let schedule = base + offset;
         let while_waiting = args.heartbeat_while_waiting;
-        tasks.push(tokio::spawn(worker(
-            endpoint,
-            i,
-            schedule,
-            while_waiting,
-            shared,
-        )));
+        let simulated = worker(target, i, schedule, while_waiting, shared);
+        tasks.push(if is_probe(i) {
+            (true, probes.handle.spawn(simulated))
+        } else {
+            (false, tokio::spawn(simulated))
+        });
     }
     let mut all_registered = None;
     // Over once every worker has registered and every run's world formed.
@@ -499,8 +654,12 @@ async fn drive(
 
     let mut all = Samples::default();
     let mut false_deaths = 0;
-    for task in tasks {
+    let mut probe_heartbeat_us = Vec::new();
+    for (probe, task) in tasks {
         let s = task.await?;
+        if probe {
+            probe_heartbeat_us.extend_from_slice(&s.heartbeat_us);
+        }
         all.register_us.extend(s.register_us);
         all.storm_heartbeat_us.extend(s.storm_heartbeat_us);
         all.heartbeat_us.extend(s.heartbeat_us);
@@ -512,7 +671,10 @@ async fn drive(
     // Read again once the workers have stopped (well within a lease of
     // their last heartbeat): deaths after the window's end count too.
     let stopped = scrape(http).await?;
+    let probes_realtime = probes.realtime;
+    probes.shut_down();
     for v in [
+        &mut probe_heartbeat_us,
         &mut all.register_us,
         &mut all.storm_heartbeat_us,
         &mut all.heartbeat_us,
@@ -587,6 +749,16 @@ async fn drive(
         ms(&all.heartbeat_us)
     );
     println!(
+        "| heartbeat p50 / p99 / max of the {} probe workers{} (ms) | {} |",
+        args.probe_workers,
+        if probes_realtime {
+            ", on a real-time thread"
+        } else {
+            " (normal priority: not allowed a real-time thread)"
+        },
+        ms(&probe_heartbeat_us)
+    );
+    println!(
         "| coordinator-side heartbeat handling p50 / p99 (ms, bucket bound) | ≤ {} / ≤ {} |",
         handling_quantile(&before, &after, 0.5),
         handling_quantile(&before, &after, 0.99)
@@ -624,7 +796,7 @@ async fn drive(
 /// while it long-polls for an assignment, as `twinhead worker` does; once
 /// assigned it also reports progress every other heartbeat.
 async fn worker(
-    endpoint: Endpoint,
+    target: Target,
     index: usize,
     schedule: tokio::time::Instant,
     heartbeat_while_waiting: bool,
@@ -635,7 +807,7 @@ async fn worker(
     // Like `twinhead worker`, retry a connection or registration that
     // failed until the storm is over.
     let (client, worker_id) = loop {
-        match register(&endpoint, index).await {
+        match register(&target, index).await {
             Ok(registered) => break registered,
             Err(error) => {
                 shared.retries.fetch_add(1, Ordering::Relaxed);
@@ -670,14 +842,13 @@ async fn worker(
 
 /// A new connection and a worker id, or why not.
 async fn register(
-    endpoint: &Endpoint,
+    target: &Target,
     index: usize,
-) -> Result<(WorkerServiceClient<tonic::transport::Channel>, String), String> {
-    let channel = endpoint
+) -> Result<(WorkerServiceClient<Connection>, String), String> {
+    let mut client = target
         .connect()
         .await
-        .map_err(|e| format!("connect: {}", twinhead_proto::error_chain(&e)))?;
-    let mut client = WorkerServiceClient::new(channel);
+        .map_err(|e| format!("connect: {e:#}"))?;
     let reply = client
         .register(RegisterRequest {
             hostname: format!("sim-{index}"),
@@ -692,7 +863,7 @@ async fn register(
 /// Long-polls until assigned, told the worker is unknown (its heartbeats
 /// count that death), or stopped.
 async fn wait_for_assignment(
-    mut client: WorkerServiceClient<tonic::transport::Channel>,
+    mut client: WorkerServiceClient<Connection>,
     worker_id: &str,
     world: watch::Sender<Option<String>>,
     shared: &Shared,
@@ -723,7 +894,7 @@ async fn wait_for_assignment(
 }
 
 async fn heartbeat(
-    mut client: WorkerServiceClient<tonic::transport::Channel>,
+    mut client: WorkerServiceClient<Connection>,
     worker_id: &str,
     schedule: tokio::time::Instant,
     while_waiting: bool,
@@ -747,7 +918,11 @@ async fn heartbeat(
         schedule.max(tokio::time::Instant::now())
     };
     let mut ticker = tokio::time::interval_at(first, HEARTBEAT_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A tick this process saw late (its runtime busy with other simulated
+    // workers) keeps the worker's slot: with `Delay` every worker held up by
+    // one stall of the generator would beat in the same instant from then on,
+    // a burst no fleet of separate processes makes.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_ack = Instant::now();
     let mut tick: u64 = 0;
     loop {
