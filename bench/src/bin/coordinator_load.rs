@@ -165,10 +165,10 @@ fn pin_self(cpus: &str) -> anyhow::Result<()> {
 }
 
 /// A simulated worker's gRPC connection: the generated client over hyper's
-/// HTTP/2 connection handle. tonic's `Channel` passes every call through a
-/// buffer task of its own (another wake-up and two channel hops a call),
-/// which one CPU pays 15,000 times a second at 10,000 workers; the
-/// coordinator sees the same HTTP/2 requests either way.
+/// HTTP/2 connection handle, without the buffer task that tonic's `Channel`
+/// adds to every connection (10,000 more tasks on the generator's CPU). The
+/// coordinator sees the same HTTP/2 requests either way; the generator's
+/// CPU per call hardly changed (BENCHMARKS.md).
 #[derive(Clone)]
 struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
 
