@@ -6,7 +6,7 @@
 //! them register at once (a registration storm, as when a fleet restarts)
 //! and then behave as `twinhead worker` does: heartbeat every second from
 //! registration on, long-poll for an assignment meanwhile, and once
-//! assigned report progress every two seconds.
+//! assigned, rank 0 of each world reports progress every two seconds.
 //!
 //! Measured, during the storm (until every worker holds an assignment) and
 //! then for the given time: heartbeat and report latency as the client sees
@@ -792,9 +792,16 @@ async fn drive(
     Ok(())
 }
 
+/// The world a simulated worker was assigned to, and its rank there.
+#[derive(Clone)]
+struct World {
+    id: String,
+    rank: u32,
+}
+
 /// One simulated worker: registers, then heartbeats on its own schedule
 /// while it long-polls for an assignment, as `twinhead worker` does; once
-/// assigned it also reports progress every other heartbeat.
+/// assigned, a rank 0 also reports progress every other heartbeat.
 async fn worker(
     target: Target,
     index: usize,
@@ -825,7 +832,7 @@ async fn worker(
     samples.register_us.push(t.elapsed().as_micros() as u32);
     shared.registered.fetch_add(1, Ordering::Relaxed);
 
-    let (world_tx, world) = watch::channel(None::<String>);
+    let (world_tx, world) = watch::channel(None::<World>);
     let assignment = wait_for_assignment(client.clone(), &worker_id, world_tx, &shared);
     let beats = heartbeat(
         client,
@@ -865,7 +872,7 @@ async fn register(
 async fn wait_for_assignment(
     mut client: WorkerServiceClient<Connection>,
     worker_id: &str,
-    world: watch::Sender<Option<String>>,
+    world: watch::Sender<Option<World>>,
     shared: &Shared,
 ) {
     let mut stop = shared.stop.clone();
@@ -883,7 +890,10 @@ async fn wait_for_assignment(
             Ok(reply) => {
                 if let Some(a) = reply.into_inner().assignment {
                     shared.assigned.fetch_add(1, Ordering::Relaxed);
-                    let _ = world.send(Some(a.world_id));
+                    let _ = world.send(Some(World {
+                        id: a.world_id,
+                        rank: a.rank,
+                    }));
                     return;
                 }
             }
@@ -898,7 +908,7 @@ async fn heartbeat(
     worker_id: &str,
     schedule: tokio::time::Instant,
     while_waiting: bool,
-    mut world: watch::Receiver<Option<String>>,
+    mut world: watch::Receiver<Option<World>>,
     shared: &Shared,
     samples: &mut Samples,
 ) {
@@ -931,13 +941,13 @@ async fn heartbeat(
             _ = stop.wait_for(|s| *s) => return,
         }
         tick += 1;
-        let world_id = world.borrow().clone();
+        let assigned = world.borrow().clone();
         let phase = shared.phase.load(Ordering::Relaxed);
         let t = Instant::now();
         let beat = client
             .heartbeat(HeartbeatRequest {
                 worker_id: worker_id.to_string(),
-                world_id: world_id.clone().unwrap_or_default(),
+                world_id: assigned.as_ref().map(|w| w.id.clone()).unwrap_or_default(),
             })
             .await;
         let took = t.elapsed().as_micros() as u32;
@@ -960,7 +970,8 @@ async fn heartbeat(
             }
             _ => samples.errors += usize::from(phase == MEASURING),
         }
-        let Some(world_id) = world_id else {
+        // Rank 0 reports for its world, as `twinhead worker` does.
+        let Some(World { id: world_id, rank: 0 }) = assigned else {
             continue;
         };
         if tick.is_multiple_of(2) {
