@@ -971,7 +971,11 @@ async fn heartbeat(
             _ => samples.errors += usize::from(phase == MEASURING),
         }
         // Rank 0 reports for its world, as `twinhead worker` does.
-        let Some(World { id: world_id, rank: 0 }) = assigned else {
+        let Some(World {
+            id: world_id,
+            rank: 0,
+        }) = assigned
+        else {
             continue;
         };
         if tick.is_multiple_of(2) {
