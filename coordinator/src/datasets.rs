@@ -321,7 +321,8 @@ impl Builds {
             )));
         }
         if task == Task::Plan && !request.already_complete {
-            check_parts(&request.parts_per_source).map_err(Error::InvalidArgument)?;
+            check_parts(request.parts_per_source.iter().map(|&n| u64::from(n)))
+                .map_err(Error::InvalidArgument)?;
         }
         build.leases.remove(&request.key);
         build.record.done_tasks.push(request.key.clone());

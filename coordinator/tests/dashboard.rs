@@ -52,21 +52,15 @@ async fn world_of_two(c: &Coordinator, hostnames: [&str; 2]) -> (SimWorker, SimW
 
 /// Rank 0 reports a step with chosen numbers.
 async fn report(worker: &mut SimWorker, step: u64, tokens: u64, loss: f64, tokens_per_sec: f64) {
-    let a = worker.assignment.clone().expect("assigned");
+    let request = ReportProgressRequest {
+        tokens_per_sec,
+        grad_norm: 0.5,
+        mfu: 0.25,
+        ..worker.progress_request(step, tokens, loss)
+    };
     let ack = worker
         .client
-        .report_progress(ReportProgressRequest {
-            worker_id: worker.id.clone(),
-            world_id: a.world_id,
-            phase_index: a.phase_index,
-            step,
-            tokens,
-            loss,
-            tokens_per_sec,
-            lr: 1e-3,
-            grad_norm: 0.5,
-            mfu: 0.25,
-        })
+        .report_progress(request)
         .await
         .expect("report progress")
         .into_inner();

@@ -874,18 +874,10 @@ async fn progress_the_store_cannot_hold_is_refused() {
             ),
             (1000, f64::NAN, "loss: NaN"),
         ] {
-            let assignment = w.assignment.clone().expect("assigned");
+            let request = w.progress_request(1, tokens, loss);
             let status = w
                 .client
-                .report_progress(ReportProgressRequest {
-                    worker_id: w.id.clone(),
-                    world_id: assignment.world_id,
-                    phase_index: assignment.phase_index,
-                    step: 1,
-                    tokens,
-                    loss,
-                    ..Default::default()
-                })
+                .report_progress(request)
                 .await
                 .expect_err("a report the store cannot hold");
             assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");

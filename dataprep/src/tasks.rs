@@ -351,11 +351,8 @@ impl Build {
             parts_per_source.push(parts.len());
             // The coordinator refuses a larger plan (every part is two
             // tasks); one process refuses it the same way.
-            let counts: Vec<u32> = parts_per_source
-                .iter()
-                .map(|&n| u32::try_from(n).unwrap_or(u32::MAX))
-                .collect();
-            twinhead_proto::build_tasks::check_parts(&counts).map_err(|message| Error::Input {
+            let counts = parts_per_source.iter().map(|&n| n as u64);
+            twinhead_proto::build_tasks::check_parts(counts).map_err(|message| Error::Input {
                 source_name: src.name.clone(),
                 input: src.input.clone(),
                 message,

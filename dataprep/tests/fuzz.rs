@@ -111,10 +111,7 @@ fn a_malformed_decoder_is_an_error_not_a_panic() {
     value["decoder"] = serde_json::json!({"type": "ByteLevel", "x\u{1}": [1]});
     let bytes = serde_json::to_vec(&value).expect("json");
     let bytes = String::from_utf8_lossy(&bytes).replace("x\\u0001", "x\u{1}");
-    let err = Tok::from_bytes(bytes.as_bytes(), "[CLS]", "[SEP]")
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = error_text(Tok::from_bytes(bytes.as_bytes(), "[CLS]", "[SEP]"));
     assert!(err.contains("tokenizer"), "{err}");
     assert!(ettin_layout(bytes.as_bytes()).is_err());
 }
@@ -132,21 +129,20 @@ fn huge_id() -> Vec<u8> {
 /// whose ids have holes is refused, naming the token.
 #[test]
 fn an_ettin_base_with_holes_in_its_ids_is_refused() {
-    let err = ettin_layout(&huge_id())
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = error_text(ettin_layout(&huge_id()));
     assert!(
         err.contains(r#"token "a" has id 4294967295"#) && err.contains("without holes"),
         "{err}"
     );
     // Holes are what is refused: the trained tokenizer (ids 0..n) is
     // refused for another reason, its own special tokens.
-    let err = ettin_layout(&trained())
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = error_text(ettin_layout(&trained()));
     assert!(err.contains("the base tokenizer already has"), "{err}");
+}
+
+/// The error a call was expected to return, as text; empty when it succeeded.
+fn error_text<T, E: std::fmt::Display>(result: Result<T, E>) -> String {
+    result.err().map(|e| e.to_string()).unwrap_or_default()
 }
 
 #[test]
@@ -191,19 +187,13 @@ fn an_overlong_added_token_is_refused_quickly() {
     let bytes = serde_json::to_vec(&value).expect("json");
     let started = std::time::Instant::now();
     for choice in [EncoderChoice::Fast, EncoderChoice::Reference] {
-        let err = Tok::with_encoder(&bytes, "[CLS]", "[SEP]", choice)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = error_text(Tok::with_encoder(&bytes, "[CLS]", "[SEP]", choice));
         assert!(
             err.contains("added_tokens[4].content has 5000 characters"),
             "{err}"
         );
     }
-    let err = ettin_layout(&bytes)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = error_text(ettin_layout(&bytes));
     assert!(err.contains("added_tokens[4]"), "{err}");
     assert!(
         started.elapsed() < Duration::from_millis(500),
@@ -226,11 +216,7 @@ fn a_tokenizer_that_panics_while_encoding_is_an_error() {
     value["normalizer"] = serde_json::json!([""]);
     let bytes = serde_json::to_vec(&value).expect("json");
     let tok = Tok::from_bytes(&bytes, "[CLS]", "[SEP]").expect("0.22 reads it");
-    let err = tok
-        .encode_doc(TEXTS[0])
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = error_text(tok.encode_doc(TEXTS[0]));
     assert!(
         err.starts_with("tokenizer: the tokenizers library failed on a document"),
         "{err}"

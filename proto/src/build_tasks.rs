@@ -63,8 +63,10 @@ impl Task {
 pub const MAX_PARTS: u64 = 1_000_000;
 
 /// Refuses a plan of more than [`MAX_PARTS`] parts, naming the count.
-pub fn check_parts(parts_per_source: &[u32]) -> Result<(), String> {
-    let total: u64 = parts_per_source.iter().map(|&n| u64::from(n)).sum();
+pub fn check_parts(parts_per_source: impl IntoIterator<Item = u64>) -> Result<(), String> {
+    let total = parts_per_source
+        .into_iter()
+        .fold(0u64, |total, n| total.saturating_add(n));
     if total > MAX_PARTS {
         return Err(format!(
             "parts_per_source: {total} parts in all; a build has at most {MAX_PARTS} \

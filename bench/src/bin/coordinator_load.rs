@@ -68,8 +68,8 @@ struct Args {
     coordinator_cpus: Option<String>,
     generator_cpus: Option<String>,
     storm_timeout: Duration,
-    /// Of the busy workers, these many (spread evenly over the heartbeat
-    /// period) run on a thread of their own at real-time priority.
+    /// Of the workers, these many (spread evenly over the heartbeat period)
+    /// run on a thread of their own at real-time priority.
     probe_workers: usize,
     /// Heartbeat from registration on, as `twinhead worker` does; false:
     /// only once assigned, as this bench did before (a worker waiting for

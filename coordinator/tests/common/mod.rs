@@ -304,21 +304,27 @@ impl SimWorker {
             })
     }
 
-    pub async fn progress(&mut self, step: u64, loss: f64) -> WorkerAck {
+    /// A progress report of the current assignment at `step`.
+    pub fn progress_request(&self, step: u64, tokens: u64, loss: f64) -> ReportProgressRequest {
         let a = self.assignment.clone().expect("assigned");
+        ReportProgressRequest {
+            worker_id: self.id.clone(),
+            world_id: a.world_id,
+            phase_index: a.phase_index,
+            step,
+            tokens,
+            loss,
+            tokens_per_sec: 1234.0,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            mfu: 0.1,
+        }
+    }
+
+    pub async fn progress(&mut self, step: u64, loss: f64) -> WorkerAck {
+        let request = self.progress_request(step, step * 1000, loss);
         self.client
-            .report_progress(ReportProgressRequest {
-                worker_id: self.id.clone(),
-                world_id: a.world_id,
-                phase_index: a.phase_index,
-                step,
-                tokens: step * 1000,
-                loss,
-                tokens_per_sec: 1234.0,
-                lr: 1e-3,
-                grad_norm: 1.0,
-                mfu: 0.1,
-            })
+            .report_progress(request)
             .await
             .expect("progress")
             .into_inner()
