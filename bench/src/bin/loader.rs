@@ -14,7 +14,7 @@
 //!
 //!     cargo build --release -p twinhead-bench --bin loader && target/release/loader \
 //!         [--rows 32768] [--seq 1024] [--batch 8] [--rounds 3] [--in-flight 4] \
-//!         [--server-nagle] [--reader-cpus LIST] [--out OUT.jsonl]
+//!         [--server-nagle] [--server-small-reads] [--reader-cpus LIST] [--out OUT.jsonl]
 //!
 //! On a small machine the server and the reader share the cores, so the
 //! server's CPU time counts against the S3 read; to give each its own,
@@ -24,6 +24,9 @@
 //! The server's sockets set TCP_NODELAY, as S3 and MinIO do; with
 //! `--server-nagle` they do not, and each response's last segment waits
 //! for the client's delayed ACK (about 40 ms per request on Linux).
+//! GetObject bodies leave in one piece, as S3 and MinIO send large
+//! buffers ([`WholeBodies`]); `--server-small-reads` streams them as
+//! s3s-fs does, in 4 KiB reads.
 //!
 //! Prints one JSON line per read (with the reader's CPU time and the
 //! server's, which is this process's meanwhile) and a summary line with
@@ -58,6 +61,8 @@ struct Args {
     in_flight: usize,
     /// Leave Nagle's algorithm on on the server's sockets.
     server_nagle: bool,
+    /// Stream GetObject bodies in s3s-fs's 4 KiB reads.
+    server_small_reads: bool,
     /// CPUs (a `taskset` list) the reading children run on.
     reader_cpus: Option<String>,
     out: Option<PathBuf>,
@@ -75,6 +80,7 @@ fn parse_args() -> anyhow::Result<Args> {
         rounds: 3,
         in_flight: ReadAhead::default().requests,
         server_nagle: false,
+        server_small_reads: false,
         reader_cpus: None,
         out: None,
         read: None,
@@ -90,6 +96,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
             "--in-flight" => args.in_flight = value()?.parse().context("--in-flight")?,
             "--server-nagle" => args.server_nagle = true,
+            "--server-small-reads" => args.server_small_reads = true,
             "--reader-cpus" => args.reader_cpus = Some(value()?),
             "--out" => args.out = Some(PathBuf::from(value()?)),
             "--read" => args.read = Some(value()?),
@@ -212,10 +219,18 @@ fn read_all(url: &str, batch: u64, in_flight: usize) -> anyhow::Result<()> {
     let reads = move |first: u64| first..(first + batch).min(total);
     reader.plan_reads((0..total).step_by(batch as usize).map(reads));
     let mut tokens = 0u64;
+    // Each row's token sum, folded in row order, so the parent can check
+    // that both stores gave the same rows (a sum, which vectorizes, keeps
+    // the check's cost small next to decoding the rows).
+    let mut fold = 0u64;
     let mut first = 0;
     while first < total {
         let micro = reader.read_rows(reads(first))?;
-        tokens += micro.input_ids.iter().map(|r| r.len() as u64).sum::<u64>();
+        for row in &micro.input_ids {
+            tokens += row.len() as u64;
+            let sum = row.iter().map(|&id| u64::from(id)).sum::<u64>();
+            fold = (fold.rotate_left(5) ^ sum).wrapping_mul(0x0100_0000_01B3);
+        }
         first = micro.rows.end;
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -225,6 +240,7 @@ fn read_all(url: &str, batch: u64, in_flight: usize) -> anyhow::Result<()> {
         json!({
             "rows": total,
             "tokens": tokens,
+            "token_fold": fold,
             "seconds": seconds,
             "reader_cpu_s": cpu_seconds(),
             "bytes_fetched": stats.bytes_fetched,
@@ -249,13 +265,87 @@ fn phase_seq(url: &str) -> anyhow::Result<u32> {
     Ok(manifest.phase(url, PHASE)?.seq_len)
 }
 
+/// s3s-fs with GetObject bodies read in one piece: s3s-fs streams a file
+/// in 4 KiB reads through tokio's blocking pool, so each response leaves
+/// as thousands of 4 KiB writes (about 5.5 ms of the server's CPU per MB,
+/// and as many small segments for the reader to receive), where S3 and
+/// MinIO send large buffers. Everything else, headers and checks included,
+/// is s3s-fs's own.
+struct WholeBodies {
+    fs: s3s_fs::FileSystem,
+    root: PathBuf,
+}
+
+/// Bytes `range` of the file at `path` (all of it without one), read with
+/// one positioned read.
+fn read_range(path: &Path, range: Option<s3s::dto::Range>) -> s3s::S3Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path).map_err(|e| s3s::s3_error!(e, NoSuchKey))?;
+    let size = file
+        .metadata()
+        .map_err(|e| s3s::s3_error!(e, InternalError))?
+        .len();
+    let range = match range {
+        Some(r) => r.check(size).map_err(|_| s3s::s3_error!(InvalidRange))?,
+        None => 0..size,
+    };
+    let len =
+        usize::try_from(range.end - range.start).map_err(|e| s3s::s3_error!(e, InternalError))?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, range.start)
+        .map_err(|e| s3s::s3_error!(e, InternalError))?;
+    Ok(buf.into())
+}
+
+#[async_trait::async_trait]
+impl s3s::S3 for WholeBodies {
+    async fn get_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::GetObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
+        let path = self.root.join(&req.input.bucket).join(&req.input.key);
+        let range = req.input.range;
+        // s3s-fs answers first (its checks, headers and errors); only the
+        // body it would stream is replaced.
+        let mut response = self.fs.get_object(req).await?;
+        let bytes = tokio::task::spawn_blocking(move || read_range(&path, range))
+            .await
+            .map_err(|e| s3s::s3_error!(e, InternalError))??;
+        response.output.body = Some(s3s::Body::from(bytes).into());
+        Ok(response)
+    }
+
+    async fn put_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::PutObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::PutObjectOutput>> {
+        self.fs.put_object(req).await
+    }
+
+    async fn head_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::HeadObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
+        self.fs.head_object(req).await
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: s3s::S3Request<s3s::dto::ListObjectsV2Input>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsV2Output>> {
+        self.fs.list_objects_v2(req).await
+    }
+}
+
 /// An S3 server on loopback serving `root` (bucket `data` is
 /// `root/data`), on a runtime of its own. Objects are put through it (not
 /// copied in): s3s-fs keeps their checksums then, instead of hashing the
-/// whole file on every ranged GET.
+/// whole file on every ranged GET. With `small_reads`, GetObject bodies
+/// stream as s3s-fs sends them (4 KiB reads) instead of [`WholeBodies`].
 fn serve_s3(
     root: &Path,
     nagle: bool,
+    small_reads: bool,
 ) -> anyhow::Result<(std::net::SocketAddr, tokio::runtime::Runtime)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -265,8 +355,13 @@ fn serve_s3(
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let fs = s3s_fs::FileSystem::new(root).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
+    let root = root.to_path_buf();
     runtime.spawn(async move {
-        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        let mut builder = if small_reads {
+            s3s::service::S3ServiceBuilder::new(fs)
+        } else {
+            s3s::service::S3ServiceBuilder::new(WholeBodies { fs, root })
+        };
         builder.set_auth(s3s::auth::SimpleAuth::from_single(
             ACCESS_KEY,
             SECRET_KEY.to_string(),
@@ -367,7 +462,7 @@ fn main() -> anyhow::Result<()> {
         args.seq,
         bytes as f64 / 1e6
     );
-    let (addr, _server) = serve_s3(&s3_root, args.server_nagle)?;
+    let (addr, _server) = serve_s3(&s3_root, args.server_nagle, args.server_small_reads)?;
     let me = std::env::current_exe()?;
     // Through the S3 API, as a dataset build to s3:// puts its files.
     let dataset_arg = dataset.display().to_string();
@@ -383,6 +478,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut rows_per_s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut bytes_per_row = [0f64; 2];
+    let mut folds = [None, None];
     for round in 0..args.rounds {
         for (i, (name, url)) in sources.iter().enumerate() {
             let (batch, in_flight) = (args.batch.to_string(), args.in_flight.to_string());
@@ -398,6 +494,10 @@ fn main() -> anyhow::Result<()> {
             let rows = line["rows"].as_f64().unwrap_or(0.0);
             let seconds = line["seconds"].as_f64().unwrap_or(f64::NAN);
             let fetched = line["bytes_fetched"].as_f64().unwrap_or(0.0);
+            folds[i] = line["token_fold"].as_u64();
+            if i == 1 && folds[0] != folds[1] {
+                bail!("round {round}: the rows read from S3 differ from the local ones");
+            }
             rows_per_s[i].push(rows / seconds);
             bytes_per_row[i] = fetched / rows.max(1.0);
             line["source"] = json!(name);
@@ -426,6 +526,7 @@ fn main() -> anyhow::Result<()> {
             "in_flight": args.in_flight,
             "reader_cpus": args.reader_cpus,
             "server_nagle": args.server_nagle,
+            "server_small_reads": args.server_small_reads,
             "shard_bytes_per_row": bytes as f64 / args.rows as f64,
             "local_rows_per_s": local,
             "s3_rows_per_s": s3,
