@@ -328,13 +328,6 @@ impl s3s::S3 for WholeBodies {
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
         self.fs.head_object(req).await
     }
-
-    async fn list_objects_v2(
-        &self,
-        req: s3s::S3Request<s3s::dto::ListObjectsV2Input>,
-    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsV2Output>> {
-        self.fs.list_objects_v2(req).await
-    }
 }
 
 /// An S3 server on loopback serving `root` (bucket `data` is
